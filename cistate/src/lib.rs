@@ -1,0 +1,29 @@
+//! The CI state hookline renders Job Hooks from, its stores, and the one renderer.
+//!
+//! # Layout
+//!
+//! ```text
+//! CI system --writes--> store (pg.rs | memory.rs) --snapshot(build)--> render.rs --> Job Hook bytes
+//!                                  ^ one round trip per build, one query per batch
+//! ```
+//!
+//! - [`model`]: namespaces, projects, users, runners, pipelines, builds, hooks (with GitLab's
+//!   auto-disable arithmetic), and the [`model::RenderSnapshot`] of one build.
+//! - [`store`]: the [`store::CiStore`] trait.
+//! - [`pg`]: PostgreSQL, with migrations applied on connect.
+//! - [`memory`]: in-memory, for the embedded demo and fast tests.
+//! - [`render`]: the pure renderer, shared by producer (inline) and consumer (deferred).
+//! - [`fixtures`]: a realistic build, for tests and examples.
+
+pub mod fixtures;
+pub mod memory;
+pub mod model;
+pub mod pg;
+pub mod render;
+pub mod store;
+
+pub use memory::MemoryStore;
+pub use model::*;
+pub use pg::{PgOptions, PgStore};
+pub use render::{Transition, is_stale, job_hook, render};
+pub use store::{CiStore, StoreError};

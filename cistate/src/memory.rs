@@ -1,0 +1,209 @@
+//! The in-memory store: the embedded default for `hookline demo` and fast tests.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::RwLock;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::model::{Build, Hook, Namespace, NewHook, Pipeline, Project, RenderSnapshot, Runner, User};
+use crate::render::truncate_to_micros;
+use crate::store::{CiStore, StoreError};
+
+#[derive(Debug, Default)]
+struct State {
+    namespaces: HashMap<i64, Namespace>,
+    projects: HashMap<i64, Project>,
+    users: HashMap<i64, User>,
+    runners: HashMap<i64, Runner>,
+    pipelines: HashMap<i64, Pipeline>,
+    builds: HashMap<i64, Build>,
+    hooks: BTreeMap<i64, Hook>,
+    next_hook_id: i64,
+}
+
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    state: RwLock<State>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+fn missing(what: &str, id: i64) -> StoreError {
+    StoreError::Invalid(format!("{what} {id} does not exist"))
+}
+
+/// Keeps timestamps at PostgreSQL's precision so both stores render the same bytes.
+fn micros(t: Option<DateTime<Utc>>) -> Option<DateTime<Utc>> {
+    t.map(truncate_to_micros)
+}
+
+#[async_trait]
+impl CiStore for MemoryStore {
+    async fn snapshots(&self, build_ids: &[i64]) -> Result<HashMap<i64, RenderSnapshot>, StoreError> {
+        let state = self.state.read().unwrap();
+        let mut out = HashMap::with_capacity(build_ids.len());
+        for id in build_ids {
+            let Some(build) = state.builds.get(id) else { continue };
+            // Writes check references, so a present build has all of its rows.
+            let pipeline = &state.pipelines[&build.pipeline_id];
+            let project = &state.projects[&build.project_id];
+            out.insert(
+                *id,
+                RenderSnapshot {
+                    build: build.clone(),
+                    pipeline: pipeline.clone(),
+                    project: project.clone(),
+                    namespace: state.namespaces[&project.namespace_id].clone(),
+                    user: state.users[&build.user_id].clone(),
+                    runner: build.runner_id.and_then(|r| state.runners.get(&r).cloned()),
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    async fn upsert_namespace(&self, namespace: &Namespace) -> Result<(), StoreError> {
+        let mut state = self.state.write().unwrap();
+        state.namespaces.insert(namespace.id, namespace.clone());
+        Ok(())
+    }
+
+    async fn upsert_project(&self, project: &Project) -> Result<(), StoreError> {
+        let mut state = self.state.write().unwrap();
+        if !state.namespaces.contains_key(&project.namespace_id) {
+            return Err(missing("namespace", project.namespace_id));
+        }
+        state.projects.insert(project.id, project.clone());
+        Ok(())
+    }
+
+    async fn upsert_user(&self, user: &User) -> Result<(), StoreError> {
+        self.state.write().unwrap().users.insert(user.id, user.clone());
+        Ok(())
+    }
+
+    async fn upsert_runner(&self, runner: &Runner) -> Result<(), StoreError> {
+        self.state.write().unwrap().runners.insert(runner.id, runner.clone());
+        Ok(())
+    }
+
+    async fn upsert_pipeline(&self, pipeline: &Pipeline) -> Result<(), StoreError> {
+        let mut state = self.state.write().unwrap();
+        if !state.projects.contains_key(&pipeline.project_id) {
+            return Err(missing("project", pipeline.project_id));
+        }
+        if !state.users.contains_key(&pipeline.user_id) {
+            return Err(missing("user", pipeline.user_id));
+        }
+        let mut pipeline = pipeline.clone();
+        pipeline.started_at = micros(pipeline.started_at);
+        pipeline.finished_at = micros(pipeline.finished_at);
+        state.pipelines.insert(pipeline.id, pipeline);
+        Ok(())
+    }
+
+    async fn upsert_build(&self, build: &Build) -> Result<(), StoreError> {
+        let mut state = self.state.write().unwrap();
+        if !state.pipelines.contains_key(&build.pipeline_id) {
+            return Err(missing("pipeline", build.pipeline_id));
+        }
+        if !state.projects.contains_key(&build.project_id) {
+            return Err(missing("project", build.project_id));
+        }
+        if !state.users.contains_key(&build.user_id) {
+            return Err(missing("user", build.user_id));
+        }
+        if let Some(r) = build.runner_id.filter(|r| !state.runners.contains_key(r)) {
+            return Err(missing("runner", r));
+        }
+        let mut build = build.clone();
+        build.created_at = truncate_to_micros(build.created_at);
+        build.queued_at = micros(build.queued_at);
+        build.started_at = micros(build.started_at);
+        build.finished_at = micros(build.finished_at);
+        state.builds.insert(build.id, build);
+        Ok(())
+    }
+
+    async fn add_hook(&self, hook: &NewHook) -> Result<Hook, StoreError> {
+        let mut state = self.state.write().unwrap();
+        state.next_hook_id += 1;
+        let hook = Hook {
+            id: state.next_hook_id,
+            uuid: Uuid::new_v4(),
+            project_id: hook.project_id,
+            url: hook.url.clone(),
+            token: hook.token.clone(),
+            signing_secret: hook.signing_secret.clone(),
+            job_events: hook.job_events,
+            recent_failures: 0,
+            disabled_until: None,
+        };
+        state.hooks.insert(hook.id, hook.clone());
+        Ok(hook)
+    }
+
+    async fn hook(&self, id: i64) -> Result<Option<Hook>, StoreError> {
+        Ok(self.state.read().unwrap().hooks.get(&id).cloned())
+    }
+
+    async fn list_hooks(&self, project_id: Option<i64>) -> Result<Vec<Hook>, StoreError> {
+        let state = self.state.read().unwrap();
+        Ok(state
+            .hooks
+            .values()
+            .filter(|h| project_id.is_none_or(|p| h.project_id == p))
+            .cloned()
+            .collect())
+    }
+
+    async fn job_hooks(&self, project_id: i64) -> Result<Vec<Hook>, StoreError> {
+        let state = self.state.read().unwrap();
+        Ok(state
+            .hooks
+            .values()
+            .filter(|h| h.project_id == project_id && h.job_events)
+            .cloned()
+            .collect())
+    }
+
+    async fn remove_hook(&self, id: i64) -> Result<bool, StoreError> {
+        Ok(self.state.write().unwrap().hooks.remove(&id).is_some())
+    }
+
+    async fn enable_hook(&self, id: i64) -> Result<bool, StoreError> {
+        let mut state = self.state.write().unwrap();
+        Ok(match state.hooks.get_mut(&id) {
+            Some(h) => {
+                h.recent_failures = 0;
+                h.disabled_until = None;
+                true
+            }
+            None => false,
+        })
+    }
+
+    async fn record_hook_failure(&self, id: i64, now: DateTime<Utc>) -> Result<Option<Hook>, StoreError> {
+        let mut state = self.state.write().unwrap();
+        Ok(state.hooks.get_mut(&id).map(|h| {
+            let (failures, until) = Hook::health_after_failure(h.recent_failures, now);
+            h.recent_failures = failures;
+            h.disabled_until = until.map(truncate_to_micros);
+            h.clone()
+        }))
+    }
+
+    async fn record_hook_success(&self, id: i64) -> Result<(), StoreError> {
+        self.enable_hook(id).await.map(|_| ())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,544 @@
+//! The PostgreSQL store. Migrations (`cistate/migrations`, also holding the producer's flag
+//! tables and the consumer's delivery tables) are applied on connect.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgPoolOptions, PgRow};
+use sqlx::{Executor, PgPool, Row};
+use uuid::Uuid;
+
+use crate::model::{
+    Build, Environment, Hook, Namespace, NewHook, Pipeline, Project, RenderSnapshot, Runner,
+    SourcePipeline, User,
+};
+use crate::store::{CiStore, StoreError};
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+/// How to reach the database.
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    pub url: String,
+    /// A schema to create and use instead of `public`: tests give each test its own.
+    pub schema: Option<String>,
+    pub max_connections: u32,
+}
+
+impl PgOptions {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            schema: None,
+            max_connections: 10,
+        }
+    }
+
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = Some(schema.into());
+        self
+    }
+}
+
+impl PgStore {
+    /// Connects, creates the schema if one is named, and applies pending migrations.
+    pub async fn connect(options: &PgOptions) -> Result<Self, StoreError> {
+        let pool = connect_pool(options).await?;
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::Migrate(e.to_string()))?;
+        Ok(Self { pool })
+    }
+
+    pub async fn connect_url(url: &str) -> Result<Self, StoreError> {
+        Self::connect(&PgOptions::new(url)).await
+    }
+
+    /// The pool, for the services' own tables (flags, delivery log).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+/// A pool whose connections all use `options.schema` (created if missing).
+pub async fn connect_pool(options: &PgOptions) -> Result<PgPool, StoreError> {
+    let mut pool_options = PgPoolOptions::new()
+        .max_connections(options.max_connections)
+        .acquire_timeout(Duration::from_secs(10));
+    if let Some(schema) = &options.schema {
+        if schema.is_empty() || !schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(StoreError::Invalid(format!(
+                "schema name {schema:?}: use letters, digits and underscores"
+            )));
+        }
+        let setup = PgPoolOptions::new().max_connections(1).connect(&options.url).await?;
+        setup
+            .execute(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"").as_str())
+            .await?;
+        setup.close().await;
+        let set_path = format!("SET search_path TO \"{schema}\"");
+        pool_options = pool_options.after_connect(move |conn, _meta| {
+            let set_path = set_path.clone();
+            Box::pin(async move {
+                conn.execute(set_path.as_str()).await?;
+                Ok(())
+            })
+        });
+    }
+    Ok(pool_options.connect(&options.url).await?)
+}
+
+const SNAPSHOT_SQL: &str = r#"
+SELECT b.id AS b_id, b.project_id AS b_project_id, b.pipeline_id AS b_pipeline_id,
+       b.user_id AS b_user_id, b.runner_id AS b_runner_id, b.name AS b_name, b.stage AS b_stage,
+       b.status AS b_status, b.created_at AS b_created_at, b.queued_at AS b_queued_at,
+       b.started_at AS b_started_at, b.finished_at AS b_finished_at, b.duration AS b_duration,
+       b.queued_duration AS b_queued_duration, b.allow_failure AS b_allow_failure,
+       b.failure_reason AS b_failure_reason, b.retries_count AS b_retries_count,
+       b.environment_name, b.environment_action, b.environment_tier,
+       p.id AS p_id, p.project_id AS p_project_id, p.user_id AS p_user_id, p.name AS p_name,
+       p.ref AS p_ref, p.tag AS p_tag, p.sha AS p_sha, p.before_sha AS p_before_sha,
+       p.status AS p_status, p.started_at AS p_started_at, p.finished_at AS p_finished_at,
+       p.duration AS p_duration, p.commit_message, p.commit_author_name, p.commit_author_email,
+       p.source_project_id, p.source_project_web_url, p.source_project_path,
+       p.source_pipeline_id, p.source_job_id,
+       pr.id AS pr_id, pr.namespace_id AS pr_namespace_id, pr.name AS pr_name, pr.path AS pr_path,
+       pr.description AS pr_description, pr.web_url AS pr_web_url, pr.avatar_url AS pr_avatar_url,
+       pr.git_ssh_url AS pr_git_ssh_url, pr.git_http_url AS pr_git_http_url,
+       pr.visibility_level AS pr_visibility_level, pr.default_branch AS pr_default_branch,
+       n.id AS n_id, n.name AS n_name, n.path AS n_path,
+       u.id AS u_id, u.name AS u_name, u.username AS u_username, u.avatar_url AS u_avatar_url,
+       u.public_email AS u_public_email, u.blocked AS u_blocked,
+       r.id AS r_id, r.description AS r_description, r.runner_type AS r_runner_type,
+       r.active AS r_active, r.is_shared AS r_is_shared, r.tags AS r_tags
+FROM builds b
+JOIN pipelines p ON p.id = b.pipeline_id
+JOIN projects pr ON pr.id = b.project_id
+JOIN namespaces n ON n.id = pr.namespace_id
+JOIN users u ON u.id = b.user_id
+LEFT JOIN runners r ON r.id = b.runner_id
+WHERE b.id = ANY($1)
+"#;
+
+fn snapshot_from_row(row: &PgRow) -> Result<RenderSnapshot, sqlx::Error> {
+    let environment = match row.try_get::<Option<String>, _>("environment_name")? {
+        Some(name) => Some(Environment {
+            name,
+            action: row.try_get::<Option<String>, _>("environment_action")?.unwrap_or_default(),
+            deployment_tier: row.try_get::<Option<String>, _>("environment_tier")?.unwrap_or_default(),
+        }),
+        None => None,
+    };
+    let source = match row.try_get::<Option<i64>, _>("source_pipeline_id")? {
+        Some(pipeline_id) => Some(SourcePipeline {
+            project_id: row.try_get::<Option<i64>, _>("source_project_id")?.unwrap_or_default(),
+            project_web_url: row.try_get::<Option<String>, _>("source_project_web_url")?.unwrap_or_default(),
+            project_path_with_namespace: row.try_get::<Option<String>, _>("source_project_path")?.unwrap_or_default(),
+            pipeline_id,
+            job_id: row.try_get::<Option<i64>, _>("source_job_id")?.unwrap_or_default(),
+        }),
+        None => None,
+    };
+    let runner = match row.try_get::<Option<i64>, _>("r_id")? {
+        Some(id) => Some(Runner {
+            id,
+            description: row.try_get("r_description")?,
+            runner_type: row.try_get("r_runner_type")?,
+            active: row.try_get("r_active")?,
+            is_shared: row.try_get("r_is_shared")?,
+            tags: row.try_get("r_tags")?,
+        }),
+        None => None,
+    };
+    Ok(RenderSnapshot {
+        build: Build {
+            id: row.try_get("b_id")?,
+            project_id: row.try_get("b_project_id")?,
+            pipeline_id: row.try_get("b_pipeline_id")?,
+            user_id: row.try_get("b_user_id")?,
+            runner_id: row.try_get("b_runner_id")?,
+            name: row.try_get("b_name")?,
+            stage: row.try_get("b_stage")?,
+            status: row.try_get("b_status")?,
+            created_at: row.try_get("b_created_at")?,
+            queued_at: row.try_get("b_queued_at")?,
+            started_at: row.try_get("b_started_at")?,
+            finished_at: row.try_get("b_finished_at")?,
+            duration: row.try_get("b_duration")?,
+            queued_duration: row.try_get("b_queued_duration")?,
+            allow_failure: row.try_get("b_allow_failure")?,
+            failure_reason: row.try_get("b_failure_reason")?,
+            retries_count: row.try_get("b_retries_count")?,
+            environment,
+        },
+        pipeline: Pipeline {
+            id: row.try_get("p_id")?,
+            project_id: row.try_get("p_project_id")?,
+            user_id: row.try_get("p_user_id")?,
+            name: row.try_get("p_name")?,
+            git_ref: row.try_get("p_ref")?,
+            tag: row.try_get("p_tag")?,
+            sha: row.try_get("p_sha")?,
+            before_sha: row.try_get("p_before_sha")?,
+            status: row.try_get("p_status")?,
+            started_at: row.try_get("p_started_at")?,
+            finished_at: row.try_get("p_finished_at")?,
+            duration: row.try_get("p_duration")?,
+            commit_message: row.try_get("commit_message")?,
+            commit_author_name: row.try_get("commit_author_name")?,
+            commit_author_email: row.try_get("commit_author_email")?,
+            source,
+        },
+        project: Project {
+            id: row.try_get("pr_id")?,
+            namespace_id: row.try_get("pr_namespace_id")?,
+            name: row.try_get("pr_name")?,
+            path: row.try_get("pr_path")?,
+            description: row.try_get("pr_description")?,
+            web_url: row.try_get("pr_web_url")?,
+            avatar_url: row.try_get("pr_avatar_url")?,
+            git_ssh_url: row.try_get("pr_git_ssh_url")?,
+            git_http_url: row.try_get("pr_git_http_url")?,
+            visibility_level: row.try_get("pr_visibility_level")?,
+            default_branch: row.try_get("pr_default_branch")?,
+        },
+        namespace: Namespace {
+            id: row.try_get("n_id")?,
+            name: row.try_get("n_name")?,
+            path: row.try_get("n_path")?,
+        },
+        user: User {
+            id: row.try_get("u_id")?,
+            name: row.try_get("u_name")?,
+            username: row.try_get("u_username")?,
+            avatar_url: row.try_get("u_avatar_url")?,
+            public_email: row.try_get("u_public_email")?,
+            blocked: row.try_get("u_blocked")?,
+        },
+        runner,
+    })
+}
+
+const HOOK_COLUMNS: &str =
+    "id, uuid, project_id, url, token, signing_secret, job_events, recent_failures, disabled_until";
+
+fn hook_from_row(row: &PgRow) -> Result<Hook, sqlx::Error> {
+    Ok(Hook {
+        id: row.try_get("id")?,
+        uuid: row.try_get("uuid")?,
+        project_id: row.try_get("project_id")?,
+        url: row.try_get("url")?,
+        token: row.try_get("token")?,
+        signing_secret: row.try_get("signing_secret")?,
+        job_events: row.try_get("job_events")?,
+        recent_failures: row.try_get("recent_failures")?,
+        disabled_until: row.try_get("disabled_until")?,
+    })
+}
+
+#[async_trait]
+impl CiStore for PgStore {
+    async fn snapshots(&self, build_ids: &[i64]) -> Result<HashMap<i64, RenderSnapshot>, StoreError> {
+        if build_ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let rows = sqlx::query(SNAPSHOT_SQL)
+            .bind(build_ids)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let snapshot = snapshot_from_row(row)?;
+                Ok((snapshot.build.id, snapshot))
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
+    async fn upsert_namespace(&self, n: &Namespace) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO namespaces (id, name, path) VALUES ($1, $2, $3)
+             ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, path = EXCLUDED.path",
+        )
+        .bind(n.id)
+        .bind(&n.name)
+        .bind(&n.path)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn upsert_project(&self, p: &Project) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO projects (id, namespace_id, name, path, description, web_url, avatar_url,
+                                   git_ssh_url, git_http_url, visibility_level, default_branch)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+             ON CONFLICT (id) DO UPDATE SET namespace_id = EXCLUDED.namespace_id,
+                name = EXCLUDED.name, path = EXCLUDED.path, description = EXCLUDED.description,
+                web_url = EXCLUDED.web_url, avatar_url = EXCLUDED.avatar_url,
+                git_ssh_url = EXCLUDED.git_ssh_url, git_http_url = EXCLUDED.git_http_url,
+                visibility_level = EXCLUDED.visibility_level,
+                default_branch = EXCLUDED.default_branch",
+        )
+        .bind(p.id)
+        .bind(p.namespace_id)
+        .bind(&p.name)
+        .bind(&p.path)
+        .bind(&p.description)
+        .bind(&p.web_url)
+        .bind(&p.avatar_url)
+        .bind(&p.git_ssh_url)
+        .bind(&p.git_http_url)
+        .bind(p.visibility_level)
+        .bind(&p.default_branch)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn upsert_user(&self, u: &User) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO users (id, name, username, avatar_url, public_email, blocked)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, username = EXCLUDED.username,
+                avatar_url = EXCLUDED.avatar_url, public_email = EXCLUDED.public_email,
+                blocked = EXCLUDED.blocked",
+        )
+        .bind(u.id)
+        .bind(&u.name)
+        .bind(&u.username)
+        .bind(&u.avatar_url)
+        .bind(&u.public_email)
+        .bind(u.blocked)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn upsert_runner(&self, r: &Runner) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO runners (id, description, runner_type, active, is_shared, tags)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (id) DO UPDATE SET description = EXCLUDED.description,
+                runner_type = EXCLUDED.runner_type, active = EXCLUDED.active,
+                is_shared = EXCLUDED.is_shared, tags = EXCLUDED.tags",
+        )
+        .bind(r.id)
+        .bind(&r.description)
+        .bind(&r.runner_type)
+        .bind(r.active)
+        .bind(r.is_shared)
+        .bind(&r.tags)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn upsert_pipeline(&self, p: &Pipeline) -> Result<(), StoreError> {
+        let s = p.source.as_ref();
+        sqlx::query(
+            "INSERT INTO pipelines (id, project_id, user_id, name, ref, tag, sha, before_sha, status,
+                started_at, finished_at, duration, commit_message, commit_author_name,
+                commit_author_email, source_project_id, source_project_web_url,
+                source_project_path, source_pipeline_id, source_job_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
+                     $18, $19, $20)
+             ON CONFLICT (id) DO UPDATE SET project_id = EXCLUDED.project_id,
+                user_id = EXCLUDED.user_id, name = EXCLUDED.name, ref = EXCLUDED.ref,
+                tag = EXCLUDED.tag, sha = EXCLUDED.sha, before_sha = EXCLUDED.before_sha,
+                status = EXCLUDED.status, started_at = EXCLUDED.started_at,
+                finished_at = EXCLUDED.finished_at, duration = EXCLUDED.duration,
+                commit_message = EXCLUDED.commit_message,
+                commit_author_name = EXCLUDED.commit_author_name,
+                commit_author_email = EXCLUDED.commit_author_email,
+                source_project_id = EXCLUDED.source_project_id,
+                source_project_web_url = EXCLUDED.source_project_web_url,
+                source_project_path = EXCLUDED.source_project_path,
+                source_pipeline_id = EXCLUDED.source_pipeline_id,
+                source_job_id = EXCLUDED.source_job_id",
+        )
+        .bind(p.id)
+        .bind(p.project_id)
+        .bind(p.user_id)
+        .bind(&p.name)
+        .bind(&p.git_ref)
+        .bind(p.tag)
+        .bind(&p.sha)
+        .bind(&p.before_sha)
+        .bind(&p.status)
+        .bind(p.started_at)
+        .bind(p.finished_at)
+        .bind(p.duration)
+        .bind(&p.commit_message)
+        .bind(&p.commit_author_name)
+        .bind(&p.commit_author_email)
+        .bind(s.map(|s| s.project_id))
+        .bind(s.map(|s| s.project_web_url.clone()))
+        .bind(s.map(|s| s.project_path_with_namespace.clone()))
+        .bind(s.map(|s| s.pipeline_id))
+        .bind(s.map(|s| s.job_id))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn upsert_build(&self, b: &Build) -> Result<(), StoreError> {
+        let e = b.environment.as_ref();
+        sqlx::query(
+            "INSERT INTO builds (id, project_id, pipeline_id, user_id, runner_id, name, stage, status,
+                created_at, queued_at, started_at, finished_at, duration, queued_duration,
+                allow_failure, failure_reason, retries_count, environment_name,
+                environment_action, environment_tier)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
+                     $18, $19, $20)
+             ON CONFLICT (id) DO UPDATE SET project_id = EXCLUDED.project_id,
+                pipeline_id = EXCLUDED.pipeline_id, user_id = EXCLUDED.user_id,
+                runner_id = EXCLUDED.runner_id, name = EXCLUDED.name, stage = EXCLUDED.stage,
+                status = EXCLUDED.status, created_at = EXCLUDED.created_at,
+                queued_at = EXCLUDED.queued_at, started_at = EXCLUDED.started_at,
+                finished_at = EXCLUDED.finished_at, duration = EXCLUDED.duration,
+                queued_duration = EXCLUDED.queued_duration,
+                allow_failure = EXCLUDED.allow_failure, failure_reason = EXCLUDED.failure_reason,
+                retries_count = EXCLUDED.retries_count,
+                environment_name = EXCLUDED.environment_name,
+                environment_action = EXCLUDED.environment_action,
+                environment_tier = EXCLUDED.environment_tier",
+        )
+        .bind(b.id)
+        .bind(b.project_id)
+        .bind(b.pipeline_id)
+        .bind(b.user_id)
+        .bind(b.runner_id)
+        .bind(&b.name)
+        .bind(&b.stage)
+        .bind(&b.status)
+        .bind(b.created_at)
+        .bind(b.queued_at)
+        .bind(b.started_at)
+        .bind(b.finished_at)
+        .bind(b.duration)
+        .bind(b.queued_duration)
+        .bind(b.allow_failure)
+        .bind(&b.failure_reason)
+        .bind(b.retries_count)
+        .bind(e.map(|e| e.name.clone()))
+        .bind(e.map(|e| e.action.clone()))
+        .bind(e.map(|e| e.deployment_tier.clone()))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn add_hook(&self, h: &NewHook) -> Result<Hook, StoreError> {
+        let row = sqlx::query(&format!(
+            "INSERT INTO web_hooks (uuid, project_id, url, token, signing_secret, job_events)
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING {HOOK_COLUMNS}"
+        ))
+        .bind(Uuid::new_v4())
+        .bind(h.project_id)
+        .bind(&h.url)
+        .bind(&h.token)
+        .bind(&h.signing_secret)
+        .bind(h.job_events)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(hook_from_row(&row)?)
+    }
+
+    async fn hook(&self, id: i64) -> Result<Option<Hook>, StoreError> {
+        let row = sqlx::query(&format!("SELECT {HOOK_COLUMNS} FROM web_hooks WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(hook_from_row).transpose()?)
+    }
+
+    async fn list_hooks(&self, project_id: Option<i64>) -> Result<Vec<Hook>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {HOOK_COLUMNS} FROM web_hooks
+             WHERE $1::BIGINT IS NULL OR project_id = $1 ORDER BY id"
+        ))
+        .bind(project_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(hook_from_row).collect::<Result<_, _>>()?)
+    }
+
+    async fn job_hooks(&self, project_id: i64) -> Result<Vec<Hook>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {HOOK_COLUMNS} FROM web_hooks WHERE project_id = $1 AND job_events ORDER BY id"
+        ))
+        .bind(project_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(hook_from_row).collect::<Result<_, _>>()?)
+    }
+
+    async fn remove_hook(&self, id: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM web_hooks WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn enable_hook(&self, id: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE web_hooks SET recent_failures = 0, disabled_until = NULL WHERE id = $1",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn record_hook_failure(&self, id: i64, now: DateTime<Utc>) -> Result<Option<Hook>, StoreError> {
+        // Row lock, then the one rule in Rust: concurrent consumers count every failure once.
+        let mut tx = self.pool.begin().await?;
+        let current: Option<i32> =
+            sqlx::query_scalar("SELECT recent_failures FROM web_hooks WHERE id = $1 FOR UPDATE")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(current) = current else {
+            return Ok(None);
+        };
+        let (failures, until) = Hook::health_after_failure(current, now);
+        let row = sqlx::query(&format!(
+            "UPDATE web_hooks SET recent_failures = $2, disabled_until = $3 WHERE id = $1
+             RETURNING {HOOK_COLUMNS}"
+        ))
+        .bind(id)
+        .bind(failures)
+        .bind(until)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(hook_from_row(&row)?))
+    }
+
+    async fn record_hook_success(&self, id: i64) -> Result<(), StoreError> {
+        // Skip the write when already healthy: the common case on a busy hook.
+        sqlx::query(
+            "UPDATE web_hooks SET recent_failures = 0, disabled_until = NULL
+             WHERE id = $1 AND (recent_failures <> 0 OR disabled_until IS NOT NULL)",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,73 @@
+//! The CI state store: one trait, two implementations ([`crate::pg::PgStore`],
+//! [`crate::memory::MemoryStore`]).
+//!
+//! Reads are what hookline does on its hot paths: one render snapshot per build, loaded in one
+//! round trip, or many in one batched query. Writes exist for the CI system's side (the
+//! simulator, tests) and for hook management and health.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::model::{Build, Hook, Namespace, NewHook, Pipeline, Project, RenderSnapshot, Runner, User};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached or failed: retry later.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A write referred to a row that does not exist, or broke a constraint.
+    #[error("invalid write: {0}")]
+    Invalid(String),
+    #[error("migrations failed: {0}")]
+    Migrate(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::Database(db)
+                if db.is_foreign_key_violation() || db.is_unique_violation() || db.is_check_violation() =>
+            {
+                StoreError::Invalid(db.to_string())
+            }
+            _ => StoreError::Unavailable(e.to_string()),
+        }
+    }
+}
+
+#[async_trait]
+pub trait CiStore: Send + Sync + std::fmt::Debug {
+    /// The render snapshot of one build; `None` when the build does not exist.
+    async fn snapshot(&self, build_id: i64) -> Result<Option<RenderSnapshot>, StoreError> {
+        Ok(self.snapshots(&[build_id]).await?.remove(&build_id))
+    }
+    /// The snapshots of many builds in one query; missing builds are absent from the map.
+    async fn snapshots(&self, build_ids: &[i64]) -> Result<HashMap<i64, RenderSnapshot>, StoreError>;
+
+    async fn upsert_namespace(&self, namespace: &Namespace) -> Result<(), StoreError>;
+    async fn upsert_project(&self, project: &Project) -> Result<(), StoreError>;
+    async fn upsert_user(&self, user: &User) -> Result<(), StoreError>;
+    async fn upsert_runner(&self, runner: &Runner) -> Result<(), StoreError>;
+    async fn upsert_pipeline(&self, pipeline: &Pipeline) -> Result<(), StoreError>;
+    async fn upsert_build(&self, build: &Build) -> Result<(), StoreError>;
+
+    async fn add_hook(&self, hook: &NewHook) -> Result<Hook, StoreError>;
+    async fn hook(&self, id: i64) -> Result<Option<Hook>, StoreError>;
+    /// All hooks, or a project's, ordered by id.
+    async fn list_hooks(&self, project_id: Option<i64>) -> Result<Vec<Hook>, StoreError>;
+    /// The hooks of a project subscribed to job events, whatever their health.
+    async fn job_hooks(&self, project_id: i64) -> Result<Vec<Hook>, StoreError>;
+    async fn remove_hook(&self, id: i64) -> Result<bool, StoreError>;
+    /// Clears the hook's failures (re-enables it). False when there is no such hook.
+    async fn enable_hook(&self, id: i64) -> Result<bool, StoreError>;
+    /// Records a failed delivery (GitLab's auto-disable rule, [`Hook::health_after_failure`]),
+    /// atomically with respect to other consumers. Returns the hook's new health.
+    async fn record_hook_failure(&self, id: i64, now: DateTime<Utc>) -> Result<Option<Hook>, StoreError>;
+    /// Records a successful delivery: resets the failure count and any back-off.
+    async fn record_hook_success(&self, id: i64) -> Result<(), StoreError>;
+
+    /// Cheap liveness check for readiness probes.
+    async fn ping(&self) -> Result<(), StoreError>;
+}

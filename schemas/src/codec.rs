@@ -1,0 +1,206 @@
+//! The Confluent wire format: byte `0x00`, the writer schema's id as a big-endian u32, then the
+//! Avro binary datum.
+//!
+//! Binary Avro cannot be read without the schema that wrote it, so decoding looks the id up in
+//! the registry and then resolves the datum to the reader's version ([`SchemaVersion::LATEST`]):
+//! v1 bytes read as v2 get `payload = None`; bytes from a newer writer lose fields this reader
+//! does not know.
+
+use std::sync::Arc;
+
+use apache_avro::Schema;
+
+use crate::event::{BuildEvent, SchemaVersion};
+use crate::registry::{BUILD_EVENT_SUBJECT, RegistryError, SchemaRegistry};
+
+const MAGIC: u8 = 0;
+const HEADER_LEN: usize = 5;
+
+/// Why bytes could not be turned into an event (or an event into bytes). Every decode error
+/// but a transient registry failure means the record can never be read: dead-letter it.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("record is {0} bytes, shorter than the 5-byte Confluent header")]
+    TooShort(usize),
+    #[error("bad magic byte {0:#04x}: not Confluent wire format")]
+    BadMagic(u8),
+    #[error("unknown schema id {0}")]
+    UnknownSchemaId(u32),
+    #[error("schema registry: {0}")]
+    Registry(RegistryError),
+    #[error("corrupt or truncated Avro datum: {0}")]
+    Corrupt(String),
+    #[error("datum does not match the BuildEvent shape: {0}")]
+    Shape(String),
+    #[error("encoding failed: {0}")]
+    Encode(String),
+}
+
+impl CodecError {
+    /// A stable, short name for metrics labels and dead-letter reason headers.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CodecError::TooShort(_) => "too_short",
+            CodecError::BadMagic(_) => "bad_magic",
+            CodecError::UnknownSchemaId(_) => "unknown_schema_id",
+            CodecError::Registry(_) => "registry_unavailable",
+            CodecError::Corrupt(_) => "corrupt_datum",
+            CodecError::Shape(_) => "bad_shape",
+            CodecError::Encode(_) => "encode",
+        }
+    }
+
+    /// True when retrying later may succeed (the registry could not be reached).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, CodecError::Registry(e) if e.is_transient())
+    }
+}
+
+impl From<RegistryError> for CodecError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::UnknownId(id) => CodecError::UnknownSchemaId(id),
+            other => CodecError::Registry(other),
+        }
+    }
+}
+
+/// An event with the id of the schema that wrote it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodedEvent {
+    pub event: BuildEvent,
+    pub writer_schema_id: u32,
+}
+
+/// Encodes with one writer version and decodes anything the registry knows.
+#[derive(Debug, Clone)]
+pub struct Codec {
+    registry: Arc<dyn SchemaRegistry>,
+    reader: Arc<Schema>,
+    writer: SchemaVersion,
+    writer_schema: Arc<Schema>,
+    writer_id: u32,
+}
+
+impl Codec {
+    /// Registers (or looks up) the writer version's schema and returns a codec that writes it.
+    pub async fn new(
+        registry: Arc<dyn SchemaRegistry>,
+        writer: SchemaVersion,
+    ) -> Result<Self, CodecError> {
+        let writer_schema = writer.schema();
+        let writer_id = registry
+            .register(BUILD_EVENT_SUBJECT, &writer_schema)
+            .await?;
+        Ok(Self {
+            registry,
+            reader: Arc::new(SchemaVersion::LATEST.schema()),
+            writer,
+            writer_schema: Arc::new(writer_schema),
+            writer_id,
+        })
+    }
+
+    /// The codec of the embedded registry, writing the latest version.
+    pub fn embedded() -> Self {
+        Self::embedded_writing(SchemaVersion::LATEST)
+    }
+
+    /// The codec of the embedded registry, writing `writer`.
+    pub fn embedded_writing(writer: SchemaVersion) -> Self {
+        let registry = crate::registry::EmbeddedRegistry::new();
+        let writer_id = registry.id_of(writer);
+        Self {
+            registry: Arc::new(registry),
+            reader: Arc::new(SchemaVersion::LATEST.schema()),
+            writer,
+            writer_schema: Arc::new(writer.schema()),
+            writer_id,
+        }
+    }
+
+    pub fn writer_version(&self) -> SchemaVersion {
+        self.writer
+    }
+
+    pub fn writer_schema_id(&self) -> u32 {
+        self.writer_id
+    }
+
+    /// Frames `event` in the writer version. A v1 writer drops the payload.
+    pub fn encode(&self, event: &BuildEvent) -> Result<Vec<u8>, CodecError> {
+        let datum = apache_avro::to_avro_datum(&self.writer_schema, event.to_avro(self.writer))
+            .map_err(|e| CodecError::Encode(e.to_string()))?;
+        let mut out = Vec::with_capacity(HEADER_LEN + datum.len());
+        out.push(MAGIC);
+        out.extend_from_slice(&self.writer_id.to_be_bytes());
+        out.extend_from_slice(&datum);
+        Ok(out)
+    }
+
+    /// Reads a framed event written by any registered version.
+    pub async fn decode(&self, bytes: &[u8]) -> Result<DecodedEvent, CodecError> {
+        let id = frame_schema_id(bytes)?;
+        let writer = self.registry.schema_by_id(id).await?;
+        decode_datum(&writer, &self.reader, &bytes[HEADER_LEN..], id)
+    }
+
+    /// Reads a framed event, resolving it to `reader` rather than the latest version: what an
+    /// older consumer sees.
+    pub async fn decode_as(
+        &self,
+        bytes: &[u8],
+        reader: SchemaVersion,
+    ) -> Result<DecodedEvent, CodecError> {
+        let id = frame_schema_id(bytes)?;
+        let writer = self.registry.schema_by_id(id).await?;
+        decode_datum(&writer, &reader.schema(), &bytes[HEADER_LEN..], id)
+    }
+}
+
+/// The schema id in a Confluent frame, after checking the header.
+pub fn frame_schema_id(bytes: &[u8]) -> Result<u32, CodecError> {
+    if bytes.len() < HEADER_LEN {
+        return Err(CodecError::TooShort(bytes.len()));
+    }
+    if bytes[0] != MAGIC {
+        return Err(CodecError::BadMagic(bytes[0]));
+    }
+    Ok(u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]))
+}
+
+fn decode_datum(
+    writer: &Schema,
+    reader: &Schema,
+    datum: &[u8],
+    id: u32,
+) -> Result<DecodedEvent, CodecError> {
+    let mut rest = datum;
+    let value = apache_avro::from_avro_datum(writer, &mut rest, None)
+        .map_err(|e| CodecError::Corrupt(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(CodecError::Corrupt(format!(
+            "{} bytes left over after the datum",
+            rest.len()
+        )));
+    }
+    // apache-avro reads end-of-input where a union or boolean starts as null, so a record cut
+    // at a field boundary would decode. Every field takes at least one byte: writing the value
+    // back shows whether the input held all of it.
+    let rewritten = apache_avro::to_avro_datum(writer, value.clone())
+        .map_err(|e| CodecError::Corrupt(e.to_string()))?;
+    if rewritten.len() != datum.len() {
+        return Err(CodecError::Corrupt(format!(
+            "datum is truncated: {} bytes, the fields read need {}",
+            datum.len(),
+            rewritten.len()
+        )));
+    }
+    let value = value
+        .resolve(reader)
+        .map_err(|e| CodecError::Shape(e.to_string()))?;
+    Ok(DecodedEvent {
+        event: BuildEvent::from_avro(value)?,
+        writer_schema_id: id,
+    })
+}

@@ -1,0 +1,211 @@
+//! Shared helpers for the integration tests, which run against a real Kafka broker and a real
+//! PostgreSQL started by `scripts/test` (see the README). Each test gets its own topics and its
+//! own database schema, so tests run in parallel.
+//!
+//! - [`kafka_brokers`], [`database_url`]: where the services are (`HOOKLINE_TEST_KAFKA`,
+//!   `HOOKLINE_TEST_DATABASE_URL`); a test fails with a clear message when they are unset.
+//! - [`unique_name`], [`create_topic`]: per-test topics through the admin API.
+//! - [`pg_store`]: a `PgStore` in a fresh schema.
+//! - [`Receiver`]: a real HTTP webhook receiver on loopback whose answers can change mid-test.
+//! - [`poll_until`]: wait for a condition with a timeout instead of sleeping.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use hookline_cistate::{PgOptions, PgStore};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// The bootstrap servers of the real test broker.
+pub fn kafka_brokers() -> String {
+    std::env::var("HOOKLINE_TEST_KAFKA").unwrap_or_else(|_| {
+        panic!("HOOKLINE_TEST_KAFKA is not set: run the integration tests with scripts/test, which starts Kafka and PostgreSQL")
+    })
+}
+
+/// The URL of the real test database.
+pub fn database_url() -> String {
+    std::env::var("HOOKLINE_TEST_DATABASE_URL").unwrap_or_else(|_| {
+        panic!("HOOKLINE_TEST_DATABASE_URL is not set: run the integration tests with scripts/test, which starts Kafka and PostgreSQL")
+    })
+}
+
+/// `prefix` plus a short random suffix: a topic, schema or group name no other test uses.
+pub fn unique_name(prefix: &str) -> String {
+    format!("{prefix}_{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+pub fn admin() -> AdminClient<DefaultClientContext> {
+    ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .create()
+        .expect("admin client")
+}
+
+/// Creates a topic with `partitions` partitions on the test broker and waits until it exists.
+pub async fn create_topic(name: &str, partitions: i32) {
+    let results = admin()
+        .create_topics(
+            &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .expect("create_topics request");
+    for result in results {
+        result.unwrap_or_else(|(topic, code)| panic!("creating topic {topic}: {code}"));
+    }
+}
+
+/// A `PgStore` in a schema of its own, migrated.
+pub async fn pg_store() -> PgStore {
+    let options = PgOptions {
+        max_connections: 5,
+        ..PgOptions::new(database_url()).schema(unique_name("t"))
+    };
+    PgStore::connect(&options).await.expect("connect to the test database")
+}
+
+/// Waits until `check` returns `Some`, polling every 20 ms, and panics with `what` after
+/// `timeout`.
+pub async fn poll_until<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One request a [`Receiver`] got.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub at: Instant,
+    /// The status it answered.
+    pub status: StatusCode,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("receiver got JSON")
+    }
+}
+
+/// How a [`Receiver`] answers the next request.
+#[derive(Debug, Clone)]
+pub enum Answer {
+    Status(u16),
+    /// Answer with a status and a `Retry-After` header (seconds).
+    RetryAfter(u16, u64),
+    /// Never answer (the client times out).
+    Hang,
+}
+
+#[derive(Default)]
+struct ReceiverState {
+    received: Vec<Received>,
+    /// Answers used one per request, in order; then `default`.
+    script: std::collections::VecDeque<Answer>,
+    default: Option<Answer>,
+}
+
+/// A real HTTP server on 127.0.0.1 that records every request and answers as told.
+#[derive(Clone)]
+pub struct Receiver {
+    pub url: String,
+    state: Arc<Mutex<ReceiverState>>,
+    shutdown: CancellationToken,
+}
+
+impl Receiver {
+    /// Starts a receiver that answers 200 until told otherwise.
+    pub async fn start() -> Receiver {
+        let state = Arc::new(Mutex::new(ReceiverState::default()));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind receiver");
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let app = Router::new()
+            .fallback(receive)
+            .with_state(state.clone());
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+                .ok();
+        });
+        Receiver { url, state, shutdown }
+    }
+
+    /// Answers the next requests with these, in order, then with the default.
+    pub fn script(&self, answers: impl IntoIterator<Item = Answer>) {
+        self.state.lock().unwrap().script.extend(answers);
+    }
+
+    /// Answers every request not covered by a script with `answer`.
+    pub fn answer_always(&self, answer: Answer) {
+        self.state.lock().unwrap().default = Some(answer);
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.state.lock().unwrap().received.clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.state.lock().unwrap().received.len()
+    }
+
+    pub fn stop(&self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn receive(State(state): State<Arc<Mutex<ReceiverState>>>, headers: HeaderMap, body: Bytes) -> Response {
+    let answer = {
+        let mut s = state.lock().unwrap();
+        s.script
+            .pop_front()
+            .or_else(|| s.default.clone())
+            .unwrap_or(Answer::Status(200))
+    };
+    let status = match &answer {
+        Answer::Status(code) | Answer::RetryAfter(code, _) => StatusCode::from_u16(*code).unwrap(),
+        Answer::Hang => StatusCode::REQUEST_TIMEOUT,
+    };
+    state.lock().unwrap().received.push(Received {
+        headers,
+        body,
+        at: Instant::now(),
+        status,
+    });
+    match answer {
+        Answer::Status(_) => status.into_response(),
+        Answer::RetryAfter(_, secs) => (status, [("retry-after", secs.to_string())]).into_response(),
+        Answer::Hang => {
+            std::future::pending::<()>().await;
+            unreachable!()
+        }
+    }
+}
