@@ -2,6 +2,7 @@
 # Helpers shared by scripts/kafka, scripts/pg, scripts/stack and scripts/test. Sourced, not run.
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck disable=SC2034 # used by the scripts that source this file
 CACHE="${HOOKLINE_CACHE:-$REPO/.cache}"
 
 die() {
@@ -36,6 +37,14 @@ port_open() {
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
 
+# proc_state PID : the one-letter state from /proc (R, S, Z, ...); empty when gone. (No procps needed.)
+proc_state() {
+    local stat
+    stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 0
+    stat="${stat##*) }"
+    printf '%s\n' "${stat%% *}"
+}
+
 # pid_alive PIDFILE [WORD] : true when the pid file names a live process (whose command line
 # contains WORD, if given: guards against a stale pid file and a recycled pid); prints the pid.
 pid_alive() {
@@ -45,7 +54,7 @@ pid_alive() {
     [[ $pid =~ ^[0-9]+$ ]] || return 1
     kill -0 "$pid" 2>/dev/null || return 1
     # A zombie (e.g. our own unreaped child) counts as dead.
-    [[ "$(ps -o stat= -p "$pid" 2>/dev/null)" != Z* ]] || return 1
+    [[ "$(proc_state "$pid")" != Z ]] || return 1
     if [[ -n ${2:-} ]]; then
         tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$2" || return 1
     fi
@@ -55,7 +64,7 @@ pid_alive() {
 # wait_gone PID SECONDS : wait for a process to exit; false on timeout.
 wait_gone() {
     local pid=$1 deadline=$((SECONDS + $2))
-    while kill -0 "$pid" 2>/dev/null && [[ "$(ps -o stat= -p "$pid" 2>/dev/null)" != Z* ]]; do
+    while kill -0 "$pid" 2>/dev/null && [[ "$(proc_state "$pid")" != Z ]]; do
         ((SECONDS < deadline)) || return 1
         sleep 0.1
     done

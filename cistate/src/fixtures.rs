@@ -9,7 +9,8 @@ use crate::model::{
 use crate::store::{CiStore, StoreError};
 
 fn at(h: u32, m: u32, s: u32, micros: u32) -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(2026, 11, 27, h, m, s).unwrap() + chrono::Duration::microseconds(micros.into())
+    Utc.with_ymd_and_hms(2026, 11, 27, h, m, s).unwrap()
+        + chrono::Duration::microseconds(micros.into())
 }
 
 /// The sample world, with ids offset by `base` so tests sharing a store do not collide.
@@ -107,7 +108,10 @@ pub fn sample(base: i64) -> RenderSnapshot {
 }
 
 /// Writes every row of `snapshot` to `store`, parents first.
-pub async fn write_snapshot(store: &dyn CiStore, snapshot: &RenderSnapshot) -> Result<(), StoreError> {
+pub async fn write_snapshot(
+    store: &dyn CiStore,
+    snapshot: &RenderSnapshot,
+) -> Result<(), StoreError> {
     store.upsert_namespace(&snapshot.namespace).await?;
     store.upsert_project(&snapshot.project).await?;
     store.upsert_user(&snapshot.user).await?;

@@ -7,7 +7,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::model::{Build, Hook, Namespace, NewHook, Pipeline, Project, RenderSnapshot, Runner, User};
+use crate::model::{
+    Build, Hook, Namespace, NewHook, Pipeline, Project, RenderSnapshot, Runner, User,
+};
 use crate::render::truncate_to_micros;
 use crate::store::{CiStore, StoreError};
 
@@ -45,11 +47,16 @@ fn micros(t: Option<DateTime<Utc>>) -> Option<DateTime<Utc>> {
 
 #[async_trait]
 impl CiStore for MemoryStore {
-    async fn snapshots(&self, build_ids: &[i64]) -> Result<HashMap<i64, RenderSnapshot>, StoreError> {
+    async fn snapshots(
+        &self,
+        build_ids: &[i64],
+    ) -> Result<HashMap<i64, RenderSnapshot>, StoreError> {
         let state = self.state.read().unwrap();
         let mut out = HashMap::with_capacity(build_ids.len());
         for id in build_ids {
-            let Some(build) = state.builds.get(id) else { continue };
+            let Some(build) = state.builds.get(id) else {
+                continue;
+            };
             // Writes check references, so a present build has all of its rows.
             let pipeline = &state.pipelines[&build.pipeline_id];
             let project = &state.projects[&build.project_id];
@@ -84,12 +91,20 @@ impl CiStore for MemoryStore {
     }
 
     async fn upsert_user(&self, user: &User) -> Result<(), StoreError> {
-        self.state.write().unwrap().users.insert(user.id, user.clone());
+        self.state
+            .write()
+            .unwrap()
+            .users
+            .insert(user.id, user.clone());
         Ok(())
     }
 
     async fn upsert_runner(&self, runner: &Runner) -> Result<(), StoreError> {
-        self.state.write().unwrap().runners.insert(runner.id, runner.clone());
+        self.state
+            .write()
+            .unwrap()
+            .runners
+            .insert(runner.id, runner.clone());
         Ok(())
     }
 
@@ -189,7 +204,23 @@ impl CiStore for MemoryStore {
         })
     }
 
-    async fn record_hook_failure(&self, id: i64, now: DateTime<Utc>) -> Result<Option<Hook>, StoreError> {
+    async fn disable_hook(&self, id: i64) -> Result<bool, StoreError> {
+        let mut state = self.state.write().unwrap();
+        Ok(match state.hooks.get_mut(&id) {
+            Some(h) => {
+                h.recent_failures = crate::model::PERMANENT_FAILURES;
+                h.disabled_until = None;
+                true
+            }
+            None => false,
+        })
+    }
+
+    async fn record_hook_failure(
+        &self,
+        id: i64,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Hook>, StoreError> {
         let mut state = self.state.write().unwrap();
         Ok(state.hooks.get_mut(&id).map(|h| {
             let (failures, until) = Hook::health_after_failure(h.recent_failures, now);

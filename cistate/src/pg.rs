@@ -74,12 +74,19 @@ pub async fn connect_pool(options: &PgOptions) -> Result<PgPool, StoreError> {
         .max_connections(options.max_connections)
         .acquire_timeout(Duration::from_secs(10));
     if let Some(schema) = &options.schema {
-        if schema.is_empty() || !schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        if schema.is_empty()
+            || !schema
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
             return Err(StoreError::Invalid(format!(
                 "schema name {schema:?}: use letters, digits and underscores"
             )));
         }
-        let setup = PgPoolOptions::new().max_connections(1).connect(&options.url).await?;
+        let setup = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&options.url)
+            .await?;
         setup
             .execute(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"").as_str())
             .await?;
@@ -132,18 +139,30 @@ fn snapshot_from_row(row: &PgRow) -> Result<RenderSnapshot, sqlx::Error> {
     let environment = match row.try_get::<Option<String>, _>("environment_name")? {
         Some(name) => Some(Environment {
             name,
-            action: row.try_get::<Option<String>, _>("environment_action")?.unwrap_or_default(),
-            deployment_tier: row.try_get::<Option<String>, _>("environment_tier")?.unwrap_or_default(),
+            action: row
+                .try_get::<Option<String>, _>("environment_action")?
+                .unwrap_or_default(),
+            deployment_tier: row
+                .try_get::<Option<String>, _>("environment_tier")?
+                .unwrap_or_default(),
         }),
         None => None,
     };
     let source = match row.try_get::<Option<i64>, _>("source_pipeline_id")? {
         Some(pipeline_id) => Some(SourcePipeline {
-            project_id: row.try_get::<Option<i64>, _>("source_project_id")?.unwrap_or_default(),
-            project_web_url: row.try_get::<Option<String>, _>("source_project_web_url")?.unwrap_or_default(),
-            project_path_with_namespace: row.try_get::<Option<String>, _>("source_project_path")?.unwrap_or_default(),
+            project_id: row
+                .try_get::<Option<i64>, _>("source_project_id")?
+                .unwrap_or_default(),
+            project_web_url: row
+                .try_get::<Option<String>, _>("source_project_web_url")?
+                .unwrap_or_default(),
+            project_path_with_namespace: row
+                .try_get::<Option<String>, _>("source_project_path")?
+                .unwrap_or_default(),
             pipeline_id,
-            job_id: row.try_get::<Option<i64>, _>("source_job_id")?.unwrap_or_default(),
+            job_id: row
+                .try_get::<Option<i64>, _>("source_job_id")?
+                .unwrap_or_default(),
         }),
         None => None,
     };
@@ -246,7 +265,10 @@ fn hook_from_row(row: &PgRow) -> Result<Hook, sqlx::Error> {
 
 #[async_trait]
 impl CiStore for PgStore {
-    async fn snapshots(&self, build_ids: &[i64]) -> Result<HashMap<i64, RenderSnapshot>, StoreError> {
+    async fn snapshots(
+        &self,
+        build_ids: &[i64],
+    ) -> Result<HashMap<i64, RenderSnapshot>, StoreError> {
         if build_ids.is_empty() {
             return Ok(HashMap::new());
         }
@@ -454,10 +476,12 @@ impl CiStore for PgStore {
     }
 
     async fn hook(&self, id: i64) -> Result<Option<Hook>, StoreError> {
-        let row = sqlx::query(&format!("SELECT {HOOK_COLUMNS} FROM web_hooks WHERE id = $1"))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(&format!(
+            "SELECT {HOOK_COLUMNS} FROM web_hooks WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
         Ok(row.as_ref().map(hook_from_row).transpose()?)
     }
 
@@ -500,7 +524,22 @@ impl CiStore for PgStore {
         Ok(done.rows_affected() > 0)
     }
 
-    async fn record_hook_failure(&self, id: i64, now: DateTime<Utc>) -> Result<Option<Hook>, StoreError> {
+    async fn disable_hook(&self, id: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE web_hooks SET recent_failures = $2, disabled_until = NULL WHERE id = $1",
+        )
+        .bind(id)
+        .bind(crate::model::PERMANENT_FAILURES)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn record_hook_failure(
+        &self,
+        id: i64,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Hook>, StoreError> {
         // Row lock, then the one rule in Rust: concurrent consumers count every failure once.
         let mut tx = self.pool.begin().await?;
         let current: Option<i32> =

@@ -10,7 +10,9 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::model::{Build, Hook, Namespace, NewHook, Pipeline, Project, RenderSnapshot, Runner, User};
+use crate::model::{
+    Build, Hook, Namespace, NewHook, Pipeline, Project, RenderSnapshot, Runner, User,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -28,7 +30,9 @@ impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         match &e {
             sqlx::Error::Database(db)
-                if db.is_foreign_key_violation() || db.is_unique_violation() || db.is_check_violation() =>
+                if db.is_foreign_key_violation()
+                    || db.is_unique_violation()
+                    || db.is_check_violation() =>
             {
                 StoreError::Invalid(db.to_string())
             }
@@ -44,7 +48,10 @@ pub trait CiStore: Send + Sync + std::fmt::Debug {
         Ok(self.snapshots(&[build_id]).await?.remove(&build_id))
     }
     /// The snapshots of many builds in one query; missing builds are absent from the map.
-    async fn snapshots(&self, build_ids: &[i64]) -> Result<HashMap<i64, RenderSnapshot>, StoreError>;
+    async fn snapshots(
+        &self,
+        build_ids: &[i64],
+    ) -> Result<HashMap<i64, RenderSnapshot>, StoreError>;
 
     async fn upsert_namespace(&self, namespace: &Namespace) -> Result<(), StoreError>;
     async fn upsert_project(&self, project: &Project) -> Result<(), StoreError>;
@@ -64,7 +71,14 @@ pub trait CiStore: Send + Sync + std::fmt::Debug {
     async fn enable_hook(&self, id: i64) -> Result<bool, StoreError>;
     /// Records a failed delivery (GitLab's auto-disable rule, [`Hook::health_after_failure`]),
     /// atomically with respect to other consumers. Returns the hook's new health.
-    async fn record_hook_failure(&self, id: i64, now: DateTime<Utc>) -> Result<Option<Hook>, StoreError>;
+    async fn record_hook_failure(
+        &self,
+        id: i64,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Hook>, StoreError>;
+    /// Disables the hook for good (its receiver answered 410 Gone), as its 40th failure would;
+    /// [`CiStore::enable_hook`] turns it on again. False when there is no such hook.
+    async fn disable_hook(&self, id: i64) -> Result<bool, StoreError>;
     /// Records a successful delivery: resets the failure count and any back-off.
     async fn record_hook_success(&self, id: i64) -> Result<(), StoreError>;
 

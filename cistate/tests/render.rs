@@ -18,7 +18,10 @@ fn running_build_matches_golden_json() {
         std::fs::write(GOLDEN, &pretty).unwrap();
     }
     let golden = std::fs::read_to_string(GOLDEN).unwrap();
-    assert_eq!(pretty, golden, "rendered Job Hook differs from {GOLDEN} (HOOKLINE_BLESS=1 rewrites it)");
+    assert_eq!(
+        pretty, golden,
+        "rendered Job Hook differs from {GOLDEN} (HOOKLINE_BLESS=1 rewrites it)"
+    );
     // Field order is GitLab's, not alphabetical: compare the raw bytes' key order too.
     let text = String::from_utf8(bytes).unwrap();
     assert!(text.starts_with(r#"{"object_kind":"build","ref":"main","tag":false,"before_sha":"#));

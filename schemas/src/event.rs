@@ -105,7 +105,9 @@ impl fmt::Display for BuildStatus {
 
 /// The error for a status name hookline does not deliver hooks for.
 #[derive(Debug, thiserror::Error)]
-#[error("unknown build status {0:?}: expected one of created, pending, running, success, failed, canceled")]
+#[error(
+    "unknown build status {0:?}: expected one of created, pending, running, success, failed, canceled"
+)]
 pub struct UnknownStatus(pub String);
 
 impl FromStr for BuildStatus {
@@ -192,13 +194,24 @@ impl BuildEvent {
             ),
             (
                 "started_at".to_owned(),
-                optional(self.facts.started_at.map(|t| Value::TimestampMicros(t.timestamp_micros()))),
+                optional(
+                    self.facts
+                        .started_at
+                        .map(|t| Value::TimestampMicros(t.timestamp_micros())),
+                ),
             ),
             (
                 "finished_at".to_owned(),
-                optional(self.facts.finished_at.map(|t| Value::TimestampMicros(t.timestamp_micros()))),
+                optional(
+                    self.facts
+                        .finished_at
+                        .map(|t| Value::TimestampMicros(t.timestamp_micros())),
+                ),
             ),
-            ("duration".to_owned(), optional(self.facts.duration.map(Value::Double))),
+            (
+                "duration".to_owned(),
+                optional(self.facts.duration.map(Value::Double)),
+            ),
             (
                 "queued_duration".to_owned(),
                 optional(self.facts.queued_duration.map(Value::Double)),
@@ -217,7 +230,10 @@ impl BuildEvent {
                 PayloadTiming::Inline => Value::Enum(0, "inline".to_owned()),
                 PayloadTiming::Deferred => Value::Enum(1, "deferred".to_owned()),
             };
-            fields.push(("payload_timing".to_owned(), Value::Union(1, Box::new(timing))));
+            fields.push((
+                "payload_timing".to_owned(),
+                Value::Union(1, Box::new(timing)),
+            ));
         }
         Value::Record(fields)
     }
@@ -265,9 +281,11 @@ impl BuildEvent {
                 }
                 "status" => {
                     event.status = match value {
-                        Value::Enum(_, symbol) => symbol
-                            .parse()
-                            .map_err(|e: crate::event::UnknownStatus| CodecError::Shape(e.to_string()))?,
+                        Value::Enum(_, symbol) => {
+                            symbol.parse().map_err(|e: crate::event::UnknownStatus| {
+                                CodecError::Shape(e.to_string())
+                            })?
+                        }
                         other => return Err(shape("status", &other)),
                     };
                     seen |= 16;

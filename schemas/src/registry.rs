@@ -22,7 +22,9 @@ pub const BUILD_EVENT_SUBJECT: &str = "build-events-value";
 pub enum RegistryError {
     #[error("schema id {0} is not known to the registry")]
     UnknownId(u32),
-    #[error("schema is not registered under subject {subject} and this registry cannot register it")]
+    #[error(
+        "schema is not registered under subject {subject} and this registry cannot register it"
+    )]
     NotRegistered { subject: String },
     #[error("schema registry request failed: {0}")]
     Http(String),
@@ -179,7 +181,9 @@ impl SchemaRegistry for HttpRegistry {
         let status = response.status();
         if !status.is_success() {
             let body = response.text().await.unwrap_or_default();
-            return Err(RegistryError::Http(format!("register {subject}: {status} {body}")));
+            return Err(RegistryError::Http(format!(
+                "register {subject}: {status} {body}"
+            )));
         }
         let answer: IdAnswer = response
             .json()
@@ -209,7 +213,10 @@ impl SchemaRegistry for HttpRegistry {
             return Err(RegistryError::UnknownId(id));
         }
         if !response.status().is_success() {
-            return Err(RegistryError::Http(format!("schema {id}: {}", response.status())));
+            return Err(RegistryError::Http(format!(
+                "schema {id}: {}",
+                response.status()
+            )));
         }
         let answer: SchemaAnswer = response
             .json()

@@ -11,7 +11,9 @@ use hookline_schemas::{
 use uuid::Uuid;
 
 fn fixture_path(name: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 fn failed_event() -> BuildEvent {
@@ -43,16 +45,25 @@ fn inline_event() -> BuildEvent {
             queued_duration: Some(0.3),
             ..TransitionFacts::default()
         },
-        payload: Some(br#"{"object_kind":"build","build_id":70001,"build_status":"running"}"#.to_vec()),
+        payload: Some(
+            br#"{"object_kind":"build","build_id":70001,"build_status":"running"}"#.to_vec(),
+        ),
         payload_timing: PayloadTiming::Inline,
         ..failed_event()
     }
 }
 
-const FIXTURES: [(&str, SchemaVersion, fn() -> BuildEvent); 3] = [
+/// A committed fixture file, the version that wrote it, and the event it holds.
+type Fixture = (&'static str, SchemaVersion, fn() -> BuildEvent);
+
+const FIXTURES: [Fixture; 3] = [
     ("build_event.v1.failed.bin", SchemaVersion::V1, failed_event),
     ("build_event.v2.inline.bin", SchemaVersion::V2, inline_event),
-    ("build_event.v2.deferred.bin", SchemaVersion::V2, failed_event),
+    (
+        "build_event.v2.deferred.bin",
+        SchemaVersion::V2,
+        failed_event,
+    ),
 ];
 
 /// Writes fixture files that do not exist yet. Run once when a schema version is added:
@@ -76,7 +87,10 @@ fn fixture(name: &str) -> Vec<u8> {
 
 #[tokio::test]
 async fn v1_bytes_decode_under_the_v2_reader_with_no_payload() {
-    let decoded = Codec::embedded().decode(&fixture("build_event.v1.failed.bin")).await.unwrap();
+    let decoded = Codec::embedded()
+        .decode(&fixture("build_event.v1.failed.bin"))
+        .await
+        .unwrap();
     assert_eq!(decoded.writer_schema_id, 1);
     assert_eq!(decoded.event, failed_event());
     assert_eq!(decoded.event.payload, None);
@@ -86,10 +100,16 @@ async fn v1_bytes_decode_under_the_v2_reader_with_no_payload() {
 #[tokio::test]
 async fn v2_bytes_decode_under_the_v2_reader() {
     let codec = Codec::embedded();
-    let inline = codec.decode(&fixture("build_event.v2.inline.bin")).await.unwrap();
+    let inline = codec
+        .decode(&fixture("build_event.v2.inline.bin"))
+        .await
+        .unwrap();
     assert_eq!(inline.writer_schema_id, 2);
     assert_eq!(inline.event, inline_event());
-    let deferred = codec.decode(&fixture("build_event.v2.deferred.bin")).await.unwrap();
+    let deferred = codec
+        .decode(&fixture("build_event.v2.deferred.bin"))
+        .await
+        .unwrap();
     assert_eq!(deferred.event, failed_event());
 }
 
@@ -112,7 +132,11 @@ async fn v2_bytes_decode_under_the_v1_reader_ignoring_the_payload() {
 async fn current_encoder_still_writes_the_committed_bytes() {
     for (name, version, event) in FIXTURES {
         let bytes = Codec::embedded_writing(version).encode(&event()).unwrap();
-        assert_eq!(bytes, fixture(name), "{name}: the encoding of a published version changed");
+        assert_eq!(
+            bytes,
+            fixture(name),
+            "{name}: the encoding of a published version changed"
+        );
     }
 }
 
@@ -121,7 +145,11 @@ fn every_schema_pair_is_compatible_both_ways() {
     for writer in SchemaVersion::ALL {
         for reader in SchemaVersion::ALL {
             SchemaCompatibility::can_read(&writer.schema(), &reader.schema()).unwrap_or_else(|e| {
-                panic!("v{} data cannot be read with v{}: {e}", writer.number(), reader.number())
+                panic!(
+                    "v{} data cannot be read with v{}: {e}",
+                    writer.number(),
+                    reader.number()
+                )
             });
         }
     }
@@ -140,12 +168,17 @@ fn every_committed_avsc_file_is_a_known_version() {
         .iter()
         .map(|v| format!("build_event.v{}.avsc", v.number()))
         .collect();
-    assert_eq!(files, known, "every .avsc must be a SchemaVersion so the pair check covers it");
+    assert_eq!(
+        files, known,
+        "every .avsc must be a SchemaVersion so the pair check covers it"
+    );
 }
 
 #[tokio::test]
 async fn v1_writer_drops_the_payload() {
-    let bytes = Codec::embedded_writing(SchemaVersion::V1).encode(&inline_event()).unwrap();
+    let bytes = Codec::embedded_writing(SchemaVersion::V1)
+        .encode(&inline_event())
+        .unwrap();
     let decoded = Codec::embedded().decode(&bytes).await.unwrap();
     assert_eq!(decoded.event.payload, None);
     assert_eq!(decoded.event.payload_timing, PayloadTiming::Deferred);
@@ -156,12 +189,21 @@ async fn bad_input_is_a_typed_error() {
     let codec = Codec::embedded();
     let good = fixture("build_event.v2.inline.bin");
 
-    assert!(matches!(codec.decode(&[]).await, Err(CodecError::TooShort(0))));
-    assert!(matches!(codec.decode(&[0, 0, 0]).await, Err(CodecError::TooShort(3))));
+    assert!(matches!(
+        codec.decode(&[]).await,
+        Err(CodecError::TooShort(0))
+    ));
+    assert!(matches!(
+        codec.decode(&[0, 0, 0]).await,
+        Err(CodecError::TooShort(3))
+    ));
 
     let mut bad_magic = good.clone();
     bad_magic[0] = 7;
-    assert!(matches!(codec.decode(&bad_magic).await, Err(CodecError::BadMagic(7))));
+    assert!(matches!(
+        codec.decode(&bad_magic).await,
+        Err(CodecError::BadMagic(7))
+    ));
 
     let mut unknown_id = good.clone();
     unknown_id[1..5].copy_from_slice(&999u32.to_be_bytes());
@@ -172,12 +214,18 @@ async fn bad_input_is_a_typed_error() {
     // Every truncation of a valid record is refused, none panics.
     for len in 5..good.len() {
         let err = codec.decode(&good[..len]).await.unwrap_err();
-        assert!(matches!(err, CodecError::Corrupt(_) | CodecError::Shape(_)), "len {len}: {err}");
+        assert!(
+            matches!(err, CodecError::Corrupt(_) | CodecError::Shape(_)),
+            "len {len}: {err}"
+        );
     }
 
     let mut trailing = good.clone();
     trailing.push(0);
-    assert!(matches!(codec.decode(&trailing).await, Err(CodecError::Corrupt(_))));
+    assert!(matches!(
+        codec.decode(&trailing).await,
+        Err(CodecError::Corrupt(_))
+    ));
 
     // A corrupt enum index.
     let mut corrupt = fixture("build_event.v1.failed.bin");

@@ -41,7 +41,10 @@ pub fn database_url() -> String {
 
 /// `prefix` plus a short random suffix: a topic, schema or group name no other test uses.
 pub fn unique_name(prefix: &str) -> String {
-    format!("{prefix}_{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+    format!(
+        "{prefix}_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
 }
 
 pub fn admin() -> AdminClient<DefaultClientContext> {
@@ -71,7 +74,9 @@ pub async fn pg_store() -> PgStore {
         max_connections: 5,
         ..PgOptions::new(database_url()).schema(unique_name("t"))
     };
-    PgStore::connect(&options).await.expect("connect to the test database")
+    PgStore::connect(&options)
+        .await
+        .expect("connect to the test database")
 }
 
 /// Waits until `check` returns `Some`, polling every 20 ms, and panics with `what` after
@@ -143,12 +148,12 @@ impl Receiver {
     /// Starts a receiver that answers 200 until told otherwise.
     pub async fn start() -> Receiver {
         let state = Arc::new(Mutex::new(ReceiverState::default()));
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind receiver");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind receiver");
         let url = format!("http://{}/hook", listener.local_addr().unwrap());
         let shutdown = CancellationToken::new();
-        let app = Router::new()
-            .fallback(receive)
-            .with_state(state.clone());
+        let app = Router::new().fallback(receive).with_state(state.clone());
         let stop = shutdown.clone();
         tokio::spawn(async move {
             axum::serve(listener, app)
@@ -156,7 +161,11 @@ impl Receiver {
                 .await
                 .ok();
         });
-        Receiver { url, state, shutdown }
+        Receiver {
+            url,
+            state,
+            shutdown,
+        }
     }
 
     /// Answers the next requests with these, in order, then with the default.
@@ -182,7 +191,11 @@ impl Receiver {
     }
 }
 
-async fn receive(State(state): State<Arc<Mutex<ReceiverState>>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn receive(
+    State(state): State<Arc<Mutex<ReceiverState>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let answer = {
         let mut s = state.lock().unwrap();
         s.script
@@ -202,10 +215,97 @@ async fn receive(State(state): State<Arc<Mutex<ReceiverState>>>, headers: Header
     });
     match answer {
         Answer::Status(_) => status.into_response(),
-        Answer::RetryAfter(_, secs) => (status, [("retry-after", secs.to_string())]).into_response(),
+        Answer::RetryAfter(_, secs) => {
+            (status, [("retry-after", secs.to_string())]).into_response()
+        }
         Answer::Hang => {
             std::future::pending::<()>().await;
             unreachable!()
         }
     }
+}
+
+/// A Kafka broker of a test's own, for tests that stop, kill or restart the broker: the shared
+/// test broker serves every other test running at the same time and must not go away.
+///
+/// Started through `scripts/kafka` (`HOOKLINE_KAFKA_CTL`) on two free ports with a run
+/// directory of its own; stopped and its data deleted on drop.
+pub struct PrivateBroker {
+    pub bootstrap: String,
+    env: Vec<(String, String)>,
+}
+
+impl PrivateBroker {
+    pub fn start() -> PrivateBroker {
+        let port = free_port();
+        let controller_port = free_port();
+        let run_dir = std::env::temp_dir().join(unique_name("hookline-kafka"));
+        let broker = PrivateBroker {
+            bootstrap: format!("127.0.0.1:{port}"),
+            env: vec![
+                ("HOOKLINE_KAFKA_PORT".into(), port.to_string()),
+                (
+                    "HOOKLINE_KAFKA_CONTROLLER_PORT".into(),
+                    controller_port.to_string(),
+                ),
+                (
+                    "HOOKLINE_KAFKA_RUN_DIR".into(),
+                    run_dir.display().to_string(),
+                ),
+            ],
+        };
+        broker.ctl(&["start"]);
+        broker
+    }
+
+    /// Stops the broker cleanly, keeping its data.
+    pub fn stop(&self) {
+        self.ctl(&["stop", "--keep-data"]);
+    }
+
+    /// Kills the broker (SIGKILL), keeping its data.
+    pub fn kill(&self) {
+        self.ctl(&["kill"]);
+    }
+
+    /// Starts the stopped or killed broker again with its data.
+    pub fn restart(&self) {
+        self.ctl(&["start", "--keep-data"]);
+    }
+
+    fn ctl(&self, args: &[&str]) {
+        let ctl = std::env::var("HOOKLINE_KAFKA_CTL").unwrap_or_else(|_| {
+            panic!("HOOKLINE_KAFKA_CTL is not set: run the integration tests with scripts/test")
+        });
+        let output = std::process::Command::new(&ctl)
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .expect("run scripts/kafka");
+        assert!(
+            output.status.success(),
+            "scripts/kafka {args:?} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        if let Ok(ctl) = std::env::var("HOOKLINE_KAFKA_CTL") {
+            let _ = std::process::Command::new(ctl)
+                .arg("stop")
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
+                .output();
+        }
+    }
+}
+
+/// A TCP port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
 }
