@@ -1,1 +1,37 @@
+//! The producer: turns CI build transitions into `BuildEvent`s on Kafka, rendering the Job Hook
+//! inline when the rollout flag is on for the build's project.
+//!
+//! # Layout
+//!
+//! ```text
+//! transition --(ingest.rs: HTTP | Emitter API)--> flag on for project? (flags/)
+//!            --yes--> render.rs: snapshot -> Job Hook bytes (timed)
+//!            --------> emit.rs: encode (Avro, Confluent frame) -> idempotent produce -> delivery report
+//! ```
+//!
+//! - [`flags`]: flag definitions, Flipper-compatible gates and evaluation, the stores
+//!   (PostgreSQL, JSON file, memory), the cached evaluator [`Flags`] and the `feature` CLI.
+//! - [`render`]: the inline render of one transition, timed (the producer's cost of inline).
+//! - [`emit`]: the [`Emitter`] library API: flag, render, encode, produce, await the ack.
+//! - [`ingest`]: the HTTP API (`POST /v1/transitions`, `/v1/transitions/batch`), health,
+//!   readiness, metrics, graceful shutdown.
+//! - [`config`]: every option, by flag and `HOOKLINE_*` variable.
+//! - [`metrics`]: the producer's Prometheus metrics, one registry per instance.
+//! - [`bench`]: render cost and events/s with the flag off and on, in one run.
+//! - [`error`]: what can go wrong, grouped by what the caller does about it.
 
+pub mod bench;
+pub mod config;
+pub mod emit;
+pub mod error;
+pub mod flags;
+pub mod ingest;
+pub mod metrics;
+pub mod render;
+
+pub use config::{KafkaOptions, ServeConfig, StoreOptions};
+pub use emit::{Emitted, Emitter, EmitterConfig, TransitionRequest};
+pub use error::{EmitError, ProducerError};
+pub use flags::{Change, Flags, Gates, INLINE_FLAG, Percentage};
+pub use ingest::{AppState, app, run, serve};
+pub use metrics::ProducerMetrics;

@@ -1,0 +1,214 @@
+//! Every option of the producer: a typed field with one documenting line, settable by flag and
+//! by `HOOKLINE_*` environment variable, validated on start.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hookline_cistate::{PgOptions, PgStore};
+use hookline_schemas::SchemaVersion;
+
+use crate::emit::EmitterConfig;
+use crate::error::ProducerError;
+use crate::flags::{FileFlagStore, FlagStore, PgFlagStore};
+
+/// Where the events go.
+#[derive(clap::Args, Debug, Clone)]
+pub struct KafkaOptions {
+    /// Kafka bootstrap servers (host:port, comma separated).
+    #[arg(long, env = "HOOKLINE_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+    /// Topic the BuildEvents are written to.
+    #[arg(long, env = "HOOKLINE_TOPIC", default_value = "build-events")]
+    pub topic: String,
+    /// Any librdkafka producer setting as KEY=VALUE (TLS, SASL, batching...); repeat the flag, or
+    /// comma-separate in the variable. Applied after hookline's own settings.
+    #[arg(long = "kafka-option", env = "HOOKLINE_KAFKA_OPTIONS", value_delimiter = ',', value_parser = parse_key_value)]
+    pub kafka_options: Vec<(String, String)>,
+    /// Avro schema version to write: v2 (current), or v1 to act as a legacy producer (no payload,
+    /// never renders inline) when exercising a mixed fleet.
+    #[arg(long, env = "HOOKLINE_WRITER_SCHEMA", default_value = "v2", value_parser = parse_writer)]
+    pub writer_schema: SchemaVersion,
+    /// Create the topic with this many partitions when it is missing (skipped with a warning
+    /// when the cluster has no admin API).
+    #[arg(long, env = "HOOKLINE_CREATE_TOPIC_PARTITIONS")]
+    pub create_topic_partitions: Option<i32>,
+    /// How long an event may wait for Kafka's acknowledgement before the transition is refused
+    /// (librdkafka `message.timeout.ms`), e.g. 10s, 500ms.
+    #[arg(long, env = "HOOKLINE_DELIVERY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub delivery_timeout: Duration,
+}
+
+impl KafkaOptions {
+    pub fn emitter_config(&self) -> EmitterConfig {
+        EmitterConfig {
+            brokers: self.brokers.clone(),
+            topic: self.topic.clone(),
+            kafka: self.kafka_options.clone(),
+            writer: self.writer_schema,
+            create_topic_partitions: self.create_topic_partitions,
+            delivery_timeout: self.delivery_timeout,
+        }
+    }
+}
+
+/// Where the CI state and the flags are.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct StoreOptions {
+    /// PostgreSQL URL of the CI state store; also holds the flags unless --flags-file is given.
+    #[arg(long, env = "HOOKLINE_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// PostgreSQL schema to use instead of `public` (created if missing).
+    #[arg(long, env = "HOOKLINE_DATABASE_SCHEMA")]
+    pub database_schema: Option<String>,
+    /// JSON file holding the feature flags (embedded mode); used for flags instead of the database.
+    #[arg(long, env = "HOOKLINE_FLAGS_FILE")]
+    pub flags_file: Option<PathBuf>,
+}
+
+impl StoreOptions {
+    /// The PostgreSQL store, migrated; an error when no URL is configured.
+    pub async fn pg_store(&self) -> Result<PgStore, ProducerError> {
+        let url = self.database_url.as_deref().ok_or_else(|| {
+            ProducerError::Invalid(
+                "no database: set --database-url or HOOKLINE_DATABASE_URL".into(),
+            )
+        })?;
+        let mut options = PgOptions::new(url);
+        options.schema = self.database_schema.clone();
+        Ok(PgStore::connect(&options).await?)
+    }
+
+    /// The flag store: the file when one is named, else PostgreSQL (`pg` when already connected).
+    pub async fn flag_store(
+        &self,
+        pg: Option<&PgStore>,
+    ) -> Result<Arc<dyn FlagStore>, ProducerError> {
+        if let Some(path) = &self.flags_file {
+            return Ok(Arc::new(FileFlagStore::new(path)));
+        }
+        if self.database_url.is_none() {
+            return Err(ProducerError::Invalid(
+                "no flag store: set HOOKLINE_DATABASE_URL (--database-url) or HOOKLINE_FLAGS_FILE (--flags-file)".into(),
+            ));
+        }
+        let pool = match pg {
+            Some(store) => store.pool().clone(),
+            None => self.pg_store().await?.pool().clone(),
+        };
+        Ok(Arc::new(PgFlagStore::new(pool)))
+    }
+}
+
+/// `hookline-producer serve`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeConfig {
+    #[command(flatten)]
+    pub kafka: KafkaOptions,
+    #[command(flatten)]
+    pub store: StoreOptions,
+    /// Address the HTTP API, /metrics, /healthz and /readyz listen on.
+    #[arg(long, env = "HOOKLINE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Largest accepted request body in bytes; larger bodies get 413.
+    #[arg(long, env = "HOOKLINE_BODY_LIMIT", default_value_t = 1024 * 1024)]
+    pub body_limit: usize,
+    /// Most transitions in one batch request; more get 422.
+    #[arg(long, env = "HOOKLINE_BATCH_LIMIT", default_value_t = 1000)]
+    pub batch_limit: usize,
+    /// How often the flags are re-read from their store (a change reaches this producer within it).
+    #[arg(long, env = "HOOKLINE_FLAGS_RELOAD_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub flags_reload_interval: Duration,
+    /// The Retry-After sent with 503 answers.
+    #[arg(long, env = "HOOKLINE_RETRY_AFTER", default_value = "5s", value_parser = parse_duration)]
+    pub retry_after: Duration,
+    /// On shutdown, how long in-flight requests may take to be acknowledged (at least the
+    /// delivery timeout, so an accepted event is not abandoned while Kafka may still ack it).
+    #[arg(long, env = "HOOKLINE_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+}
+
+impl ServeConfig {
+    /// Cross-checks the options before anything starts.
+    pub fn validate(&self) -> Result<(), ProducerError> {
+        if self.body_limit == 0 || self.batch_limit == 0 {
+            return Err(ProducerError::Invalid(
+                "--body-limit and --batch-limit must be above 0".into(),
+            ));
+        }
+        if self.flags_reload_interval.is_zero() {
+            return Err(ProducerError::Invalid(
+                "--flags-reload-interval must be above 0".into(),
+            ));
+        }
+        if self.shutdown_timeout < self.kafka.delivery_timeout {
+            return Err(ProducerError::Invalid(format!(
+                "--shutdown-timeout ({:?}) is below --delivery-timeout ({:?}): in-flight events could be abandoned on shutdown",
+                self.shutdown_timeout, self.kafka.delivery_timeout
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// `5s`, `250ms`, `2m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 5s, 250ms, 2m, 1h"))?;
+    let seconds = match unit {
+        "" | "s" => value,
+        "ms" => value / 1000.0,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("invalid duration unit in {s:?}: use ms, s, m or h")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+pub(crate) fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
+        _ => Err(format!(
+            "invalid Kafka option {s:?}: expected KEY=VALUE, e.g. security.protocol=SASL_SSL"
+        )),
+    }
+}
+
+fn parse_writer(s: &str) -> Result<SchemaVersion, String> {
+    match s {
+        "v1" | "1" => Ok(SchemaVersion::V1),
+        "v2" | "2" => Ok(SchemaVersion::V2),
+        _ => Err(format!("invalid schema version {s:?}: expected v1 or v2")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5y").is_err());
+    }
+
+    #[test]
+    fn kafka_options_need_a_key_and_a_value() {
+        assert_eq!(
+            parse_key_value("linger.ms=5"),
+            Ok(("linger.ms".into(), "5".into()))
+        );
+        assert!(parse_key_value("linger.ms").is_err());
+    }
+}

@@ -1,0 +1,472 @@
+//! The [`Emitter`]: one transition in, one acknowledged `BuildEvent` out.
+//!
+//! ```text
+//! TransitionRequest -> snapshot (store) -> flag on for project? -> render inline? -> encode -> produce -> ack
+//! ```
+//!
+//! Ordering: one build's events share a key (the build id), so Kafka keeps them in order within
+//! its partition, and the idempotent producer keeps retries from reordering or duplicating them.
+//! That holds for what the emitter enqueues in order: a batch enqueues its transitions in request
+//! order; separate concurrent calls for the same build are ordered only if the caller waits for
+//! one to be acknowledged before sending the next.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use hookline_cistate::render::truncate_to_micros;
+use hookline_cistate::{Build, CiStore, RenderSnapshot, Transition};
+use hookline_schemas::{
+    BuildEvent, BuildStatus, Codec, PayloadTiming, SchemaVersion, TransitionFacts,
+};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use uuid::Uuid;
+
+use crate::error::{EmitError, ProducerError};
+use crate::flags::{Flags, INLINE_FLAG};
+use crate::metrics::ProducerMetrics;
+use crate::render;
+
+/// How the emitter reaches Kafka.
+#[derive(Debug, Clone)]
+pub struct EmitterConfig {
+    /// Bootstrap servers.
+    pub brokers: String,
+    /// The events topic.
+    pub topic: String,
+    /// librdkafka settings applied after hookline's own (TLS, SASL, batching...).
+    pub kafka: Vec<(String, String)>,
+    /// The Avro version written; `V1` acts as a legacy producer: no payload, never renders.
+    pub writer: SchemaVersion,
+    /// Create the topic with this many partitions when missing (skipped when unsupported).
+    pub create_topic_partitions: Option<i32>,
+    /// Longest wait for Kafka's acknowledgement (librdkafka `message.timeout.ms`).
+    pub delivery_timeout: Duration,
+}
+
+impl EmitterConfig {
+    pub fn new(brokers: impl Into<String>) -> Self {
+        Self {
+            brokers: brokers.into(),
+            topic: "build-events".to_owned(),
+            kafka: Vec::new(),
+            writer: SchemaVersion::LATEST,
+            create_topic_partitions: None,
+            delivery_timeout: Duration::from_secs(10),
+        }
+    }
+
+    fn client_config(&self) -> ClientConfig {
+        let mut client = ClientConfig::new();
+        client.set("bootstrap.servers", &self.brokers);
+        for (key, value) in &self.kafka {
+            client.set(key, value);
+        }
+        client
+    }
+
+    fn producer_config(&self) -> ClientConfig {
+        let mut client = ClientConfig::new();
+        client
+            .set("bootstrap.servers", &self.brokers)
+            // Idempotence: broker-side dedup of retries, order kept per partition; implies acks=all.
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("compression.type", "zstd")
+            .set("linger.ms", "5")
+            .set(
+                "message.timeout.ms",
+                self.delivery_timeout.as_millis().max(1).to_string(),
+            );
+        for (key, value) in &self.kafka {
+            client.set(key, value);
+        }
+        client
+    }
+}
+
+/// One transition to emit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransitionRequest {
+    pub build_id: i64,
+    /// The status the build reached.
+    pub status: BuildStatus,
+    /// When it happened; now when `None`.
+    pub occurred_at: Option<DateTime<Utc>>,
+    /// The facts at the transition; `None` reads them from the build row, which the CI system
+    /// has already committed.
+    pub facts: Option<TransitionFacts>,
+    /// The event's identity; a new UUID when `None`. Pass the same id when retrying a request
+    /// whose answer was lost, so downstream idempotency keys stay the same.
+    pub event_id: Option<Uuid>,
+}
+
+impl TransitionRequest {
+    pub fn new(build_id: i64, status: BuildStatus) -> Self {
+        Self {
+            build_id,
+            status,
+            occurred_at: None,
+            facts: None,
+            event_id: None,
+        }
+    }
+}
+
+/// An event Kafka acknowledged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Emitted {
+    pub event_id: Uuid,
+    pub timing: PayloadTiming,
+    pub partition: i32,
+    pub offset: i64,
+    /// Time spent rendering inline; `None` for deferred events.
+    pub render_time: Option<Duration>,
+    /// Size of the embedded payload (0 for deferred events).
+    pub payload_bytes: usize,
+}
+
+/// Emits transitions to Kafka. Cheap to clone; clones share one producer.
+#[derive(Clone)]
+pub struct Emitter {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    producer: FutureProducer,
+    topic: String,
+    codec: Codec,
+    store: Arc<dyn CiStore>,
+    flags: Flags,
+    metrics: Arc<ProducerMetrics>,
+    delivery_timeout: Duration,
+}
+
+impl fmt::Debug for Emitter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Emitter")
+            .field("topic", &self.inner.topic)
+            .field("writer", &self.inner.codec.writer_version())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Emitter {
+    /// Creates the producer (and the topic, when configured). Does not wait for the brokers:
+    /// readiness ([`Emitter::check_ready`]) says when they answer.
+    pub async fn new(
+        config: EmitterConfig,
+        store: Arc<dyn CiStore>,
+        flags: Flags,
+        metrics: Arc<ProducerMetrics>,
+    ) -> Result<Self, ProducerError> {
+        if config.topic.is_empty() {
+            return Err(ProducerError::Invalid("the topic name is empty".into()));
+        }
+        let producer: FutureProducer = config
+            .producer_config()
+            .create()
+            .map_err(|e| ProducerError::Kafka(format!("creating the producer: {e}")))?;
+        if let Some(partitions) = config.create_topic_partitions {
+            ensure_topic(&config, partitions).await;
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                producer,
+                topic: config.topic,
+                codec: Codec::embedded_writing(config.writer),
+                store,
+                flags,
+                metrics,
+                delivery_timeout: config.delivery_timeout,
+            }),
+        })
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.inner.topic
+    }
+
+    pub fn flags(&self) -> &Flags {
+        &self.inner.flags
+    }
+
+    pub fn metrics(&self) -> &Arc<ProducerMetrics> {
+        &self.inner.metrics
+    }
+
+    pub fn store(&self) -> &Arc<dyn CiStore> {
+        &self.inner.store
+    }
+
+    /// Evaluates the flag for the build's project, renders inline if it is on, produces, and
+    /// returns once Kafka acknowledged the event.
+    pub async fn emit(&self, request: TransitionRequest) -> Result<Emitted, EmitError> {
+        let arrived = Instant::now();
+        let snapshot = match self.inner.store.snapshot(request.build_id).await {
+            Ok(Some(snapshot)) => snapshot,
+            Ok(None) => return Err(self.failed(EmitError::UnknownBuild(request.build_id))),
+            Err(e) => {
+                return Err(self.failed(EmitError::Unavailable(format!("CI state store: {e}"))));
+            }
+        };
+        self.emit_with(&snapshot, request, arrived).await
+    }
+
+    /// Emits many transitions, loading their snapshots in one query. Results are in request
+    /// order; transitions are enqueued in request order, so one build's events stay ordered.
+    pub async fn emit_batch(
+        &self,
+        requests: Vec<TransitionRequest>,
+    ) -> Vec<Result<Emitted, EmitError>> {
+        let arrived = Instant::now();
+        let mut ids: Vec<i64> = requests.iter().map(|r| r.build_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let snapshots: HashMap<i64, RenderSnapshot> = match self.inner.store.snapshots(&ids).await {
+            Ok(snapshots) => snapshots,
+            Err(e) => {
+                let reason = format!("CI state store: {e}");
+                return requests
+                    .iter()
+                    .map(|_| Err(self.failed(EmitError::Unavailable(reason.clone()))))
+                    .collect();
+            }
+        };
+        // join_all polls in order, and each future enqueues to librdkafka on its first poll
+        // (nothing is awaited before the send), so the enqueue order is the request order.
+        futures::future::join_all(requests.into_iter().map(|request| {
+            let snapshot = snapshots.get(&request.build_id);
+            async move {
+                match snapshot {
+                    Some(snapshot) => self.emit_with(snapshot, request, arrived).await,
+                    None => Err(self.failed(EmitError::UnknownBuild(request.build_id))),
+                }
+            }
+        }))
+        .await
+    }
+
+    fn failed(&self, error: EmitError) -> EmitError {
+        self.inner.metrics.produce_error(error.kind());
+        error
+    }
+
+    /// The event for `request`: flag evaluated, payload rendered when inline.
+    fn prepare(
+        &self,
+        snapshot: &RenderSnapshot,
+        request: TransitionRequest,
+    ) -> (BuildEvent, Option<Duration>) {
+        let build = &snapshot.build;
+        // A legacy (v1) producer cannot carry a payload, so it never pays for a render.
+        let inline = self.inner.codec.writer_version() >= SchemaVersion::V2 && {
+            let on = self.inner.flags.inline_for_project(build.project_id);
+            self.inner.metrics.flag_evaluated(INLINE_FLAG, on);
+            on
+        };
+        let facts = pin_precision(request.facts.unwrap_or_else(|| facts_of(build)));
+        let transition = Transition {
+            status: request.status,
+            facts,
+        };
+        let (payload, render_time) = if inline {
+            let rendered = render::inline(snapshot, &transition);
+            self.inner
+                .metrics
+                .rendered(rendered.took, rendered.payload.len());
+            (Some(rendered.payload), Some(rendered.took))
+        } else {
+            (None, None)
+        };
+        let event = BuildEvent {
+            event_id: request.event_id.unwrap_or_else(Uuid::new_v4),
+            build_id: build.id,
+            project_id: build.project_id,
+            pipeline_id: build.pipeline_id,
+            status: transition.status,
+            occurred_at: truncate_to_micros(request.occurred_at.unwrap_or_else(Utc::now)),
+            facts: transition.facts,
+            payload_timing: if payload.is_some() {
+                PayloadTiming::Inline
+            } else {
+                PayloadTiming::Deferred
+            },
+            payload,
+        };
+        (event, render_time)
+    }
+
+    async fn emit_with(
+        &self,
+        snapshot: &RenderSnapshot,
+        request: TransitionRequest,
+        arrived: Instant,
+    ) -> Result<Emitted, EmitError> {
+        let (event, render_time) = self.prepare(snapshot, request);
+        let bytes = self.inner.codec.encode(&event).map_err(|e| {
+            self.failed(EmitError::Rejected(format!(
+                "encoding event {}: {e}",
+                event.event_id
+            )))
+        })?;
+        let key = event.build_id.to_string();
+        let record = FutureRecord::to(&self.inner.topic)
+            .key(&key)
+            .payload(&bytes);
+        match self
+            .inner
+            .producer
+            .send(record, Timeout::After(self.inner.delivery_timeout))
+            .await
+        {
+            Ok(delivery) => {
+                self.inner
+                    .metrics
+                    .emitted(event.payload_timing.as_str(), arrived.elapsed());
+                tracing::debug!(
+                    build_id = event.build_id,
+                    event_id = %event.event_id,
+                    status = %event.status,
+                    timing = %event.payload_timing,
+                    partition = delivery.partition,
+                    offset = delivery.offset,
+                    "event acknowledged"
+                );
+                Ok(Emitted {
+                    event_id: event.event_id,
+                    timing: event.payload_timing,
+                    partition: delivery.partition,
+                    offset: delivery.offset,
+                    render_time,
+                    payload_bytes: event.payload.as_ref().map_or(0, Vec::len),
+                })
+            }
+            Err((error, _)) => {
+                tracing::warn!(build_id = event.build_id, event_id = %event.event_id, %error, "event not acknowledged");
+                Err(self.failed(classify(&error)))
+            }
+        }
+    }
+
+    /// Ready when the store answers and Kafka returns the topic's metadata.
+    pub async fn check_ready(&self) -> Result<(), String> {
+        self.inner
+            .store
+            .ping()
+            .await
+            .map_err(|e| format!("CI state store: {e}"))?;
+        let producer = self.inner.producer.clone();
+        let topic = self.inner.topic.clone();
+        let metadata = tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(Some(&topic), Duration::from_secs(2))
+                .map(|m| {
+                    m.topics()
+                        .iter()
+                        .map(|t| (t.name().to_owned(), t.error()))
+                        .collect::<Vec<_>>()
+                })
+        })
+        .await
+        .map_err(|e| format!("kafka metadata task: {e}"))?
+        .map_err(|e| format!("kafka: {e}"))?;
+        match metadata.iter().find(|(name, _)| *name == self.inner.topic) {
+            Some((_, None)) => Ok(()),
+            Some((_, Some(code))) => Err(format!("kafka: topic {}: {:?}", self.inner.topic, code)),
+            None => Err(format!("kafka: topic {} not in metadata", self.inner.topic)),
+        }
+    }
+
+    /// Waits up to `timeout` for every enqueued event to be acknowledged (or fail).
+    pub async fn flush(&self, timeout: Duration) -> Result<(), ProducerError> {
+        let producer = self.inner.producer.clone();
+        tokio::task::spawn_blocking(move || producer.flush(Timeout::After(timeout)))
+            .await
+            .map_err(|e| ProducerError::Kafka(format!("flush task: {e}")))?
+            .map_err(|e| ProducerError::Kafka(format!("flush: {e}")))
+    }
+}
+
+/// The transition facts the build row holds now.
+fn facts_of(build: &Build) -> TransitionFacts {
+    TransitionFacts {
+        started_at: build.started_at,
+        finished_at: build.finished_at,
+        duration: build.duration,
+        queued_duration: build.queued_duration,
+        failure_reason: build.failure_reason.clone(),
+    }
+}
+
+/// The wire keeps microseconds: render with what the consumer will decode, so an inline payload
+/// and a deferred render of the same event agree.
+fn pin_precision(facts: TransitionFacts) -> TransitionFacts {
+    TransitionFacts {
+        started_at: facts.started_at.map(truncate_to_micros),
+        finished_at: facts.finished_at.map(truncate_to_micros),
+        ..facts
+    }
+}
+
+/// Errors that retrying cannot fix are `Rejected`; everything else may pass later.
+fn classify(error: &KafkaError) -> EmitError {
+    let permanent = matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::InvalidRecord
+                | RDKafkaErrorCode::InvalidArgument
+        )
+    );
+    if permanent {
+        EmitError::Rejected(format!("kafka refused the event: {error}"))
+    } else {
+        EmitError::Unavailable(format!("kafka: {error}"))
+    }
+}
+
+/// Creates the topic if it is missing. Best effort: a cluster without the admin API (the
+/// librdkafka mock cluster) or without permission gets a warning, and producing then shows
+/// whether the topic exists.
+async fn ensure_topic(config: &EmitterConfig, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = match config.client_config().create() {
+        Ok(admin) => admin,
+        Err(error) => {
+            tracing::warn!(%error, "cannot create an admin client; topic creation skipped");
+            return;
+        }
+    };
+    // -1: the broker's default replication factor.
+    let topic = NewTopic::new(&config.topic, partitions, TopicReplication::Fixed(-1));
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(15),
+        admin.create_topics([&topic], &options),
+    )
+    .await;
+    match outcome {
+        Ok(Ok(results)) => {
+            for result in results {
+                match result {
+                    Ok(name) => tracing::info!(topic = %name, partitions, "topic created"),
+                    Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Err((name, code)) => {
+                        tracing::warn!(topic = %name, ?code, "topic creation failed")
+                    }
+                }
+            }
+        }
+        Ok(Err(error)) => tracing::warn!(topic = %config.topic, %error, "topic creation skipped"),
+        Err(_) => tracing::warn!(topic = %config.topic, "topic creation timed out; skipped"),
+    }
+}

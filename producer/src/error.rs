@@ -1,0 +1,74 @@
+//! Errors, grouped by what the caller does about them.
+
+use hookline_cistate::StoreError;
+
+/// Setting up the producer or managing flags failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProducerError {
+    /// An operator's input (flag name or value, option) is wrong: fix it and try again.
+    #[error("unknown feature flag {name:?}: defined flags are {defined}")]
+    UnknownFlag { name: String, defined: String },
+    #[error("{0}")]
+    Invalid(String),
+    /// A store or Kafka could not be reached or failed: retry later.
+    #[error("store unavailable: {0}")]
+    Store(String),
+    #[error("kafka: {0}")]
+    Kafka(String),
+    /// Local I/O (flags file, listening socket) failed.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl ProducerError {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        ProducerError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+impl From<StoreError> for ProducerError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Invalid(m) => ProducerError::Invalid(m),
+            other => ProducerError::Store(other.to_string()),
+        }
+    }
+}
+
+impl From<sqlx::Error> for ProducerError {
+    fn from(e: sqlx::Error) -> Self {
+        ProducerError::Store(e.to_string())
+    }
+}
+
+/// Emitting one transition failed. Nothing was acknowledged: the transition is not durable.
+#[derive(Debug, thiserror::Error)]
+pub enum EmitError {
+    /// The build is not in the CI state store: the caller sent a wrong id (HTTP 404).
+    #[error("build {0} not found")]
+    UnknownBuild(i64),
+    /// Kafka or the store did not answer in time: retry later (HTTP 503 with Retry-After).
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// Retrying cannot help (the event cannot be encoded, or Kafka refuses it for good).
+    #[error("cannot emit: {0}")]
+    Rejected(String),
+}
+
+impl EmitError {
+    /// A short stable name for metrics labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EmitError::UnknownBuild(_) => "unknown_build",
+            EmitError::Unavailable(_) => "unavailable",
+            EmitError::Rejected(_) => "rejected",
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! The producer's metrics: what an operator watches during a rollout (events by timing, the cost
+//! of inline rendering, produce errors, flag decisions). One [`Registry`] per instance and no
+//! global recorder, so several producers in one process (tests, the demo) keep separate values.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TimingLabels {
+    pub timing: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub kind: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FlagLabels {
+    pub flag: String,
+    pub result: String,
+}
+
+fn seconds_histogram() -> Histogram {
+    // 1 µs .. ~16 s
+    Histogram::new(exponential_buckets(1e-6, 2.5, 19))
+}
+
+#[derive(Debug)]
+pub struct ProducerMetrics {
+    registry: Registry,
+    events_emitted: Family<TimingLabels, Counter>,
+    emit_seconds: Family<TimingLabels, Histogram>,
+    render_seconds: Histogram,
+    payload_bytes: Histogram,
+    produce_errors: Family<ErrorLabels, Counter>,
+    flag_evaluations: Family<FlagLabels, Counter>,
+}
+
+impl Default for ProducerMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ProducerMetrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("hookline_producer");
+        let events_emitted = Family::<TimingLabels, Counter>::default();
+        registry.register(
+            "events_emitted",
+            "Events acknowledged by Kafka, by payload timing (inline or deferred)",
+            events_emitted.clone(),
+        );
+        let emit_seconds = Family::<TimingLabels, Histogram>::new_with_constructor(
+            seconds_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "emit_duration_seconds",
+            "From the transition's arrival to Kafka's acknowledgement, by payload timing",
+            emit_seconds.clone(),
+        );
+        let render_seconds = seconds_histogram();
+        registry.register(
+            "render_duration_seconds",
+            "Time spent rendering Job Hooks inline (the producer's cost of inline)",
+            render_seconds.clone(),
+        );
+        let payload_bytes = Histogram::new(exponential_buckets(256.0, 2.0, 14));
+        registry.register(
+            "payload_bytes",
+            "Size of the Job Hook payloads rendered inline",
+            payload_bytes.clone(),
+        );
+        let produce_errors = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "produce_errors",
+            "Transitions that were not emitted, by reason",
+            produce_errors.clone(),
+        );
+        let flag_evaluations = Family::<FlagLabels, Counter>::default();
+        registry.register(
+            "flag_evaluations",
+            "Feature flag evaluations by flag and result (on or off)",
+            flag_evaluations.clone(),
+        );
+        Self {
+            registry,
+            events_emitted,
+            emit_seconds,
+            render_seconds,
+            payload_bytes,
+            produce_errors,
+            flag_evaluations,
+        }
+    }
+
+    pub fn emitted(&self, timing: &str, took: Duration) {
+        let labels = TimingLabels {
+            timing: timing.to_owned(),
+        };
+        self.events_emitted.get_or_create(&labels).inc();
+        self.emit_seconds
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn rendered(&self, took: Duration, bytes: usize) {
+        self.render_seconds.observe(took.as_secs_f64());
+        self.payload_bytes.observe(bytes as f64);
+    }
+
+    pub fn produce_error(&self, kind: &str) {
+        self.produce_errors
+            .get_or_create(&ErrorLabels {
+                kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn flag_evaluated(&self, flag: &str, on: bool) {
+        let labels = FlagLabels {
+            flag: flag.to_owned(),
+            result: if on { "on" } else { "off" }.to_owned(),
+        };
+        self.flag_evaluations.get_or_create(&labels).inc();
+    }
+
+    /// Events acknowledged with this timing so far.
+    pub fn events_emitted(&self, timing: &str) -> u64 {
+        self.events_emitted
+            .get_or_create(&TimingLabels {
+                timing: timing.to_owned(),
+            })
+            .get()
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// The value of one exposed series, e.g. `hookline_producer_render_duration_seconds_count`.
+    pub fn value(&self, series: &str) -> Option<f64> {
+        self.encode().lines().find_map(|line| {
+            line.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instances_keep_separate_values() {
+        let a = ProducerMetrics::new();
+        let b = ProducerMetrics::new();
+        a.emitted("inline", Duration::from_millis(3));
+        a.rendered(Duration::from_micros(40), 2000);
+        a.flag_evaluated("execute_build_hooks_inline", true);
+        assert_eq!(a.events_emitted("inline"), 1);
+        assert_eq!(b.events_emitted("inline"), 0);
+        assert_eq!(
+            a.value("hookline_producer_render_duration_seconds_count"),
+            Some(1.0)
+        );
+        assert_eq!(
+            a.value("hookline_producer_flag_evaluations_total{flag=\"execute_build_hooks_inline\",result=\"on\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            b.value("hookline_producer_render_duration_seconds_count"),
+            Some(0.0)
+        );
+    }
+}

@@ -1,0 +1,299 @@
+//! `hookline-producer serve`'s HTTP API against the real Kafka broker and PostgreSQL: 202 only
+//! once Kafka acknowledged the event, and each error status.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hookline_cistate::fixtures::{sample, write_snapshot};
+use hookline_cistate::{CiStore, RenderSnapshot};
+use hookline_producer::{AppState, Emitter, EmitterConfig, Flags, ProducerMetrics, run};
+use hookline_schemas::Codec;
+use hookline_tests::{
+    PrivateBroker, create_topic, kafka_brokers, pg_store, poll_until, unique_name,
+};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+struct Producer {
+    url: String,
+    metrics: Arc<ProducerMetrics>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), hookline_producer::ProducerError>>,
+    snapshot: RenderSnapshot,
+}
+
+async fn start(
+    brokers: String,
+    topic: &str,
+    create_partitions: Option<i32>,
+    delivery_timeout: Duration,
+) -> Producer {
+    let store = pg_store().await;
+    let snapshot = sample(0);
+    write_snapshot(&store, &snapshot).await.unwrap();
+    let store: Arc<dyn CiStore> = Arc::new(store);
+    let metrics = Arc::new(ProducerMetrics::new());
+    let mut config = EmitterConfig::new(brokers);
+    config.topic = topic.to_owned();
+    config.delivery_timeout = delivery_timeout;
+    config.create_topic_partitions = create_partitions;
+    let emitter = Emitter::new(config, store, Flags::in_memory(), metrics.clone())
+        .await
+        .unwrap();
+    let state = AppState {
+        body_limit: 4096,
+        retry_after: Duration::from_secs(7),
+        ..AppState::new(emitter)
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run(
+        listener,
+        state,
+        shutdown.clone(),
+        Duration::from_secs(10),
+    ));
+    Producer {
+        url,
+        metrics,
+        shutdown,
+        task,
+        snapshot,
+    }
+}
+
+async fn post(url: &str, body: impl Into<reqwest::Body>) -> (u16, Option<String>, Value) {
+    let response = reqwest::Client::new()
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("request");
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let json = response.json().await.unwrap_or(Value::Null);
+    (status, retry_after, json)
+}
+
+/// The record at `partition`/`offset` of `topic`, decoded.
+fn record_at(topic: &str, partition: i32, offset: i64) -> hookline_schemas::BuildEvent {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("group.id", unique_name("reader"))
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
+        .unwrap();
+    consumer.assign(&tpl).unwrap();
+    let message = consumer
+        .poll(Duration::from_secs(20))
+        .expect("a record at the acknowledged offset")
+        .expect("consume");
+    let bytes = message.payload().unwrap().to_vec();
+    futures::executor::block_on(Codec::embedded().decode(&bytes))
+        .unwrap()
+        .event
+}
+
+#[tokio::test]
+async fn accepted_means_acknowledged_and_on_the_topic() {
+    let topic = unique_name("http");
+    create_topic(&topic, 2).await;
+    let producer = start(kafka_brokers(), &topic, None, Duration::from_secs(10)).await;
+    let build_id = producer.snapshot.build.id;
+    let body = json!({
+        "build_id": build_id,
+        "status": "success",
+        "occurred_at": "2026-11-27T20:21:00.123456Z",
+        "facts": {"started_at": "2026-11-27T20:19:03.5Z", "finished_at": "2026-11-27T20:21:00Z", "duration": 116.5}
+    });
+    let (status, _, json) = post(
+        &format!("{}/v1/transitions", producer.url),
+        body.to_string(),
+    )
+    .await;
+    assert_eq!(status, 202, "{json}");
+    assert_eq!(json["timing"], "deferred");
+    let (partition, offset) = (
+        json["partition"].as_i64().unwrap() as i32,
+        json["offset"].as_i64().unwrap(),
+    );
+    let event = tokio::task::spawn_blocking({
+        let topic = topic.clone();
+        move || record_at(&topic, partition, offset)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        event.event_id.to_string(),
+        json["event_id"].as_str().unwrap()
+    );
+    assert_eq!(event.build_id, build_id);
+    assert_eq!(event.facts.duration, Some(116.5));
+    assert_eq!(
+        event.occurred_at.to_rfc3339(),
+        "2026-11-27T20:21:00.123456+00:00"
+    );
+
+    let client = reqwest::Client::new();
+    let metrics = client
+        .get(format!("{}/metrics", producer.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("hookline_producer_events_emitted_total{timing=\"deferred\"} 1"),
+        "{metrics}"
+    );
+    assert_eq!(producer.metrics.events_emitted("deferred"), 1);
+    assert_eq!(
+        client
+            .get(format!("{}/healthz", producer.url))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        client
+            .get(format!("{}/readyz", producer.url))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    // Graceful shutdown: run returns, the socket closes.
+    producer.shutdown.cancel();
+    producer.task.await.unwrap().unwrap();
+    assert!(
+        client
+            .get(format!("{}/healthz", producer.url))
+            .send()
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn errors_answer_404_422_413_and_400() {
+    let topic = unique_name("http_errors");
+    create_topic(&topic, 1).await;
+    let producer = start(kafka_brokers(), &topic, None, Duration::from_secs(10)).await;
+    let url = format!("{}/v1/transitions", producer.url);
+    let (status, _, json) = post(&url, r#"{"build_id": 123456789, "status": "running"}"#).await;
+    assert_eq!(status, 404, "{json}");
+    let (status, _, json) = post(&url, r#"{"build_id": 1, "status": "manual"}"#).await;
+    assert_eq!(
+        (status, json["field"].as_str()),
+        (422, Some("status")),
+        "{json}"
+    );
+    let (status, _, json) = post(
+        &url,
+        r#"{"build_id": 1, "status": "failed", "facts": {"finished_at": 12}}"#,
+    )
+    .await;
+    assert_eq!(
+        (status, json["field"].as_str()),
+        (422, Some("facts.finished_at")),
+        "{json}"
+    );
+    let big =
+        json!({"build_id": 1, "status": "failed", "facts": {"failure_reason": "x".repeat(5000)}});
+    let (status, _, _) = post(&url, big.to_string()).await;
+    assert_eq!(status, 413);
+    let (status, _, _) = post(&url, "[1, 2").await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        producer.metrics.events_emitted("deferred"),
+        0,
+        "nothing was emitted"
+    );
+}
+
+#[tokio::test]
+async fn a_batch_is_accepted_whole_or_reports_each_item() {
+    let topic = unique_name("http_batch");
+    create_topic(&topic, 1).await;
+    let producer = start(kafka_brokers(), &topic, None, Duration::from_secs(10)).await;
+    let url = format!("{}/v1/transitions/batch", producer.url);
+    let id = producer.snapshot.build.id;
+    let (status, _, json) = post(
+        &url,
+        json!([{"build_id": id, "status": "created"}, {"build_id": id, "status": "pending"}])
+            .to_string(),
+    )
+    .await;
+    assert_eq!(status, 202, "{json}");
+    assert_eq!(json["accepted"], 2);
+    let (status, _, json) = post(
+        &url,
+        json!([{"build_id": id, "status": "running"}, {"build_id": 5, "status": "running"}])
+            .to_string(),
+    )
+    .await;
+    assert_eq!(status, 404, "{json}");
+    assert_eq!(json["accepted"], 1);
+    assert_eq!(json["results"][0]["status"], 202);
+    assert_eq!(json["results"][1]["status"], 404);
+}
+
+/// The broker goes away: every request is answered 503 with Retry-After once the delivery
+/// timeout passes, and none gets 202.
+#[tokio::test]
+async fn a_stopped_broker_gets_503_with_retry_after_and_never_202() {
+    let broker = PrivateBroker::start();
+    let topic = unique_name("http_down");
+    let producer = start(
+        broker.bootstrap.clone(),
+        &topic,
+        Some(1),
+        Duration::from_secs(3),
+    )
+    .await;
+    let url = format!("{}/v1/transitions", producer.url);
+    let body = json!({"build_id": producer.snapshot.build.id, "status": "running"}).to_string();
+    let (status, json) = poll_until(
+        "the private broker accepts",
+        Duration::from_secs(60),
+        || async {
+            let (status, _, json) = post(&url, body.clone()).await;
+            (status == 202).then_some((status, json))
+        },
+    )
+    .await;
+    assert_eq!(status, 202, "{json}");
+
+    broker.stop();
+    let answers = futures::future::join_all((0..5).map(|_| post(&url, body.clone()))).await;
+    for (status, retry_after, json) in &answers {
+        assert_eq!(*status, 503, "{json}");
+        assert_eq!(retry_after.as_deref(), Some("7"));
+    }
+    let ready = reqwest::get(format!("{}/readyz", producer.url))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    assert!(
+        producer
+            .metrics
+            .value("hookline_producer_produce_errors_total{kind=\"unavailable\"}")
+            >= Some(5.0),
+        "{}",
+        producer.metrics.encode()
+    );
+}
