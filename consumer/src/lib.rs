@@ -1,1 +1,168 @@
+//! hookline's consumer: delivers a Job Hook for every `BuildEvent` to every subscribed webhook,
+//! at least once.
+//!
+//! # Layout
+//!
+//! ```text
+//! build-events --consume--> decode --> resolve --> hooks --> attempt --deliver (HTTP)--> receiver
+//!   (Kafka)      |            | bad bytes   | embedded, or rendered   |   | failed: retry topic (due time)
+//!                |            v             | from current state      |   | final/exhausted: dead-letter topic
+//!                |        dead letter       v build gone: dead letter |   v
+//!                +-- offsets stored only when a record's deliveries are finished (acked hand-offs)
+//! build-events.retry --consume--> retry (hold until due, or re-queue) --> attempt --> ...
+//! ```
+//!
+//! - [`consume`]: consumer groups on the main and retry topics; per-partition offset tracking,
+//!   ordered concurrency per (build, hook), backpressure, rebalances, drain.
+//! - [`decode`]: record bytes to `BuildEvent`, or a reason to dead-letter them.
+//! - [`resolve`]: the body: embedded bytes, or a render from current state (batched snapshots).
+//! - [`hooks`]: each project's job hooks (cached briefly), hook health and auto-disable.
+//! - [`attempt`]: one step of a delivery task and what follows from its outcome.
+//! - [`deliver`]: one HTTP attempt: headers, signing ([`sign`]), SSRF guard ([`ssrf`]).
+//! - [`schedule`]: the retry delays (pure).
+//! - [`retry`]: the retry topic (one topic with due times; why is explained there).
+//! - [`dead_letter`]: the dead-letter topic; listing and replaying it.
+//! - [`task`]: the delivery task and its Kafka header form.
+//! - [`metrics`], [`config`], [`server`] (`/metrics`, `/healthz`, `/readyz`, [`serve`]).
 
+pub mod attempt;
+pub mod config;
+pub mod consume;
+pub mod dead_letter;
+pub mod decode;
+pub mod deliver;
+pub mod hooks;
+pub mod metrics;
+pub mod resolve;
+pub mod retry;
+pub mod schedule;
+pub mod server;
+pub mod sign;
+pub mod ssrf;
+pub mod task;
+
+use std::sync::Arc;
+
+use hookline_cistate::{CiStore, StoreError};
+use hookline_schemas::Codec;
+use rdkafka::error::KafkaError;
+use tokio_util::sync::CancellationToken;
+
+pub use config::ConsumerConfig;
+pub use metrics::{ConsumerMetrics, Outcome};
+pub use resolve::ResolvedPayload;
+pub use server::{ServeConfig, serve};
+
+use crate::attempt::{Attempt, Pipeline};
+use crate::consume::{KafkaConsumer, Offsets};
+use crate::deliver::Deliverer;
+use crate::hooks::HookRegistry;
+
+/// Why the consumer could not start or run, grouped by what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    /// An option is wrong: fix the configuration and start again.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Kafka refused a client, a subscription or a request: check the brokers and settings.
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    /// The CI state store failed: check the database, then try again.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// The HTTP listener for `/metrics` could not be opened.
+    #[error("listener: {0}")]
+    Listen(#[from] std::io::Error),
+}
+
+/// A running consumer: the main path and the retry path, sharing one pipeline.
+pub struct Consumer {
+    pipeline: Arc<Pipeline>,
+    main: (Arc<KafkaConsumer>, Arc<Offsets>),
+    retry: (Arc<KafkaConsumer>, Arc<Offsets>),
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("config", &self.pipeline.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Consumer {
+    /// Validates `config`, builds the HTTP stage and the Kafka clients, and subscribes.
+    pub async fn new(
+        config: ConsumerConfig,
+        store: Arc<dyn CiStore>,
+        codec: Codec,
+    ) -> Result<Self, ConsumerError> {
+        let deliverer = Deliverer::new(config.deliver.clone())
+            .map_err(|e| ConsumerError::Config(e.to_string()))?;
+        Self::with_deliverer(config, store, codec, Arc::new(deliverer)).await
+    }
+
+    /// Like [`Consumer::new`] with another HTTP stage (an instrumented one, in tests).
+    pub async fn with_deliverer(
+        config: ConsumerConfig,
+        store: Arc<dyn CiStore>,
+        codec: Codec,
+        deliverer: Arc<dyn Attempt>,
+    ) -> Result<Self, ConsumerError> {
+        config.validate()?;
+        let metrics = Arc::new(ConsumerMetrics::new());
+        let producer = consume::producer_config(&config).create()?;
+        let main = consume::subscribe(&config, &config.group_id, &config.topic, &metrics)?;
+        let retry = consume::subscribe(
+            &config,
+            &config.retry_group_id(),
+            &config.retry_topic,
+            &metrics,
+        )?;
+        let pipeline = Arc::new(Pipeline {
+            hooks: HookRegistry::new(store.clone(), config.hook_cache_ttl),
+            config,
+            store,
+            codec,
+            deliverer,
+            producer,
+            metrics,
+        });
+        Ok(Self {
+            pipeline,
+            main,
+            retry,
+        })
+    }
+
+    pub fn metrics(&self) -> Arc<ConsumerMetrics> {
+        self.pipeline.metrics.clone()
+    }
+
+    /// Runs both paths until `shutdown`, then drains in-flight work within the configured bound
+    /// and commits the offsets of finished work.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ConsumerError> {
+        let abandon = CancellationToken::new();
+        let main = tokio::spawn(consume::run_main(
+            self.pipeline.clone(),
+            self.main.0,
+            self.main.1,
+            shutdown.clone(),
+            abandon.clone(),
+        ));
+        let retry = tokio::spawn(consume::run_retry(
+            self.pipeline.clone(),
+            self.retry.0,
+            self.retry.1,
+            shutdown,
+            abandon,
+        ));
+        let (a, b) = tokio::join!(main, retry);
+        for joined in [a, b] {
+            if let Err(e) = joined {
+                tracing::error!(error = %e, "consumer path panicked");
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,1 +1,393 @@
-fn main() {}
+//! `hookline-consumer`: serve, manage hooks, inspect and replay dead letters.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use hookline_cistate::NewHook;
+use hookline_consumer::config::ConsumerConfig;
+use hookline_consumer::dead_letter::{self, DeadLetterKind, ReplayFilter};
+use hookline_consumer::deliver::DeliverConfig;
+use hookline_consumer::hooks::validate_url;
+use hookline_consumer::schedule::{RetrySchedule, parse_duration};
+use hookline_consumer::server::{ServeConfig, open_store};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "hookline-consumer",
+    version,
+    about = "Delivers GitLab-compatible Job Hooks for BuildEvents, at least once"
+)]
+struct Cli {
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "HOOKLINE_LOG_JSON", global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Consume BuildEvents and deliver Job Hooks; serve /metrics, /healthz, /readyz.
+    Serve(Box<ServeArgs>),
+    /// Manage project webhooks.
+    #[command(subcommand)]
+    Hooks(HooksCommand),
+    /// Inspect and re-drive the dead-letter topic.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+#[derive(Args, Clone)]
+struct KafkaArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "HOOKLINE_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    brokers: String,
+    /// Consumer group of the main topic (the retry worker uses `<group>.retry`).
+    #[arg(long, env = "HOOKLINE_GROUP_ID", default_value = "hookline-consumer")]
+    group_id: String,
+    /// Topic of BuildEvents.
+    #[arg(long, env = "HOOKLINE_TOPIC", default_value = "build-events")]
+    topic: String,
+    /// Retry topic [default: <topic>.retry].
+    #[arg(long, env = "HOOKLINE_RETRY_TOPIC")]
+    retry_topic: Option<String>,
+    /// Dead-letter topic [default: <topic>.dlq].
+    #[arg(long, env = "HOOKLINE_DLQ_TOPIC")]
+    dlq_topic: Option<String>,
+    /// librdkafka setting passed through, KEY=VALUE (repeatable; comma-separated in the env var),
+    /// e.g. security.protocol=SASL_SSL.
+    #[arg(long = "kafka-option", env = "HOOKLINE_KAFKA_OPTIONS", value_delimiter = ',', value_parser = key_value)]
+    kafka_options: Vec<(String, String)>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    /// CI state store: a PostgreSQL URL, or `memory`.
+    #[arg(long, env = "HOOKLINE_DATABASE_URL")]
+    database_url: String,
+    /// PostgreSQL schema of the store [default: public].
+    #[arg(long, env = "HOOKLINE_DATABASE_SCHEMA")]
+    database_schema: Option<String>,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "HOOKLINE_LISTEN", default_value = "127.0.0.1:9464")]
+    listen: SocketAddr,
+    /// Records in flight per path (backpressure; bounds re-deliveries after a crash).
+    #[arg(long, env = "HOOKLINE_MAX_IN_FLIGHT", default_value_t = 256)]
+    max_in_flight: usize,
+    /// Records per poll batch (one snapshot query per batch).
+    #[arg(long, env = "HOOKLINE_POLL_BATCH", default_value_t = 128)]
+    poll_batch: usize,
+    /// Delays between attempts, comma-separated (e.g. 10ms,20ms).
+    #[arg(
+        long,
+        env = "HOOKLINE_RETRY_SCHEDULE",
+        default_value = "5s,5m,30m,2h,5h,10h,10h"
+    )]
+    retry_schedule: RetrySchedule,
+    /// Longest a retry record is held in memory before it is re-queued.
+    #[arg(long, env = "HOOKLINE_RETRY_HOLD", default_value = "30s", value_parser = parse_duration)]
+    retry_hold: Duration,
+    /// Whole-request timeout of one delivery.
+    #[arg(long, env = "HOOKLINE_DELIVERY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    delivery_timeout: Duration,
+    /// `X-Gitlab-Instance`: the CI instance's base URL.
+    #[arg(
+        long,
+        env = "HOOKLINE_INSTANCE_URL",
+        default_value = "http://localhost"
+    )]
+    instance_url: String,
+    /// CIDRs the SSRF guard lets through (comma-separated), e.g. 127.0.0.0/8 for local receivers.
+    #[arg(long, env = "HOOKLINE_ALLOW_CIDRS", value_delimiter = ',')]
+    allow_cidr: Vec<String>,
+    /// Turn the SSRF guard off (never in production).
+    #[arg(long, env = "HOOKLINE_NO_SSRF_GUARD")]
+    no_ssrf_guard: bool,
+    /// How long a project's hook list is cached.
+    #[arg(long, env = "HOOKLINE_HOOK_CACHE_TTL", default_value = "5s", value_parser = parse_duration)]
+    hook_cache_ttl: Duration,
+    /// How often stored offsets are committed; 0 commits after every finished record.
+    #[arg(long, env = "HOOKLINE_COMMIT_INTERVAL", default_value = "0s", value_parser = parse_duration)]
+    commit_interval: Duration,
+    /// On shutdown, how long in-flight work may take to finish.
+    #[arg(long, env = "HOOKLINE_DRAIN_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+}
+
+#[derive(Args)]
+struct StoreArgs {
+    /// CI state store (PostgreSQL URL).
+    #[arg(long, env = "HOOKLINE_DATABASE_URL")]
+    database_url: String,
+    /// PostgreSQL schema of the store [default: public].
+    #[arg(long, env = "HOOKLINE_DATABASE_SCHEMA")]
+    database_schema: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum HooksCommand {
+    /// Add a job-events webhook to a project.
+    Add {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[arg(long)]
+        project: i64,
+        /// http(s) URL of the receiver.
+        #[arg(long)]
+        url: String,
+        /// Sent as X-Gitlab-Token.
+        #[arg(long)]
+        token: Option<String>,
+        /// Standard Webhooks secret, whsec_<base64>.
+        #[arg(long)]
+        signing_secret: Option<String>,
+    },
+    /// List hooks, all or a project's.
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[arg(long)]
+        project: Option<i64>,
+    },
+    /// Remove a hook.
+    Remove {
+        #[command(flatten)]
+        store: StoreArgs,
+        id: i64,
+    },
+    /// Re-enable a hook that was disabled after failures.
+    Enable {
+        #[command(flatten)]
+        store: StoreArgs,
+        id: i64,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Print every dead letter.
+    List {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+    },
+    /// Re-drive dead letters: deliveries to the retry topic, records to their source topic.
+    Replay {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        /// Only those dead-lettered since this RFC 3339 time.
+        #[arg(long)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        /// Only deliveries to this hook.
+        #[arg(long)]
+        hook: Option<i64>,
+    },
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))?;
+    Ok((k.trim().to_owned(), v.trim().to_owned()))
+}
+
+impl KafkaArgs {
+    fn config(&self) -> ConsumerConfig {
+        let mut c = ConsumerConfig::new(&self.brokers, &self.group_id).with_topic(&self.topic);
+        if let Some(t) = &self.retry_topic {
+            c.retry_topic = t.clone();
+        }
+        if let Some(t) = &self.dlq_topic {
+            c.dlq_topic = t.clone();
+        }
+        c.kafka = self.kafka_options.clone();
+        c
+    }
+}
+
+async fn shutdown_signal(token: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown requested; draining");
+    token.cancel();
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cli.log_json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    match cli.command {
+        Command::Serve(args) => {
+            let mut consumer = args.kafka.config();
+            consumer.max_in_flight = args.max_in_flight;
+            consumer.poll_batch = args.poll_batch;
+            consumer.retry_schedule = args.retry_schedule;
+            consumer.retry_hold = args.retry_hold;
+            consumer.hook_cache_ttl = args.hook_cache_ttl;
+            consumer.drain_timeout = args.drain_timeout;
+            consumer.commit_interval = args.commit_interval;
+            consumer.deliver = DeliverConfig {
+                timeout: args.delivery_timeout,
+                instance_url: args.instance_url,
+                allow_cidrs: args.allow_cidr,
+                ssrf_guard: !args.no_ssrf_guard,
+            };
+            let token = CancellationToken::new();
+            tokio::spawn(shutdown_signal(token.clone()));
+            hookline_consumer::serve(
+                ServeConfig {
+                    consumer,
+                    database_url: args.database_url,
+                    database_schema: args.database_schema,
+                    listen: args.listen,
+                },
+                token,
+            )
+            .await?;
+        }
+        Command::Hooks(cmd) => hooks(cmd).await?,
+        Command::Dlq(DlqCommand::List { kafka }) => {
+            for letter in dead_letter::list(&kafka.config()).await? {
+                let at = letter.timestamp.map(|t| t.to_rfc3339()).unwrap_or_default();
+                let what = match &letter.kind {
+                    DeadLetterKind::Delivery(t) => format!(
+                        "delivery hook={} event={} build={} attempts={}",
+                        t.hook_id, t.event_id, t.build_id, t.attempts
+                    ),
+                    DeadLetterKind::Record { source_topic } => {
+                        format!("record from {source_topic} ({} bytes)", letter.value.len())
+                    }
+                };
+                println!(
+                    "{}:{}\t{at}\t{}\t{what}\t{}",
+                    letter.partition, letter.offset, letter.reason, letter.detail
+                );
+            }
+        }
+        Command::Dlq(DlqCommand::Replay { kafka, since, hook }) => {
+            let summary = dead_letter::replay(
+                &kafka.config(),
+                &ReplayFilter {
+                    since,
+                    hook_id: hook,
+                },
+            )
+            .await?;
+            println!(
+                "replayed {} deliveries and {} records; {} left out by the filter",
+                summary.deliveries, summary.records, summary.skipped
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn hooks(cmd: HooksCommand) -> anyhow::Result<()> {
+    let (url, schema) = match &cmd {
+        HooksCommand::Add { store, .. }
+        | HooksCommand::List { store, .. }
+        | HooksCommand::Remove { store, .. }
+        | HooksCommand::Enable { store, .. } => {
+            (store.database_url.clone(), store.database_schema.clone())
+        }
+    };
+    // Check the hook before touching the database, so a bad URL is refused on its own.
+    if let HooksCommand::Add {
+        url,
+        signing_secret,
+        ..
+    } = &cmd
+    {
+        if let Err(message) = validate_url(url) {
+            bail!("hook refused: {message}");
+        }
+        if let Some(secret) = signing_secret
+            && !secret.starts_with("whsec_")
+        {
+            bail!("hook refused: a signing secret must look like whsec_<base64>");
+        }
+    }
+    let store = open_store(&url, schema.as_deref())
+        .await
+        .context("opening the store")?;
+    match cmd {
+        HooksCommand::Add {
+            project,
+            url,
+            token,
+            signing_secret,
+            ..
+        } => {
+            let hook = store
+                .add_hook(&NewHook {
+                    project_id: project,
+                    url,
+                    token,
+                    signing_secret,
+                    job_events: true,
+                })
+                .await?;
+            println!("{}\t{}", hook.id, hook.uuid);
+        }
+        HooksCommand::List { project, .. } => {
+            for h in store.list_hooks(project).await? {
+                let state = match h.state(chrono::Utc::now()) {
+                    hookline_cistate::HookState::Executable => "active".to_owned(),
+                    hookline_cistate::HookState::TemporarilyDisabled(until) => {
+                        format!("disabled until {}", until.to_rfc3339())
+                    }
+                    hookline_cistate::HookState::PermanentlyDisabled => "disabled".to_owned(),
+                };
+                println!(
+                    "{}\tproject={}\t{}\t{state}\tfailures={}\ttoken={}\tsigned={}",
+                    h.id,
+                    h.project_id,
+                    h.url,
+                    h.recent_failures,
+                    if h.token.is_some() { "[set]" } else { "-" },
+                    h.signing_secret.is_some()
+                );
+            }
+        }
+        HooksCommand::Remove { id, .. } => {
+            if !store.remove_hook(id).await? {
+                bail!("no hook {id}");
+            }
+            println!("removed hook {id}");
+        }
+        HooksCommand::Enable { id, .. } => {
+            if !store.enable_hook(id).await? {
+                bail!("no hook {id}");
+            }
+            println!("enabled hook {id}");
+        }
+    }
+    Ok(())
+}

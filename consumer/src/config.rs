@@ -1,0 +1,133 @@
+//! The consumer's options, typed and documented once. `main.rs` maps each to a flag and a
+//! `HOOKLINE_*` variable; tests build them in code and shrink the durations.
+
+use std::time::Duration;
+
+use crate::ConsumerError;
+use crate::deliver::DeliverConfig;
+use crate::schedule::RetrySchedule;
+
+/// The GitLab-compatible default retry schedule after the first attempt.
+pub const DEFAULT_RETRY_SCHEDULE: &str = "5s,5m,30m,2h,5h,10h,10h";
+
+/// Everything [`crate::Consumer`] needs besides the store and the codec.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// Kafka bootstrap servers.
+    pub brokers: String,
+    /// Consumer group of the main topic. The retry worker joins `<group_id>.retry`.
+    pub group_id: String,
+    /// Topic of `BuildEvent`s (key = build id).
+    pub topic: String,
+    /// The one retry topic, holding delivery tasks with their due times. Default `<topic>.retry`.
+    pub retry_topic: String,
+    /// The dead-letter topic. Default `<topic>.dlq`.
+    pub dlq_topic: String,
+    /// librdkafka settings passed through to every client (TLS, SASL, tuning).
+    pub kafka: Vec<(String, String)>,
+    /// Records in flight at once, per path (main topic, retry topic): the backpressure bound, and
+    /// so the bound on records re-delivered after a crash.
+    pub max_in_flight: usize,
+    /// Records taken from the client per batch (one snapshot query and one hook lookup per batch).
+    pub poll_batch: usize,
+    /// Delays between attempts; its length is the number of retries.
+    pub retry_schedule: RetrySchedule,
+    /// The longest a retry record is held in memory waiting to be due; a record due later is put
+    /// back at the end of the retry topic, so the retry topic's offsets keep moving.
+    pub retry_hold: Duration,
+    /// The HTTP stage.
+    pub deliver: DeliverConfig,
+    /// How long a project's hook list is reused before it is read again.
+    pub hook_cache_ttl: Duration,
+    /// How often stored offsets are committed. Zero (the default) commits asynchronously after
+    /// every store, so a crash re-delivers little more than the in-flight records; a longer
+    /// interval saves broker writes at the price of more re-deliveries after a crash.
+    pub commit_interval: Duration,
+    /// On shutdown, how long in-flight work may take to finish before it is abandoned (and
+    /// re-delivered by whoever owns the partition next).
+    pub drain_timeout: Duration,
+}
+
+impl ConsumerConfig {
+    /// Defaults for `brokers` and `group_id`, on the `build-events` topic.
+    pub fn new(brokers: impl Into<String>, group_id: impl Into<String>) -> Self {
+        let topic = "build-events".to_owned();
+        Self {
+            brokers: brokers.into(),
+            group_id: group_id.into(),
+            retry_topic: format!("{topic}.retry"),
+            dlq_topic: format!("{topic}.dlq"),
+            topic,
+            kafka: Vec::new(),
+            max_in_flight: 256,
+            poll_batch: 128,
+            retry_schedule: RetrySchedule::default(),
+            retry_hold: Duration::from_secs(30),
+            deliver: DeliverConfig {
+                timeout: Duration::from_secs(10),
+                instance_url: "http://localhost".to_owned(),
+                allow_cidrs: Vec::new(),
+                ssrf_guard: true,
+            },
+            hook_cache_ttl: Duration::from_secs(5),
+            commit_interval: Duration::ZERO,
+            drain_timeout: Duration::from_secs(15),
+        }
+    }
+
+    /// Sets the main topic and derives the retry and dead-letter topics from it.
+    pub fn with_topic(mut self, topic: impl Into<String>) -> Self {
+        self.topic = topic.into();
+        self.retry_topic = format!("{}.retry", self.topic);
+        self.dlq_topic = format!("{}.dlq", self.topic);
+        self
+    }
+
+    /// The retry worker's consumer group.
+    pub fn retry_group_id(&self) -> String {
+        format!("{}.retry", self.group_id)
+    }
+
+    /// Checks values and combinations that would make the consumer misbehave.
+    pub fn validate(&self) -> Result<(), ConsumerError> {
+        let bad = |m: String| Err(ConsumerError::Config(m));
+        if self.brokers.trim().is_empty() {
+            return bad("brokers must not be empty".into());
+        }
+        if self.group_id.trim().is_empty() {
+            return bad("group id must not be empty".into());
+        }
+        let topics = [&self.topic, &self.retry_topic, &self.dlq_topic];
+        if topics.iter().any(|t| t.is_empty()) {
+            return bad("topic names must not be empty".into());
+        }
+        if self.topic == self.retry_topic
+            || self.topic == self.dlq_topic
+            || self.retry_topic == self.dlq_topic
+        {
+            return bad(format!(
+                "main, retry and dead-letter topics must differ (got {}, {}, {})",
+                self.topic, self.retry_topic, self.dlq_topic
+            ));
+        }
+        if self.max_in_flight == 0 || self.poll_batch == 0 {
+            return bad("max in-flight and poll batch must be at least 1".into());
+        }
+        if self.retry_hold.is_zero() {
+            return bad("retry hold must be above zero".into());
+        }
+        // The retry worker holds records for up to `retry_hold` while the main consumer's client
+        // keeps polling; more than librdkafka's default max.poll.interval.ms (300 s) would get
+        // the retry worker thrown out of its group while it waits.
+        if self.retry_hold > Duration::from_secs(240) {
+            return bad(format!(
+                "retry hold {:?} must stay below 240 s (the Kafka poll interval)",
+                self.retry_hold
+            ));
+        }
+        if self.deliver.timeout.is_zero() {
+            return bad("delivery timeout must be above zero".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,755 @@
+//! The Kafka side: consumer groups on the main and the retry topic, per-partition offset
+//! tracking, ordered concurrency on the main path, backpressure, rebalances and the drain.
+//!
+//! # Where offsets are stored, and why
+//!
+//! `enable.auto.commit=true` with `enable.auto.offset.store=false`: librdkafka commits in the
+//! background whatever we *store*, and we store offset `o + 1` of a partition only when record
+//! `o` and every earlier record of that partition are finished: delivered, dead-lettered (acked)
+//! or handed to the retry topic (acked). A crash therefore re-delivers at most the unfinished
+//! records, which the in-flight bound limits.
+//!
+//! # Ordering
+//!
+//! Records of a batch are dispatched in partition order. Deliveries of one build to one hook are
+//! chained: each waits for the previous event of the same (build, hook) to finish its main-path
+//! step, so a receiver sees one build's transitions in order (key = build id keeps them in one
+//! partition). Different builds, different hooks and different partitions run concurrently; a
+//! hanging receiver delays only its own hook's next events of the same build. Retries leave the
+//! order (they run on the retry topic while the build's later events go on).
+//!
+//! # The in-flight bound
+//!
+//! A permit is taken per record at dispatch and given back only when the stored offset has
+//! passed the record, not when the record finishes: records finished behind a slow one keep
+//! their permits. So at most `max_in_flight` records of a path are ever past the stored offset,
+//! which is what bounds re-deliveries after a crash. The price: a receiver that hangs until the
+//! delivery timeout can stall dispatch once `max_in_flight` records pile up behind it (for at
+//! most the timeout, after which its delivery goes to the retry topic).
+//!
+//! # Rebalances
+//!
+//! A revoked partition's tracker is dropped before librdkafka commits on revoke; work already
+//! running for it finishes (or is abandoned at shutdown) but never stores an offset, because the
+//! tracker it belongs to is gone. A reassigned partition gets a fresh tracker (a new epoch).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures::{FutureExt, StreamExt};
+use hookline_cistate::{Hook, RenderSnapshot};
+use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::message::OwnedMessage;
+use rdkafka::statistics::Statistics;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::attempt::{Abandoned, Pipeline, backoff};
+use crate::config::ConsumerConfig;
+use crate::decode::{self, Decoded};
+use crate::metrics::ConsumerMetrics;
+use crate::resolve::{self, ResolvedPayload};
+use crate::task::DeliveryTask;
+use crate::{ConsumerError, dead_letter, retry};
+
+/// Settings every client gets: the brokers, then the pass-through settings (which may override).
+fn base_config(config: &ConsumerConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.brokers);
+    for (k, v) in &config.kafka {
+        c.set(k, v);
+    }
+    c
+}
+
+/// A consumer of `group` with at-least-once offset handling.
+pub(crate) fn client_config(config: &ConsumerConfig, group: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        // The retry and dead-letter topics may not exist before the first failure.
+        .set("allow.auto.create.topics", "true")
+        .set("statistics.interval.ms", "1000");
+    if !config.commit_interval.is_zero() {
+        c.set(
+            "auto.commit.interval.ms",
+            config.commit_interval.as_millis().to_string(),
+        );
+    }
+    for (k, v) in &config.kafka {
+        c.set(k, v);
+    }
+    c
+}
+
+/// The idempotent producer for retry and dead-letter hand-offs.
+pub(crate) fn producer_config(config: &ConsumerConfig) -> ClientConfig {
+    let mut c = base_config(config);
+    // Set after the pass-through on purpose: a hand-off must be acked by all in-sync replicas.
+    c.set("enable.idempotence", "true");
+    c
+}
+
+/// The in-flight records of one owned partition.
+#[derive(Debug)]
+struct Lane {
+    epoch: u64,
+    in_flight: BTreeSet<i64>,
+    /// Permits of finished records still behind an unfinished one: they are released only when
+    /// the stored offset passes them, so the in-flight bound also bounds what a crash re-delivers.
+    parked: BTreeMap<i64, OwnedSemaphorePermit>,
+    /// One past the highest offset dispatched.
+    next: Option<i64>,
+    stored: i64,
+    committed: i64,
+}
+
+/// Offsets stored and waiting for the committer: (topic, partition, epoch, offset).
+type Pending = Vec<(String, i32, u64, i64)>;
+
+/// Per-partition offset tracking, shared by the dispatcher, the tasks and the rebalance callback.
+#[derive(Debug, Default)]
+pub(crate) struct Offsets {
+    lanes: Mutex<HashMap<(String, i32), Lane>>,
+    epochs: AtomicU64,
+    /// Commit after every store (through [`commit_loop`]) rather than on librdkafka's interval,
+    /// and keep permits until the commit is acked.
+    commit_each_store: bool,
+    /// Wakes the committer after a store.
+    stored: tokio::sync::Notify,
+}
+
+/// A dispatched record's claim on its partition's offset.
+#[derive(Debug, Clone)]
+pub(crate) struct Ticket {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    /// 0 when the partition was not owned at dispatch: such a ticket never stores.
+    epoch: u64,
+}
+
+impl Offsets {
+    fn lanes(&self) -> std::sync::MutexGuard<'_, HashMap<(String, i32), Lane>> {
+        self.lanes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn assign(&self, tpl: &TopicPartitionList) {
+        debug!(partitions = tpl.count(), "partitions assigned");
+        let mut lanes = self.lanes();
+        for e in tpl.elements() {
+            let epoch = self.epochs.fetch_add(1, Ordering::Relaxed) + 1;
+            lanes.insert(
+                (e.topic().to_owned(), e.partition()),
+                Lane {
+                    epoch,
+                    in_flight: BTreeSet::new(),
+                    parked: BTreeMap::new(),
+                    next: None,
+                    stored: -1,
+                    committed: -1,
+                },
+            );
+        }
+    }
+
+    fn revoke(&self, tpl: &TopicPartitionList) {
+        let mut lanes = self.lanes();
+        for e in tpl.elements() {
+            if let Some(lane) = lanes.remove(&(e.topic().to_owned(), e.partition()))
+                && !lane.in_flight.is_empty()
+            {
+                info!(
+                    topic = e.topic(),
+                    partition = e.partition(),
+                    in_flight = lane.in_flight.len(),
+                    "partition revoked with work in flight; its offsets will not be stored"
+                );
+            }
+        }
+    }
+
+    fn begin(&self, msg: &OwnedMessage) -> Ticket {
+        let mut lanes = self.lanes();
+        let key = (msg.topic().to_owned(), msg.partition());
+        let epoch = match lanes.get_mut(&key) {
+            Some(lane) => {
+                lane.in_flight.insert(msg.offset());
+                lane.next = Some(lane.next.unwrap_or(0).max(msg.offset() + 1));
+                lane.epoch
+            }
+            None => {
+                debug!(
+                    topic = msg.topic(),
+                    partition = msg.partition(),
+                    offset = msg.offset(),
+                    "record of a partition not owned; its offset will not be stored"
+                );
+                0
+            }
+        };
+        Ticket {
+            topic: key.0,
+            partition: key.1,
+            offset: msg.offset(),
+            epoch,
+        }
+    }
+
+    /// Marks the ticket's record finished and stores the partition's offset if it moved. The
+    /// record's permit is released once the stored offset has passed it.
+    fn finish<C: ConsumerContext>(
+        &self,
+        ticket: &Ticket,
+        permit: OwnedSemaphorePermit,
+        consumer: &StreamConsumer<C>,
+    ) {
+        let mut lanes = self.lanes();
+        let Some(lane) = lanes.get_mut(&(ticket.topic.clone(), ticket.partition)) else {
+            return;
+        };
+        if lane.epoch != ticket.epoch {
+            return;
+        }
+        lane.in_flight.remove(&ticket.offset);
+        lane.parked.insert(ticket.offset, permit);
+        let Some(next) = lane.next else { return };
+        let committable = lane.in_flight.first().copied().unwrap_or(next);
+        if !self.commit_each_store {
+            // Committed on librdkafka's interval: permits go back once stored.
+            lane.parked = lane.parked.split_off(&committable);
+        }
+        if committable <= lane.stored {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        if tpl
+            .add_partition_offset(&ticket.topic, ticket.partition, Offset::Offset(committable))
+            .is_err()
+        {
+            return;
+        }
+        // Under the lock, so stores of one partition happen in increasing order.
+        match consumer.store_offsets(&tpl) {
+            Ok(()) => {
+                debug!(topic = %ticket.topic, partition = ticket.partition, offset = committable, "offset stored");
+                lane.stored = committable;
+                if self.commit_each_store {
+                    self.stored.notify_one();
+                }
+            }
+            Err(error) => {
+                debug!(topic = %ticket.topic, partition = ticket.partition, %error, "offset not stored")
+            }
+        }
+    }
+}
+
+impl Offsets {
+    /// Stored offsets not yet committed.
+    fn pending(&self) -> Pending {
+        self.lanes()
+            .iter()
+            .filter(|(_, lane)| lane.stored > lane.committed)
+            .map(|((topic, partition), lane)| (topic.clone(), *partition, lane.epoch, lane.stored))
+            .collect()
+    }
+
+    /// The broker acked these commits: give back the permits of the records they cover.
+    fn committed(&self, done: &Pending) {
+        let mut lanes = self.lanes();
+        for (topic, partition, epoch, offset) in done {
+            if let Some(lane) = lanes.get_mut(&(topic.clone(), *partition))
+                && lane.epoch == *epoch
+                && *offset > lane.committed
+            {
+                lane.committed = *offset;
+                lane.parked = lane.parked.split_off(offset);
+            }
+        }
+    }
+}
+
+/// Commits stored offsets as they move, one synchronous commit at a time (so commits coalesce
+/// under load), and releases the permits of records a commit covers: at most `max_in_flight`
+/// records of a path are ever beyond the committed offset, which bounds what a crash re-delivers.
+pub(crate) async fn commit_loop(
+    consumer: Arc<KafkaConsumer>,
+    offsets: Arc<Offsets>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = offsets.stored.notified() => {}
+        }
+        let pending = offsets.pending();
+        if pending.is_empty() {
+            continue;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition, _, offset) in &pending {
+            let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset));
+        }
+        let c = consumer.clone();
+        match tokio::task::spawn_blocking(move || c.commit(&tpl, CommitMode::Sync)).await {
+            Ok(Ok(())) => offsets.committed(&pending),
+            Ok(Err(error)) => {
+                debug!(%error, "offset commit failed; trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                offsets.stored.notify_one();
+            }
+            Err(error) => warn!(%error, "commit task failed"),
+        }
+    }
+}
+
+/// The consumer context: rebalances update the offset trackers; statistics feed the lag gauge.
+pub(crate) struct Ctx {
+    offsets: Arc<Offsets>,
+    metrics: Arc<ConsumerMetrics>,
+}
+
+impl ClientContext for Ctx {
+    fn stats(&self, statistics: Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    self.metrics.set_lag(topic, *partition, p.consumer_lag);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for Ctx {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            self.offsets.revoke(tpl);
+        }
+    }
+
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        offsets: &TopicPartitionList,
+    ) {
+        match result {
+            Ok(()) => debug!(partitions = offsets.count(), "offsets committed"),
+            Err(error) => debug!(%error, "offset commit failed; the next one covers it"),
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            self.offsets.assign(tpl);
+        }
+    }
+}
+
+pub(crate) type KafkaConsumer = StreamConsumer<Ctx>;
+
+/// Creates a consumer of `group`, subscribed to `topic`.
+pub(crate) fn subscribe(
+    config: &ConsumerConfig,
+    group: &str,
+    topic: &str,
+    metrics: &Arc<ConsumerMetrics>,
+) -> Result<(Arc<KafkaConsumer>, Arc<Offsets>), ConsumerError> {
+    let offsets = Arc::new(Offsets {
+        commit_each_store: config.commit_interval.is_zero(),
+        ..Offsets::default()
+    });
+
+    let consumer: KafkaConsumer = client_config(config, group).create_with_context(Ctx {
+        offsets: offsets.clone(),
+        metrics: metrics.clone(),
+    })?;
+    consumer.subscribe(&[topic])?;
+    Ok((Arc::new(consumer), offsets))
+}
+
+/// Links of the per-(build, hook) chains: the receiver of the latest delivery's "done" signal.
+#[derive(Default)]
+struct Chains {
+    links: HashMap<(i64, i64), oneshot::Receiver<()>>,
+}
+
+impl Chains {
+    /// Returns the previous delivery's signal (to wait for) and this delivery's (to drop when
+    /// done).
+    fn link(&mut self, key: (i64, i64)) -> (Option<oneshot::Receiver<()>>, oneshot::Sender<()>) {
+        let (done, next) = oneshot::channel();
+        (self.links.insert(key, next), done)
+    }
+
+    /// Forgets chains whose last delivery is finished.
+    fn prune(&mut self, above: usize) {
+        if self.links.len() > above {
+            self.links
+                .retain(|_, rx| matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
+        }
+    }
+}
+
+/// Handles shutdown for a path: wait for in-flight work within the drain bound, abandon the
+/// rest, and commit what was stored.
+async fn drain(
+    p: &Pipeline,
+    tasks: &TaskTracker,
+    abandon: &CancellationToken,
+    consumer: &KafkaConsumer,
+    path: &str,
+) {
+    tasks.close();
+    if tokio::time::timeout(p.config.drain_timeout, tasks.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            path,
+            left = tasks.len(),
+            "drain bound reached; abandoning in-flight work"
+        );
+        abandon.cancel();
+        tasks.wait().await;
+    }
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) => info!(path, "offsets committed"),
+        Err(error) => debug!(path, %error, "final commit (nothing stored is fine)"),
+    }
+}
+
+/// Decodes every record of a batch, waiting out a schema registry that cannot be reached.
+async fn decode_batch(
+    p: &Pipeline,
+    batch: &[OwnedMessage],
+    shutdown: &CancellationToken,
+) -> Result<Vec<Decoded>, Abandoned> {
+    let mut out = Vec::with_capacity(batch.len());
+    for msg in batch {
+        let mut try_number = 0;
+        loop {
+            match decode::record(&p.codec, msg.payload()).await {
+                Decoded::Transient(error) => {
+                    warn!(%error, "schema registry unavailable; waiting");
+                    crate::attempt::pause(backoff(try_number), shutdown).await?;
+                    try_number += 1;
+                }
+                decoded => {
+                    out.push(decoded);
+                    break;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+type Lookup = (HashMap<i64, Arc<Vec<Hook>>>, HashMap<i64, RenderSnapshot>);
+
+/// The hooks of every project in the batch and the snapshots of every build to render: one
+/// lookup per batch. The store being down holds the batch (and so the partition) until it is
+/// back: there is nothing to deliver without it.
+async fn lookup(
+    p: &Pipeline,
+    decoded: &[Decoded],
+    shutdown: &CancellationToken,
+) -> Result<Lookup, Abandoned> {
+    let events: Vec<_> = decoded
+        .iter()
+        .filter_map(|d| match d {
+            Decoded::Event(e) => Some(e.as_ref()),
+            _ => None,
+        })
+        .collect();
+    let mut try_number = 0;
+    loop {
+        let result = async {
+            let hooks = p
+                .hooks
+                .for_projects(events.iter().map(|e| e.project_id))
+                .await?;
+            // Only builds with someone to deliver to need a render.
+            let with_hooks = events
+                .iter()
+                .copied()
+                .filter(|e| hooks.get(&e.project_id).is_some_and(|h| !h.is_empty()));
+            let snapshots = resolve::load_snapshots(p.store.as_ref(), with_hooks).await?;
+            Ok::<_, hookline_cistate::StoreError>((hooks, snapshots))
+        }
+        .await;
+        match result {
+            Ok(found) => return Ok(found),
+            Err(error) => {
+                warn!(%error, "store unavailable; batch waits");
+                crate::attempt::pause(backoff(try_number), shutdown).await?;
+                try_number += 1;
+            }
+        }
+    }
+}
+
+fn take(
+    batch: &mut Vec<OwnedMessage>,
+    next: Option<Result<rdkafka::message::BorrowedMessage<'_>, rdkafka::error::KafkaError>>,
+) {
+    match next {
+        Some(Ok(msg)) => batch.push(msg.detach()),
+        Some(Err(error)) => warn!(%error, "kafka consumer error"),
+        None => {}
+    }
+}
+
+/// The main path: `build-events` to deliveries.
+pub(crate) async fn run_main(
+    p: Arc<Pipeline>,
+    consumer: Arc<KafkaConsumer>,
+    offsets: Arc<Offsets>,
+    shutdown: CancellationToken,
+    abandon: CancellationToken,
+) {
+    let committer_stop = CancellationToken::new();
+    let committer = tokio::spawn(commit_loop(
+        consumer.clone(),
+        offsets.clone(),
+        committer_stop.clone(),
+    ));
+    let permits = Arc::new(Semaphore::new(p.config.max_in_flight));
+    let tasks = TaskTracker::new();
+    let mut chains = Chains::default();
+    let mut stream = consumer.stream();
+    'poll: loop {
+        let first = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            next = stream.next() => next,
+        };
+        // One batch: the first record, then whatever the client already holds.
+        let mut batch = Vec::new();
+        take(&mut batch, first);
+        while batch.len() < p.config.poll_batch {
+            match stream.next().now_or_never() {
+                Some(next) => take(&mut batch, next),
+                None => break,
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let Ok(decoded) = decode_batch(&p, &batch, &shutdown).await else {
+            break;
+        };
+        let Ok((hooks, snapshots)) = lookup(&p, &decoded, &shutdown).await else {
+            break;
+        };
+        for (msg, decoded) in batch.into_iter().zip(decoded) {
+            let permit = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break 'poll,
+                permit = permits.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break 'poll,
+                },
+            };
+            let ticket = offsets.begin(&msg);
+            let event = match decoded {
+                Decoded::Event(event) => event,
+                Decoded::Undecodable(u) => {
+                    warn!(partition = msg.partition(), offset = msg.offset(), reason = u.reason, detail = %u.detail, "undecodable record; dead-lettered");
+                    let (p, consumer, offsets, abandon) = (
+                        p.clone(),
+                        consumer.clone(),
+                        offsets.clone(),
+                        abandon.clone(),
+                    );
+                    tasks.spawn(async move {
+                        let _in_flight = InFlight::new(&p.metrics);
+                        if dead_letter::record(&p, &msg, u.reason, &u.detail, &abandon)
+                            .await
+                            .is_ok()
+                        {
+                            offsets.finish(&ticket, permit, &consumer);
+                        }
+                    });
+                    continue;
+                }
+                Decoded::Transient(_) => continue,
+            };
+            let project_hooks = hooks.get(&event.project_id).cloned().unwrap_or_default();
+            if project_hooks.is_empty() {
+                offsets.finish(&ticket, permit, &consumer);
+                continue;
+            }
+            let resolved = match resolve::payload(&event, &snapshots) {
+                Ok(resolved) => resolved,
+                Err(missing) => {
+                    warn!(build_id = missing.build_id, event_id = %event.event_id, "build no longer exists; dead-lettered");
+                    let (p, consumer, offsets, abandon) = (
+                        p.clone(),
+                        consumer.clone(),
+                        offsets.clone(),
+                        abandon.clone(),
+                    );
+                    tasks.spawn(async move {
+                        let _in_flight = InFlight::new(&p.metrics);
+                        let detail =
+                            format!("build {} not found in the CI state store", missing.build_id);
+                        if dead_letter::record(&p, &msg, "build_not_found", &detail, &abandon)
+                            .await
+                            .is_ok()
+                        {
+                            offsets.finish(&ticket, permit, &consumer);
+                        }
+                    });
+                    continue;
+                }
+            };
+            if let ResolvedPayload::RenderedFromCurrentState {
+                stale: true,
+                current_status,
+                ..
+            } = &resolved
+            {
+                p.metrics.stale_render();
+                info!(build_id = event.build_id, event_status = %event.status, %current_status, event_id = %event.event_id, "stale render: the build has moved on");
+            }
+            let body = resolved.body().clone();
+            let deliveries: Vec<_> = project_hooks
+                .iter()
+                .map(|hook| {
+                    let (previous, done) = chains.link((event.build_id, hook.id));
+                    let task = DeliveryTask {
+                        event_id: event.event_id,
+                        build_id: event.build_id,
+                        project_id: event.project_id,
+                        hook_id: hook.id,
+                        attempts: 0,
+                        occurred_at: event.occurred_at,
+                        body: body.clone(),
+                        last_error: None,
+                    };
+                    (previous, done, hook.clone(), task)
+                })
+                .collect();
+            let (p, consumer, offsets, abandon) = (
+                p.clone(),
+                consumer.clone(),
+                offsets.clone(),
+                abandon.clone(),
+            );
+            tasks.spawn(async move {
+                let _in_flight = InFlight::new(&p.metrics);
+                let results = futures::future::join_all(deliveries.into_iter().map(
+                    |(previous, done, hook, task)| {
+                        let (p, abandon) = (&p, &abandon);
+                        async move {
+                            if let Some(previous) = previous {
+                                // An error only means the previous delivery's task ended: go on.
+                                let _ = previous.await;
+                            }
+                            let result = p.run_task(task, &hook, abandon).await;
+                            drop(done);
+                            result
+                        }
+                    },
+                ))
+                .await;
+                if results.iter().all(Result::is_ok) {
+                    offsets.finish(&ticket, permit, &consumer);
+                }
+            });
+        }
+        chains.prune(p.config.max_in_flight * 4);
+    }
+    drop(stream);
+    drain(&p, &tasks, &abandon, &consumer, "main").await;
+    committer_stop.cancel();
+    let _ = committer.await;
+}
+
+/// The retry path: due delivery tasks from the retry topic.
+pub(crate) async fn run_retry(
+    p: Arc<Pipeline>,
+    consumer: Arc<KafkaConsumer>,
+    offsets: Arc<Offsets>,
+    shutdown: CancellationToken,
+    abandon: CancellationToken,
+) {
+    let committer_stop = CancellationToken::new();
+    let committer = tokio::spawn(commit_loop(
+        consumer.clone(),
+        offsets.clone(),
+        committer_stop.clone(),
+    ));
+    let permits = Arc::new(Semaphore::new(p.config.max_in_flight));
+    let tasks = TaskTracker::new();
+    let mut stream = consumer.stream();
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            next = stream.next() => next,
+        };
+        let msg = match next {
+            Some(Ok(msg)) => msg.detach(),
+            Some(Err(error)) => {
+                warn!(%error, "kafka consumer error (retry topic)");
+                continue;
+            }
+            None => break,
+        };
+        let permit = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
+        let ticket = offsets.begin(&msg);
+        let (p, consumer, offsets, abandon) = (
+            p.clone(),
+            consumer.clone(),
+            offsets.clone(),
+            abandon.clone(),
+        );
+        tasks.spawn(async move {
+            let _in_flight = InFlight::new(&p.metrics);
+            if retry::process(&p, &msg, &abandon).await.is_ok() {
+                offsets.finish(&ticket, permit, &consumer);
+            }
+        });
+    }
+    drop(stream);
+    drain(&p, &tasks, &abandon, &consumer, "retry").await;
+    committer_stop.cancel();
+    let _ = committer.await;
+}
+
+/// Counts a record in the in-flight gauge while alive.
+struct InFlight(Arc<ConsumerMetrics>);
+
+impl InFlight {
+    fn new(metrics: &Arc<ConsumerMetrics>) -> Self {
+        metrics.in_flight_gauge().inc();
+        InFlight(metrics.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight_gauge().dec();
+    }
+}

@@ -1,0 +1,640 @@
+//! One HTTP attempt of one Job Hook to one webhook: headers, signing, the SSRF guard, and the
+//! classification of the answer into what the pipeline does next.
+//!
+//! CONTRACT (used by the consume/retry pipeline; keep these signatures):
+//!
+//! ```ignore
+//! let deliverer = Deliverer::new(DeliverConfig { .. })?;
+//! let outcome: AttemptOutcome = deliverer.attempt(&DeliveryRequest { hook: &hook, event_id, body, attempt }).await;
+//! ```
+//!
+//! An attempt never fails as a Rust error: everything that can happen to it (an answer, a timeout,
+//! a refused URL, a malformed secret) is an [`AttemptOutcome`] that says what to do next. The
+//! retry delay itself is [`crate::schedule::RetrySchedule`]'s business.
+
+use std::error::Error as _;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use hookline_cistate::Hook;
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER, USER_AGENT};
+use reqwest::{Client, StatusCode, Url, redirect};
+use tracing::{debug, warn};
+use uuid::Uuid;
+
+use crate::sign::{self, SigningSecret};
+use crate::ssrf::{self, Refusal, SsrfGuard};
+
+/// Options of the HTTP stage.
+#[derive(Debug, Clone)]
+pub struct DeliverConfig {
+    /// Whole-request timeout (GitLab: 10 s).
+    pub timeout: Duration,
+    /// `X-Gitlab-Instance`: the CI instance's base URL.
+    pub instance_url: String,
+    /// CIDRs the SSRF guard lets through (tests and the demo allow 127.0.0.0/8).
+    pub allow_cidrs: Vec<String>,
+    /// Turn the SSRF guard off entirely (never in production).
+    pub ssrf_guard: bool,
+}
+
+impl Default for DeliverConfig {
+    /// 10 s timeout, guard on with an empty allowlist.
+    fn default() -> DeliverConfig {
+        DeliverConfig {
+            timeout: Duration::from_secs(10),
+            instance_url: "http://localhost".into(),
+            allow_cidrs: Vec::new(),
+            ssrf_guard: true,
+        }
+    }
+}
+
+/// One attempt to make.
+#[derive(Debug, Clone)]
+pub struct DeliveryRequest<'a> {
+    pub hook: &'a Hook,
+    /// The event's id: `X-Gitlab-Event-UUID`, and with the hook's uuid the `Idempotency-Key`.
+    pub event_id: Uuid,
+    /// The exact body to POST.
+    pub body: Bytes,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+}
+
+/// What one attempt came to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttemptOutcome {
+    /// 2xx.
+    Delivered { status: u16, latency: Duration },
+    /// Worth trying again later (5xx, 408/425/429, timeouts, connection errors).
+    Retry {
+        status: Option<u16>,
+        /// The receiver's `Retry-After`, if it sent one (seconds or HTTP date).
+        retry_after: Option<Duration>,
+        reason: String,
+    },
+    /// Will not succeed by retrying: 4xx other than 408/425/429, 3xx (redirects are never
+    /// followed), a URL the SSRF guard refuses, a malformed URL.
+    Final {
+        status: Option<u16>,
+        reason: String,
+        /// 410 Gone: the receiver asks to disable the hook.
+        disable_hook: bool,
+    },
+}
+
+impl AttemptOutcome {
+    /// A short label for metrics and logs: `delivered`, `retry` or `final`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            AttemptOutcome::Delivered { .. } => "delivered",
+            AttemptOutcome::Retry { .. } => "retry",
+            AttemptOutcome::Final { .. } => "final",
+        }
+    }
+
+    fn refused(reason: impl Into<String>) -> AttemptOutcome {
+        AttemptOutcome::Final {
+            status: None,
+            reason: reason.into(),
+            disable_hook: false,
+        }
+    }
+}
+
+/// Why the HTTP stage cannot start: the configuration is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliverError {
+    #[error("invalid SSRF allowlist: {0}")]
+    AllowList(#[from] ssrf::CidrError),
+    #[error("instance URL {0:?} is not a valid header value")]
+    InstanceUrl(String),
+    #[error("timeout must be above zero")]
+    ZeroTimeout,
+    #[error("could not build the HTTP client: {0}")]
+    Client(#[source] reqwest::Error),
+}
+
+const X_GITLAB_EVENT: HeaderName = HeaderName::from_static("x-gitlab-event");
+const X_GITLAB_INSTANCE: HeaderName = HeaderName::from_static("x-gitlab-instance");
+const X_GITLAB_TOKEN: HeaderName = HeaderName::from_static("x-gitlab-token");
+const X_GITLAB_EVENT_UUID: HeaderName = HeaderName::from_static("x-gitlab-event-uuid");
+const X_GITLAB_WEBHOOK_UUID: HeaderName = HeaderName::from_static("x-gitlab-webhook-uuid");
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+const WEBHOOK_ID: HeaderName = HeaderName::from_static("webhook-id");
+const WEBHOOK_TIMESTAMP: HeaderName = HeaderName::from_static("webhook-timestamp");
+const WEBHOOK_SIGNATURE: HeaderName = HeaderName::from_static("webhook-signature");
+
+/// How much of a response body is read (and thrown away) so the connection can go back to the
+/// pool; a longer body closes the connection instead.
+const DRAIN_LIMIT: usize = 64 * 1024;
+
+/// Sends Job Hooks. Cheap to share: one client with one kept-alive connection pool.
+#[derive(Debug, Clone)]
+pub struct Deliverer {
+    client: Client,
+    /// `None` when the guard is switched off.
+    guard: Option<SsrfGuard>,
+    instance: HeaderValue,
+    timeout: Duration,
+}
+
+impl Deliverer {
+    pub fn new(config: DeliverConfig) -> Result<Deliverer, DeliverError> {
+        if config.timeout.is_zero() {
+            return Err(DeliverError::ZeroTimeout);
+        }
+        let instance = HeaderValue::from_str(&config.instance_url)
+            .map_err(|_| DeliverError::InstanceUrl(config.instance_url.clone()))?;
+        let guard = if config.ssrf_guard {
+            Some(SsrfGuard::new(&config.allow_cidrs)?)
+        } else {
+            None
+        };
+        let mut builder = Client::builder()
+            .user_agent(concat!("hookline/", env!("CARGO_PKG_VERSION")))
+            .timeout(config.timeout)
+            .redirect(redirect::Policy::none())
+            // A proxy would resolve and connect on our behalf, past the guard.
+            .no_proxy()
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_keepalive(Duration::from_secs(60))
+            .tcp_nodelay(true);
+        if let Some(guard) = &guard {
+            // Resolution goes through the guard, and the connector uses exactly the addresses it
+            // returned: what was checked is what is connected to.
+            builder = builder.dns_resolver(std::sync::Arc::new(guard.clone()));
+        }
+        let client = builder.build().map_err(DeliverError::Client)?;
+        Ok(Deliverer {
+            client,
+            guard,
+            instance,
+            timeout: config.timeout,
+        })
+    }
+
+    /// Makes one attempt and says what it came to.
+    pub async fn attempt(&self, request: &DeliveryRequest<'_>) -> AttemptOutcome {
+        let hook = request.hook;
+        let outcome = self.send(request).await;
+        match &outcome {
+            AttemptOutcome::Delivered { status, latency } => debug!(
+                hook_id = hook.id,
+                event_id = %request.event_id,
+                attempt = request.attempt,
+                status,
+                latency_ms = latency.as_millis() as u64,
+                "hook delivered"
+            ),
+            AttemptOutcome::Retry {
+                status,
+                reason,
+                retry_after,
+            } => warn!(
+                hook_id = hook.id,
+                event_id = %request.event_id,
+                attempt = request.attempt,
+                status,
+                retry_after_ms = retry_after.map(|d| d.as_millis() as u64),
+                reason,
+                "hook delivery failed, will retry"
+            ),
+            AttemptOutcome::Final {
+                status,
+                reason,
+                disable_hook,
+            } => warn!(
+                hook_id = hook.id,
+                event_id = %request.event_id,
+                attempt = request.attempt,
+                status,
+                disable_hook,
+                reason,
+                "hook delivery failed for good"
+            ),
+        }
+        outcome
+    }
+
+    async fn send(&self, request: &DeliveryRequest<'_>) -> AttemptOutcome {
+        let hook = request.hook;
+        let checked = match &self.guard {
+            Some(guard) => guard.check_url(&hook.url),
+            None => ssrf::parse_hook_url(&hook.url),
+        };
+        let mut url = match checked {
+            Ok(url) => url,
+            Err(refusal) => return AttemptOutcome::refused(refusal.to_string()),
+        };
+        let credentials = take_userinfo(&mut url);
+        let headers = match self.headers(request) {
+            Ok(headers) => headers,
+            Err(reason) => return AttemptOutcome::refused(reason),
+        };
+
+        let mut builder = self
+            .client
+            .post(url)
+            .headers(headers)
+            .body(request.body.clone());
+        if let Some((user, password)) = credentials {
+            builder = builder.basic_auth(user, password);
+        }
+        let started = Instant::now();
+        let response = match builder.send().await {
+            Ok(response) => response,
+            Err(error) => return self.classify_error(error),
+        };
+        let latency = started.elapsed();
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        drain(response).await;
+        classify_status(status, retry_after, latency)
+    }
+
+    /// Every header of the request; `Err` carries a reason when the hook's own settings make the
+    /// request impossible (a malformed signing secret, a token that is no valid header value).
+    fn headers(&self, request: &DeliveryRequest<'_>) -> Result<HeaderMap, String> {
+        let hook = request.hook;
+        let key = idempotency_key(request.event_id, hook);
+        let mut h = HeaderMap::with_capacity(12);
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(
+            USER_AGENT,
+            HeaderValue::from_static(concat!("hookline/", env!("CARGO_PKG_VERSION"))),
+        );
+        h.insert(X_GITLAB_EVENT, HeaderValue::from_static("Job Hook"));
+        h.insert(X_GITLAB_INSTANCE, self.instance.clone());
+        if let Some(token) = &hook.token {
+            let mut value = HeaderValue::from_str(token)
+                .map_err(|_| "the hook's token is not a valid header value".to_owned())?;
+            // Keeps it out of any debug dump of the request.
+            value.set_sensitive(true);
+            h.insert(X_GITLAB_TOKEN, value);
+        }
+        h.insert(X_GITLAB_EVENT_UUID, uuid_value(request.event_id));
+        h.insert(X_GITLAB_WEBHOOK_UUID, uuid_value(Uuid::new_v4()));
+        h.insert(IDEMPOTENCY_KEY, header_value(&key));
+        if let Some(secret) = &hook.signing_secret {
+            let secret = SigningSecret::parse(secret).map_err(|e| e.to_string())?;
+            let timestamp = unix_now();
+            let signature = sign::sign(&secret, &key, timestamp, &request.body);
+            h.insert(WEBHOOK_ID, header_value(&key));
+            h.insert(WEBHOOK_TIMESTAMP, HeaderValue::from(timestamp));
+            h.insert(WEBHOOK_SIGNATURE, header_value(&signature));
+        }
+        Ok(h)
+    }
+
+    fn classify_error(&self, error: reqwest::Error) -> AttemptOutcome {
+        // The guard's refusal travels up from the resolver inside reqwest's error chain.
+        let mut source = error.source();
+        while let Some(cause) = source {
+            if let Some(refusal) = cause.downcast_ref::<Refusal>() {
+                return if refusal.is_transient() {
+                    AttemptOutcome::Retry {
+                        status: None,
+                        retry_after: None,
+                        reason: format!("{refusal} (nothing was sent)"),
+                    }
+                } else {
+                    AttemptOutcome::refused(refusal.to_string())
+                };
+            }
+            source = cause.source();
+        }
+        // Without the URL: its query string may carry a secret.
+        let error = error.without_url();
+        if error.is_timeout() {
+            AttemptOutcome::Retry {
+                status: None,
+                retry_after: None,
+                reason: format!("timed out after {:?}", self.timeout),
+            }
+        } else if error.is_builder() {
+            AttemptOutcome::refused(format!("could not build the request: {}", chain(&error)))
+        } else {
+            // Connection refused or reset, TLS failures, a body cut short: the receiver may be
+            // back later.
+            let what = if error.is_connect() {
+                "connection failed"
+            } else {
+                "request failed"
+            };
+            AttemptOutcome::Retry {
+                status: None,
+                retry_after: None,
+                reason: format!("{what}: {}", chain(&error)),
+            }
+        }
+    }
+}
+
+/// What an HTTP answer means for the delivery.
+pub fn classify_status(
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    latency: Duration,
+) -> AttemptOutcome {
+    let code = status.as_u16();
+    if status.is_success() {
+        return AttemptOutcome::Delivered {
+            status: code,
+            latency,
+        };
+    }
+    let retry = |what: &str| AttemptOutcome::Retry {
+        status: Some(code),
+        retry_after,
+        reason: format!("receiver answered {status}: {what}"),
+    };
+    let fail = |what: &str, disable_hook| AttemptOutcome::Final {
+        status: Some(code),
+        reason: format!("receiver answered {status}: {what}"),
+        disable_hook,
+    };
+    match code {
+        410 => fail("gone, the hook will be disabled", true),
+        408 | 425 | 429 => retry("asked to try again later"),
+        500..=599 => retry("server error"),
+        300..=399 => fail("redirects are not followed", false),
+        400..=499 => fail("client error, retrying would not help", false),
+        // 1xx cannot reach here as a final answer; anything else is nonstandard.
+        _ => fail("unexpected status", false),
+    }
+}
+
+/// `Idempotency-Key` (and Standard Webhooks `webhook-id`) for one (event, hook): the same for every
+/// retry and replay of that pair, different for another hook or event. A UUID v5 in the hook's
+/// uuid as namespace over the event id, so it needs no storage.
+pub fn idempotency_key(event_id: Uuid, hook: &Hook) -> String {
+    Uuid::new_v5(&hook.uuid, event_id.as_bytes()).to_string()
+}
+
+/// Parses a `Retry-After` value: delta-seconds, or an HTTP date (IMF-fixdate, RFC 850 or asctime,
+/// all three of which recipients must accept). A date in the past means "now": `Duration::ZERO`.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = parse_http_date(value)?;
+    let at = UNIX_EPOCH.checked_add(Duration::from_secs(u64::try_from(at).ok()?))?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// Unix seconds of an HTTP date.
+fn parse_http_date(value: &str) -> Option<i64> {
+    use chrono::{DateTime, NaiveDateTime};
+    if let Ok(t) = DateTime::parse_from_rfc2822(value) {
+        return Some(t.timestamp());
+    }
+    // RFC 850: "Sunday, 06-Nov-94 08:49:37 GMT"; asctime: "Sun Nov  6 08:49:37 1994".
+    for format in ["%A, %d-%b-%y %H:%M:%S GMT", "%a %b %e %H:%M:%S %Y"] {
+        if let Ok(t) = NaiveDateTime::parse_from_str(value, format) {
+            return Some(t.and_utc().timestamp());
+        }
+    }
+    None
+}
+
+/// Removes `user:password@` from the URL and returns it percent-decoded, for Basic auth (as
+/// GitLab does: credentials never travel in the request line, and never in logs).
+fn take_userinfo(url: &mut Url) -> Option<(String, Option<String>)> {
+    if url.username().is_empty() && url.password().is_none() {
+        return None;
+    }
+    let user = percent_decode(url.username());
+    let password = url.password().map(percent_decode);
+    // http(s) URLs always have a host, so clearing the userinfo cannot fail.
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    Some((user, password))
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && let (Some(hi), Some(lo)) = (
+                bytes.get(i + 1).and_then(|b| hex(*b)),
+                bytes.get(i + 2).and_then(|b| hex(*b)),
+            )
+        {
+            out.push((hi * 16 + lo) as u8);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Reads a little of the body so the kept-alive connection can be reused; errors here do not
+/// change the outcome (the status already decided it).
+async fn drain(mut response: reqwest::Response) {
+    let mut read = 0;
+    while read < DRAIN_LIMIT {
+        match response.chunk().await {
+            Ok(Some(chunk)) => read += chunk.len(),
+            Ok(None) | Err(_) => break,
+        }
+    }
+}
+
+fn uuid_value(id: Uuid) -> HeaderValue {
+    header_value(&id.to_string())
+}
+
+/// For values built here from UUIDs, digits and base64, which are always valid header values.
+fn header_value(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// An error and its causes, `a: b: c`.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let next = cause.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hook(uuid: Uuid) -> Hook {
+        Hook {
+            id: 1,
+            uuid,
+            project_id: 1,
+            url: "https://example.com/hook".into(),
+            token: None,
+            signing_secret: None,
+            job_events: true,
+            recent_failures: 0,
+            disabled_until: None,
+        }
+    }
+
+    #[test]
+    fn idempotency_key_is_stable_per_event_and_hook() {
+        let a = hook(Uuid::from_u128(1));
+        let b = hook(Uuid::from_u128(2));
+        let e1 = Uuid::from_u128(10);
+        let e2 = Uuid::from_u128(11);
+        assert_eq!(idempotency_key(e1, &a), idempotency_key(e1, &a.clone()));
+        assert_ne!(idempotency_key(e1, &a), idempotency_key(e2, &a));
+        assert_ne!(idempotency_key(e1, &a), idempotency_key(e1, &b));
+        // Pinned: a replay months later, by another build of hookline, must send the same key.
+        assert_eq!(
+            idempotency_key(e1, &a),
+            Uuid::new_v5(&Uuid::from_u128(1), Uuid::from_u128(10).as_bytes()).to_string()
+        );
+        assert_eq!(
+            Uuid::parse_str(&idempotency_key(e1, &a))
+                .unwrap()
+                .get_version_num(),
+            5
+        );
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_all_http_date_forms() {
+        // 1994-11-06T08:49:37Z
+        let base = UNIX_EPOCH + Duration::from_secs(784_111_777);
+        let now = base - Duration::from_secs(120);
+        assert_eq!(parse_retry_after("30", now), Some(Duration::from_secs(30)));
+        assert_eq!(parse_retry_after(" 0 ", now), Some(Duration::ZERO));
+        for date in [
+            "Sun, 06 Nov 1994 08:49:37 GMT",
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "Sun Nov  6 08:49:37 1994",
+        ] {
+            assert_eq!(
+                parse_retry_after(date, now),
+                Some(Duration::from_secs(120)),
+                "{date}"
+            );
+        }
+        let later = base + Duration::from_secs(5);
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", later),
+            Some(Duration::ZERO),
+            "a date in the past means now"
+        );
+        for bad in ["", "soon", "-5", "1.5", "Sun, 99 Nov 1994 08:49:37 GMT"] {
+            assert_eq!(parse_retry_after(bad, now), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn statuses_are_classified() {
+        let l = Duration::from_millis(3);
+        let s = |c| StatusCode::from_u16(c).unwrap();
+        assert_eq!(
+            classify_status(s(204), None, l),
+            AttemptOutcome::Delivered {
+                status: 204,
+                latency: l
+            }
+        );
+        for retry in [408, 425, 429, 500, 502, 503, 504, 599] {
+            assert_eq!(
+                classify_status(s(retry), None, l).label(),
+                "retry",
+                "{retry}"
+            );
+        }
+        for fin in [300, 301, 302, 307, 308, 400, 401, 403, 404, 409, 422] {
+            let out = classify_status(s(fin), None, l);
+            assert!(
+                matches!(
+                    out,
+                    AttemptOutcome::Final {
+                        disable_hook: false,
+                        ..
+                    }
+                ),
+                "{fin}: {out:?}"
+            );
+        }
+        assert!(matches!(
+            classify_status(s(410), None, l),
+            AttemptOutcome::Final {
+                status: Some(410),
+                disable_hook: true,
+                ..
+            }
+        ));
+        let ra = Some(Duration::from_secs(7));
+        assert!(matches!(
+            classify_status(s(503), ra, l),
+            AttemptOutcome::Retry { status: Some(503), retry_after, .. } if retry_after == ra
+        ));
+    }
+
+    #[test]
+    fn userinfo_becomes_credentials_and_leaves_the_url() {
+        let mut url = Url::parse("https://al%40ice:p%3Ass@example.com/hook?x=1").unwrap();
+        assert_eq!(
+            take_userinfo(&mut url),
+            Some(("al@ice".into(), Some("p:ss".into())))
+        );
+        assert_eq!(url.as_str(), "https://example.com/hook?x=1");
+        let mut plain = Url::parse("https://example.com/").unwrap();
+        assert_eq!(take_userinfo(&mut plain), None);
+    }
+
+    #[test]
+    fn config_errors_are_reported() {
+        let bad_cidr = DeliverConfig {
+            allow_cidrs: vec!["127.0.0.0/40".into()],
+            ..DeliverConfig::default()
+        };
+        assert!(matches!(
+            Deliverer::new(bad_cidr),
+            Err(DeliverError::AllowList(_))
+        ));
+        let zero = DeliverConfig {
+            timeout: Duration::ZERO,
+            ..DeliverConfig::default()
+        };
+        assert!(matches!(
+            Deliverer::new(zero),
+            Err(DeliverError::ZeroTimeout)
+        ));
+        let newline = DeliverConfig {
+            instance_url: "http://x\n".into(),
+            ..DeliverConfig::default()
+        };
+        assert!(matches!(
+            Deliverer::new(newline),
+            Err(DeliverError::InstanceUrl(_))
+        ));
+    }
+}

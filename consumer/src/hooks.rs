@@ -1,0 +1,201 @@
+//! The hook registry as the pipeline sees it: each project's job hooks, cached briefly; whether
+//! a hook may be called now; and its health after an attempt (GitLab's auto-disable rule, kept
+//! by the store so every consumer instance agrees).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use hookline_cistate::{CiStore, Hook, HookState, StoreError};
+
+/// Whether to call a hook now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    Call,
+    /// Backing off after repeated failures: deliver when this time has come (GitLab drops).
+    DeferUntil(DateTime<Utc>),
+    /// Disabled for good (40 failures in a row, or 410 Gone) until someone enables it.
+    Disabled,
+}
+
+pub fn gate(hook: &Hook, now: DateTime<Utc>) -> Gate {
+    match hook.state(now) {
+        HookState::Executable => Gate::Call,
+        HookState::TemporarilyDisabled(until) => Gate::DeferUntil(until),
+        HookState::PermanentlyDisabled => Gate::Disabled,
+    }
+}
+
+/// A project's job hooks and when they were read.
+type CachedHooks = HashMap<i64, (Instant, Arc<Vec<Hook>>)>;
+
+/// Job hooks per project, read through a short cache.
+#[derive(Debug)]
+pub struct HookRegistry {
+    store: Arc<dyn CiStore>,
+    ttl: Duration,
+    cache: Mutex<CachedHooks>,
+}
+
+impl HookRegistry {
+    pub fn new(store: Arc<dyn CiStore>, ttl: Duration) -> Self {
+        Self {
+            store,
+            ttl,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, CachedHooks> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The job hooks of each project in `project_ids`, from the cache when fresh.
+    pub async fn for_projects(
+        &self,
+        project_ids: impl IntoIterator<Item = i64>,
+    ) -> Result<HashMap<i64, Arc<Vec<Hook>>>, StoreError> {
+        let now = Instant::now();
+        let mut out = HashMap::new();
+        let mut missing = Vec::new();
+        {
+            let cache = self.cache();
+            for id in project_ids {
+                if out.contains_key(&id) || missing.contains(&id) {
+                    continue;
+                }
+                match cache.get(&id) {
+                    Some((at, hooks)) if now.duration_since(*at) < self.ttl => {
+                        out.insert(id, hooks.clone());
+                    }
+                    _ => missing.push(id),
+                }
+            }
+        }
+        for id in missing {
+            let hooks = Arc::new(self.store.job_hooks(id).await?);
+            self.cache().insert(id, (Instant::now(), hooks.clone()));
+            out.insert(id, hooks);
+        }
+        Ok(out)
+    }
+
+    /// One hook, fresh from the store (retries must see its current health and settings).
+    pub async fn hook(&self, id: i64) -> Result<Option<Hook>, StoreError> {
+        self.store.hook(id).await
+    }
+
+    /// Puts the hook's new health into the cached list of its project, so the next events of
+    /// the project see a back-off at once rather than after the cache expires.
+    fn refresh(&self, hook: &Hook) {
+        let mut cache = self.cache();
+        if let Some((_, hooks)) = cache.get_mut(&hook.project_id) {
+            let mut list: Vec<Hook> = hooks.as_ref().clone();
+            if let Some(h) = list.iter_mut().find(|h| h.id == hook.id) {
+                *h = hook.clone();
+                *hooks = Arc::new(list);
+            }
+        }
+    }
+
+    /// Records a success: resets the hook's failures.
+    pub async fn succeeded(&self, hook: &Hook) -> Result<(), StoreError> {
+        self.store.record_hook_success(hook.id).await?;
+        if hook.recent_failures > 0 || hook.disabled_until.is_some() {
+            let mut healthy = hook.clone();
+            healthy.recent_failures = 0;
+            healthy.disabled_until = None;
+            self.refresh(&healthy);
+        }
+        Ok(())
+    }
+
+    /// Records a failure; returns the hook's new health (`None` if it was removed meanwhile).
+    pub async fn failed(
+        &self,
+        hook: &Hook,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Hook>, StoreError> {
+        let updated = self.store.record_hook_failure(hook.id, now).await?;
+        if let Some(h) = &updated {
+            self.refresh(h);
+        }
+        Ok(updated)
+    }
+
+    /// Disables the hook for good (the receiver answered 410 Gone).
+    pub async fn disable(&self, hook: &Hook) -> Result<(), StoreError> {
+        self.store.disable_hook(hook.id).await?;
+        self.cache().remove(&hook.project_id);
+        Ok(())
+    }
+}
+
+/// Checks a hook URL before it is stored: absolute, http or https, with a host, no CR/LF.
+pub fn validate_url(url: &str) -> Result<(), String> {
+    if url.contains(['\r', '\n']) {
+        return Err("a hook URL must not contain CR or LF".into());
+    }
+    let parsed =
+        reqwest::Url::parse(url).map_err(|e| format!("{url:?} is not a valid URL: {e}"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!(
+            "{url:?}: only http and https hook URLs are allowed, not {}",
+            parsed.scheme()
+        ));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{url:?} has no host"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hookline_cistate::{MemoryStore, NewHook};
+
+    #[test]
+    fn only_http_urls_with_a_host_are_accepted() {
+        assert!(validate_url("https://hooks.example.com/ci").is_ok());
+        assert!(validate_url("http://127.0.0.1:8080/hook").is_ok());
+        for bad in [
+            "ftp://example.com/x",
+            "not a url",
+            "/relative",
+            "http://",
+            "javascript:alert(1)",
+            "http://a/\nx",
+        ] {
+            assert!(validate_url(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[tokio::test]
+    async fn cached_hooks_see_their_own_back_off_at_once() {
+        let store = Arc::new(MemoryStore::new());
+        let hook = store
+            .add_hook(&NewHook {
+                project_id: 1,
+                url: "http://x".into(),
+                job_events: true,
+                ..NewHook::default()
+            })
+            .await
+            .unwrap();
+        let registry = HookRegistry::new(store.clone(), Duration::from_secs(3600));
+        let now = Utc::now();
+        let mut current = registry.for_projects([1]).await.unwrap()[&1][0].clone();
+        for _ in 0..4 {
+            current = registry.failed(&current, now).await.unwrap().unwrap();
+        }
+        let cached = registry.for_projects([1]).await.unwrap()[&1][0].clone();
+        assert_eq!(cached, current);
+        assert!(matches!(gate(&cached, now), Gate::DeferUntil(_)));
+        registry.succeeded(&cached).await.unwrap();
+        let cached = registry.for_projects([1]).await.unwrap()[&1][0].clone();
+        assert_eq!(gate(&cached, now), Gate::Call);
+        assert_eq!(hook.id, cached.id);
+    }
+}

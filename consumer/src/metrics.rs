@@ -1,0 +1,260 @@
+//! The consumer's Prometheus metrics, in a registry per instance so tests (and several consumers
+//! in one process, as in the demo) read their own values.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// What became of one delivery attempt (or of a task that never reached an attempt).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// 2xx.
+    Delivered,
+    /// Failed, handed to the retry topic.
+    Retried,
+    /// Failed for good (4xx, refused URL) and dead-lettered.
+    Final,
+    /// Failed after the last retry and dead-lettered.
+    Exhausted,
+    /// Not attempted: the hook is backing off; rescheduled to when it may be called again.
+    Deferred,
+    /// Not attempted: the hook is permanently disabled; dead-lettered.
+    HookDisabled,
+    /// Not attempted: the hook was removed meanwhile; nothing left to deliver to.
+    HookRemoved,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Delivered => "delivered",
+            Outcome::Retried => "retried",
+            Outcome::Final => "final",
+            Outcome::Exhausted => "exhausted",
+            Outcome::Deferred => "deferred",
+            Outcome::HookDisabled => "hook_disabled",
+            Outcome::HookRemoved => "hook_removed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PartitionLabels {
+    topic: String,
+    partition: String,
+}
+
+/// Every metric of one consumer instance.
+#[derive(Debug)]
+pub struct ConsumerMetrics {
+    registry: Mutex<Registry>,
+    deliveries: Family<OutcomeLabels, Counter>,
+    attempt_seconds: Histogram,
+    event_to_delivery_seconds: Histogram,
+    stale_renders: Counter,
+    retries_scheduled: Counter,
+    dead_letters: Family<ReasonLabels, Counter>,
+    hook_disables: Counter,
+    in_flight: Gauge,
+    consumer_lag: Family<PartitionLabels, Gauge>,
+}
+
+impl Default for ConsumerMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ConsumerMetrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("hookline_consumer");
+        let deliveries = Family::<OutcomeLabels, Counter>::default();
+        // 1 ms .. ~33 s.
+        let attempt_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        // 1 ms .. ~9 h: a delivery after the last retry is still an event-to-delivery latency.
+        let event_to_delivery_seconds = Histogram::new(exponential_buckets(0.001, 2.5, 22));
+        let stale_renders = Counter::default();
+        let retries_scheduled = Counter::default();
+        let dead_letters = Family::<ReasonLabels, Counter>::default();
+        let hook_disables = Counter::default();
+        let in_flight = Gauge::default();
+        let consumer_lag = Family::<PartitionLabels, Gauge>::default();
+        registry.register(
+            "deliveries",
+            "Delivery attempts and tasks by outcome",
+            deliveries.clone(),
+        );
+        registry.register(
+            "delivery_attempt_seconds",
+            "Duration of one HTTP delivery attempt",
+            attempt_seconds.clone(),
+        );
+        registry.register(
+            "event_to_delivery_seconds",
+            "Time from the build transition (event occurred_at) to its successful delivery",
+            event_to_delivery_seconds.clone(),
+        );
+        registry.register(
+            "stale_renders",
+            "Deferred renders whose build had moved on to another status",
+            stale_renders.clone(),
+        );
+        registry.register(
+            "retries_scheduled",
+            "Delivery tasks handed to the retry topic",
+            retries_scheduled.clone(),
+        );
+        registry.register(
+            "dead_letters",
+            "Records and deliveries written to the dead-letter topic, by reason",
+            dead_letters.clone(),
+        );
+        registry.register(
+            "hook_disables",
+            "Hooks disabled by a delivery failure (temporarily or for good)",
+            hook_disables.clone(),
+        );
+        registry.register(
+            "in_flight",
+            "Records being processed (main and retry paths)",
+            in_flight.clone(),
+        );
+        registry.register(
+            "consumer_lag",
+            "Messages behind the high watermark, per partition (librdkafka statistics)",
+            consumer_lag.clone(),
+        );
+        Self {
+            registry: Mutex::new(registry),
+            deliveries,
+            attempt_seconds,
+            event_to_delivery_seconds,
+            stale_renders,
+            retries_scheduled,
+            dead_letters,
+            hook_disables,
+            in_flight,
+            consumer_lag,
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &registry);
+        out
+    }
+
+    pub fn deliveries(&self, outcome: Outcome) -> u64 {
+        self.deliveries
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str(),
+            })
+            .get()
+    }
+
+    pub fn stale_renders(&self) -> u64 {
+        self.stale_renders.get()
+    }
+
+    pub fn retries_scheduled(&self) -> u64 {
+        self.retries_scheduled.get()
+    }
+
+    /// Dead letters with `reason`, or all of them.
+    pub fn dead_letters(&self, reason: Option<&str>) -> u64 {
+        match reason {
+            Some(reason) => self
+                .dead_letters
+                .get_or_create(&ReasonLabels {
+                    reason: reason.to_owned(),
+                })
+                .get(),
+            None => {
+                // Family has no iterator; the exposition does.
+                self.encode()
+                    .lines()
+                    .filter(|l| l.starts_with("hookline_consumer_dead_letters_total{"))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                    .sum()
+            }
+        }
+    }
+
+    pub fn hook_disables(&self) -> u64 {
+        self.hook_disables.get()
+    }
+
+    pub fn in_flight(&self) -> i64 {
+        self.in_flight.get()
+    }
+
+    pub(crate) fn delivery(&self, outcome: Outcome) {
+        self.deliveries
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn attempt_took(&self, latency: Duration) {
+        self.attempt_seconds.observe(latency.as_secs_f64());
+    }
+
+    pub(crate) fn delivered_after(&self, since_event: Duration) {
+        self.event_to_delivery_seconds
+            .observe(since_event.as_secs_f64());
+    }
+
+    pub(crate) fn stale_render(&self) {
+        self.stale_renders.inc();
+    }
+
+    pub(crate) fn retry_scheduled(&self) {
+        self.retries_scheduled.inc();
+    }
+
+    pub(crate) fn dead_letter(&self, reason: &str) {
+        self.dead_letters
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn hook_disabled(&self) {
+        self.hook_disables.inc();
+    }
+
+    pub(crate) fn in_flight_gauge(&self) -> &Gauge {
+        &self.in_flight
+    }
+
+    pub(crate) fn set_lag(&self, topic: &str, partition: i32, lag: i64) {
+        self.consumer_lag
+            .get_or_create(&PartitionLabels {
+                topic: topic.to_owned(),
+                partition: partition.to_string(),
+            })
+            .set(lag);
+    }
+}

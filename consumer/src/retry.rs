@@ -1,0 +1,107 @@
+//! The retry path: failed deliveries wait on a retry topic, never on the main partition.
+//!
+//! # One retry topic with due times (not one topic per delay tier)
+//!
+//! Each retry record is a [`DeliveryTask`] (body + headers) stamped with the time it is due
+//! (`hookline-due-at-ms`). Per-tier topics keep each topic in due order only while every record
+//! of a tier waits the same time; here the wait is not fixed: jitter, a receiver's `Retry-After`
+//! and a hook's back-off (`disabled_until`) all move it, and the schedule itself is configuration
+//! (tests shrink it to milliseconds). With one topic the schedule can change without new topics,
+//! and the mock cluster and real brokers need one topic, not seven.
+//!
+//! The cost of one topic is that a record due in ten hours must not hold the records behind it
+//! nor the topic's offsets. So the retry worker holds a record in memory for at most
+//! `retry_hold`: if it is due by then it is attempted; if not, it is written again at the end of
+//! the retry topic (acked) and its offset is done. A long wait therefore re-circulates once per
+//! hold period, offsets never lag by more than about a hold period, and a crash re-reads at most
+//! that much. Memory is bounded by `max_in_flight` records held at once.
+
+use chrono::{DateTime, TimeZone, Utc};
+use rdkafka::Message;
+use rdkafka::message::OwnedMessage;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::attempt::{Abandoned, Pipeline, backoff, pause};
+use crate::dead_letter;
+use crate::metrics::Outcome;
+use crate::task::{DeliveryTask, H_DUE_AT, header, headers};
+
+/// Writes `task` to the retry topic, due at `due`, and waits for the ack.
+pub(crate) async fn hand_off(
+    p: &Pipeline,
+    task: &DeliveryTask,
+    due: DateTime<Utc>,
+    abandon: &CancellationToken,
+) -> Result<(), Abandoned> {
+    let mut pairs = task.header_pairs();
+    pairs.push((H_DUE_AT, due.timestamp_millis().to_string()));
+    let key = task.build_id.to_string();
+    p.produce_acked(
+        &p.config.retry_topic,
+        key.as_bytes(),
+        &task.body,
+        headers(pairs),
+        abandon,
+    )
+    .await
+}
+
+/// When a retry record is due (now if the header is missing or unreadable).
+fn due_at(msg: &OwnedMessage) -> DateTime<Utc> {
+    header(msg.headers(), H_DUE_AT)
+        .and_then(|ms| ms.parse::<i64>().ok())
+        .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
+        .unwrap_or_else(Utc::now)
+}
+
+/// Handles one record of the retry topic: wait until it is due (at most `retry_hold`), then
+/// attempt it, or put it back at the end of the topic if it is not due yet.
+pub(crate) async fn process(
+    p: &Pipeline,
+    msg: &OwnedMessage,
+    abandon: &CancellationToken,
+) -> Result<(), Abandoned> {
+    let task = match DeliveryTask::from_headers(msg.headers(), msg.payload().unwrap_or_default()) {
+        Ok(task) => task,
+        Err(detail) => {
+            warn!(partition = msg.partition(), offset = msg.offset(), %detail, "unreadable retry record; dead-lettered");
+            return dead_letter::record(p, msg, "bad_retry_record", &detail, abandon).await;
+        }
+    };
+    let due = due_at(msg);
+    let hold = chrono::Duration::from_std(p.config.retry_hold).unwrap_or(chrono::Duration::MAX);
+    let wake = due.min(Utc::now() + hold);
+    if let Ok(wait) = (wake - Utc::now()).to_std() {
+        pause(wait, abandon).await?;
+    }
+    if Utc::now() < due {
+        debug!(event_id = %task.event_id, hook_id = task.hook_id, %due, "not due yet; back to the end of the retry topic");
+        return hand_off(p, &task, due, abandon).await;
+    }
+    let mut try_number = 0;
+    let hook = loop {
+        match p.hooks.hook(task.hook_id).await {
+            Ok(hook) => break hook,
+            Err(error) => {
+                warn!(hook_id = task.hook_id, %error, "store unavailable; retry waits");
+                pause(backoff(try_number), abandon).await?;
+                try_number += 1;
+            }
+        }
+    };
+    let Some(hook) = hook else {
+        warn!(event_id = %task.event_id, hook_id = task.hook_id, "hook removed before its retry; dead-lettered");
+        dead_letter::delivery(
+            p,
+            &task,
+            "hook_removed",
+            "the hook no longer exists",
+            abandon,
+        )
+        .await?;
+        p.metrics.delivery(Outcome::HookRemoved);
+        return Ok(());
+    };
+    p.run_task(task, &hook, abandon).await.map(|_| ())
+}

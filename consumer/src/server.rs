@@ -1,0 +1,95 @@
+//! `hookline-consumer serve`: the consumer plus `/metrics`, `/healthz` and `/readyz`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use hookline_cistate::{CiStore, MemoryStore, PgOptions, PgStore};
+use hookline_schemas::Codec;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::{Consumer, ConsumerConfig, ConsumerError, ConsumerMetrics};
+
+/// What `serve` needs besides the consumer's own options.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub consumer: ConsumerConfig,
+    /// PostgreSQL URL of the CI state store, or `memory` for an empty in-memory store.
+    pub database_url: String,
+    /// A PostgreSQL schema to use instead of `public` (created if missing).
+    pub database_schema: Option<String>,
+    /// Where `/metrics`, `/healthz` and `/readyz` listen.
+    pub listen: SocketAddr,
+}
+
+/// Opens the store named by `url`: `memory` or a PostgreSQL URL (migrations are applied), in
+/// `schema` if one is given.
+pub async fn open_store(
+    url: &str,
+    schema: Option<&str>,
+) -> Result<Arc<dyn CiStore>, ConsumerError> {
+    if url == "memory" {
+        return Ok(Arc::new(MemoryStore::new()));
+    }
+    let mut options = PgOptions::new(url);
+    if let Some(schema) = schema {
+        options = options.schema(schema);
+    }
+    Ok(Arc::new(PgStore::connect(&options).await?))
+}
+
+#[derive(Clone)]
+struct AppState {
+    metrics: Arc<ConsumerMetrics>,
+    store: Arc<dyn CiStore>,
+}
+
+/// The operational endpoints, without a socket (tests call it directly).
+pub fn app(metrics: Arc<ConsumerMetrics>, store: Arc<dyn CiStore>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .with_state(AppState { metrics, store })
+}
+
+async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+}
+
+/// Ready when the store answers: without it no legacy event can be rendered and no hook read.
+async fn ready(State(state): State<AppState>) -> impl IntoResponse {
+    match state.store.ping().await {
+        Ok(()) => (StatusCode::OK, "ready".to_owned()),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}")),
+    }
+}
+
+/// Runs the consumer and its HTTP endpoints until `shutdown`; then drains and returns.
+pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> Result<(), ConsumerError> {
+    let store = open_store(&config.database_url, config.database_schema.as_deref()).await?;
+    let consumer = Consumer::new(config.consumer, store.clone(), Codec::embedded()).await?;
+    let listener = TcpListener::bind(config.listen).await?;
+    info!(listen = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
+    let http_stop = shutdown.clone();
+    let http = tokio::spawn(
+        axum::serve(listener, app(consumer.metrics(), store))
+            .with_graceful_shutdown(async move { http_stop.cancelled().await })
+            .into_future(),
+    );
+    let result = consumer.run(shutdown).await;
+    http.abort();
+    result
+}
