@@ -1,1 +1,307 @@
-fn main() {}
+//! The `hookline` binary: parse options, set up logging, run a command.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use hookline::CliError;
+use hookline::demo::{self, DemoOptions};
+use hookline::receiver::{self, SampleConfig};
+use hookline::simulate::{self, SimulateOptions};
+use tokio_util::sync::CancellationToken;
+
+/// hookline turns CI job transitions into GitLab-compatible Job Hook webhooks through Kafka.
+#[derive(Debug, Parser)]
+#[command(name = "hookline", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the whole pipeline in this process (no services needed) and show how many delivered
+    /// payloads were stale under each payload timing.
+    Demo(DemoArgs),
+    /// Feed a simulated CI to a running producer (HTTP API), writing its state to PostgreSQL.
+    Simulate(SimulateArgs),
+    /// A sample webhook receiver: logs every delivery and checks its signature.
+    Receiver(ReceiverArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Everything runs in this process: librdkafka's mock cluster as the broker, the in-memory CI store, \
+in-memory flags, the real producer and consumer, and a receiver on 127.0.0.1 that compares every \
+delivered body with the Job Hook rendered at the moment of its transition (the truth). A \
+delivery is stale when the bodies differ.
+
+Progress goes to stderr; the report (a table, or one JSON object with --json) to stdout. The exit \
+status is 0 when every owed delivery arrived, no inline delivery was stale and every signature \
+verified; 1 otherwise (the report is printed either way); 2 for bad options.")]
+struct DemoArgs {
+    /// Projects in the simulated CI (each gets one webhook).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    projects: u32,
+    /// Builds in total (retries and skipped builds included).
+    #[arg(long, default_value_t = 400, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    builds: u32,
+    /// Percentage of projects whose Job Hooks are rendered inline by the producer: the rollout
+    /// flag's percentage-of-actors gate (GitLab's CRC-32 bucketing of `Project:<id>`), 0 to 100,
+    /// up to three decimals. The other projects get deferred rendering.
+    #[arg(long, default_value_t = 50.0, value_parser = parse_percent)]
+    inline_percent: f64,
+    /// How far the consumer trails the producer, in milliseconds. The producer writes to
+    /// `build-events.incoming`; a delay line in the demo copies each record to `build-events`
+    /// (the consumer's topic) once the record is this old, keeping keys, bytes and order per
+    /// partition. So every event reaches the consumer about this long after it was emitted, like
+    /// a hook queue that is this far behind. Builds live tens to hundreds of milliseconds, so a
+    /// lag of a second or more lets deferred renders see builds that have moved on.
+    #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    consumer_lag_ms: u64,
+    /// Seed of the simulated CI: the same seed gives the same projects, builds, outcomes and timings.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Print the report as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Seconds to wait for the last deliveries after the simulation ends (on top of the lag);
+    /// what has not arrived by then is reported missing.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    wait_secs: u64,
+    /// No progress lines on stderr.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Debug, Args)]
+struct SimulateArgs {
+    /// PostgreSQL URL of the CI state store the producer and consumer read.
+    #[arg(long, env = "HOOKLINE_DATABASE_URL")]
+    database_url: String,
+    /// PostgreSQL schema (default: the connection's search path).
+    #[arg(long, env = "HOOKLINE_DATABASE_SCHEMA")]
+    database_schema: Option<String>,
+    /// Base URL of a running producer (`hookline-producer serve`).
+    #[arg(long, env = "HOOKLINE_PRODUCER_URL")]
+    producer_url: String,
+    /// Base URL of the webhook receiver; each project's hook is `<URL>/projects/<id>`.
+    #[arg(long, env = "HOOKLINE_RECEIVER_URL")]
+    receiver_url: String,
+    /// Standard Webhooks secret (`whsec_<base64>`) given to every hook.
+    #[arg(long, env = "HOOKLINE_SIGNING_SECRET")]
+    signing_secret: Option<String>,
+    #[arg(long, env = "HOOKLINE_SIM_PROJECTS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    projects: u32,
+    /// Builds in total (retries and skipped builds included).
+    #[arg(long, env = "HOOKLINE_SIM_BUILDS", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    builds: u32,
+    /// Transitions per second at most; 0 = as fast as the producer accepts them.
+    #[arg(long, env = "HOOKLINE_SIM_RATE", default_value_t = 0.0, value_parser = parse_rate)]
+    rate: f64,
+    #[arg(long, env = "HOOKLINE_SIM_SEED", default_value_t = 1)]
+    seed: u64,
+    /// Added to every id the simulator creates, so runs with different bases do not overwrite
+    /// each other's builds.
+    #[arg(long, env = "HOOKLINE_SIM_ID_BASE", default_value_t = 0)]
+    id_base: i64,
+    /// Seconds to keep retrying one transition (503s as told by Retry-After, connection errors).
+    #[arg(long, default_value_t = 120)]
+    retry_secs: u64,
+    /// Only the summary, not one line per transition.
+    #[arg(long, short)]
+    quiet: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct ReceiverArgs {
+    /// Address to listen on.
+    #[arg(long, env = "HOOKLINE_LISTEN", default_value = "127.0.0.1:8090")]
+    listen: SocketAddr,
+    /// Standard Webhooks secret (`whsec_<base64>`): deliveries whose signature does not verify
+    /// are answered 401 (and so retried by the consumer) and logged.
+    #[arg(long, env = "HOOKLINE_SIGNING_SECRET")]
+    secret: Option<String>,
+}
+
+fn parse_percent(s: &str) -> Result<f64, String> {
+    let p: f64 = s
+        .trim()
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number"))?;
+    if !(0.0..=100.0).contains(&p) {
+        return Err(format!("{p} is not a percentage: use 0 to 100"));
+    }
+    Ok(p)
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let r: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number"))?;
+    if !r.is_finite() || r < 0.0 {
+        return Err(format!(
+            "{r} is not a rate: use 0 (unpaced) or more transitions per second"
+        ));
+    }
+    Ok(r)
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn fail(error: &CliError) -> ExitCode {
+    eprintln!("hookline: {error}");
+    match error {
+        CliError::Usage(_) => ExitCode::from(2),
+        _ => ExitCode::FAILURE,
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Demo(args) => {
+            // librdkafka's mock cluster logs connection churn at warn; the demo's own progress
+            // lines say what matters.
+            init_tracing("error");
+            let options = DemoOptions {
+                projects: args.projects as usize,
+                builds: args.builds as usize,
+                inline_percent: args.inline_percent,
+                consumer_lag: Duration::from_millis(args.consumer_lag_ms),
+                seed: args.seed,
+                wait: Duration::from_secs(args.wait_secs),
+                progress: !args.quiet,
+            };
+            let report = tokio::select! {
+                r = demo::run(options) => r,
+                _ = shutdown_signal() => {
+                    eprintln!("hookline: interrupted");
+                    return ExitCode::from(130);
+                }
+            };
+            let report = match report {
+                Ok(r) => r,
+                Err(e) => return fail(&e),
+            };
+            if args.json {
+                match serde_json::to_string(&report) {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => return fail(&CliError::Internal(e.to_string())),
+                }
+            } else {
+                print!("{}", demo::table(&report));
+            }
+            match demo::check(&report) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            }
+        }
+        Command::Simulate(args) => {
+            init_tracing("warn");
+            let json = args.json;
+            let options = SimulateOptions {
+                database_url: args.database_url,
+                database_schema: args.database_schema,
+                producer_url: args.producer_url,
+                receiver_url: args.receiver_url,
+                signing_secret: args.signing_secret,
+                projects: args.projects as usize,
+                builds: args.builds as usize,
+                rate: args.rate,
+                seed: args.seed,
+                id_base: args.id_base,
+                retry_for: Duration::from_secs(args.retry_secs),
+                verbose: !args.quiet,
+            };
+            let report = tokio::select! {
+                r = simulate::run(options) => r,
+                _ = shutdown_signal() => {
+                    eprintln!("hookline: interrupted");
+                    return ExitCode::from(130);
+                }
+            };
+            match report {
+                Ok(r) => {
+                    if json {
+                        println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                    } else {
+                        println!(
+                            "simulate: {} transitions sent, {} accepted, {} failed ({} builds in {} projects, {:.1} s); by status: {:?}",
+                            r.sent,
+                            r.accepted,
+                            r.failed,
+                            r.builds,
+                            r.projects,
+                            r.elapsed_ms as f64 / 1e3,
+                            r.by_status
+                        );
+                    }
+                    if r.failed > 0 {
+                        ExitCode::FAILURE
+                    } else {
+                        ExitCode::SUCCESS
+                    }
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        Command::Receiver(args) => {
+            init_tracing("info");
+            let shutdown = CancellationToken::new();
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                stop.cancel();
+            });
+            match receiver::run_sample(
+                SampleConfig {
+                    listen: args.listen,
+                    secret: args.secret,
+                },
+                shutdown,
+            )
+            .await
+            {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            }
+        }
+    }
+}

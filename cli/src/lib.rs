@@ -1,0 +1,25 @@
+//! `hookline`: the demo, the simulated CI and the sample receiver.
+//!
+//! # Layout
+//!
+//! ```text
+//! sim.rs  (seeded world, pipelines on the real clock) --commit--> CiStore --transition--> Sink
+//!   demo.rs:     Sink = in-process Emitter -> mock Kafka -> delay line -> Consumer -> receiver.rs -> ledger.rs
+//!   simulate.rs: Sink = POST {producer}/v1/transitions (PostgreSQL store, hooks at --receiver-url)
+//! ```
+//!
+//! - [`sim`]: the simulated CI: plan (from the seed), timeline, commit-then-notify, the truth.
+//! - [`ledger`]: truth against deliveries: stale, duplicates, missing, signatures, latency.
+//! - [`receiver`]: the demo's receiver (feeds the ledger) and the sample receiver (logs).
+//! - [`demo`]: `hookline demo`, everything in one process on librdkafka's mock cluster.
+//! - [`simulate`]: `hookline simulate`, the same CI against a real producer and PostgreSQL.
+//! - [`error`]: what can go wrong, by what the person running it does.
+
+pub mod demo;
+pub mod error;
+pub mod ledger;
+pub mod receiver;
+pub mod sim;
+pub mod simulate;
+
+pub use error::CliError;

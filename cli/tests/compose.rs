@@ -1,0 +1,48 @@
+//! The compose stack cannot be started here (no Docker engine), so its file and the Dockerfile
+//! are checked statically by scripts/check-compose, run as part of the test suite.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn check_compose(file: &std::path::Path) -> std::process::Output {
+    Command::new(repo().join("scripts/check-compose"))
+        .arg("--no-install")
+        .arg("--file")
+        .arg(file)
+        .output()
+        .expect("run scripts/check-compose (needs python3)")
+}
+
+#[test]
+fn the_compose_file_and_the_dockerfile_pass_the_static_check() {
+    let out = check_compose(&repo().join("docker-compose.yml"));
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_misspelt_variable_and_a_wrong_port_are_caught() {
+    let original = std::fs::read_to_string(repo().join("docker-compose.yml")).unwrap();
+    let broken = original
+        .replace("HOOKLINE_GROUP_ID", "HOOKLINE_GROUPID")
+        .replace("http://producer:8080", "http://producer:8081");
+    assert_ne!(broken, original);
+    let dir = std::env::temp_dir().join(format!("hookline-compose-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("docker-compose.yml");
+    std::fs::write(&file, broken).unwrap();
+    let out = check_compose(&file);
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.contains("HOOKLINE_GROUPID"), "{stdout}");
+    assert!(stdout.contains("producer:8081"), "{stdout}");
+}
