@@ -484,7 +484,8 @@ fn draw_build(
     }
 }
 
-/// Writes the world (everything but pipelines and builds) and one hook per project.
+/// Writes the world (everything but pipelines and builds) and one hook per project, reusing a
+/// hook the project already has at the same URL.
 pub async fn write_world(
     store: &dyn CiStore,
     plan: &Plan,
@@ -502,9 +503,20 @@ pub async fn write_world(
     for r in &plan.runners {
         store.upsert_runner(r).await?;
     }
+    // A project that already has a hook at the same URL keeps it: writing the world again (a
+    // second `simulate` against the same database) must not multiply deliveries.
     let mut hooks = Vec::with_capacity(plan.projects.len());
     for p in &plan.projects {
-        let hook = store.add_hook(&hook_for(p)).await?;
+        let wanted = hook_for(p);
+        let existing = store
+            .list_hooks(Some(p.id))
+            .await?
+            .into_iter()
+            .find(|h| h.url == wanted.url);
+        let hook = match existing {
+            Some(hook) => hook,
+            None => store.add_hook(&wanted).await?,
+        };
         hooks.push(hook);
     }
     Ok(hooks)

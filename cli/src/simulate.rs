@@ -169,14 +169,6 @@ pub async fn run(options: SimulateOptions) -> Result<SimulateReport, CliError> {
     // Namespaces, projects, users and runners are upserts; a hook is added only once per
     // (project, URL), so running simulate again does not multiply deliveries.
     let receiver = options.receiver_url.trim_end_matches('/').to_owned();
-    let mut existing = std::collections::HashSet::new();
-    for p in &plan.projects {
-        if let Ok(hooks) = store.list_hooks(Some(p.id)).await {
-            for h in hooks {
-                existing.insert((h.project_id, h.url));
-            }
-        }
-    }
     let hook_for = |p: &hookline_cistate::Project| NewHook {
         project_id: p.id,
         url: format!("{receiver}/projects/{}", p.id),
@@ -184,26 +176,9 @@ pub async fn run(options: SimulateOptions) -> Result<SimulateReport, CliError> {
         signing_secret: options.signing_secret.clone(),
         job_events: true,
     };
-    let mut hooks = 0;
-    for n in &plan.namespaces {
-        store.upsert_namespace(n).await?;
-    }
-    for p in &plan.projects {
-        store.upsert_project(p).await?;
-    }
-    for u in &plan.users {
-        store.upsert_user(u).await?;
-    }
-    for r in &plan.runners {
-        store.upsert_runner(r).await?;
-    }
-    for p in &plan.projects {
-        let hook = hook_for(p);
-        if !existing.contains(&(p.id, hook.url.clone())) {
-            store.add_hook(&hook).await?;
-        }
-        hooks += 1;
-    }
+    let hooks = sim::write_world(store.as_ref(), &plan, &hook_for)
+        .await?
+        .len();
     eprintln!(
         "simulate: {} projects with a hook each at {receiver}/projects/<id>, {} builds, rate {}",
         plan.projects.len(),
