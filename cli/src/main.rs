@@ -123,7 +123,7 @@ struct ReceiverArgs {
     #[arg(long, env = "HOOKLINE_LISTEN", default_value = "127.0.0.1:8090")]
     listen: SocketAddr,
     /// Standard Webhooks secret (`whsec_<base64>`): deliveries whose signature does not verify
-    /// are answered 401 (and so retried by the consumer) and logged.
+    /// are answered 401 and logged (the consumer treats a 401 as final and dead-letters it).
     #[arg(long, env = "HOOKLINE_SIGNING_SECRET")]
     secret: Option<String>,
 }

@@ -21,11 +21,22 @@ use tokio_util::sync::CancellationToken;
     about = "Delivers GitLab-compatible Job Hooks for BuildEvents, at least once"
 )]
 struct Cli {
-    /// Log as JSON lines instead of text.
-    #[arg(long, env = "HOOKLINE_LOG_JSON", global = true)]
-    log_json: bool,
+    /// Log format: text or json (JSON lines). The same option as the producer's.
+    #[arg(
+        long,
+        env = "HOOKLINE_LOG_FORMAT",
+        default_value = "text",
+        global = true
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -250,10 +261,9 @@ async fn run() -> anyhow::Result<()> {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    if cli.log_json {
-        builder.json().init();
-    } else {
-        builder.init();
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
     }
     match cli.command {
         Command::Serve(args) => {

@@ -55,15 +55,17 @@ impl KafkaOptions {
 
 /// Where the CI state and the flags are.
 #[derive(clap::Args, Debug, Clone, Default)]
+// `global`: `feature set NAME 5 --actors --flags-file f.json` works as well as
+// `feature --flags-file f.json set ...`.
 pub struct StoreOptions {
     /// PostgreSQL URL of the CI state store; also holds the flags unless --flags-file is given.
-    #[arg(long, env = "HOOKLINE_DATABASE_URL")]
+    #[arg(long, env = "HOOKLINE_DATABASE_URL", global = true)]
     pub database_url: Option<String>,
     /// PostgreSQL schema to use instead of `public` (created if missing).
-    #[arg(long, env = "HOOKLINE_DATABASE_SCHEMA")]
+    #[arg(long, env = "HOOKLINE_DATABASE_SCHEMA", global = true)]
     pub database_schema: Option<String>,
     /// JSON file holding the feature flags (embedded mode); used for flags instead of the database.
-    #[arg(long, env = "HOOKLINE_FLAGS_FILE")]
+    #[arg(long, env = "HOOKLINE_FLAGS_FILE", global = true)]
     pub flags_file: Option<PathBuf>,
 }
 
