@@ -592,6 +592,13 @@ pub(crate) async fn run_main(
                 offsets.finish(&ticket, permit, &consumer);
                 continue;
             }
+            if let Some(skip) = resolve::skip(&event, &snapshots) {
+                // Nothing to deliver, by design: the record is finished.
+                p.metrics.event_skipped(skip.reason());
+                info!(build_id = event.build_id, event_id = %event.event_id, reason = skip.reason(), ?skip, "no hook sent: the build's user is blocked");
+                offsets.finish(&ticket, permit, &consumer);
+                continue;
+            }
             let resolved = match resolve::payload(&event, &snapshots) {
                 Ok(resolved) => resolved,
                 Err(missing) => {

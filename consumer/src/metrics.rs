@@ -69,6 +69,7 @@ pub struct ConsumerMetrics {
     attempt_seconds: Histogram,
     event_to_delivery_seconds: Histogram,
     stale_renders: Counter,
+    events_skipped: Family<ReasonLabels, Counter>,
     retries_scheduled: Counter,
     dead_letters: Family<ReasonLabels, Counter>,
     hook_disables: Counter,
@@ -91,6 +92,7 @@ impl ConsumerMetrics {
         // 1 ms .. ~9 h: a delivery after the last retry is still an event-to-delivery latency.
         let event_to_delivery_seconds = Histogram::new(exponential_buckets(0.001, 2.5, 22));
         let stale_renders = Counter::default();
+        let events_skipped = Family::<ReasonLabels, Counter>::default();
         let retries_scheduled = Counter::default();
         let dead_letters = Family::<ReasonLabels, Counter>::default();
         let hook_disables = Counter::default();
@@ -115,6 +117,11 @@ impl ConsumerMetrics {
             "stale_renders",
             "Deferred renders whose build had moved on to another status",
             stale_renders.clone(),
+        );
+        registry.register(
+            "events_skipped",
+            "Events delivered to no hook by design (the build's user is blocked), by reason",
+            events_skipped.clone(),
         );
         registry.register(
             "retries_scheduled",
@@ -147,6 +154,7 @@ impl ConsumerMetrics {
             attempt_seconds,
             event_to_delivery_seconds,
             stale_renders,
+            events_skipped,
             retries_scheduled,
             dead_letters,
             hook_disables,
@@ -174,6 +182,15 @@ impl ConsumerMetrics {
 
     pub fn stale_renders(&self) -> u64 {
         self.stale_renders.get()
+    }
+
+    /// Events skipped for `reason` (`user_blocked`).
+    pub fn events_skipped(&self, reason: &str) -> u64 {
+        self.events_skipped
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .get()
     }
 
     pub fn retries_scheduled(&self) -> u64 {
@@ -227,6 +244,14 @@ impl ConsumerMetrics {
 
     pub(crate) fn stale_render(&self) {
         self.stale_renders.inc();
+    }
+
+    pub(crate) fn event_skipped(&self, reason: &str) {
+        self.events_skipped
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
     }
 
     pub(crate) fn retry_scheduled(&self) {

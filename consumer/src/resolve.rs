@@ -2,7 +2,12 @@
 //! build's current state with the event's own facts pinned (legacy and deferred events).
 //!
 //! Snapshots are loaded for a whole poll batch in one store query ([`load_snapshots`]); the
-//! per-event step ([`payload`]) is pure.
+//! per-event steps ([`skip`], [`payload`]) are pure.
+//!
+//! Builds of blocked users send no hooks (as in GitLab). The producer does not emit events for
+//! them at all; a deferred event whose build's user was blocked after the transition is caught
+//! here, when the consumer renders from current state, as GitLab's worker decided when it loaded
+//! the build. An embedded payload was decided at the transition and is sent.
 
 use std::collections::HashMap;
 
@@ -37,6 +42,35 @@ impl ResolvedPayload {
 #[derive(Debug, Clone, PartialEq)]
 pub struct BuildMissing {
     pub build_id: i64,
+}
+
+/// Why an event is delivered to no hook at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// The build's user is blocked now.
+    UserBlocked { build_id: i64, user_id: i64 },
+}
+
+impl Skip {
+    /// A short stable name for metrics labels and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Skip::UserBlocked { .. } => "user_blocked",
+        }
+    }
+}
+
+/// Whether `event` sends no hook: only events rendered from current state are checked, and a
+/// missing snapshot is [`payload`]'s to report.
+pub fn skip(event: &BuildEvent, snapshots: &HashMap<i64, RenderSnapshot>) -> Option<Skip> {
+    if !needs_snapshot(event) {
+        return None;
+    }
+    let snapshot = snapshots.get(&event.build_id)?;
+    snapshot.user.blocked.then_some(Skip::UserBlocked {
+        build_id: event.build_id,
+        user_id: snapshot.user.id,
+    })
 }
 
 /// True when the event needs a snapshot to be delivered.
@@ -145,6 +179,30 @@ mod tests {
             resolved,
             ResolvedPayload::RenderedFromCurrentState { stale: false, .. }
         ));
+    }
+
+    #[test]
+    fn a_blocked_user_skips_rendered_events_but_not_embedded_ones() {
+        let mut snap = sample(0);
+        let deferred = event(&snap, BuildStatus::Running, None);
+        let embedded = event(&snap, BuildStatus::Running, Some(b"{}".to_vec()));
+        let unblocked = HashMap::from([(snap.build.id, snap.clone())]);
+        assert_eq!(skip(&deferred, &unblocked), None);
+        snap.user.blocked = true;
+        let blocked = HashMap::from([(snap.build.id, snap.clone())]);
+        assert_eq!(
+            skip(&deferred, &blocked),
+            Some(Skip::UserBlocked {
+                build_id: snap.build.id,
+                user_id: snap.user.id
+            })
+        );
+        assert_eq!(skip(&embedded, &blocked), None, "decided at the transition");
+        assert_eq!(
+            skip(&deferred, &HashMap::new()),
+            None,
+            "missing is payload's"
+        );
     }
 
     #[test]

@@ -1,8 +1,13 @@
 //! The [`Emitter`]: one transition in, one acknowledged `BuildEvent` out.
 //!
 //! ```text
-//! TransitionRequest -> snapshot (store) -> flag on for project? -> render inline? -> encode -> produce -> ack
+//! TransitionRequest -> snapshot (store) -> user blocked? -> flag on for project? -> render inline? -> encode -> produce -> ack
 //! ```
+//!
+//! Builds of blocked users send no hooks (as in GitLab): the emitter knows the snapshot for every
+//! transition, inline or deferred, so it decides here and emits nothing for them
+//! ([`EmitError::Skipped`]). A user blocked after a deferred event was emitted is caught by the
+//! consumer, which checks again when it renders from current state.
 //!
 //! Ordering: one build's events share a key (the build id), so Kafka keeps them in order within
 //! its partition, and the idempotent producer keeps retries from reordering or duplicating them.
@@ -29,7 +34,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use uuid::Uuid;
 
-use crate::error::{EmitError, ProducerError};
+use crate::error::{EmitError, ProducerError, SkipReason};
 use crate::flags::{Flags, INLINE_FLAG};
 use crate::metrics::ProducerMetrics;
 use crate::render;
@@ -310,6 +315,21 @@ impl Emitter {
         request: TransitionRequest,
         arrived: Instant,
     ) -> Result<Emitted, EmitError> {
+        if snapshot.user.blocked {
+            let reason = SkipReason::UserBlocked;
+            self.inner.metrics.skipped(reason.as_str());
+            tracing::debug!(
+                build_id = snapshot.build.id,
+                user_id = snapshot.user.id,
+                status = %request.status,
+                reason = reason.as_str(),
+                "no event: GitLab sends no hooks for builds of blocked users"
+            );
+            return Err(EmitError::Skipped {
+                build_id: snapshot.build.id,
+                reason,
+            });
+        }
         let (event, render_time) = self.prepare(snapshot, request);
         let bytes = self.inner.codec.encode(&event).map_err(|e| {
             self.failed(EmitError::Rejected(format!(

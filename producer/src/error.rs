@@ -60,6 +60,35 @@ pub enum EmitError {
     /// Retrying cannot help (the event cannot be encoded, or Kafka refuses it for good).
     #[error("cannot emit: {0}")]
     Rejected(String),
+    /// Not a failure: this transition sends no hook by design, so nothing was emitted and there
+    /// is nothing to retry (HTTP 200 with `skipped`). Counted in `events_skipped_total`, not in
+    /// the produce errors.
+    #[error("build {build_id}: no event emitted, {reason}")]
+    Skipped { build_id: i64, reason: SkipReason },
+}
+
+/// Why a transition sends no hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipReason {
+    /// The build's user is blocked: GitLab sends no hooks for builds of blocked users.
+    UserBlocked,
+}
+
+impl SkipReason {
+    /// A short stable name, for the API's `skipped` field and metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::UserBlocked => "user_blocked",
+        }
+    }
+}
+
+impl std::fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SkipReason::UserBlocked => f.write_str("the build's user is blocked"),
+        }
+    }
 }
 
 impl EmitError {
@@ -69,6 +98,7 @@ impl EmitError {
             EmitError::UnknownBuild(_) => "unknown_build",
             EmitError::Unavailable(_) => "unavailable",
             EmitError::Rejected(_) => "rejected",
+            EmitError::Skipped { .. } => "skipped",
         }
     }
 }

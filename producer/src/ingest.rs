@@ -3,7 +3,7 @@
 //! | route | answers |
 //! |---|---|
 //! | `POST /v1/transitions` | one transition (JSON object): `202` once Kafka acknowledged it |
-//! | `POST /v1/transitions/batch` | a JSON array of transitions: `202` when every one was acknowledged |
+//! | `POST /v1/transitions/batch` | a JSON array of transitions: `202` when every one was acknowledged (or skipped) |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /healthz` | `200` while the process runs |
 //! | `GET /readyz` | `200` when Kafka and the store answer, else `503` |
@@ -17,6 +17,12 @@
 //! unless Kafka acknowledged it. A batch that is not fully acknowledged answers with the status of
 //! its worst failure and a per-item `results` list; retry the items without `202` (with their
 //! `event_id`, so the retried events keep their identity).
+//!
+//! A transition that sends no hook by design (the build's user is blocked: GitLab sends no hooks
+//! for blocked users) is answered `200 {"skipped": "user_blocked", "build_id": .., "message": ..}`:
+//! a success, so the client does not retry, but not `202`, because no event exists. In a batch
+//! such an item is `{"status": 200, "skipped": "user_blocked"}`, does not count as a failure, and
+//! is counted in the body's `skipped`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,7 +45,7 @@ use uuid::Uuid;
 
 use crate::config::ServeConfig;
 use crate::emit::{Emitted, Emitter, TransitionRequest};
-use crate::error::{EmitError, ProducerError};
+use crate::error::{EmitError, ProducerError, SkipReason};
 use crate::flags::Flags;
 use crate::metrics::ProducerMetrics;
 
@@ -185,6 +191,9 @@ impl ApiError {
                 retry_after,
             },
             EmitError::Rejected(_) => ApiError::Internal(error.to_string()),
+            // The handlers answer skips with 200 before asking for an error; should one get
+            // here, it still must not read as retryable.
+            EmitError::Skipped { .. } => ApiError::Internal(error.to_string()),
         }
     }
 
@@ -358,17 +367,28 @@ fn emitted_json(emitted: &Emitted) -> Value {
     })
 }
 
+fn skipped_json(build_id: i64, reason: SkipReason) -> Value {
+    json!({
+        "skipped": reason.as_str(),
+        "build_id": build_id,
+        "message": format!("no event emitted: {reason}; GitLab sends no hooks for it"),
+    })
+}
+
 async fn transition(
     State(state): State<AppState>,
     FieldJson(body): FieldJson<TransitionBody>,
 ) -> Result<Response, ApiError> {
     let request = body.into_request("")?;
-    let emitted = state
-        .emitter
-        .emit(request)
-        .await
-        .map_err(|e| ApiError::from_emit(&e, state.retry_after))?;
-    Ok((StatusCode::ACCEPTED, axum::Json(emitted_json(&emitted))).into_response())
+    match state.emitter.emit(request).await {
+        Ok(emitted) => {
+            Ok((StatusCode::ACCEPTED, axum::Json(emitted_json(&emitted))).into_response())
+        }
+        Err(EmitError::Skipped { build_id, reason }) => {
+            Ok((StatusCode::OK, axum::Json(skipped_json(build_id, reason))).into_response())
+        }
+        Err(error) => Err(ApiError::from_emit(&error, state.retry_after)),
+    }
 }
 
 async fn batch(
@@ -393,6 +413,7 @@ async fn batch(
     let results = state.emitter.emit_batch(requests).await;
     let mut worst: Option<ApiError> = None;
     let mut accepted = 0;
+    let mut skipped = 0;
     let items: Vec<Value> = results
         .iter()
         .map(|result| match result {
@@ -400,6 +421,12 @@ async fn batch(
                 accepted += 1;
                 let mut item = emitted_json(emitted);
                 item["status"] = json!(202);
+                item
+            }
+            Err(EmitError::Skipped { build_id, reason }) => {
+                skipped += 1;
+                let mut item = skipped_json(*build_id, *reason);
+                item["status"] = json!(200);
                 item
             }
             Err(error) => {
@@ -418,7 +445,7 @@ async fn batch(
             }
         })
         .collect();
-    let body = json!({ "accepted": accepted, "results": items });
+    let body = json!({ "accepted": accepted, "skipped": skipped, "results": items });
     Ok(match worst {
         None => (StatusCode::ACCEPTED, axum::Json(body)).into_response(),
         Some(error) => {
@@ -465,9 +492,12 @@ mod tests {
 
     /// An app whose Kafka is unreachable: enough for every answer given before producing.
     async fn offline_app(body_limit: usize) -> Router {
+        offline_app_over(body_limit, Arc::new(MemoryStore::new())).await
+    }
+
+    async fn offline_app_over(body_limit: usize, store: Arc<dyn CiStore>) -> Router {
         let mut config = EmitterConfig::new("127.0.0.1:9");
         config.delivery_timeout = Duration::from_millis(300);
-        let store: Arc<dyn CiStore> = Arc::new(MemoryStore::new());
         let emitter = Emitter::new(
             config,
             store,
@@ -559,5 +589,60 @@ mod tests {
         .await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         assert!(json["error"].as_str().unwrap().contains("77"));
+    }
+
+    /// Kafka is unreachable here, so a 200 proves the skip happened before producing: no event
+    /// was even attempted.
+    #[tokio::test]
+    async fn a_blocked_users_build_is_answered_200_skipped_and_emits_nothing() {
+        let store = Arc::new(MemoryStore::new());
+        let mut blocked = hookline_cistate::fixtures::sample(0);
+        blocked.user.blocked = true;
+        hookline_cistate::fixtures::write_snapshot(store.as_ref(), &blocked)
+            .await
+            .unwrap();
+        let app = offline_app_over(1024, store).await;
+        let one = json!({"build_id": blocked.build.id, "status": "running"}).to_string();
+        let (status, json) = post(app.clone(), "/v1/transitions", one).await;
+        assert_eq!(status, StatusCode::OK, "{json}");
+        assert_eq!(json["skipped"], "user_blocked");
+        assert_eq!(json["build_id"], blocked.build.id);
+        assert!(json.get("event_id").is_none(), "no event exists: {json}");
+
+        let both = json!([
+            {"build_id": blocked.build.id, "status": "created"},
+            {"build_id": blocked.build.id, "status": "pending"},
+        ])
+        .to_string();
+        let (status, json) = post(app.clone(), "/v1/transitions/batch", both).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "nothing failed: {json}");
+        assert_eq!(
+            (json["accepted"].as_u64(), json["skipped"].as_u64()),
+            (Some(0), Some(2))
+        );
+        assert_eq!(json["results"][1]["status"], 200);
+        assert_eq!(json["results"][1]["skipped"], "user_blocked");
+
+        let request = Request::get("/metrics").body(Body::empty()).unwrap();
+        let response = app.oneshot(request).await.unwrap();
+        let text = String::from_utf8(
+            axum::body::to_bytes(response.into_body(), usize::MAX)
+                .await
+                .unwrap()
+                .to_vec(),
+        )
+        .unwrap();
+        assert!(
+            text.contains("hookline_producer_events_skipped_total{reason=\"user_blocked\"} 3"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("hookline_producer_produce_errors_total{"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("hookline_producer_flag_evaluations_total{"),
+            "{text}"
+        );
     }
 }

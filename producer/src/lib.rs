@@ -4,7 +4,8 @@
 //! # Layout
 //!
 //! ```text
-//! transition --(ingest.rs: HTTP | Emitter API)--> flag on for project? (flags/)
+//! transition --(ingest.rs: HTTP | Emitter API)--> user blocked? skip (no hook, as GitLab)
+//!            --> flag on for project? (flags/)
 //!            --yes--> render.rs: snapshot -> Job Hook bytes (timed)
 //!            --------> emit.rs: encode (Avro, Confluent frame) -> idempotent produce -> delivery report
 //! ```
@@ -31,7 +32,7 @@ pub mod render;
 
 pub use config::{KafkaOptions, ServeConfig, StoreOptions};
 pub use emit::{Emitted, Emitter, EmitterConfig, TransitionRequest};
-pub use error::{EmitError, ProducerError};
+pub use error::{EmitError, ProducerError, SkipReason};
 pub use flags::{Change, Flags, Gates, INLINE_FLAG, Percentage};
 pub use ingest::{AppState, app, run, serve};
 pub use metrics::ProducerMetrics;

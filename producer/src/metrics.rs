@@ -1,5 +1,5 @@
 //! The producer's metrics: what an operator watches during a rollout (events by timing, the cost
-//! of inline rendering, produce errors, flag decisions). One [`Registry`] per instance and no
+//! of inline rendering, produce errors, skipped transitions, flag decisions). One [`Registry`] per instance and no
 //! global recorder, so several producers in one process (tests, the demo) keep separate values.
 
 use std::time::Duration;
@@ -21,6 +21,11 @@ pub struct ErrorLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SkipLabels {
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FlagLabels {
     pub flag: String,
     pub result: String,
@@ -39,6 +44,7 @@ pub struct ProducerMetrics {
     render_seconds: Histogram,
     payload_bytes: Histogram,
     produce_errors: Family<ErrorLabels, Counter>,
+    events_skipped: Family<SkipLabels, Counter>,
     flag_evaluations: Family<FlagLabels, Counter>,
 }
 
@@ -83,6 +89,12 @@ impl ProducerMetrics {
             "Transitions that were not emitted, by reason",
             produce_errors.clone(),
         );
+        let events_skipped = Family::<SkipLabels, Counter>::default();
+        registry.register(
+            "events_skipped",
+            "Transitions that send no hook by design (no event emitted), by reason",
+            events_skipped.clone(),
+        );
         let flag_evaluations = Family::<FlagLabels, Counter>::default();
         registry.register(
             "flag_evaluations",
@@ -96,6 +108,7 @@ impl ProducerMetrics {
             render_seconds,
             payload_bytes,
             produce_errors,
+            events_skipped,
             flag_evaluations,
         }
     }
@@ -121,6 +134,23 @@ impl ProducerMetrics {
                 kind: kind.to_owned(),
             })
             .inc();
+    }
+
+    pub fn skipped(&self, reason: &str) {
+        self.events_skipped
+            .get_or_create(&SkipLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Transitions skipped for `reason` so far (`user_blocked`).
+    pub fn events_skipped(&self, reason: &str) -> u64 {
+        self.events_skipped
+            .get_or_create(&SkipLabels {
+                reason: reason.to_owned(),
+            })
+            .get()
     }
 
     pub fn flag_evaluated(&self, flag: &str, on: bool) {
