@@ -100,14 +100,21 @@ impl HookRegistry {
     }
 
     /// Records a success: resets the hook's failures.
+    ///
+    /// Only a hook seen failing needs the write. Nearly every delivery goes to a healthy hook,
+    /// and a store round trip per delivery capped throughput at the pool's round-trip rate.
+    /// `hook` is the cached copy on the main path (refreshed on every failure this instance
+    /// records) and a fresh one on the retry path; a failure recorded by another instance since
+    /// the cache was loaded is reset by the first success after the cache expires.
     pub async fn succeeded(&self, hook: &Hook) -> Result<(), StoreError> {
-        self.store.record_hook_success(hook.id).await?;
-        if hook.recent_failures > 0 || hook.disabled_until.is_some() {
-            let mut healthy = hook.clone();
-            healthy.recent_failures = 0;
-            healthy.disabled_until = None;
-            self.refresh(&healthy);
+        if hook.recent_failures == 0 && hook.disabled_until.is_none() {
+            return Ok(());
         }
+        self.store.record_hook_success(hook.id).await?;
+        let mut healthy = hook.clone();
+        healthy.recent_failures = 0;
+        healthy.disabled_until = None;
+        self.refresh(&healthy);
         Ok(())
     }
 

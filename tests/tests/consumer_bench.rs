@@ -47,7 +47,15 @@ async fn deliveries_per_second_and_event_to_delivery_latency() {
     }
     let receiver = Receiver::start().await;
     world.hook(first.project.id, &receiver.url, None).await;
-    let config = world.config();
+    let mut config = world.config();
+    // The in-flight bound trades throughput for how much a crash may re-deliver (records stay
+    // in flight until a commit covers them); HOOKLINE_BENCH_MAX_IN_FLIGHT measures other bounds.
+    if let Some(n) = std::env::var("HOOKLINE_BENCH_MAX_IN_FLIGHT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        config.max_in_flight = n;
+    }
     let group = config.group_id.clone();
     let max_in_flight = config.max_in_flight;
     let running = world.start(config).await;
@@ -74,6 +82,7 @@ async fn deliveries_per_second_and_event_to_delivery_latency() {
     let before = receiver.count();
     let mut config = world.config();
     config.group_id = group;
+    config.max_in_flight = max_in_flight;
     let running = world.start(config).await;
     poll_until(
         "every backlog delivery",
