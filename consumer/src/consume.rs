@@ -41,9 +41,7 @@ use futures::{FutureExt, StreamExt};
 use hookline_cistate::{Hook, RenderSnapshot};
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
-};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::OwnedMessage;
 use rdkafka::statistics::Statistics;
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -53,6 +51,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::attempt::{Abandoned, Pipeline, backoff};
+use crate::commit::{CommitFailed, Committer};
 use crate::config::ConsumerConfig;
 use crate::decode::{self, Decoded};
 use crate::metrics::ConsumerMetrics;
@@ -281,6 +280,9 @@ impl Offsets {
     }
 }
 
+/// How long a synchronous commit may go unanswered before the loop goes on without it.
+const COMMIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Commits stored offsets as they move, one synchronous commit at a time (so commits coalesce
 /// under load), and releases the permits of records a commit covers: at most `max_in_flight`
 /// records of a path are ever beyond the committed offset, which bounds what a crash re-delivers.
@@ -289,6 +291,8 @@ pub(crate) async fn commit_loop(
     offsets: Arc<Offsets>,
     stop: CancellationToken,
 ) {
+    let committer = Committer::default();
+    let mut stuck = false;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -302,15 +306,25 @@ pub(crate) async fn commit_loop(
         for (topic, partition, _, offset) in &pending {
             let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset));
         }
-        let c = consumer.clone();
-        match tokio::task::spawn_blocking(move || c.commit(&tpl, CommitMode::Sync)).await {
-            Ok(Ok(())) => offsets.committed(&pending),
-            Ok(Err(error)) => {
+        match committer.commit(&consumer, Some(tpl), COMMIT_LIMIT).await {
+            Ok(()) => {
+                stuck = false;
+                offsets.committed(&pending)
+            }
+            Err(CommitFailed::Kafka(error)) => {
                 debug!(%error, "offset commit failed; trying again");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 offsets.stored.notify_one();
             }
-            Err(error) => warn!(%error, "commit task failed"),
+            Err(CommitFailed::Stuck) => {
+                if !stuck {
+                    warn!(limit = ?COMMIT_LIMIT, "offset commit unanswered; going on with librdkafka's auto-commit of stored offsets");
+                }
+                stuck = true;
+                // Stored offsets are committed by auto-commit once the coordinator answers:
+                // give the permits back rather than stop consuming (see `commit`).
+                offsets.committed(&pending);
+            }
         }
     }
 }
@@ -409,7 +423,7 @@ async fn drain(
     p: &Pipeline,
     tasks: &TaskTracker,
     abandon: &CancellationToken,
-    consumer: &KafkaConsumer,
+    consumer: &Arc<KafkaConsumer>,
     path: &str,
 ) {
     tasks.close();
@@ -425,9 +439,15 @@ async fn drain(
         abandon.cancel();
         tasks.wait().await;
     }
-    match consumer.commit_consumer_state(CommitMode::Sync) {
+    match Committer::default()
+        .commit(consumer, None, COMMIT_LIMIT)
+        .await
+    {
         Ok(()) => info!(path, "offsets committed"),
-        Err(error) => debug!(path, %error, "final commit (nothing stored is fine)"),
+        Err(CommitFailed::Kafka(error)) => {
+            debug!(path, %error, "final commit (nothing stored is fine)")
+        }
+        Err(CommitFailed::Stuck) => warn!(path, "final commit unanswered; exiting without it"),
     }
 }
 

@@ -26,6 +26,7 @@
 //! - [`metrics`], [`config`], [`server`] (`/metrics`, `/healthz`, `/readyz`, [`serve`]).
 
 pub mod attempt;
+mod commit;
 pub mod config;
 pub mod consume;
 pub mod dead_letter;

@@ -1,0 +1,78 @@
+//! Synchronous offset commits with a time limit.
+//!
+//! librdkafka's synchronous commit has no timeout, and it can wait forever when the group
+//! coordinator goes away at the wrong moment (a broker restart; seen here about one run in four).
+//! The commit loop waits for commits to give permits back, so a stuck commit would stop the
+//! consumer for good, and a stuck `spawn_blocking` thread would also keep the runtime from
+//! shutting down. So a commit runs on a thread of its own that nothing waits for past the limit:
+//! when the limit passes, the caller goes on without it, and while that commit is still stuck no
+//! new one is started. The offsets were *stored* before the commit was asked for, and
+//! `enable.auto.commit` commits stored offsets by itself once the coordinator answers again, so
+//! going on loses nothing: it only loosens the in-flight bound on re-deliveries for that time.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use rdkafka::TopicPartitionList;
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::error::KafkaError;
+use tokio::sync::oneshot;
+
+use crate::consume::KafkaConsumer;
+
+/// Why a commit did not confirm.
+#[derive(Debug)]
+pub(crate) enum CommitFailed {
+    /// The broker answered with an error: try again.
+    Kafka(KafkaError),
+    /// No answer within the limit (or an earlier commit is still waiting for one).
+    Stuck,
+}
+
+/// Remembers that a commit thread is still waiting, so no second one piles up behind it.
+#[derive(Debug, Default)]
+pub(crate) struct Committer {
+    waiting: Arc<AtomicBool>,
+}
+
+impl Committer {
+    /// Commits `offsets` (or, with `None`, everything stored) and waits at most `limit`.
+    pub(crate) async fn commit(
+        &self,
+        consumer: &Arc<KafkaConsumer>,
+        offsets: Option<TopicPartitionList>,
+        limit: Duration,
+    ) -> Result<(), CommitFailed> {
+        if self
+            .waiting
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return Err(CommitFailed::Stuck);
+        }
+        let (tx, rx) = oneshot::channel();
+        let (consumer, waiting) = (consumer.clone(), self.waiting.clone());
+        let spawned = std::thread::Builder::new()
+            .name("hookline-commit".into())
+            .spawn(move || {
+                let result = match &offsets {
+                    Some(tpl) => consumer.commit(tpl, CommitMode::Sync),
+                    None => consumer.commit_consumer_state(CommitMode::Sync),
+                };
+                waiting.store(false, Ordering::Release);
+                let _ = tx.send(result);
+            });
+        if let Err(error) = spawned {
+            self.waiting.store(false, Ordering::Release);
+            tracing::warn!(%error, "cannot start a commit thread");
+            return Err(CommitFailed::Stuck);
+        }
+        match tokio::time::timeout(limit, rx).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(error))) => Err(CommitFailed::Kafka(error)),
+            // The thread ended without answering: treat like no answer.
+            Ok(Err(_)) | Err(_) => Err(CommitFailed::Stuck),
+        }
+    }
+}
