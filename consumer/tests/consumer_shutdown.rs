@@ -1,0 +1,263 @@
+//! SIGTERM the real `hookline-consumer serve` mid-run: it finishes its in-flight deliveries,
+//! commits, and exits 0 within the drain bound; started again it delivers the rest, and unlike
+//! after SIGKILL (`consumer_crash.rs`) nothing is delivered twice. While it runs, its
+//! `/metrics`, `/healthz` and `/readyz` answer as documented.
+
+#[path = "../../tests/tests/consumer_common/mod.rs"]
+mod consumer_common;
+
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use consumer_common::{SlowReceiver, Tally, World, mixed_events};
+use hookline_tests::{database_url, free_port, kafka_brokers, poll_until, unique_name};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const MAX_IN_FLIGHT: usize = 16;
+const HOOKS: usize = 2;
+/// The drain bound given to the binary.
+const DRAIN: Duration = Duration::from_secs(10);
+/// After the drain, the binary still commits and leaves its groups before it exits.
+const CLOSE_SLACK: Duration = Duration::from_secs(5);
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A running `hookline-consumer serve` and its stderr, line by line.
+struct Serving {
+    child: Child,
+    base: String,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+fn start(world: &World, group: &str, schema: &str) -> Serving {
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hookline-consumer"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--allow-cidr", "127.0.0.0/8"])
+        .args(["--retry-schedule", "10ms,20ms", "--retry-hold", "200ms"])
+        .args(["--max-in-flight", &MAX_IN_FLIGHT.to_string()])
+        .args(["--poll-batch", &MAX_IN_FLIGHT.to_string()])
+        .args(["--drain-timeout", &format!("{}s", DRAIN.as_secs())])
+        .args(["--kafka-option", "session.timeout.ms=6000"])
+        .env("HOOKLINE_KAFKA_BROKERS", kafka_brokers())
+        .env("HOOKLINE_GROUP_ID", group)
+        .env("HOOKLINE_TOPIC", &world.topic)
+        .env("HOOKLINE_DATABASE_URL", database_url())
+        .env("HOOKLINE_DATABASE_SCHEMA", schema)
+        .env(
+            "RUST_LOG",
+            std::env::var("CHILD_LOG").unwrap_or("warn".into()),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start hookline-consumer");
+    // Read stderr as it comes: a full pipe would block the process.
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    let mut lines = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
+    let sink = logs.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    Serving {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+        logs,
+    }
+}
+
+impl Serving {
+    async fn get(&self, path: &str) -> Option<(u16, String)> {
+        let response = reqwest::get(format!("{}{path}", self.base)).await.ok()?;
+        let status = response.status().as_u16();
+        Some((status, response.text().await.ok()?))
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns how long it took. Panics if the process
+    /// outlives the drain bound (plus the time to commit and leave the group) or exits non-zero.
+    async fn terminate(&mut self) -> Duration {
+        let pid = self.child.id().expect("still running");
+        let sent = Instant::now();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM {pid} failed");
+        let exit = tokio::time::timeout(DRAIN + CLOSE_SLACK, self.child.wait())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "still running {:?} after SIGTERM (drain bound {DRAIN:?}); logs:\n{}",
+                    DRAIN + CLOSE_SLACK,
+                    self.logs.lock().unwrap().join("\n")
+                )
+            })
+            .expect("wait for the consumer");
+        assert!(
+            exit.success(),
+            "exit after SIGTERM: {exit}; logs:\n{}",
+            self.logs.lock().unwrap().join("\n")
+        );
+        sent.elapsed()
+    }
+
+    /// Records the binary reported abandoning at the drain bound (`left=N` per path).
+    fn abandoned(&self) -> usize {
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("abandoning in-flight work"))
+            .filter_map(|l| {
+                let n = l.split("left=").nth(1)?;
+                n.split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .sum()
+    }
+}
+
+/// The metric families the consumer documents (`consumer/src/metrics.rs`), as OpenMetrics
+/// `# TYPE` lines: deliveries by outcome, delivery latency, stale renders, retries scheduled,
+/// dead letters, hook disables, in-flight, consumer lag.
+const FAMILIES: [(&str, &str); 9] = [
+    ("hookline_consumer_deliveries", "counter"),
+    ("hookline_consumer_delivery_attempt_seconds", "histogram"),
+    ("hookline_consumer_event_to_delivery_seconds", "histogram"),
+    ("hookline_consumer_stale_renders", "counter"),
+    ("hookline_consumer_retries_scheduled", "counter"),
+    ("hookline_consumer_dead_letters", "counter"),
+    ("hookline_consumer_hook_disables", "counter"),
+    ("hookline_consumer_in_flight", "gauge"),
+    ("hookline_consumer_consumer_lag", "gauge"),
+];
+
+/// The value of the sample line starting with `series` (name plus labels), if any.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_drains_in_flight_work_exits_zero_and_a_restart_delivers_the_rest_without_duplicates()
+ {
+    let world = World::new(2).await;
+    let schema = world.store_schema().await;
+    let builds = world.builds(14_000, 20).await;
+    let project = builds[0].project.id;
+    // Slow answers keep deliveries in flight whenever SIGTERM lands.
+    let receiver = SlowReceiver::start(Duration::from_millis(200)).await;
+    world
+        .hook(project, &format!("{}?a", receiver.url), None)
+        .await;
+    world
+        .hook(project, &format!("{}?b", receiver.url), None)
+        .await;
+    let events = mixed_events(&builds, 16);
+    let pairs = events.len() * HOOKS;
+    // A first part while the endpoints are checked, the rest when SIGTERM is due, so that it
+    // lands mid-run whatever the checks took.
+    let (early, late) = events.split_at(events.len() / 4);
+    for (event, version) in early {
+        world.send(event, *version).await;
+    }
+
+    let group = unique_name("shutdown");
+    let mut first = start(&world, &group, &schema);
+    poll_until("/healthz", WAIT, || async {
+        first.get("/healthz").await.filter(|(s, _)| *s == 200)
+    })
+    .await;
+    // The operational endpoints of the running binary. The lag gauge comes from librdkafka's
+    // statistics (every second), so wait for it.
+    let lag_series = format!(
+        "hookline_consumer_consumer_lag{{partition=\"0\",topic=\"{}\"}}",
+        world.topic
+    );
+    let lag_series_other_order = format!(
+        "hookline_consumer_consumer_lag{{topic=\"{}\",partition=\"0\"}}",
+        world.topic
+    );
+    let metrics = poll_until("the lag of the main topic in /metrics", WAIT, || async {
+        let (status, text) = first.get("/metrics").await?;
+        assert_eq!(status, 200);
+        (text.contains(&lag_series) || text.contains(&lag_series_other_order)).then_some(text)
+    })
+    .await;
+    for (name, kind) in FAMILIES {
+        assert!(
+            metrics.contains(&format!("# TYPE {name} {kind}")),
+            "/metrics lacks {name} ({kind}):\n{metrics}"
+        );
+    }
+    assert!(
+        sample(
+            &metrics,
+            "hookline_consumer_deliveries_total{outcome=\"delivered\"}"
+        ) > Some(0.0),
+        "{metrics}"
+    );
+    assert!(
+        sample(&metrics, "hookline_consumer_stale_renders_total") > Some(0.0),
+        "legacy events of builds that moved on are counted stale:\n{metrics}"
+    );
+    assert_eq!(first.get("/readyz").await.map(|(s, _)| s), Some(200));
+
+    for (event, version) in late {
+        world.send(event, *version).await;
+    }
+    poll_until("the first part and some of the rest", WAIT, || async {
+        (receiver.count() >= (early.len() + late.len() / 6) * HOOKS).then_some(())
+    })
+    .await;
+
+    let at_term = receiver.count();
+    let in_flight_at_term = receiver.begun() - at_term;
+    let took = first.terminate().await;
+    let (at_exit, begun_at_exit) = (receiver.count(), receiver.begun());
+    let abandoned = first.abandoned();
+    if abandoned == 0 {
+        assert_eq!(
+            begun_at_exit, at_exit,
+            "the consumer exited with deliveries unanswered though it reported abandoning none"
+        );
+    }
+
+    assert!(
+        at_term < pairs,
+        "SIGTERM landed after the run finished; nothing was tested"
+    );
+    let mut second = start(&world, &group, &schema);
+    // Its signal handler is in place once it serves.
+    poll_until("/healthz of the restarted consumer", WAIT, || async {
+        second.get("/healthz").await.filter(|(s, _)| *s == 200)
+    })
+    .await;
+    let tally = poll_until("every (event, hook) pair", WAIT, || async {
+        let tally = Tally::of(&receiver.received());
+        (tally.pairs == pairs).then_some(tally)
+    })
+    .await;
+    second.terminate().await;
+    // A clean stop stores the offset of every record it finished; only records abandoned at the
+    // drain bound may come again, each once per hook.
+    let bound = abandoned * HOOKS;
+    eprintln!(
+        "sigterm: {pairs} pairs; SIGTERM after {at_term} answers with {in_flight_at_term} requests in flight at the receiver; \
+         exited 0 after {took:?} (drain bound {DRAIN:?}) with {at_exit} answers; {abandoned} records abandoned; \
+         after the restart {} arrivals, {} duplicates (bound: {abandoned} abandoned x {HOOKS} hooks = {bound})",
+        tally.arrivals, tally.duplicates
+    );
+    assert!(
+        tally.duplicates <= bound,
+        "{} duplicates after a clean stop (bound {bound})",
+        tally.duplicates
+    );
+}

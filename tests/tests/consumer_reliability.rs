@@ -1,0 +1,320 @@
+//! The consumer's reliability claims, each exercised as stated and counted: a broker that goes
+//! away mid-run (cleanly, then by SIGKILL), consumer instances joining and leaving a group
+//! mid-run, and a hook that is temporarily disabled. Every test checks that each (event, hook)
+//! pair reaches its receiver, counts the duplicates and holds them to the in-flight bound.
+//!
+//! ```text
+//! eval "$(scripts/stack env)"
+//! cargo test -p hookline-tests --test consumer_reliability -- --nocapture
+//! ```
+
+mod consumer_common;
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use consumer_common::{SlowReceiver, Tally, World, inline_event, mixed_events};
+use hookline_cistate::{CiStore, HookState};
+use hookline_consumer::Outcome;
+use hookline_schemas::{BuildStatus, SchemaVersion};
+use hookline_tests::{PrivateBroker, Receiver, poll_until};
+
+/// Small, so that the bound on duplicates is tight enough to mean something.
+const MAX_IN_FLIGHT: usize = 16;
+const HOOKS: usize = 2;
+const WAIT: Duration = Duration::from_secs(60);
+
+/// The consumer's logs, when `RUST_LOG` asks for them (a failing run is read with
+/// `RUST_LOG=hookline_consumer=debug`).
+fn logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// How long the receivers of the mid-run tests take to answer: long enough that deliveries are
+/// in flight whenever the test acts, short enough that the runs stay brief.
+const ANSWER_AFTER: Duration = Duration::from_millis(50);
+
+/// Waits until `receiver` has answered `n` requests and returns how many it has.
+async fn arrivals_reach(receiver: &SlowReceiver, n: usize, what: &str) -> usize {
+    poll_until(what, WAIT, || async {
+        let count = receiver.count();
+        (count >= n).then_some(count)
+    })
+    .await
+}
+
+/// Waits until every one of `pairs` (event, hook) pairs reached `receiver`.
+async fn every_pair(receiver: &SlowReceiver, pairs: usize) -> Tally {
+    poll_until("every (event, hook) pair", WAIT, || async {
+        let tally = Tally::of(&receiver.received());
+        (tally.pairs == pairs).then_some(tally)
+    })
+    .await
+}
+
+/// The broker stops cleanly a third of the way in and is killed (SIGKILL) two thirds of the way
+/// in, each time coming back with its data. The consumer is never restarted: it reconnects,
+/// delivers everything, and re-delivers at most its in-flight records per outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_stopped_then_killed_mid_run_loses_no_delivery_and_the_consumer_rides_it_out() {
+    logs();
+    let broker = tokio::task::spawn_blocking(PrivateBroker::start)
+        .await
+        .expect("start the private broker");
+    let world = World::on(&broker.bootstrap, 2).await;
+    let builds = world.builds(11_000, 12).await;
+    let project = builds[0].project.id;
+    let receiver = SlowReceiver::start(ANSWER_AFTER).await;
+    world
+        .hook(project, &format!("{}?a", receiver.url), None)
+        .await;
+    world
+        .hook(project, &format!("{}?b", receiver.url), None)
+        .await;
+    let events = mixed_events(&builds, 25);
+    let pairs = events.len() * HOOKS;
+
+    let mut config = world.config();
+    config.max_in_flight = MAX_IN_FLIGHT;
+    config.poll_batch = MAX_IN_FLIGHT;
+    let running = world.start(config).await;
+    let n = pairs / HOOKS;
+    // Each outage comes while the consumer is busy and before the last events are produced, so
+    // the consumer must deliver events produced after the broker came back.
+    let producing = world.send_paced(events, Duration::from_millis(5));
+    producing.release(n / 2);
+    let t0 = Instant::now();
+    let at_stop = arrivals_reach(&receiver, pairs / 3, "a third of the deliveries").await;
+    // The broker scripts block; block_in_place keeps the runtime's other workers serving the
+    // consumer and the receiver meanwhile.
+    tokio::task::block_in_place(|| broker.stop());
+    let stopped = t0.elapsed();
+    tokio::task::block_in_place(|| broker.restart());
+    let back = t0.elapsed();
+    producing.release(5 * n / 6);
+    let at_kill = arrivals_reach(&receiver, 2 * pairs / 3, "two thirds of the deliveries").await;
+    let killed = t0.elapsed();
+    tokio::task::block_in_place(|| broker.kill());
+    tokio::task::block_in_place(|| broker.restart());
+    let back_again = t0.elapsed();
+
+    let resent = producing.finish().await;
+    let tally = every_pair(&receiver, pairs).await;
+    eprintln!(
+        "broker restart timeline: stopped at {stopped:?}, back at {back:?}, killed at {killed:?}, \
+         back at {back_again:?}, every pair delivered at {:?}",
+        t0.elapsed()
+    );
+    // Duplicate records written by the test's own producer are not the consumer's doing.
+    let outages = 2;
+    let bound = outages * MAX_IN_FLIGHT * HOOKS + resent * HOOKS;
+    eprintln!(
+        "broker restart: {pairs} pairs; broker stopped after {at_stop} arrivals and killed after {at_kill}; \
+         {} arrivals, {} duplicates (bound: {outages} outages x {MAX_IN_FLIGHT} in flight x {HOOKS} hooks \
+         + {resent} records the test producer resent = {bound}); delivered metric {}",
+        tally.arrivals,
+        tally.duplicates,
+        running.metrics.deliveries(Outcome::Delivered),
+    );
+    assert!(
+        !running.handle.is_finished(),
+        "the consumer stopped instead of riding out the outages"
+    );
+    assert!(
+        tally.duplicates <= bound,
+        "{} duplicates exceed the bound {bound}",
+        tally.duplicates
+    );
+    assert_eq!(
+        running.metrics.dead_letters(None),
+        0,
+        "nothing dead-lettered"
+    );
+    running.stop().await;
+}
+
+/// Two instances in one group on a 4-partition topic: the second joins a third of the way in,
+/// the first leaves (its shutdown token) two thirds of the way in. Nothing is lost, the second
+/// takes over, and because a revoked partition's offsets are never stored by the instance that
+/// lost it, re-deliveries stay within the in-flight bound per rebalance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn instances_joining_and_leaving_the_group_mid_run_lose_nothing_and_duplicate_little() {
+    logs();
+    let world = World::new(4).await;
+    let builds = world.builds(12_000, 16).await;
+    let project = builds[0].project.id;
+    let receiver = SlowReceiver::start(ANSWER_AFTER).await;
+    world
+        .hook(project, &format!("{}?a", receiver.url), None)
+        .await;
+    world
+        .hook(project, &format!("{}?b", receiver.url), None)
+        .await;
+    let events = mixed_events(&builds, 30);
+    let pairs = events.len() * HOOKS;
+
+    let mut config = world.config();
+    config.max_in_flight = MAX_IN_FLIGHT;
+    config.poll_batch = MAX_IN_FLIGHT;
+    let first = world.start(config.clone()).await;
+    let n = pairs / HOOKS;
+    // Each change of membership comes while the group is busy, and the last events are produced
+    // only after the first instance left, so the second must have taken over its partitions.
+    let producing = world.send_paced(events, Duration::from_millis(5));
+    producing.release(n / 2);
+    let at_join = arrivals_reach(&receiver, pairs / 3, "a third of the deliveries").await;
+    let second = world.start(config.clone()).await;
+    producing.release(5 * n / 6);
+    let at_leave = arrivals_reach(&receiver, 2 * pairs / 3, "two thirds of the deliveries").await;
+    let second_before_leave = second.metrics.deliveries(Outcome::Delivered);
+    let first_metrics = first.metrics.clone();
+    // Cancels the first instance's token and waits for its drain.
+    first.stop().await;
+
+    let resent = producing.finish().await;
+    let tally = every_pair(&receiver, pairs).await;
+    let (by_first, by_second) = (
+        first_metrics.deliveries(Outcome::Delivered),
+        second.metrics.deliveries(Outcome::Delivered),
+    );
+    // Two rebalances (join, leave); at each, the instance giving up partitions has at most
+    // MAX_IN_FLIGHT records past its committed offsets, each one delivery per hook.
+    let rebalances = 2;
+    let bound = rebalances * MAX_IN_FLIGHT * HOOKS + resent * HOOKS;
+    eprintln!(
+        "rebalance: {pairs} pairs; second instance joined after {at_join} arrivals, first left after {at_leave}; \
+         delivered by the first {by_first}, by the second {by_second} ({second_before_leave} before the first left); \
+         {} arrivals, {} duplicates (bound: {rebalances} rebalances x {MAX_IN_FLIGHT} in flight x {HOOKS} hooks \
+         + {resent} resent records = {bound})",
+        tally.arrivals, tally.duplicates,
+    );
+    assert!(
+        by_second > 0,
+        "the second instance never took over a partition"
+    );
+    assert_eq!(
+        (by_first + by_second) as usize,
+        tally.arrivals,
+        "every arrival is a delivery one of the instances counted"
+    );
+    assert!(
+        tally.duplicates <= bound,
+        "{} duplicates exceed the bound {bound}",
+        tally.duplicates
+    );
+    assert_eq!(first_metrics.dead_letters(None), 0);
+    assert_eq!(second.metrics.dead_letters(None), 0);
+    second.stop().await;
+}
+
+/// A hook backing off after failures (GitLab's auto-disable: `disabled_until` in the future)
+/// gets nothing while it is disabled, then every delivery due meanwhile, none dead-lettered;
+/// the project's other hook is served all along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deliveries_to_a_temporarily_disabled_hook_are_deferred_not_dropped() {
+    logs();
+    let world = World::new(2).await;
+    let builds = world.builds(13_000, 3).await;
+    let project = builds[0].project.id;
+    let healthy = Receiver::start().await;
+    let backing_off = Receiver::start().await;
+    world.hook(project, &healthy.url, None).await;
+    let hook = world.hook(project, &backing_off.url, None).await;
+    let mut config = world.config();
+    // Every batch reads the hooks from the store, so the change below is seen at once.
+    config.hook_cache_ttl = Duration::ZERO;
+    let running = world.start(config).await;
+
+    // The consumer is up and both hooks are served.
+    world
+        .send(
+            &inline_event(&builds[0], BuildStatus::Created),
+            SchemaVersion::V2,
+        )
+        .await;
+    poll_until("the warm-up delivery to both hooks", WAIT, || async {
+        (healthy.count() == 1 && backing_off.count() == 1).then_some(())
+    })
+    .await;
+
+    // As after four failures in a row, with a back-off short enough for a test.
+    let backoff = Duration::from_secs(4);
+    let (until, until_instant) = (
+        Utc::now() + chrono::Duration::from_std(backoff).unwrap(),
+        Instant::now() + backoff,
+    );
+    sqlx::query("UPDATE web_hooks SET recent_failures = 4, disabled_until = $2 WHERE id = $1")
+        .bind(hook.id)
+        .bind(until)
+        .execute(world.store.pool())
+        .await
+        .expect("disable the hook for a while");
+    assert!(matches!(
+        world
+            .store
+            .hook(hook.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .state(Utc::now()),
+        HookState::TemporarilyDisabled(_)
+    ));
+
+    let events = mixed_events(&builds, 4);
+    for (event, version) in &events {
+        world.send(event, *version).await;
+    }
+    let n = events.len();
+    poll_until("every event at the healthy hook", WAIT, || async {
+        (healthy.count() == 1 + n).then_some(())
+    })
+    .await;
+    let deferred_events = poll_until("every deferred event", WAIT, || async {
+        (backing_off.count() == 1 + n).then(|| backing_off.received().split_off(1))
+    })
+    .await;
+
+    let earliest = deferred_events.iter().map(|r| r.at).min().unwrap();
+    eprintln!(
+        "disabled hook: {n} events; healthy hook got {} ; disabled hook got {} deliveries, the first {:?} after disabled_until; \
+         deferred {}, dead letters {}",
+        healthy.count() - 1,
+        deferred_events.len(),
+        earliest.saturating_duration_since(until_instant),
+        running.metrics.deliveries(Outcome::Deferred),
+        running.metrics.dead_letters(None),
+    );
+    // The consumer compares wall-clock time with disabled_until, the receiver stamps a
+    // monotonic Instant: allow the two clocks a few milliseconds of disagreement.
+    assert!(
+        earliest + Duration::from_millis(20) >= until_instant,
+        "a delivery reached the hook {:?} before disabled_until",
+        until_instant - earliest
+    );
+    let keys = Tally::of(&deferred_events);
+    assert_eq!(
+        (keys.pairs, keys.duplicates),
+        (n, 0),
+        "each event arrives once"
+    );
+    assert_eq!(
+        running.metrics.deliveries(Outcome::Deferred),
+        n as u64,
+        "every event for the disabled hook was deferred (not attempted, not dropped)"
+    );
+    assert_eq!(
+        running.metrics.dead_letters(None),
+        0,
+        "nothing dead-lettered"
+    );
+    let after = world.store.hook(hook.id).await.unwrap().unwrap();
+    assert_eq!(
+        (after.recent_failures, after.disabled_until),
+        (0, None),
+        "a delivery after the back-off resets the hook's health"
+    );
+    running.stop().await;
+}
