@@ -140,6 +140,11 @@ impl Consumer {
         self.pipeline.metrics.clone()
     }
 
+    /// A client of the consumer's Kafka cluster (its hand-off producer), for readiness probes.
+    pub fn kafka_client(&self) -> rdkafka::producer::FutureProducer {
+        self.pipeline.producer.clone()
+    }
+
     /// Runs both paths until `shutdown`, then drains in-flight work within the configured bound
     /// and commits the offsets of finished work.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ConsumerError> {

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -10,6 +11,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use hookline_cistate::{CiStore, MemoryStore, PgOptions, PgStore};
 use hookline_schemas::Codec;
+use rdkafka::producer::{FutureProducer, Producer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -48,15 +50,25 @@ pub async fn open_store(
 struct AppState {
     metrics: Arc<ConsumerMetrics>,
     store: Arc<dyn CiStore>,
+    kafka: FutureProducer,
 }
 
-/// The operational endpoints, without a socket (tests call it directly).
-pub fn app(metrics: Arc<ConsumerMetrics>, store: Arc<dyn CiStore>) -> Router {
+/// The operational endpoints, without a socket (tests call it directly). `kafka` is any client
+/// of the consumer's cluster: readiness asks it for metadata.
+pub fn app(
+    metrics: Arc<ConsumerMetrics>,
+    store: Arc<dyn CiStore>,
+    kafka: FutureProducer,
+) -> Router {
     Router::new()
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
-        .with_state(AppState { metrics, store })
+        .with_state(AppState {
+            metrics,
+            store,
+            kafka,
+        })
 }
 
 async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
@@ -69,11 +81,24 @@ async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
-/// Ready when the store answers: without it no legacy event can be rendered and no hook read.
+/// Ready when the store and Kafka answer: without the store no legacy event can be rendered
+/// and no hook read; without Kafka nothing is consumed and no retry can be handed off.
 async fn ready(State(state): State<AppState>) -> impl IntoResponse {
-    match state.store.ping().await {
-        Ok(()) => (StatusCode::OK, "ready".to_owned()),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}")),
+    if let Err(e) = state.store.ping().await {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}"));
+    }
+    let kafka = state.kafka.clone();
+    let metadata = tokio::task::spawn_blocking(move || {
+        kafka
+            .client()
+            .fetch_metadata(None, Duration::from_secs(2))
+            .map(|_| ())
+    })
+    .await;
+    match metadata {
+        Ok(Ok(())) => (StatusCode::OK, "ready".to_owned()),
+        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("kafka: {e}")),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("kafka probe: {e}")),
     }
 }
 
@@ -85,9 +110,12 @@ pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> Result<(
     info!(listen = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
     let http_stop = shutdown.clone();
     let http = tokio::spawn(
-        axum::serve(listener, app(consumer.metrics(), store))
-            .with_graceful_shutdown(async move { http_stop.cancelled().await })
-            .into_future(),
+        axum::serve(
+            listener,
+            app(consumer.metrics(), store, consumer.kafka_client()),
+        )
+        .with_graceful_shutdown(async move { http_stop.cancelled().await })
+        .into_future(),
     );
     let result = consumer.run(shutdown).await;
     http.abort();

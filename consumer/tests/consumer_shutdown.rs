@@ -261,3 +261,34 @@ async fn sigterm_drains_in_flight_work_exits_zero_and_a_restart_delivers_the_res
         tally.duplicates
     );
 }
+
+/// `/readyz` says "not ready" while Kafka does not answer (and says why), while `/healthz`, the
+/// liveness probe, stays 200: an orchestrator keeps the process but sends it no traffic.
+#[tokio::test]
+async fn readyz_is_503_while_kafka_is_unreachable_and_healthz_stays_200() {
+    let port = free_port();
+    let unreachable = format!("127.0.0.1:{}", free_port());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hookline-consumer"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--brokers", &unreachable, "--database-url", "memory"])
+        .args(["--group-id", &unique_name("unready")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start hookline-consumer");
+    let base = format!("http://127.0.0.1:{port}");
+    let (status, body) = poll_until("/readyz answers", WAIT, || async {
+        let response = reqwest::get(format!("{base}/readyz")).await.ok()?;
+        Some((response.status().as_u16(), response.text().await.ok()?))
+    })
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.starts_with("kafka:"),
+        "the answer names what is missing: {body}"
+    );
+    let health = reqwest::get(format!("{base}/healthz")).await.unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+    child.kill().await.unwrap();
+}
