@@ -233,6 +233,7 @@ async fn receive(
 pub struct PrivateBroker {
     pub bootstrap: String,
     env: Vec<(String, String)>,
+    run_dir: std::path::PathBuf,
 }
 
 impl PrivateBroker {
@@ -253,6 +254,7 @@ impl PrivateBroker {
                     run_dir.display().to_string(),
                 ),
             ],
+            run_dir,
         };
         broker.ctl(&["start"]);
         broker
@@ -299,6 +301,8 @@ impl Drop for PrivateBroker {
                 .envs(self.env.iter().map(|(k, v)| (k, v)))
                 .output();
         }
+        // `stop` deletes the data; the config and logs go too.
+        let _ = std::fs::remove_dir_all(&self.run_dir);
     }
 }
 
