@@ -74,6 +74,9 @@ pub enum ConsumerError {
     /// The HTTP listener for `/metrics` could not be opened.
     #[error("listener: {0}")]
     Listen(#[from] std::io::Error),
+    /// The schema registry did not answer at startup (or refused the reader's schema).
+    #[error("schema registry: {0}")]
+    SchemaRegistry(String),
 }
 
 /// A running consumer: the main path and the retry path, sharing one pipeline.

@@ -87,6 +87,10 @@ struct ServeArgs {
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "HOOKLINE_LISTEN", default_value = "127.0.0.1:9464")]
     listen: SocketAddr,
+    /// Base URL of a Confluent-compatible schema registry to fetch writer schemas from by id
+    /// [default: the embedded registry, ids in schemas/avro/manifest.json].
+    #[arg(long, env = "HOOKLINE_SCHEMA_REGISTRY_URL")]
+    schema_registry_url: Option<String>,
     /// Records in flight per path (backpressure; bounds re-deliveries after a crash).
     #[arg(long, env = "HOOKLINE_MAX_IN_FLIGHT", default_value_t = 256)]
     max_in_flight: usize,
@@ -289,6 +293,7 @@ async fn run() -> anyhow::Result<()> {
                     database_url: args.database_url,
                     database_schema: args.database_schema,
                     listen: args.listen,
+                    schema_registry_url: args.schema_registry_url,
                 },
                 token,
             )

@@ -10,7 +10,8 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use hookline_cistate::{CiStore, MemoryStore, PgOptions, PgStore};
-use hookline_schemas::Codec;
+use hookline_schemas::codec::REGISTRY_ATTEMPTS;
+use hookline_schemas::{Codec, CodecError, RegistryError, SchemaVersion};
 use rdkafka::producer::{FutureProducer, Producer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +29,30 @@ pub struct ServeConfig {
     pub database_schema: Option<String>,
     /// Where `/metrics`, `/healthz` and `/readyz` listen.
     pub listen: SocketAddr,
+    /// Base URL of a Confluent-compatible schema registry to fetch writer schemas from, by the
+    /// id in each record (cached). `None`: the embedded registry (`schemas/avro/manifest.json`).
+    pub schema_registry_url: Option<String>,
+}
+
+/// The consumer's codec: the embedded registry's without a URL; with one, a client of that
+/// Confluent-compatible registry, which reads every record by fetching its writer schema by id
+/// (once per id). Startup registers the reader's version (v2), so a registry that does not answer
+/// is found now (after a few attempts). Once running, a registry that does not answer holds the
+/// batch until it does; an id it does not know is dead-lettered.
+pub async fn open_codec(registry_url: Option<&str>) -> Result<Codec, ConsumerError> {
+    Codec::for_registry(registry_url, SchemaVersion::V2)
+        .await
+        .map_err(|e| {
+            let url = registry_url.unwrap_or_default();
+            if let CodecError::Registry(RegistryError::InvalidUrl(_)) = e {
+                return ConsumerError::Config(e.to_string());
+            }
+            ConsumerError::SchemaRegistry(if e.is_transient() {
+                format!("{url} unreachable (gave up after {REGISTRY_ATTEMPTS} attempts): {e}")
+            } else {
+                format!("{url}: {e}")
+            })
+        })
 }
 
 /// Opens the store named by `url`: `memory` or a PostgreSQL URL (migrations are applied), in
@@ -104,8 +129,9 @@ async fn ready(State(state): State<AppState>) -> impl IntoResponse {
 
 /// Runs the consumer and its HTTP endpoints until `shutdown`; then drains and returns.
 pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> Result<(), ConsumerError> {
+    let codec = open_codec(config.schema_registry_url.as_deref()).await?;
     let store = open_store(&config.database_url, config.database_schema.as_deref()).await?;
-    let consumer = Consumer::new(config.consumer, store.clone(), Codec::embedded()).await?;
+    let consumer = Consumer::new(config.consumer, store.clone(), codec).await?;
     let listener = TcpListener::bind(config.listen).await?;
     info!(listen = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
     let http_stop = shutdown.clone();
@@ -120,4 +146,25 @@ pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> Result<(
     let result = consumer.run(shutdown).await;
     http.abort();
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_unreachable_registry_fails_startup_after_retries() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("http://127.0.0.1:{port}");
+        let error = open_codec(Some(&url)).await.unwrap_err();
+        assert!(
+            matches!(&error, ConsumerError::SchemaRegistry(m) if m.contains("unreachable")),
+            "{error}"
+        );
+        assert!(open_codec(None).await.is_ok());
+    }
 }

@@ -38,6 +38,11 @@ pub struct KafkaOptions {
     /// (librdkafka `message.timeout.ms`), e.g. 10s, 500ms.
     #[arg(long, env = "HOOKLINE_DELIVERY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub delivery_timeout: Duration,
+    /// Base URL of a Confluent-compatible schema registry: the writer schema is registered there
+    /// at startup and its id written in every record. Unset: the embedded registry (ids fixed in
+    /// schemas/avro/manifest.json).
+    #[arg(long, env = "HOOKLINE_SCHEMA_REGISTRY_URL")]
+    pub schema_registry_url: Option<String>,
 }
 
 impl KafkaOptions {
@@ -49,6 +54,7 @@ impl KafkaOptions {
             writer: self.writer_schema,
             create_topic_partitions: self.create_topic_partitions,
             delivery_timeout: self.delivery_timeout,
+            schema_registry_url: self.schema_registry_url.clone(),
         }
     }
 }

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use hookline_cistate::render::truncate_to_micros;
 use hookline_cistate::{Build, CiStore, RenderSnapshot, Transition};
+use hookline_schemas::codec::REGISTRY_ATTEMPTS;
 use hookline_schemas::{
     BuildEvent, BuildStatus, Codec, PayloadTiming, SchemaVersion, TransitionFacts,
 };
@@ -54,6 +55,9 @@ pub struct EmitterConfig {
     pub create_topic_partitions: Option<i32>,
     /// Longest wait for Kafka's acknowledgement (librdkafka `message.timeout.ms`).
     pub delivery_timeout: Duration,
+    /// Base URL of a Confluent-compatible schema registry, where the writer schema is registered
+    /// at startup. `None`: the embedded registry (ids fixed in `schemas/avro/manifest.json`).
+    pub schema_registry_url: Option<String>,
 }
 
 impl EmitterConfig {
@@ -65,6 +69,7 @@ impl EmitterConfig {
             writer: SchemaVersion::LATEST,
             create_topic_partitions: None,
             delivery_timeout: Duration::from_secs(10),
+            schema_registry_url: None,
         }
     }
 
@@ -94,6 +99,40 @@ impl EmitterConfig {
             client.set(key, value);
         }
         client
+    }
+}
+
+/// The codec writing `writer`: the embedded registry's without a URL; with one, the writer schema
+/// is registered with that Confluent-compatible registry (its id goes in every record), asking a
+/// registry that does not answer a few times before startup fails.
+pub async fn writer_codec(
+    registry_url: Option<&str>,
+    writer: SchemaVersion,
+) -> Result<Codec, ProducerError> {
+    let codec = Codec::for_registry(registry_url, writer)
+        .await
+        .map_err(|e| registry_error(registry_url.unwrap_or_default(), writer, e))?;
+    if let Some(url) = registry_url {
+        tracing::info!(%url, schema_id = codec.writer_schema_id(), ?writer, "writer schema registered");
+    }
+    Ok(codec)
+}
+
+fn registry_error(
+    url: &str,
+    writer: SchemaVersion,
+    e: hookline_schemas::CodecError,
+) -> ProducerError {
+    use hookline_schemas::{CodecError, RegistryError};
+    if let CodecError::Registry(RegistryError::InvalidUrl(_)) = e {
+        return ProducerError::Invalid(e.to_string());
+    }
+    if e.is_transient() {
+        ProducerError::SchemaRegistry(format!(
+            "cannot register the {writer:?} writer schema at {url} (gave up after {REGISTRY_ATTEMPTS} attempts): {e}"
+        ))
+    } else {
+        ProducerError::SchemaRegistry(format!("{url} refused the {writer:?} writer schema: {e}"))
     }
 }
 
@@ -175,6 +214,7 @@ impl Emitter {
         if config.topic.is_empty() {
             return Err(ProducerError::Invalid("the topic name is empty".into()));
         }
+        let codec = writer_codec(config.schema_registry_url.as_deref(), config.writer).await?;
         let producer: FutureProducer = config
             .producer_config()
             .create()
@@ -186,7 +226,7 @@ impl Emitter {
             inner: Arc::new(Inner {
                 producer,
                 topic: config.topic,
-                codec: Codec::embedded_writing(config.writer),
+                codec,
                 store,
                 flags,
                 metrics,
@@ -488,5 +528,43 @@ async fn ensure_topic(config: &EmitterConfig, partitions: i32) {
         }
         Ok(Err(error)) => tracing::warn!(topic = %config.topic, %error, "topic creation skipped"),
         Err(_) => tracing::warn!(topic = %config.topic, "topic creation timed out; skipped"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn without_a_registry_url_the_embedded_ids_are_written() {
+        let v2 = writer_codec(None, SchemaVersion::V2).await.unwrap();
+        let v1 = writer_codec(None, SchemaVersion::V1).await.unwrap();
+        assert_eq!((v1.writer_schema_id(), v2.writer_schema_id()), (1, 2));
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_registry_fails_startup_after_retries() {
+        // Bind then drop a listener: nothing answers on that port.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("http://127.0.0.1:{port}");
+        let error = writer_codec(Some(&url), SchemaVersion::V2)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, ProducerError::SchemaRegistry(m) if m.contains(&url) && m.contains("gave up after 5 attempts")),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_registry_url_must_be_http() {
+        let error = writer_codec(Some("registry:8081"), SchemaVersion::V2)
+            .await
+            .unwrap_err();
+        assert!(matches!(error, ProducerError::Invalid(_)), "{error}");
     }
 }

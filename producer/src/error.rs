@@ -15,6 +15,9 @@ pub enum ProducerError {
     Store(String),
     #[error("kafka: {0}")]
     Kafka(String),
+    /// The schema registry could not register the writer schema at startup.
+    #[error("schema registry: {0}")]
+    SchemaRegistry(String),
     /// Local I/O (flags file, listening socket) failed.
     #[error("{context}: {source}")]
     Io {

@@ -11,7 +11,10 @@ use std::sync::Arc;
 use apache_avro::Schema;
 
 use crate::event::{BuildEvent, SchemaVersion};
-use crate::registry::{BUILD_EVENT_SUBJECT, RegistryError, SchemaRegistry};
+use crate::registry::{BUILD_EVENT_SUBJECT, HttpRegistry, RegistryError, SchemaRegistry};
+
+/// How many times [`Codec::for_registry`] asks a registry that does not answer.
+pub const REGISTRY_ATTEMPTS: usize = 5;
 
 const MAGIC: u8 = 0;
 const HEADER_LEN: usize = 5;
@@ -99,6 +102,34 @@ impl Codec {
             writer_schema: Arc::new(writer_schema),
             writer_id,
         })
+    }
+
+    /// The codec of a deployment: with no URL, the embedded registry's; with one, a client of
+    /// that Confluent-compatible registry, where `writer` is registered now (its id goes in every
+    /// record written; a reader fetches writer schemas by id, once each). A registry that does
+    /// not answer is asked [`REGISTRY_ATTEMPTS`] times in all before the error is returned, so a
+    /// service started beside its registry does not fail on the race.
+    pub async fn for_registry(
+        url: Option<&str>,
+        writer: SchemaVersion,
+    ) -> Result<Self, CodecError> {
+        use backon::{ExponentialBuilder, Retryable};
+        let Some(url) = url else {
+            return Ok(Self::embedded_writing(writer));
+        };
+        let registry: Arc<dyn SchemaRegistry> = Arc::new(HttpRegistry::new(url)?);
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(std::time::Duration::from_millis(200))
+            .with_max_delay(std::time::Duration::from_secs(2))
+            .with_max_times(REGISTRY_ATTEMPTS - 1)
+            .with_jitter();
+        (|| Self::new(registry.clone(), writer))
+            .retry(backoff)
+            .when(CodecError::is_transient)
+            .notify(|error, wait| {
+                tracing::warn!(%url, %error, ?wait, "schema registry unavailable; retrying")
+            })
+            .await
     }
 
     /// The codec of the embedded registry, writing the latest version.

@@ -28,6 +28,8 @@ pub enum RegistryError {
     NotRegistered { subject: String },
     #[error("schema registry request failed: {0}")]
     Http(String),
+    #[error("schema registry URL {0:?} must start with http:// or https://")]
+    InvalidUrl(String),
     #[error("schema registry returned an unparsable schema for id {id}: {reason}")]
     BadSchema { id: u32, reason: String },
 }
@@ -148,6 +150,9 @@ struct SchemaAnswer {
 
 impl HttpRegistry {
     pub fn new(base_url: &str) -> Result<Self, RegistryError> {
+        if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+            return Err(RegistryError::InvalidUrl(base_url.to_owned()));
+        }
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()
