@@ -256,6 +256,35 @@ impl Offsets {
 }
 
 impl Offsets {
+    /// Stores again what a refused store left behind. librdkafka refuses stores while a
+    /// partition's state is in flux (around a broker restart); the records behind such a store
+    /// keep their permits parked, and once every permit is parked no record finishes to store
+    /// again: without this sweep the consumer would stop for good.
+    fn store_left_behind<C: ConsumerContext>(&self, consumer: &StreamConsumer<C>) {
+        let mut lanes = self.lanes();
+        for ((topic, partition), lane) in lanes.iter_mut() {
+            let Some(next) = lane.next else { continue };
+            let committable = lane.in_flight.first().copied().unwrap_or(next);
+            if committable <= lane.stored {
+                continue;
+            }
+            let mut tpl = TopicPartitionList::new();
+            if tpl
+                .add_partition_offset(topic, *partition, Offset::Offset(committable))
+                .is_err()
+            {
+                continue;
+            }
+            if consumer.store_offsets(&tpl).is_ok() {
+                debug!(%topic, partition, offset = committable, "offset stored on a later try");
+                lane.stored = committable;
+                if self.commit_each_store {
+                    self.stored.notify_one();
+                }
+            }
+        }
+    }
+
     /// Stored offsets not yet committed.
     fn pending(&self) -> Pending {
         self.lanes()
@@ -293,10 +322,17 @@ pub(crate) async fn commit_loop(
 ) {
     let committer = Committer::default();
     let mut stuck = false;
+    let mut sweep = tokio::time::interval(std::time::Duration::from_millis(500));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = offsets.stored.notified() => {}
+            _ = sweep.tick() => {
+                // A store it makes notifies, and the next turn commits it.
+                offsets.store_left_behind(&consumer);
+                continue;
+            }
         }
         let pending = offsets.pending();
         if pending.is_empty() {
