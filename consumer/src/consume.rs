@@ -25,7 +25,8 @@
 //! their permits. So at most `max_in_flight` records of a path are ever past the stored offset,
 //! which is what bounds re-deliveries after a crash. The price: a receiver that hangs until the
 //! delivery timeout can stall dispatch once `max_in_flight` records pile up behind it (for at
-//! most the timeout, after which its delivery goes to the retry topic).
+//! most the timeout, after which its delivery goes to the retry topic). While dispatch waits for
+//! room the consumer still serves its group (see `intake`): a stall never holds a rebalance.
 //!
 //! # Rebalances
 //!
@@ -37,7 +38,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use futures::{FutureExt, StreamExt};
 use hookline_cistate::{Hook, RenderSnapshot};
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
@@ -45,7 +45,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, Stre
 use rdkafka::message::OwnedMessage;
 use rdkafka::statistics::Statistics;
 use rdkafka::{Message, Offset, TopicPartitionList};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -54,6 +54,7 @@ use crate::attempt::{Abandoned, Pipeline, backoff};
 use crate::commit::{CommitFailed, Committer};
 use crate::config::ConsumerConfig;
 use crate::decode::{self, Decoded};
+use crate::intake::{Intake, Taken};
 use crate::metrics::ConsumerMetrics;
 use crate::resolve::{self, ResolvedPayload};
 use crate::task::DeliveryTask;
@@ -127,6 +128,8 @@ pub(crate) struct Offsets {
     commit_each_store: bool,
     /// Wakes the committer after a store.
     stored: tokio::sync::Notify,
+    /// Fetching is paused by the intake: partitions assigned meanwhile are paused too.
+    pub(crate) paused: std::sync::atomic::AtomicBool,
 }
 
 /// A dispatched record's claim on its partition's offset.
@@ -222,7 +225,14 @@ impl Offsets {
             return;
         }
         lane.in_flight.remove(&ticket.offset);
-        lane.parked.insert(ticket.offset, permit);
+        if ticket.offset < lane.committed {
+            // A record fetched again below the committed offset (the fetch position can move
+            // back after a broker restart without a rebalance): no commit will ever pass it
+            // again, and it does not count towards what a crash re-delivers.
+            drop(permit);
+        } else {
+            lane.parked.insert(ticket.offset, permit);
+        }
         let Some(next) = lane.next else { return };
         let committable = lane.in_flight.first().copied().unwrap_or(next);
         if !self.commit_each_store {
@@ -401,9 +411,19 @@ impl ConsumerContext for Ctx {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             self.offsets.assign(tpl);
+            // librdkafka keeps a partition's pause across a revoke and a new assignment: set it
+            // to what the intake wants now (see `intake`).
+            let result = if self.offsets.paused.load(Ordering::Relaxed) {
+                consumer.pause(tpl)
+            } else {
+                consumer.resume(tpl)
+            };
+            if let Err(error) = result {
+                warn!(%error, "cannot set the fetch state of assigned partitions");
+            }
         }
     }
 }
@@ -487,12 +507,18 @@ async fn drain(
     }
 }
 
+/// A record of a batch, read: the registry being unreachable is waited out, not returned.
+enum Read {
+    Event(Box<hookline_schemas::BuildEvent>),
+    Undecodable(decode::Undecodable),
+}
+
 /// Decodes every record of a batch, waiting out a schema registry that cannot be reached.
-async fn decode_batch(
+async fn decode_batch<'m>(
     p: &Pipeline,
-    batch: &[OwnedMessage],
+    batch: impl ExactSizeIterator<Item = &'m OwnedMessage>,
     shutdown: &CancellationToken,
-) -> Result<Vec<Decoded>, Abandoned> {
+) -> Result<Vec<Read>, Abandoned> {
     let mut out = Vec::with_capacity(batch.len());
     for msg in batch {
         let mut try_number = 0;
@@ -503,8 +529,12 @@ async fn decode_batch(
                     crate::attempt::pause(backoff(try_number), shutdown).await?;
                     try_number += 1;
                 }
-                decoded => {
-                    out.push(decoded);
+                Decoded::Event(event) => {
+                    out.push(Read::Event(event));
+                    break;
+                }
+                Decoded::Undecodable(u) => {
+                    out.push(Read::Undecodable(u));
                     break;
                 }
             }
@@ -520,14 +550,14 @@ type Lookup = (HashMap<i64, Arc<Vec<Hook>>>, HashMap<i64, RenderSnapshot>);
 /// back: there is nothing to deliver without it.
 async fn lookup(
     p: &Pipeline,
-    decoded: &[Decoded],
+    decoded: &[Read],
     shutdown: &CancellationToken,
 ) -> Result<Lookup, Abandoned> {
     let events: Vec<_> = decoded
         .iter()
         .filter_map(|d| match d {
-            Decoded::Event(e) => Some(e.as_ref()),
-            _ => None,
+            Read::Event(e) => Some(e.as_ref()),
+            Read::Undecodable(_) => None,
         })
         .collect();
     let mut try_number = 0;
@@ -557,14 +587,42 @@ async fn lookup(
     }
 }
 
-fn take(
-    batch: &mut Vec<OwnedMessage>,
-    next: Option<Result<rdkafka::message::BorrowedMessage<'_>, rdkafka::error::KafkaError>>,
-) {
-    match next {
-        Some(Ok(msg)) => batch.push(msg.detach()),
-        Some(Err(error)) => warn!(%error, "kafka consumer error"),
-        None => {}
+/// What both paths share around their dispatch loop: the committer, the intake (its room is the
+/// in-flight bound) and the tracker of spawned work, then the drain at shutdown.
+struct Path {
+    name: &'static str,
+    committer_stop: CancellationToken,
+    committer: tokio::task::JoinHandle<()>,
+    tasks: TaskTracker,
+}
+
+impl Path {
+    fn start(name: &'static str, consumer: &Arc<KafkaConsumer>, offsets: &Arc<Offsets>) -> Self {
+        let committer_stop = CancellationToken::new();
+        let committer = tokio::spawn(commit_loop(
+            consumer.clone(),
+            offsets.clone(),
+            committer_stop.clone(),
+        ));
+        Path {
+            name,
+            committer_stop,
+            committer,
+            tasks: TaskTracker::new(),
+        }
+    }
+
+    /// Drains in-flight work, commits, and stops the committer. The intake must be gone by now,
+    /// so that no record is fetched after the final commit.
+    async fn finish(
+        self,
+        p: &Pipeline,
+        abandon: &CancellationToken,
+        consumer: &Arc<KafkaConsumer>,
+    ) {
+        drain(p, &self.tasks, abandon, consumer, self.name).await;
+        self.committer_stop.cancel();
+        let _ = self.committer.await;
     }
 }
 
@@ -576,170 +634,160 @@ pub(crate) async fn run_main(
     shutdown: CancellationToken,
     abandon: CancellationToken,
 ) {
-    let committer_stop = CancellationToken::new();
-    let committer = tokio::spawn(commit_loop(
-        consumer.clone(),
-        offsets.clone(),
-        committer_stop.clone(),
-    ));
-    let permits = Arc::new(Semaphore::new(p.config.max_in_flight));
-    let tasks = TaskTracker::new();
+    let path = Path::start("main", &consumer, &offsets);
     let mut chains = Chains::default();
-    let mut stream = consumer.stream();
-    'poll: loop {
-        let first = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            next = stream.next() => next,
-        };
-        // One batch: the first record, then whatever the client already holds.
-        let mut batch = Vec::new();
-        take(&mut batch, first);
-        while batch.len() < p.config.poll_batch {
-            match stream.next().now_or_never() {
-                Some(next) => take(&mut batch, next),
-                None => break,
-            }
+    let mut intake = Intake::new(&consumer, &offsets, p.config.max_in_flight, path.name);
+    while let Some(batch) = intake.next_batch(p.config.poll_batch, &shutdown).await {
+        let dispatched = dispatch_main(
+            &p,
+            &consumer,
+            &offsets,
+            &shutdown,
+            &abandon,
+            &mut chains,
+            &path.tasks,
+            batch,
+        )
+        .await;
+        if dispatched.is_err() {
+            break;
         }
-        if batch.is_empty() {
+    }
+    drop(intake);
+    path.finish(&p, &abandon, &consumer).await;
+}
+
+/// Decodes a batch, loads what it needs in one lookup, and spawns its deliveries.
+#[allow(clippy::too_many_arguments)]
+async fn dispatch_main(
+    p: &Arc<Pipeline>,
+    consumer: &Arc<KafkaConsumer>,
+    offsets: &Arc<Offsets>,
+    shutdown: &CancellationToken,
+    abandon: &CancellationToken,
+    chains: &mut Chains,
+    tasks: &TaskTracker,
+    batch: Vec<Taken>,
+) -> Result<(), Abandoned> {
+    let decoded = decode_batch(p, batch.iter().map(|(msg, _)| msg), shutdown).await?;
+    let (hooks, snapshots) = lookup(p, &decoded, shutdown).await?;
+    for ((msg, permit), decoded) in batch.into_iter().zip(decoded) {
+        let ticket = offsets.begin(&msg);
+        let event = match decoded {
+            Read::Event(event) => event,
+            Read::Undecodable(u) => {
+                warn!(partition = msg.partition(), offset = msg.offset(), reason = u.reason, detail = %u.detail, "undecodable record; dead-lettered");
+                let (p, consumer, offsets, abandon) = (
+                    p.clone(),
+                    consumer.clone(),
+                    offsets.clone(),
+                    abandon.clone(),
+                );
+                tasks.spawn(async move {
+                    let _in_flight = InFlight::new(&p.metrics);
+                    if dead_letter::record(&p, &msg, u.reason, &u.detail, &abandon)
+                        .await
+                        .is_ok()
+                    {
+                        offsets.finish(&ticket, permit, &consumer);
+                    }
+                });
+                continue;
+            }
+        };
+        let project_hooks = hooks.get(&event.project_id).cloned().unwrap_or_default();
+        if project_hooks.is_empty() {
+            offsets.finish(&ticket, permit, consumer);
             continue;
         }
-        let Ok(decoded) = decode_batch(&p, &batch, &shutdown).await else {
-            break;
-        };
-        let Ok((hooks, snapshots)) = lookup(&p, &decoded, &shutdown).await else {
-            break;
-        };
-        for (msg, decoded) in batch.into_iter().zip(decoded) {
-            let permit = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break 'poll,
-                permit = permits.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => break 'poll,
-                },
-            };
-            let ticket = offsets.begin(&msg);
-            let event = match decoded {
-                Decoded::Event(event) => event,
-                Decoded::Undecodable(u) => {
-                    warn!(partition = msg.partition(), offset = msg.offset(), reason = u.reason, detail = %u.detail, "undecodable record; dead-lettered");
-                    let (p, consumer, offsets, abandon) = (
-                        p.clone(),
-                        consumer.clone(),
-                        offsets.clone(),
-                        abandon.clone(),
-                    );
-                    tasks.spawn(async move {
-                        let _in_flight = InFlight::new(&p.metrics);
-                        if dead_letter::record(&p, &msg, u.reason, &u.detail, &abandon)
-                            .await
-                            .is_ok()
-                        {
-                            offsets.finish(&ticket, permit, &consumer);
-                        }
-                    });
-                    continue;
-                }
-                Decoded::Transient(_) => continue,
-            };
-            let project_hooks = hooks.get(&event.project_id).cloned().unwrap_or_default();
-            if project_hooks.is_empty() {
-                offsets.finish(&ticket, permit, &consumer);
-                continue;
-            }
-            if let Some(skip) = resolve::skip(&event, &snapshots) {
-                // Nothing to deliver, by design: the record is finished.
-                p.metrics.event_skipped(skip.reason());
-                info!(build_id = event.build_id, event_id = %event.event_id, reason = skip.reason(), ?skip, "no hook sent: the build's user is blocked");
-                offsets.finish(&ticket, permit, &consumer);
-                continue;
-            }
-            let resolved = match resolve::payload(&event, &snapshots) {
-                Ok(resolved) => resolved,
-                Err(missing) => {
-                    warn!(build_id = missing.build_id, event_id = %event.event_id, "build no longer exists; dead-lettered");
-                    let (p, consumer, offsets, abandon) = (
-                        p.clone(),
-                        consumer.clone(),
-                        offsets.clone(),
-                        abandon.clone(),
-                    );
-                    tasks.spawn(async move {
-                        let _in_flight = InFlight::new(&p.metrics);
-                        let detail =
-                            format!("build {} not found in the CI state store", missing.build_id);
-                        if dead_letter::record(&p, &msg, "build_not_found", &detail, &abandon)
-                            .await
-                            .is_ok()
-                        {
-                            offsets.finish(&ticket, permit, &consumer);
-                        }
-                    });
-                    continue;
-                }
-            };
-            if let ResolvedPayload::RenderedFromCurrentState {
-                stale: true,
-                current_status,
-                ..
-            } = &resolved
-            {
-                p.metrics.stale_render();
-                info!(build_id = event.build_id, event_status = %event.status, %current_status, event_id = %event.event_id, "stale render: the build has moved on");
-            }
-            let body = resolved.body().clone();
-            let deliveries: Vec<_> = project_hooks
-                .iter()
-                .map(|hook| {
-                    let (previous, done) = chains.link((event.build_id, hook.id));
-                    let task = DeliveryTask {
-                        event_id: event.event_id,
-                        build_id: event.build_id,
-                        project_id: event.project_id,
-                        hook_id: hook.id,
-                        attempts: 0,
-                        occurred_at: event.occurred_at,
-                        body: body.clone(),
-                        last_error: None,
-                    };
-                    (previous, done, hook.clone(), task)
-                })
-                .collect();
-            let (p, consumer, offsets, abandon) = (
-                p.clone(),
-                consumer.clone(),
-                offsets.clone(),
-                abandon.clone(),
-            );
-            tasks.spawn(async move {
-                let _in_flight = InFlight::new(&p.metrics);
-                let results = futures::future::join_all(deliveries.into_iter().map(
-                    |(previous, done, hook, task)| {
-                        let (p, abandon) = (&p, &abandon);
-                        async move {
-                            if let Some(previous) = previous {
-                                // An error only means the previous delivery's task ended: go on.
-                                let _ = previous.await;
-                            }
-                            let result = p.run_task(task, &hook, abandon).await;
-                            drop(done);
-                            result
-                        }
-                    },
-                ))
-                .await;
-                if results.iter().all(Result::is_ok) {
-                    offsets.finish(&ticket, permit, &consumer);
-                }
-            });
+        if let Some(skip) = resolve::skip(&event, &snapshots) {
+            // Nothing to deliver, by design: the record is finished.
+            p.metrics.event_skipped(skip.reason());
+            info!(build_id = event.build_id, event_id = %event.event_id, reason = skip.reason(), ?skip, "no hook sent: the build's user is blocked");
+            offsets.finish(&ticket, permit, consumer);
+            continue;
         }
-        chains.prune(p.config.max_in_flight * 4);
+        let resolved = match resolve::payload(&event, &snapshots) {
+            Ok(resolved) => resolved,
+            Err(missing) => {
+                warn!(build_id = missing.build_id, event_id = %event.event_id, "build no longer exists; dead-lettered");
+                let (p, consumer, offsets, abandon) = (
+                    p.clone(),
+                    consumer.clone(),
+                    offsets.clone(),
+                    abandon.clone(),
+                );
+                tasks.spawn(async move {
+                    let _in_flight = InFlight::new(&p.metrics);
+                    let detail =
+                        format!("build {} not found in the CI state store", missing.build_id);
+                    if dead_letter::record(&p, &msg, "build_not_found", &detail, &abandon)
+                        .await
+                        .is_ok()
+                    {
+                        offsets.finish(&ticket, permit, &consumer);
+                    }
+                });
+                continue;
+            }
+        };
+        if let ResolvedPayload::RenderedFromCurrentState {
+            stale: true,
+            current_status,
+            ..
+        } = &resolved
+        {
+            p.metrics.stale_render();
+            info!(build_id = event.build_id, event_status = %event.status, %current_status, event_id = %event.event_id, "stale render: the build has moved on");
+        }
+        let body = resolved.body().clone();
+        let deliveries: Vec<_> = project_hooks
+            .iter()
+            .map(|hook| {
+                let (previous, done) = chains.link((event.build_id, hook.id));
+                let task = DeliveryTask {
+                    event_id: event.event_id,
+                    build_id: event.build_id,
+                    project_id: event.project_id,
+                    hook_id: hook.id,
+                    attempts: 0,
+                    occurred_at: event.occurred_at,
+                    body: body.clone(),
+                    last_error: None,
+                };
+                (previous, done, hook.clone(), task)
+            })
+            .collect();
+        let (p, consumer, offsets, abandon) = (
+            p.clone(),
+            consumer.clone(),
+            offsets.clone(),
+            abandon.clone(),
+        );
+        tasks.spawn(async move {
+            let _in_flight = InFlight::new(&p.metrics);
+            let results = futures::future::join_all(deliveries.into_iter().map(
+                |(previous, done, hook, task)| {
+                    let (p, abandon) = (&p, &abandon);
+                    async move {
+                        if let Some(previous) = previous {
+                            // An error only means the previous delivery's task ended: go on.
+                            let _ = previous.await;
+                        }
+                        let result = p.run_task(task, &hook, abandon).await;
+                        drop(done);
+                        result
+                    }
+                },
+            ))
+            .await;
+            if results.iter().all(Result::is_ok) {
+                offsets.finish(&ticket, permit, &consumer);
+            }
+        });
     }
-    drop(stream);
-    drain(&p, &tasks, &abandon, &consumer, "main").await;
-    committer_stop.cancel();
-    let _ = committer.await;
+    chains.prune(p.config.max_in_flight * 4);
+    Ok(())
 }
 
 /// The retry path: due delivery tasks from the retry topic.
@@ -750,55 +798,27 @@ pub(crate) async fn run_retry(
     shutdown: CancellationToken,
     abandon: CancellationToken,
 ) {
-    let committer_stop = CancellationToken::new();
-    let committer = tokio::spawn(commit_loop(
-        consumer.clone(),
-        offsets.clone(),
-        committer_stop.clone(),
-    ));
-    let permits = Arc::new(Semaphore::new(p.config.max_in_flight));
-    let tasks = TaskTracker::new();
-    let mut stream = consumer.stream();
-    loop {
-        let next = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            next = stream.next() => next,
-        };
-        let msg = match next {
-            Some(Ok(msg)) => msg.detach(),
-            Some(Err(error)) => {
-                warn!(%error, "kafka consumer error (retry topic)");
-                continue;
-            }
-            None => break,
-        };
-        let permit = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-        };
-        let ticket = offsets.begin(&msg);
-        let (p, consumer, offsets, abandon) = (
-            p.clone(),
-            consumer.clone(),
-            offsets.clone(),
-            abandon.clone(),
-        );
-        tasks.spawn(async move {
-            let _in_flight = InFlight::new(&p.metrics);
-            if retry::process(&p, &msg, &abandon).await.is_ok() {
-                offsets.finish(&ticket, permit, &consumer);
-            }
-        });
+    let path = Path::start("retry", &consumer, &offsets);
+    let mut intake = Intake::new(&consumer, &offsets, p.config.max_in_flight, path.name);
+    while let Some(batch) = intake.next_batch(p.config.poll_batch, &shutdown).await {
+        for (msg, permit) in batch {
+            let ticket = offsets.begin(&msg);
+            let (p, consumer, offsets, abandon) = (
+                p.clone(),
+                consumer.clone(),
+                offsets.clone(),
+                abandon.clone(),
+            );
+            path.tasks.spawn(async move {
+                let _in_flight = InFlight::new(&p.metrics);
+                if retry::process(&p, &msg, &abandon).await.is_ok() {
+                    offsets.finish(&ticket, permit, &consumer);
+                }
+            });
+        }
     }
-    drop(stream);
-    drain(&p, &tasks, &abandon, &consumer, "retry").await;
-    committer_stop.cancel();
-    let _ = committer.await;
+    drop(intake);
+    path.finish(&p, &abandon, &consumer).await;
 }
 
 /// Counts a record in the in-flight gauge while alive.

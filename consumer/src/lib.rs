@@ -33,6 +33,7 @@ pub mod dead_letter;
 pub mod decode;
 pub mod deliver;
 pub mod hooks;
+mod intake;
 pub mod metrics;
 pub mod resolve;
 pub mod retry;

@@ -1,7 +1,8 @@
 //! The consumer's reliability claims, each exercised as stated and counted: a broker that goes
 //! away mid-run (cleanly, then by SIGKILL), consumer instances joining and leaving a group
-//! mid-run, and a hook that is temporarily disabled. Every test checks that each (event, hook)
-//! pair reaches its receiver, counts the duplicates and holds them to the in-flight bound.
+//! mid-run, an instance joining while every delivery of the other hangs, and a hook that is
+//! temporarily disabled. The tests that move work check that each (event, hook) pair reaches its
+//! receiver, count the duplicates and hold them to the in-flight bound.
 //!
 //! ```text
 //! eval "$(scripts/stack env)"
@@ -17,7 +18,7 @@ use consumer_common::{SlowReceiver, Tally, World, inline_event, mixed_events};
 use hookline_cistate::{CiStore, HookState};
 use hookline_consumer::Outcome;
 use hookline_schemas::{BuildStatus, SchemaVersion};
-use hookline_tests::{PrivateBroker, Receiver, poll_until};
+use hookline_tests::{Answer, PrivateBroker, Receiver, poll_until};
 
 /// Small, so that the bound on duplicates is tight enough to mean something.
 const MAX_IN_FLIGHT: usize = 16;
@@ -59,10 +60,6 @@ async fn every_pair(receiver: &SlowReceiver, pairs: usize) -> Tally {
 /// in, each time coming back with its data. The consumer is never restarted: it reconnects,
 /// delivers everything, and re-delivers at most its in-flight records per outage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "open defect: in about 1 run in 3 under load the consumer stops delivering after the \
-            broker comes back (two causes found and fixed: an unanswered synchronous commit, and \
-            offset stores refused during the outage; a third is not found yet). Run it with \
-            `cargo test -p hookline-tests --test consumer_reliability -- --ignored`."]
 async fn a_broker_stopped_then_killed_mid_run_loses_no_delivery_and_the_consumer_rides_it_out() {
     logs();
     let broker = tokio::task::spawn_blocking(PrivateBroker::start)
@@ -211,6 +208,61 @@ async fn instances_joining_and_leaving_the_group_mid_run_lose_nothing_and_duplic
     );
     assert_eq!(first_metrics.dead_letters(None), 0);
     assert_eq!(second.metrics.dead_letters(None), 0);
+    second.stop().await;
+}
+
+/// Every delivery of the first instance hangs, so every in-flight permit is taken and stays
+/// taken. A second instance joins the group: the first must still serve the rebalance (it pauses
+/// fetching and keeps polling) so that the second gets a partition and delivers, rather than the
+/// whole group waiting for the first instance's deliveries to time out. A dispatcher that only
+/// waited for a permit would hold the rebalance for the delivery timeout (here 120 s); after a
+/// broker restart, where commits fail until the member rejoins, it would wait for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_saturated_instance_still_serves_the_rebalance_a_joining_instance_needs() {
+    logs();
+    let world = World::new(2).await;
+    let builds = world.builds(15_000, 8).await;
+    let project = builds[0].project.id;
+    let hanging = Receiver::start().await;
+    hanging.answer_always(Answer::Hang);
+    world.hook(project, &hanging.url, None).await;
+
+    const ROOM: usize = 4;
+    let mut config = world.config();
+    config.max_in_flight = ROOM;
+    config.poll_batch = ROOM;
+    config.deliver.timeout = Duration::from_secs(120);
+    config.drain_timeout = Duration::from_millis(500);
+    let first = world.start(config.clone()).await;
+    // Events of 8 builds, keyed by build id: both partitions get some.
+    for (event, version) in mixed_events(&builds, 2) {
+        world.send(&event, version).await;
+    }
+    let saturated = poll_until(
+        "the first instance's in-flight room taken",
+        WAIT,
+        || async { (hanging.count() >= ROOM).then_some(hanging.count()) },
+    )
+    .await;
+    assert_eq!(
+        saturated, ROOM,
+        "the first instance started more deliveries than its in-flight bound"
+    );
+
+    let joined = Instant::now();
+    let second = world.start(config).await;
+    // The second instance's partition starts from the earliest offset (nothing was committed),
+    // so its first delivery is a request beyond the first instance's ROOM.
+    let took = poll_until("a delivery by the joining instance", WAIT, || async {
+        (hanging.count() > ROOM).then(|| joined.elapsed())
+    })
+    .await;
+    eprintln!(
+        "saturated rebalance: the joining instance's first delivery began {took:?} after it \
+         started, while every delivery of the first instance hung (delivery timeout 120 s)"
+    );
+    assert!(!first.handle.is_finished() && !second.handle.is_finished());
+    first.stop().await;
     second.stop().await;
 }
 

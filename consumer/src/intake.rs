@@ -1,0 +1,190 @@
+//! Taking records off a consumer only when there is room for them, without starving the group
+//! protocol.
+//!
+//! Dispatch needs an in-flight permit per record, and a permit comes back only when an offset
+//! commit covers its record (see `consume`). After a broker restart the group coordinator may
+//! have forgotten the member: every commit then fails with `UnknownMemberId` until the consumer
+//! rejoins, and rejoining needs the application to serve the rebalance, which rust-rdkafka does
+//! only inside a poll of the stream. A dispatcher that just waited for a permit would wait for
+//! ever: seen here as a minute of `UnknownMemberId` on every commit and no rejoin, with every
+//! permit parked.
+//!
+//! So the intake waits for room briefly, then pauses its partitions and keeps polling. A paused
+//! partition yields no records (librdkafka drops what it fetched ahead and, on resume, fetches
+//! again from the application's position), but rebalances are still served. The brief wait
+//! first keeps a short stall behind a slow receiver from throwing away the prefetched records.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use rdkafka::consumer::{Consumer, MessageStream};
+use rdkafka::message::{BorrowedMessage, OwnedMessage};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::consume::{Ctx, KafkaConsumer, Offsets};
+
+/// How long dispatch waits for a permit before pausing fetching to serve the group protocol.
+const PAUSE_AFTER: Duration = Duration::from_millis(200);
+
+/// A record taken off the consumer, with its claim on the in-flight bound.
+pub(crate) type Taken = (OwnedMessage, OwnedSemaphorePermit);
+
+/// The records of one path's consumer, handed out in batches no larger than the room left.
+pub(crate) struct Intake<'a> {
+    consumer: &'a KafkaConsumer,
+    offsets: &'a Offsets,
+    stream: MessageStream<'a, Ctx>,
+    permits: Arc<Semaphore>,
+    /// Records that arrived while paused (a race with the pause): they lead the next batch.
+    held: VecDeque<OwnedMessage>,
+    path: &'static str,
+}
+
+impl<'a> Intake<'a> {
+    pub(crate) fn new(
+        consumer: &'a KafkaConsumer,
+        offsets: &'a Offsets,
+        max_in_flight: usize,
+        path: &'static str,
+    ) -> Self {
+        Intake {
+            consumer,
+            offsets,
+            stream: consumer.stream(),
+            permits: Arc::new(Semaphore::new(max_in_flight)),
+            held: VecDeque::new(),
+            path,
+        }
+    }
+
+    /// The next batch: at least one record, then whatever the client already holds, up to `max`
+    /// and the room left. `None` on shutdown.
+    pub(crate) async fn next_batch(
+        &mut self,
+        max: usize,
+        shutdown: &CancellationToken,
+    ) -> Option<Vec<Taken>> {
+        self.wait_for_room(shutdown).await?;
+        let first = match self.held.pop_front() {
+            Some(msg) => msg,
+            None => loop {
+                let next = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return None,
+                    next = self.stream.next() => next,
+                };
+                if let Some(msg) = self.accept(next) {
+                    break msg;
+                }
+            },
+        };
+        // Only this intake takes permits, so the room can only have grown since the wait.
+        let room = self.permits.available_permits().clamp(1, max.max(1));
+        let mut batch = vec![first];
+        while batch.len() < room {
+            if let Some(msg) = self.held.pop_front() {
+                batch.push(msg);
+                continue;
+            }
+            match self.stream.next().now_or_never() {
+                Some(next) => {
+                    if let Some(msg) = self.accept(next) {
+                        batch.push(msg);
+                    }
+                }
+                None => break,
+            }
+        }
+        let n = u32::try_from(batch.len()).unwrap_or(u32::MAX);
+        let mut permits = self.permits.clone().try_acquire_many_owned(n).ok()?;
+        Some(
+            batch
+                .into_iter()
+                .filter_map(|msg| permits.split(1).map(|permit| (msg, permit)))
+                .collect(),
+        )
+    }
+
+    /// A record from the stream, or nothing after logging a consumer error.
+    fn accept(
+        &self,
+        next: Option<rdkafka::error::KafkaResult<BorrowedMessage<'_>>>,
+    ) -> Option<OwnedMessage> {
+        match next {
+            Some(Ok(msg)) => Some(msg.detach()),
+            Some(Err(error)) => {
+                warn!(path = self.path, %error, "kafka consumer error");
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Returns once a permit is free: at once, or after pausing the partitions and serving the
+    /// group protocol meanwhile. `None` on shutdown.
+    async fn wait_for_room(&mut self, shutdown: &CancellationToken) -> Option<()> {
+        if self.permits.available_permits() > 0 {
+            return Some(());
+        }
+        let permits = self.permits.clone();
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return None,
+            _ = permits.acquire() => return Some(()),
+            _ = tokio::time::sleep(PAUSE_AFTER) => {}
+        }
+        debug!(path = self.path, "no room for more records; pausing fetch");
+        self.set_paused(true);
+        let outcome = loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break None,
+                _ = permits.acquire() => break Some(()),
+                // Serves rebalances; a paused partition yields no record, but one already on its
+                // way, or from a partition assigned just now, is kept for the next batch.
+                next = self.stream.next() => {
+                    if let Some(msg) = self.accept(next) {
+                        self.held.push_back(msg);
+                        self.pause_assignment();
+                    }
+                }
+            }
+        };
+        self.set_paused(false);
+        debug!(path = self.path, "room again; fetch resumed");
+        outcome
+    }
+
+    fn set_paused(&self, paused: bool) {
+        // Set first: a rebalance served from now on pauses (or resumes) what it assigns.
+        self.offsets.paused.store(paused, Ordering::Relaxed);
+        if paused {
+            self.pause_assignment();
+        } else {
+            match self.consumer.assignment() {
+                Ok(tpl) => {
+                    if let Err(error) = self.consumer.resume(&tpl) {
+                        warn!(path = self.path, %error, "cannot resume fetching");
+                    }
+                }
+                Err(error) => warn!(path = self.path, %error, "cannot read the assignment"),
+            }
+        }
+    }
+
+    fn pause_assignment(&self) {
+        match self.consumer.assignment() {
+            Ok(tpl) => {
+                if let Err(error) = self.consumer.pause(&tpl) {
+                    warn!(path = self.path, %error, "cannot pause fetching");
+                }
+            }
+            Err(error) => warn!(path = self.path, %error, "cannot read the assignment"),
+        }
+    }
+}
