@@ -2,13 +2,14 @@
 //!
 //! librdkafka's synchronous commit has no timeout, and it can wait forever when the group
 //! coordinator goes away at the wrong moment (a broker restart; seen here about one run in four).
-//! The commit loop waits for commits to give permits back, so a stuck commit would stop the
-//! consumer for good, and a stuck `spawn_blocking` thread would also keep the runtime from
-//! shutting down. So a commit runs on a thread of its own that nothing waits for past the limit:
-//! when the limit passes, the caller goes on without it, and while that commit is still stuck no
-//! new one is started. The offsets were *stored* before the commit was asked for, and
-//! `enable.auto.commit` commits stored offsets by itself once the coordinator answers again, so
-//! going on loses nothing: it only loosens the in-flight bound on re-deliveries for that time.
+//! A stuck `spawn_blocking` thread would also keep the runtime from shutting down. So a commit
+//! runs on a thread of its own that nothing waits for past the limit: when the limit passes, the
+//! caller goes on without it, and while that commit is still stuck no new one is started.
+//!
+//! Going on without an answer releases nothing: the commit loop gives permits back only for a
+//! confirmed commit, a later one of its own or librdkafka's auto-commit of the stored offsets
+//! (confirmed through the consumer's commit callback), so the in-flight bound on re-deliveries
+//! holds throughout.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

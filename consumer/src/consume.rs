@@ -304,6 +304,29 @@ impl Offsets {
             .collect()
     }
 
+    /// A commit answered by librdkafka's callback (an auto-commit, or a commit whose caller
+    /// stopped waiting): what it confirms counts as committed. It names no epoch; a confirmed
+    /// offset is committed on the broker whichever assignment the lane now belongs to.
+    fn confirmed(&self, tpl: &TopicPartitionList) {
+        let mut lanes = self.lanes();
+        for e in tpl.elements() {
+            let Offset::Offset(offset) = e.offset() else {
+                continue;
+            };
+            if e.error().is_err() {
+                continue;
+            }
+            if let Some(lane) = lanes.get_mut(&(e.topic().to_owned(), e.partition()))
+                && offset > lane.committed
+            {
+                lane.committed = offset;
+                // Never store below what the broker already has.
+                lane.stored = lane.stored.max(offset);
+                lane.parked = lane.parked.split_off(&offset);
+            }
+        }
+    }
+
     /// The broker acked these commits: give back the permits of the records they cover.
     fn committed(&self, done: &Pending) {
         let mut lanes = self.lanes();
@@ -325,6 +348,10 @@ const COMMIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Commits stored offsets as they move, one synchronous commit at a time (so commits coalesce
 /// under load), and releases the permits of records a commit covers: at most `max_in_flight`
 /// records of a path are ever beyond the committed offset, which bounds what a crash re-delivers.
+///
+/// A commit can go unanswered (see `commit`); then no permit comes back until a commit is
+/// confirmed, either a later one of this loop or librdkafka's auto-commit of the stored offsets,
+/// whose result reaches [`Ctx::commit_callback`] while the intake polls.
 pub(crate) async fn commit_loop(
     consumer: Arc<KafkaConsumer>,
     offsets: Arc<Offsets>,
@@ -338,11 +365,12 @@ pub(crate) async fn commit_loop(
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = offsets.stored.notified() => {}
-            _ = sweep.tick() => {
-                // A store it makes notifies, and the next turn commits it.
-                offsets.store_left_behind(&consumer);
-                continue;
-            }
+            // Also tries again what is still uncommitted: after an unanswered commit nothing
+            // else may come to ask.
+            _ = sweep.tick() => offsets.store_left_behind(&consumer),
+        }
+        if !offsets.commit_each_store {
+            continue;
         }
         let pending = offsets.pending();
         if pending.is_empty() {
@@ -364,12 +392,9 @@ pub(crate) async fn commit_loop(
             }
             Err(CommitFailed::Stuck) => {
                 if !stuck {
-                    warn!(limit = ?COMMIT_LIMIT, "offset commit unanswered; going on with librdkafka's auto-commit of stored offsets");
+                    warn!(limit = ?COMMIT_LIMIT, "offset commit unanswered; permits come back when librdkafka's auto-commit of the stored offsets is confirmed");
                 }
                 stuck = true;
-                // Stored offsets are committed by auto-commit once the coordinator answers:
-                // give the permits back rather than stop consuming (see `commit`).
-                offsets.committed(&pending);
             }
         }
     }
@@ -379,6 +404,7 @@ pub(crate) async fn commit_loop(
 pub(crate) struct Ctx {
     offsets: Arc<Offsets>,
     metrics: Arc<ConsumerMetrics>,
+    path: &'static str,
 }
 
 impl ClientContext for Ctx {
@@ -406,13 +432,17 @@ impl ConsumerContext for Ctx {
         offsets: &TopicPartitionList,
     ) {
         match result {
-            Ok(()) => debug!(partitions = offsets.count(), "offsets committed"),
+            Ok(()) => {
+                debug!(partitions = offsets.count(), "offsets committed");
+                self.offsets.confirmed(offsets);
+            }
             Err(error) => debug!(%error, "offset commit failed; the next one covers it"),
         }
     }
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
+            self.metrics.assigned(self.path);
             self.offsets.assign(tpl);
             // librdkafka keeps a partition's pause across a revoke and a new assignment: set it
             // to what the intake wants now (see `intake`).
@@ -435,6 +465,7 @@ pub(crate) fn subscribe(
     config: &ConsumerConfig,
     group: &str,
     topic: &str,
+    path: &'static str,
     metrics: &Arc<ConsumerMetrics>,
 ) -> Result<(Arc<KafkaConsumer>, Arc<Offsets>), ConsumerError> {
     let offsets = Arc::new(Offsets {
@@ -445,6 +476,7 @@ pub(crate) fn subscribe(
     let consumer: KafkaConsumer = client_config(config, group).create_with_context(Ctx {
         offsets: offsets.clone(),
         metrics: metrics.clone(),
+        path,
     })?;
     consumer.subscribe(&[topic])?;
     Ok((Arc::new(consumer), offsets))
@@ -636,7 +668,13 @@ pub(crate) async fn run_main(
 ) {
     let path = Path::start("main", &consumer, &offsets);
     let mut chains = Chains::default();
-    let mut intake = Intake::new(&consumer, &offsets, p.config.max_in_flight, path.name);
+    let mut intake = Intake::new(
+        &consumer,
+        &offsets,
+        &p.metrics,
+        p.config.max_in_flight,
+        path.name,
+    );
     while let Some(batch) = intake.next_batch(p.config.poll_batch, &shutdown).await {
         let dispatched = dispatch_main(
             &p,
@@ -799,7 +837,13 @@ pub(crate) async fn run_retry(
     abandon: CancellationToken,
 ) {
     let path = Path::start("retry", &consumer, &offsets);
-    let mut intake = Intake::new(&consumer, &offsets, p.config.max_in_flight, path.name);
+    let mut intake = Intake::new(
+        &consumer,
+        &offsets,
+        &p.metrics,
+        p.config.max_in_flight,
+        path.name,
+    );
     while let Some(batch) = intake.next_batch(p.config.poll_batch, &shutdown).await {
         for (msg, permit) in batch {
             let ticket = offsets.begin(&msg);

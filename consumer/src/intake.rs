@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::consume::{Ctx, KafkaConsumer, Offsets};
+use crate::metrics::ConsumerMetrics;
 
 /// How long dispatch waits for a permit before pausing fetching to serve the group protocol.
 const PAUSE_AFTER: Duration = Duration::from_millis(200);
@@ -38,6 +39,7 @@ pub(crate) type Taken = (OwnedMessage, OwnedSemaphorePermit);
 pub(crate) struct Intake<'a> {
     consumer: &'a KafkaConsumer,
     offsets: &'a Offsets,
+    metrics: &'a ConsumerMetrics,
     stream: MessageStream<'a, Ctx>,
     permits: Arc<Semaphore>,
     /// Records that arrived while paused (a race with the pause): they lead the next batch.
@@ -49,12 +51,14 @@ impl<'a> Intake<'a> {
     pub(crate) fn new(
         consumer: &'a KafkaConsumer,
         offsets: &'a Offsets,
+        metrics: &'a ConsumerMetrics,
         max_in_flight: usize,
         path: &'static str,
     ) -> Self {
         Intake {
             consumer,
             offsets,
+            metrics,
             stream: consumer.stream(),
             permits: Arc::new(Semaphore::new(max_in_flight)),
             held: VecDeque::new(),
@@ -139,6 +143,7 @@ impl<'a> Intake<'a> {
             _ = tokio::time::sleep(PAUSE_AFTER) => {}
         }
         debug!(path = self.path, "no room for more records; pausing fetch");
+        self.metrics.fetch_paused(self.path);
         self.set_paused(true);
         let outcome = loop {
             tokio::select! {

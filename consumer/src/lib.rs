@@ -117,11 +117,12 @@ impl Consumer {
         config.validate()?;
         let metrics = Arc::new(ConsumerMetrics::new());
         let producer = consume::producer_config(&config).create()?;
-        let main = consume::subscribe(&config, &config.group_id, &config.topic, &metrics)?;
+        let main = consume::subscribe(&config, &config.group_id, &config.topic, "main", &metrics)?;
         let retry = consume::subscribe(
             &config,
             &config.retry_group_id(),
             &config.retry_topic,
+            "retry",
             &metrics,
         )?;
         let pipeline = Arc::new(Pipeline {

@@ -61,6 +61,11 @@ struct PartitionLabels {
     partition: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PathLabels {
+    path: &'static str,
+}
+
 /// Every metric of one consumer instance.
 #[derive(Debug)]
 pub struct ConsumerMetrics {
@@ -75,6 +80,8 @@ pub struct ConsumerMetrics {
     hook_disables: Counter,
     in_flight: Gauge,
     consumer_lag: Family<PartitionLabels, Gauge>,
+    assignments: Family<PathLabels, Counter>,
+    fetch_pauses: Family<PathLabels, Counter>,
 }
 
 impl Default for ConsumerMetrics {
@@ -98,6 +105,8 @@ impl ConsumerMetrics {
         let hook_disables = Counter::default();
         let in_flight = Gauge::default();
         let consumer_lag = Family::<PartitionLabels, Gauge>::default();
+        let assignments = Family::<PathLabels, Counter>::default();
+        let fetch_pauses = Family::<PathLabels, Counter>::default();
         registry.register(
             "deliveries",
             "Delivery attempts and tasks by outcome",
@@ -148,6 +157,16 @@ impl ConsumerMetrics {
             "Messages behind the high watermark, per partition (librdkafka statistics)",
             consumer_lag.clone(),
         );
+        registry.register(
+            "assignments",
+            "Partition assignments received, by path (main, retry): one at start, one per rebalance",
+            assignments.clone(),
+        );
+        registry.register(
+            "fetch_pauses",
+            "Times dispatch paused fetching for want of in-flight room, by path (main, retry)",
+            fetch_pauses.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             deliveries,
@@ -160,6 +179,8 @@ impl ConsumerMetrics {
             hook_disables,
             in_flight,
             consumer_lag,
+            assignments,
+            fetch_pauses,
         }
     }
 
@@ -268,6 +289,25 @@ impl ConsumerMetrics {
 
     pub(crate) fn hook_disabled(&self) {
         self.hook_disables.inc();
+    }
+
+    /// Partition assignments received by `path` (`main` or `retry`): 1 after the first join,
+    /// one more per rebalance.
+    pub fn assignments(&self, path: &'static str) -> u64 {
+        self.assignments.get_or_create(&PathLabels { path }).get()
+    }
+
+    /// Times `path` (`main` or `retry`) paused fetching for want of in-flight room.
+    pub fn fetch_pauses(&self, path: &'static str) -> u64 {
+        self.fetch_pauses.get_or_create(&PathLabels { path }).get()
+    }
+
+    pub(crate) fn assigned(&self, path: &'static str) {
+        self.assignments.get_or_create(&PathLabels { path }).inc();
+    }
+
+    pub(crate) fn fetch_paused(&self, path: &'static str) {
+        self.fetch_pauses.get_or_create(&PathLabels { path }).inc();
     }
 
     pub(crate) fn in_flight_gauge(&self) -> &Gauge {
