@@ -644,6 +644,26 @@ impl Path {
         }
     }
 
+    /// Runs `work` for a dispatched record as a task of this path. The record is finished (its
+    /// offset may be stored) only when the work completes; abandoned work leaves it unfinished,
+    /// to be delivered again.
+    fn spawn_record(
+        &self,
+        p: &Pipeline,
+        consumer: &Arc<KafkaConsumer>,
+        offsets: &Arc<Offsets>,
+        (ticket, permit): (Ticket, OwnedSemaphorePermit),
+        work: impl Future<Output = Result<(), Abandoned>> + Send + 'static,
+    ) {
+        let (metrics, consumer, offsets) = (p.metrics.clone(), consumer.clone(), offsets.clone());
+        self.tasks.spawn(async move {
+            let _in_flight = InFlight::new(&metrics);
+            if work.await.is_ok() {
+                offsets.finish(&ticket, permit, &consumer);
+            }
+        });
+    }
+
     /// Drains in-flight work, commits, and stops the committer. The intake must be gone by now,
     /// so that no record is fetched after the final commit.
     async fn finish(
@@ -668,13 +688,7 @@ pub(crate) async fn run_main(
 ) {
     let path = Path::start("main", &consumer, &offsets);
     let mut chains = Chains::default();
-    let mut intake = Intake::new(
-        &consumer,
-        &offsets,
-        &p.metrics,
-        p.config.max_in_flight,
-        path.name,
-    );
+    let mut intake = Intake::new(&consumer, &offsets, &p, path.name);
     while let Some(batch) = intake.next_batch(p.config.poll_batch, &shutdown).await {
         let dispatched = dispatch_main(
             &p,
@@ -683,7 +697,7 @@ pub(crate) async fn run_main(
             &shutdown,
             &abandon,
             &mut chains,
-            &path.tasks,
+            &path,
             batch,
         )
         .await;
@@ -704,7 +718,7 @@ async fn dispatch_main(
     shutdown: &CancellationToken,
     abandon: &CancellationToken,
     chains: &mut Chains,
-    tasks: &TaskTracker,
+    path: &Path,
     batch: Vec<Taken>,
 ) -> Result<(), Abandoned> {
     let decoded = decode_batch(p, batch.iter().map(|(msg, _)| msg), shutdown).await?;
@@ -715,20 +729,9 @@ async fn dispatch_main(
             Read::Event(event) => event,
             Read::Undecodable(u) => {
                 warn!(partition = msg.partition(), offset = msg.offset(), reason = u.reason, detail = %u.detail, "undecodable record; dead-lettered");
-                let (p, consumer, offsets, abandon) = (
-                    p.clone(),
-                    consumer.clone(),
-                    offsets.clone(),
-                    abandon.clone(),
-                );
-                tasks.spawn(async move {
-                    let _in_flight = InFlight::new(&p.metrics);
-                    if dead_letter::record(&p, &msg, u.reason, &u.detail, &abandon)
-                        .await
-                        .is_ok()
-                    {
-                        offsets.finish(&ticket, permit, &consumer);
-                    }
+                let (pc, abandon) = (p.clone(), abandon.clone());
+                path.spawn_record(p, consumer, offsets, (ticket, permit), async move {
+                    dead_letter::record(&pc, &msg, u.reason, &u.detail, &abandon).await
                 });
                 continue;
             }
@@ -749,22 +752,11 @@ async fn dispatch_main(
             Ok(resolved) => resolved,
             Err(missing) => {
                 warn!(build_id = missing.build_id, event_id = %event.event_id, "build no longer exists; dead-lettered");
-                let (p, consumer, offsets, abandon) = (
-                    p.clone(),
-                    consumer.clone(),
-                    offsets.clone(),
-                    abandon.clone(),
-                );
-                tasks.spawn(async move {
-                    let _in_flight = InFlight::new(&p.metrics);
+                let (pc, abandon) = (p.clone(), abandon.clone());
+                path.spawn_record(p, consumer, offsets, (ticket, permit), async move {
                     let detail =
                         format!("build {} not found in the CI state store", missing.build_id);
-                    if dead_letter::record(&p, &msg, "build_not_found", &detail, &abandon)
-                        .await
-                        .is_ok()
-                    {
-                        offsets.finish(&ticket, permit, &consumer);
-                    }
+                    dead_letter::record(&pc, &msg, "build_not_found", &detail, &abandon).await
                 });
                 continue;
             }
@@ -796,17 +788,11 @@ async fn dispatch_main(
                 (previous, done, hook.clone(), task)
             })
             .collect();
-        let (p, consumer, offsets, abandon) = (
-            p.clone(),
-            consumer.clone(),
-            offsets.clone(),
-            abandon.clone(),
-        );
-        tasks.spawn(async move {
-            let _in_flight = InFlight::new(&p.metrics);
+        let (pc, abandon) = (p.clone(), abandon.clone());
+        path.spawn_record(p, consumer, offsets, (ticket, permit), async move {
             let results = futures::future::join_all(deliveries.into_iter().map(
                 |(previous, done, hook, task)| {
-                    let (p, abandon) = (&p, &abandon);
+                    let (p, abandon) = (&pc, &abandon);
                     async move {
                         if let Some(previous) = previous {
                             // An error only means the previous delivery's task ended: go on.
@@ -819,9 +805,8 @@ async fn dispatch_main(
                 },
             ))
             .await;
-            if results.iter().all(Result::is_ok) {
-                offsets.finish(&ticket, permit, &consumer);
-            }
+            // Finished only when every hook's delivery reached an end (none abandoned).
+            results.into_iter().try_for_each(|r| r.map(drop))
         });
     }
     chains.prune(p.config.max_in_flight * 4);
@@ -837,27 +822,13 @@ pub(crate) async fn run_retry(
     abandon: CancellationToken,
 ) {
     let path = Path::start("retry", &consumer, &offsets);
-    let mut intake = Intake::new(
-        &consumer,
-        &offsets,
-        &p.metrics,
-        p.config.max_in_flight,
-        path.name,
-    );
+    let mut intake = Intake::new(&consumer, &offsets, &p, path.name);
     while let Some(batch) = intake.next_batch(p.config.poll_batch, &shutdown).await {
         for (msg, permit) in batch {
             let ticket = offsets.begin(&msg);
-            let (p, consumer, offsets, abandon) = (
-                p.clone(),
-                consumer.clone(),
-                offsets.clone(),
-                abandon.clone(),
-            );
-            path.tasks.spawn(async move {
-                let _in_flight = InFlight::new(&p.metrics);
-                if retry::process(&p, &msg, &abandon).await.is_ok() {
-                    offsets.finish(&ticket, permit, &consumer);
-                }
+            let (pc, abandon) = (p.clone(), abandon.clone());
+            path.spawn_record(&p, &consumer, &offsets, (ticket, permit), async move {
+                retry::process(&pc, &msg, &abandon).await
             });
         }
     }

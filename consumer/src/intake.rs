@@ -26,6 +26,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::attempt::Pipeline;
 use crate::consume::{Ctx, KafkaConsumer, Offsets};
 use crate::metrics::ConsumerMetrics;
 
@@ -51,16 +52,15 @@ impl<'a> Intake<'a> {
     pub(crate) fn new(
         consumer: &'a KafkaConsumer,
         offsets: &'a Offsets,
-        metrics: &'a ConsumerMetrics,
-        max_in_flight: usize,
+        p: &'a Pipeline,
         path: &'static str,
     ) -> Self {
         Intake {
             consumer,
             offsets,
-            metrics,
+            metrics: &p.metrics,
             stream: consumer.stream(),
-            permits: Arc::new(Semaphore::new(max_in_flight)),
+            permits: Arc::new(Semaphore::new(p.config.max_in_flight)),
             held: VecDeque::new(),
             path,
         }
