@@ -4,7 +4,8 @@
 //! coordinator goes away at the wrong moment (a broker restart; seen here about one run in four).
 //! A stuck `spawn_blocking` thread would also keep the runtime from shutting down. So a commit
 //! runs on a thread of its own that nothing waits for past the limit: when the limit passes, the
-//! caller goes on without it, and while that commit is still stuck no new one is started.
+//! caller goes on without it. The next call starts a new commit beside the stuck one (the stuck
+//! one may never return), up to [`MAX_WAITING`] unanswered at once.
 //!
 //! Going on without an answer releases nothing: the commit loop gives permits back only for a
 //! confirmed commit, a later one of its own or librdkafka's auto-commit of the stored offsets
@@ -12,7 +13,7 @@
 //! holds throughout.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use rdkafka::TopicPartitionList;
@@ -31,10 +32,14 @@ pub(crate) enum CommitFailed {
     Stuck,
 }
 
-/// Remembers that a commit thread is still waiting, so no second one piles up behind it.
+/// Commit threads that may wait for an answer at once: beyond this many stuck ones, calls fail
+/// at once as [`CommitFailed::Stuck`] rather than pile up threads.
+pub(crate) const MAX_WAITING: usize = 3;
+
+/// Counts the commit threads still waiting for an answer.
 #[derive(Debug, Default)]
 pub(crate) struct Committer {
-    waiting: Arc<AtomicBool>,
+    waiting: Arc<AtomicUsize>,
 }
 
 impl Committer {
@@ -47,7 +52,9 @@ impl Committer {
     ) -> Result<(), CommitFailed> {
         if self
             .waiting
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_WAITING).then_some(n + 1)
+            })
             .is_err()
         {
             return Err(CommitFailed::Stuck);
@@ -61,11 +68,11 @@ impl Committer {
                     Some(tpl) => consumer.commit(tpl, CommitMode::Sync),
                     None => consumer.commit_consumer_state(CommitMode::Sync),
                 };
-                waiting.store(false, Ordering::Release);
+                waiting.fetch_sub(1, Ordering::AcqRel);
                 let _ = tx.send(result);
             });
         if let Err(error) = spawned {
-            self.waiting.store(false, Ordering::Release);
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
             tracing::warn!(%error, "cannot start a commit thread");
             return Err(CommitFailed::Stuck);
         }

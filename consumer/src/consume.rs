@@ -26,7 +26,9 @@
 //! which is what bounds re-deliveries after a crash. The price: a receiver that hangs until the
 //! delivery timeout can stall dispatch once `max_in_flight` records pile up behind it (for at
 //! most the timeout, after which its delivery goes to the retry topic). While dispatch waits for
-//! room the consumer still serves its group (see `intake`): a stall never holds a rebalance.
+//! room the consumer still serves its group (see `intake`), so such a stall never holds a
+//! rebalance. (Waiting out an unreachable schema registry or CI store does, as it polls nothing
+//! meanwhile; past `max.poll.interval.ms` the group moves on without this member.)
 //!
 //! # Rebalances
 //!
@@ -75,8 +77,6 @@ pub(crate) fn client_config(config: &ConsumerConfig, group: &str) -> ClientConfi
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &config.brokers)
         .set("group.id", group)
-        .set("enable.auto.commit", "true")
-        .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         // The retry and dead-letter topics may not exist before the first failure.
         .set("allow.auto.create.topics", "true")
@@ -90,6 +90,10 @@ pub(crate) fn client_config(config: &ConsumerConfig, group: &str) -> ClientConfi
     for (k, v) in &config.kafka {
         c.set(k, v);
     }
+    // Set after the pass-through on purpose: at-least-once rests on storing offsets only for
+    // finished records, and permits come back through auto-commit when a commit goes unanswered.
+    c.set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false");
     c
 }
 
@@ -182,7 +186,9 @@ impl Offsets {
         }
     }
 
-    fn begin(&self, msg: &OwnedMessage) -> Ticket {
+    /// Claims `msg`'s offset in its partition's current assignment (epoch): taken as the record
+    /// arrives, so that a rebalance served after it voids the claim.
+    pub(crate) fn begin(&self, msg: &OwnedMessage) -> Ticket {
         let mut lanes = self.lanes();
         let key = (msg.topic().to_owned(), msg.partition());
         let epoch = match lanes.get_mut(&key) {
@@ -304,9 +310,10 @@ impl Offsets {
             .collect()
     }
 
-    /// A commit answered by librdkafka's callback (an auto-commit, or a commit whose caller
-    /// stopped waiting): what it confirms counts as committed. It names no epoch; a confirmed
-    /// offset is committed on the broker whichever assignment the lane now belongs to.
+    /// A commit answered through librdkafka's commit callback (an auto-commit of the stored
+    /// offsets, or the commit on revoke): what it confirms counts as committed. It names no
+    /// epoch; a confirmed offset is committed on the broker whichever assignment the lane now
+    /// belongs to, and every record below it is finished.
     fn confirmed(&self, tpl: &TopicPartitionList) {
         let mut lanes = self.lanes();
         for e in tpl.elements() {
@@ -350,8 +357,9 @@ const COMMIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// records of a path are ever beyond the committed offset, which bounds what a crash re-delivers.
 ///
 /// A commit can go unanswered (see `commit`); then no permit comes back until a commit is
-/// confirmed, either a later one of this loop or librdkafka's auto-commit of the stored offsets,
-/// whose result reaches [`Ctx::commit_callback`] while the intake polls.
+/// confirmed, either a later one of this loop (the sweep tries again) or librdkafka's
+/// auto-commit of the stored offsets, whose result reaches [`Ctx::commit_callback`] while the
+/// intake polls.
 pub(crate) async fn commit_loop(
     consumer: Arc<KafkaConsumer>,
     offsets: Arc<Offsets>,
@@ -392,7 +400,7 @@ pub(crate) async fn commit_loop(
             }
             Err(CommitFailed::Stuck) => {
                 if !stuck {
-                    warn!(limit = ?COMMIT_LIMIT, "offset commit unanswered; permits come back when librdkafka's auto-commit of the stored offsets is confirmed");
+                    warn!(limit = ?COMMIT_LIMIT, "offset commit unanswered; trying again, and an auto-commit of the stored offsets confirmed meanwhile gives permits back too");
                 }
                 stuck = true;
             }
@@ -721,10 +729,9 @@ async fn dispatch_main(
     path: &Path,
     batch: Vec<Taken>,
 ) -> Result<(), Abandoned> {
-    let decoded = decode_batch(p, batch.iter().map(|(msg, _)| msg), shutdown).await?;
+    let decoded = decode_batch(p, batch.iter().map(|(msg, _, _)| msg), shutdown).await?;
     let (hooks, snapshots) = lookup(p, &decoded, shutdown).await?;
-    for ((msg, permit), decoded) in batch.into_iter().zip(decoded) {
-        let ticket = offsets.begin(&msg);
+    for ((msg, ticket, permit), decoded) in batch.into_iter().zip(decoded) {
         let event = match decoded {
             Read::Event(event) => event,
             Read::Undecodable(u) => {
@@ -824,8 +831,7 @@ pub(crate) async fn run_retry(
     let path = Path::start("retry", &consumer, &offsets);
     let mut intake = Intake::new(&consumer, &offsets, &p, path.name);
     while let Some(batch) = intake.next_batch(p.config.poll_batch, &shutdown).await {
-        for (msg, permit) in batch {
-            let ticket = offsets.begin(&msg);
+        for (msg, ticket, permit) in batch {
             let (pc, abandon) = (p.clone(), abandon.clone());
             path.spawn_record(&p, &consumer, &offsets, (ticket, permit), async move {
                 retry::process(&pc, &msg, &abandon).await

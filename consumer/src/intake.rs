@@ -12,7 +12,9 @@
 //! So the intake waits for room briefly, then pauses its partitions and keeps polling. A paused
 //! partition yields no records (librdkafka drops what it fetched ahead and, on resume, fetches
 //! again from the application's position), but rebalances are still served. The brief wait
-//! first keeps a short stall behind a slow receiver from throwing away the prefetched records.
+//! first keeps a short stall behind a slow receiver from throwing away the prefetched records,
+//! and a paused intake resumes only when there is room for a worthwhile batch, so a path that
+//! stays saturated (slow receivers, held retries) does not pause and re-fetch for every record.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -27,14 +29,18 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::attempt::Pipeline;
-use crate::consume::{Ctx, KafkaConsumer, Offsets};
+use crate::consume::{Ctx, KafkaConsumer, Offsets, Ticket};
 use crate::metrics::ConsumerMetrics;
 
-/// How long dispatch waits for a permit before pausing fetching to serve the group protocol.
-const PAUSE_AFTER: Duration = Duration::from_millis(200);
+/// How long dispatch waits for room before pausing fetching to serve the group protocol: short
+/// next to the session and rebalance timeouts, long enough that a brief stall does not throw
+/// away the prefetched records.
+const PAUSE_AFTER: Duration = Duration::from_secs(1);
 
-/// A record taken off the consumer, with its claim on the in-flight bound.
-pub(crate) type Taken = (OwnedMessage, OwnedSemaphorePermit);
+/// A record taken off the consumer: its claim on the partition's offset (taken when the record
+/// arrived, so that a rebalance served after it makes the claim void rather than letting it store
+/// the new assignment's offsets), and its claim on the in-flight bound.
+pub(crate) type Taken = (OwnedMessage, Ticket, OwnedSemaphorePermit);
 
 /// The records of one path's consumer, handed out in batches no larger than the room left.
 pub(crate) struct Intake<'a> {
@@ -43,8 +49,13 @@ pub(crate) struct Intake<'a> {
     metrics: &'a ConsumerMetrics,
     stream: MessageStream<'a, Ctx>,
     permits: Arc<Semaphore>,
+    /// Free permits needed before a paused intake resumes: resuming re-fetches what the pause
+    /// dropped, so it waits for room for a worthwhile batch.
+    resume_at: u32,
     /// Records that arrived while paused (a race with the pause): they lead the next batch.
-    held: VecDeque<OwnedMessage>,
+    held: VecDeque<(OwnedMessage, Ticket)>,
+    /// Beyond this many held records the intake stops polling (pausing is failing).
+    held_cap: usize,
     path: &'static str,
 }
 
@@ -55,13 +66,17 @@ impl<'a> Intake<'a> {
         p: &'a Pipeline,
         path: &'static str,
     ) -> Self {
+        let room = p.config.max_in_flight;
+        let resume_at = p.config.poll_batch.min(room / 4).max(1);
         Intake {
             consumer,
             offsets,
             metrics: &p.metrics,
             stream: consumer.stream(),
-            permits: Arc::new(Semaphore::new(p.config.max_in_flight)),
+            permits: Arc::new(Semaphore::new(room)),
+            resume_at: u32::try_from(resume_at).unwrap_or(u32::MAX),
             held: VecDeque::new(),
+            held_cap: room,
             path,
         }
     }
@@ -75,15 +90,15 @@ impl<'a> Intake<'a> {
     ) -> Option<Vec<Taken>> {
         self.wait_for_room(shutdown).await?;
         let first = match self.held.pop_front() {
-            Some(msg) => msg,
+            Some(taken) => taken,
             None => loop {
                 let next = tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => return None,
                     next = self.stream.next() => next,
                 };
-                if let Some(msg) = self.accept(next) {
-                    break msg;
+                if let Some(taken) = self.accept(next) {
+                    break taken;
                 }
             },
         };
@@ -91,36 +106,43 @@ impl<'a> Intake<'a> {
         let room = self.permits.available_permits().clamp(1, max.max(1));
         let mut batch = vec![first];
         while batch.len() < room {
-            if let Some(msg) = self.held.pop_front() {
-                batch.push(msg);
+            if let Some(taken) = self.held.pop_front() {
+                batch.push(taken);
                 continue;
             }
             match self.stream.next().now_or_never() {
                 Some(next) => {
-                    if let Some(msg) = self.accept(next) {
-                        batch.push(msg);
+                    if let Some(taken) = self.accept(next) {
+                        batch.push(taken);
                     }
                 }
                 None => break,
             }
         }
         let n = u32::try_from(batch.len()).unwrap_or(u32::MAX);
-        let mut permits = self.permits.clone().try_acquire_many_owned(n).ok()?;
+        // Never waits (the room is there); fails only if the semaphore were closed, which
+        // nothing does.
+        let mut permits = self.permits.clone().acquire_many_owned(n).await.ok()?;
         Some(
             batch
                 .into_iter()
-                .filter_map(|msg| permits.split(1).map(|permit| (msg, permit)))
+                .filter_map(|(msg, ticket)| permits.split(1).map(|permit| (msg, ticket, permit)))
                 .collect(),
         )
     }
 
-    /// A record from the stream, or nothing after logging a consumer error.
+    /// A record from the stream with its offset claim, or nothing after logging a consumer
+    /// error.
     fn accept(
         &self,
         next: Option<rdkafka::error::KafkaResult<BorrowedMessage<'_>>>,
-    ) -> Option<OwnedMessage> {
+    ) -> Option<(OwnedMessage, Ticket)> {
         match next {
-            Some(Ok(msg)) => Some(msg.detach()),
+            Some(Ok(msg)) => {
+                let msg = msg.detach();
+                let ticket = self.offsets.begin(&msg);
+                Some((msg, ticket))
+            }
             Some(Err(error)) => {
                 warn!(path = self.path, %error, "kafka consumer error");
                 None
@@ -145,23 +167,31 @@ impl<'a> Intake<'a> {
         debug!(path = self.path, "no room for more records; pausing fetch");
         self.metrics.fetch_paused(self.path);
         self.set_paused(true);
+        let resume_at = self.resume_at;
+        let mut polling = true;
         let outcome = loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break None,
-                _ = permits.acquire() => break Some(()),
+                _ = permits.acquire_many(resume_at) => break Some(()),
                 // Serves rebalances; a paused partition yields no record, but one already on its
                 // way, or from a partition assigned just now, is kept for the next batch.
-                next = self.stream.next() => {
-                    if let Some(msg) = self.accept(next) {
-                        self.held.push_back(msg);
+                next = self.stream.next(), if polling => {
+                    if let Some(taken) = self.accept(next) {
+                        self.held.push_back(taken);
                         self.pause_assignment();
+                        if self.held.len() >= self.held_cap {
+                            warn!(path = self.path, held = self.held.len(), "records keep arriving while fetching is paused; waiting for room without polling");
+                            polling = false;
+                        }
                     }
                 }
             }
         };
-        self.set_paused(false);
-        debug!(path = self.path, "room again; fetch resumed");
+        if outcome.is_some() {
+            self.set_paused(false);
+            debug!(path = self.path, "room again; fetch resumed");
+        }
         outcome
     }
 

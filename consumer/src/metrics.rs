@@ -159,7 +159,7 @@ impl ConsumerMetrics {
         );
         registry.register(
             "assignments",
-            "Partition assignments received, by path (main, retry): one at start, one per rebalance",
+            "Partition assignments received, by path (main, retry): one at start, then one per rebalance that assigns partitions",
             assignments.clone(),
         );
         registry.register(

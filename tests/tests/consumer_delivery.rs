@@ -60,7 +60,11 @@ async fn inline_is_sent_byte_identical_and_legacy_is_rendered_pinned_and_counted
     assert_eq!(got[0].header("x-gitlab-token"), Some("s3cret-token"));
     // Only the pending event was rendered after its build moved on.
     assert_eq!(running.metrics.stale_renders(), 1);
-    assert_eq!(running.metrics.deliveries(Outcome::Delivered), 3);
+    // The receiver records a request before answering; the consumer counts it once answered.
+    poll_until("three deliveries counted", WAIT, || async {
+        (running.metrics.deliveries(Outcome::Delivered) == 3).then_some(())
+    })
+    .await;
     running.stop().await;
 }
 
@@ -119,17 +123,17 @@ async fn failures_are_retried_off_the_partition_with_one_idempotency_key_and_val
         .expect("valid Standard Webhooks signature");
     }
     assert_eq!(running.metrics.retries_scheduled(), 2);
-    assert_eq!(running.metrics.deliveries(Outcome::Delivered), 1);
-    let hook = world
-        .store
-        .list_hooks(Some(snapshot.project.id))
-        .await
-        .unwrap()
-        .remove(0);
-    assert_eq!(
-        hook.recent_failures, 0,
-        "a success resets the hook's failures"
-    );
+    // The receiver records a request before answering it: the consumer counts the delivery and
+    // resets the hook's failures only once the answer is back.
+    poll_until("the delivery counted", WAIT, || async {
+        (running.metrics.deliveries(Outcome::Delivered) == 1).then_some(())
+    })
+    .await;
+    poll_until("a success resets the hook's failures", WAIT, || async {
+        let hooks = world.store.list_hooks(Some(snapshot.project.id)).await;
+        (hooks.unwrap()[0].recent_failures == 0).then_some(())
+    })
+    .await;
     running.stop().await;
 }
 
