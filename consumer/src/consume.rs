@@ -215,6 +215,15 @@ impl Offsets {
         }
     }
 
+    /// Whether the ticket's claim still holds: its partition is owned in the same assignment.
+    pub(crate) fn is_current(&self, ticket: &Ticket) -> bool {
+        ticket.epoch != 0
+            && self
+                .lanes()
+                .get(&(ticket.topic.clone(), ticket.partition))
+                .is_some_and(|lane| lane.epoch == ticket.epoch)
+    }
+
     /// Marks the ticket's record finished and stores the partition's offset if it moved. The
     /// record's permit is released once the stored offset has passed it.
     fn finish<C: ConsumerContext>(

@@ -22,6 +22,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
+use rdkafka::Message;
 use rdkafka::consumer::{Consumer, MessageStream};
 use rdkafka::message::{BorrowedMessage, OwnedMessage};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -88,7 +89,50 @@ impl<'a> Intake<'a> {
         max: usize,
         shutdown: &CancellationToken,
     ) -> Option<Vec<Taken>> {
-        self.wait_for_room(shutdown).await?;
+        loop {
+            self.wait_for_room(shutdown).await?;
+            let mut batch = self.collect(max, shutdown).await?;
+            // A rebalance served while the batch was held or collected voids the claims taken
+            // before it: the partition's owner now (this instance again, or another) fetches
+            // those records again from the committed offset, so delivering them here would only
+            // duplicate them.
+            batch.retain(|(msg, ticket)| {
+                let current = self.offsets.is_current(ticket);
+                if !current {
+                    debug!(
+                        path = self.path,
+                        partition = msg.partition(),
+                        offset = msg.offset(),
+                        "record of a revoked assignment dropped; its new owner fetches it again"
+                    );
+                }
+                current
+            });
+            if batch.is_empty() {
+                continue;
+            }
+            let n = u32::try_from(batch.len()).unwrap_or(u32::MAX);
+            // Never waits (the room is there); fails only if the semaphore were closed, which
+            // nothing does.
+            let mut permits = self.permits.clone().acquire_many_owned(n).await.ok()?;
+            return Some(
+                batch
+                    .into_iter()
+                    .filter_map(|(msg, ticket)| {
+                        permits.split(1).map(|permit| (msg, ticket, permit))
+                    })
+                    .collect(),
+            );
+        }
+    }
+
+    /// At least one record (held ones first), then whatever the client already holds, up to
+    /// `max` and the room left.
+    async fn collect(
+        &mut self,
+        max: usize,
+        shutdown: &CancellationToken,
+    ) -> Option<Vec<(OwnedMessage, Ticket)>> {
         let first = match self.held.pop_front() {
             Some(taken) => taken,
             None => loop {
@@ -119,16 +163,7 @@ impl<'a> Intake<'a> {
                 None => break,
             }
         }
-        let n = u32::try_from(batch.len()).unwrap_or(u32::MAX);
-        // Never waits (the room is there); fails only if the semaphore were closed, which
-        // nothing does.
-        let mut permits = self.permits.clone().acquire_many_owned(n).await.ok()?;
-        Some(
-            batch
-                .into_iter()
-                .filter_map(|(msg, ticket)| permits.split(1).map(|permit| (msg, ticket, permit)))
-                .collect(),
-        )
+        Some(batch)
     }
 
     /// A record from the stream with its offset claim, or nothing after logging a consumer
