@@ -119,9 +119,6 @@ struct Lane {
     committed: i64,
 }
 
-/// Offsets stored and waiting for the committer: (topic, partition, epoch, offset).
-type Pending = Vec<(String, i32, u64, i64)>;
-
 /// Per-partition offset tracking, shared by the dispatcher, the tasks and the rebalance callback.
 #[derive(Debug, Default)]
 pub(crate) struct Offsets {
@@ -254,28 +251,39 @@ impl Offsets {
             // Committed on librdkafka's interval: permits go back once stored.
             lane.parked = lane.parked.split_off(&committable);
         }
+        self.store(lane, &ticket.topic, ticket.partition, committable, consumer);
+    }
+
+    /// Stores `committable` for the lane's partition if it is past what is stored, and wakes the
+    /// committer. Called under the lanes lock, so stores of one partition happen in increasing
+    /// order. A refused store is left for [`Offsets::store_left_behind`].
+    fn store<C: ConsumerContext>(
+        &self,
+        lane: &mut Lane,
+        topic: &str,
+        partition: i32,
+        committable: i64,
+        consumer: &StreamConsumer<C>,
+    ) {
         if committable <= lane.stored {
             return;
         }
         let mut tpl = TopicPartitionList::new();
         if tpl
-            .add_partition_offset(&ticket.topic, ticket.partition, Offset::Offset(committable))
+            .add_partition_offset(topic, partition, Offset::Offset(committable))
             .is_err()
         {
             return;
         }
-        // Under the lock, so stores of one partition happen in increasing order.
         match consumer.store_offsets(&tpl) {
             Ok(()) => {
-                debug!(topic = %ticket.topic, partition = ticket.partition, offset = committable, "offset stored");
+                debug!(%topic, partition, offset = committable, "offset stored");
                 lane.stored = committable;
                 if self.commit_each_store {
                     self.stored.notify_one();
                 }
             }
-            Err(error) => {
-                debug!(topic = %ticket.topic, partition = ticket.partition, %error, "offset not stored")
-            }
+            Err(error) => debug!(%topic, partition, %error, "offset not stored"),
         }
     }
 }
@@ -290,37 +298,24 @@ impl Offsets {
         for ((topic, partition), lane) in lanes.iter_mut() {
             let Some(next) = lane.next else { continue };
             let committable = lane.in_flight.first().copied().unwrap_or(next);
-            if committable <= lane.stored {
-                continue;
-            }
-            let mut tpl = TopicPartitionList::new();
-            if tpl
-                .add_partition_offset(topic, *partition, Offset::Offset(committable))
-                .is_err()
-            {
-                continue;
-            }
-            if consumer.store_offsets(&tpl).is_ok() {
-                debug!(%topic, partition, offset = committable, "offset stored on a later try");
-                lane.stored = committable;
-                if self.commit_each_store {
-                    self.stored.notify_one();
-                }
-            }
+            self.store(lane, topic, *partition, committable, consumer);
         }
     }
 
-    /// Stored offsets not yet committed.
-    fn pending(&self) -> Pending {
-        self.lanes()
-            .iter()
-            .filter(|(_, lane)| lane.stored > lane.committed)
-            .map(|((topic, partition), lane)| (topic.clone(), *partition, lane.epoch, lane.stored))
-            .collect()
+    /// Stored offsets not yet committed, as a commit request.
+    fn pending(&self) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), lane) in self.lanes().iter() {
+            if lane.stored > lane.committed {
+                let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(lane.stored));
+            }
+        }
+        tpl
     }
 
-    /// A commit answered through librdkafka's commit callback (an auto-commit of the stored
-    /// offsets, or the commit on revoke): what it confirms counts as committed. It names no
+    /// A confirmed commit (this path's own, or one answered through librdkafka's commit
+    /// callback: an auto-commit of the stored offsets, or the commit on revoke) gives back the
+    /// permits of the records it covers. It names no
     /// epoch; a confirmed offset is committed on the broker whichever assignment the lane now
     /// belongs to, and every record below it is finished.
     fn confirmed(&self, tpl: &TopicPartitionList) {
@@ -339,20 +334,6 @@ impl Offsets {
                 // Never store below what the broker already has.
                 lane.stored = lane.stored.max(offset);
                 lane.parked = lane.parked.split_off(&offset);
-            }
-        }
-    }
-
-    /// The broker acked these commits: give back the permits of the records they cover.
-    fn committed(&self, done: &Pending) {
-        let mut lanes = self.lanes();
-        for (topic, partition, epoch, offset) in done {
-            if let Some(lane) = lanes.get_mut(&(topic.clone(), *partition))
-                && lane.epoch == *epoch
-                && *offset > lane.committed
-            {
-                lane.committed = *offset;
-                lane.parked = lane.parked.split_off(offset);
             }
         }
     }
@@ -390,17 +371,16 @@ pub(crate) async fn commit_loop(
             continue;
         }
         let pending = offsets.pending();
-        if pending.is_empty() {
+        if pending.count() == 0 {
             continue;
         }
-        let mut tpl = TopicPartitionList::new();
-        for (topic, partition, _, offset) in &pending {
-            let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset));
-        }
-        match committer.commit(&consumer, Some(tpl), COMMIT_LIMIT).await {
+        match committer
+            .commit(&consumer, Some(pending.clone()), COMMIT_LIMIT)
+            .await
+        {
             Ok(()) => {
                 stuck = false;
-                offsets.committed(&pending)
+                offsets.confirmed(&pending)
             }
             Err(CommitFailed::Kafka(error)) => {
                 debug!(%error, "offset commit failed; trying again");

@@ -214,7 +214,7 @@ impl<'a> Intake<'a> {
                 next = self.stream.next(), if polling => {
                     if let Some(taken) = self.accept(next) {
                         self.held.push_back(taken);
-                        self.pause_assignment();
+                        self.fetch_assignment(false);
                         if self.held.len() >= self.held_cap {
                             warn!(path = self.path, held = self.held.len(), "records keep arriving while fetching is paused; waiting for room without polling");
                             polling = false;
@@ -233,28 +233,20 @@ impl<'a> Intake<'a> {
     fn set_paused(&self, paused: bool) {
         // Set first: a rebalance served from now on pauses (or resumes) what it assigns.
         self.offsets.paused.store(paused, Ordering::Relaxed);
-        if paused {
-            self.pause_assignment();
-        } else {
-            match self.consumer.assignment() {
-                Ok(tpl) => {
-                    if let Err(error) = self.consumer.resume(&tpl) {
-                        warn!(path = self.path, %error, "cannot resume fetching");
-                    }
-                }
-                Err(error) => warn!(path = self.path, %error, "cannot read the assignment"),
-            }
-        }
+        self.fetch_assignment(!paused);
     }
 
-    fn pause_assignment(&self) {
-        match self.consumer.assignment() {
-            Ok(tpl) => {
-                if let Err(error) = self.consumer.pause(&tpl) {
-                    warn!(path = self.path, %error, "cannot pause fetching");
-                }
+    /// Pauses or resumes fetching for every partition assigned now.
+    fn fetch_assignment(&self, fetch: bool) {
+        let result = self.consumer.assignment().and_then(|tpl| {
+            if fetch {
+                self.consumer.resume(&tpl)
+            } else {
+                self.consumer.pause(&tpl)
             }
-            Err(error) => warn!(path = self.path, %error, "cannot read the assignment"),
+        });
+        if let Err(error) = result {
+            warn!(path = self.path, fetch, %error, "cannot pause or resume fetching");
         }
     }
 }

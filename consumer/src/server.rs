@@ -154,12 +154,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreachable_registry_fails_startup_after_retries() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let url = format!("http://127.0.0.1:{port}");
+        let url = format!("http://127.0.0.1:{}", hookline_tests::free_port());
         let error = open_codec(Some(&url)).await.unwrap_err();
         assert!(
             matches!(&error, ConsumerError::SchemaRegistry(m) if m.contains("unreachable")),
