@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::model::{
-    Build, Hook, Namespace, NewHook, Pipeline, Project, RenderSnapshot, Runner, User,
+    Build, Hook, HookFailure, Namespace, NewHook, Pipeline, Project, RenderSnapshot, Runner, User,
 };
 use crate::render::truncate_to_micros;
 use crate::store::{CiStore, StoreError};
@@ -220,14 +220,18 @@ impl CiStore for MemoryStore {
         &self,
         id: i64,
         now: DateTime<Utc>,
-    ) -> Result<Option<Hook>, StoreError> {
+    ) -> Result<HookFailure, StoreError> {
         let mut state = self.state.write().unwrap();
-        Ok(state.hooks.get_mut(&id).map(|h| {
-            let (failures, until) = Hook::health_after_failure(h.recent_failures, now);
-            h.recent_failures = failures;
-            h.disabled_until = until.map(truncate_to_micros);
-            h.clone()
-        }))
+        let Some(h) = state.hooks.get_mut(&id) else {
+            return Ok(HookFailure::Gone);
+        };
+        if h.state(now) != crate::model::HookState::Executable {
+            return Ok(HookFailure::NotExecutable(h.clone()));
+        }
+        let (failures, until) = Hook::health_after_failure(h.recent_failures, now);
+        h.recent_failures = failures;
+        h.disabled_until = until.map(truncate_to_micros);
+        Ok(HookFailure::Counted(h.clone()))
     }
 
     async fn record_hook_success(&self, id: i64) -> Result<(), StoreError> {

@@ -163,6 +163,19 @@ pub enum HookState {
     PermanentlyDisabled,
 }
 
+/// What recording a failed delivery did to a hook's health.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HookFailure {
+    /// The hook was executable: the failure counts; the hook's new health.
+    Counted(Hook),
+    /// The hook was already disabled (temporarily or for good) when the failure ended: as in
+    /// GitLab, it does not count, so failures of deliveries that were in flight when the hook
+    /// got disabled cannot push it on to its permanent disable. The hook as it is.
+    NotExecutable(Hook),
+    /// No such hook (removed meanwhile).
+    Gone,
+}
+
 /// GitLab's auto-disable constants (`WebHooks::AutoDisabling`).
 pub const FAILURE_THRESHOLD: i32 = 3;
 pub const PERMANENT_FAILURES: i32 = 40;

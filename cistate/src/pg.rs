@@ -11,8 +11,8 @@ use sqlx::{Executor, PgPool, Row};
 use uuid::Uuid;
 
 use crate::model::{
-    Build, Environment, Hook, Namespace, NewHook, Pipeline, Project, RenderSnapshot, Runner,
-    SourcePipeline, User,
+    Build, Environment, Hook, HookFailure, Namespace, NewHook, Pipeline, Project, RenderSnapshot,
+    Runner, SourcePipeline, User,
 };
 use crate::store::{CiStore, StoreError};
 
@@ -539,29 +539,39 @@ impl CiStore for PgStore {
         &self,
         id: i64,
         now: DateTime<Utc>,
-    ) -> Result<Option<Hook>, StoreError> {
-        // Row lock, then the one rule in Rust: concurrent consumers count every failure once.
-        let mut tx = self.pool.begin().await?;
-        let current: Option<i32> =
-            sqlx::query_scalar("SELECT recent_failures FROM web_hooks WHERE id = $1 FOR UPDATE")
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let Some(current) = current else {
-            return Ok(None);
-        };
-        let (failures, until) = Hook::health_after_failure(current, now);
-        let row = sqlx::query(&format!(
-            "UPDATE web_hooks SET recent_failures = $2, disabled_until = $3 WHERE id = $1
-             RETURNING {HOOK_COLUMNS}"
+    ) -> Result<HookFailure, StoreError> {
+        // One conditional row update: only an executable hook counts the failure, and the row
+        // lock the UPDATE takes serialises concurrent consumers. The arithmetic is
+        // `Hook::health_after_failure` in SQL (the two are checked against each other in the
+        // tests): at most 40 failures; from the 4th on, a back-off of 1 min * 2^(failures before
+        // this one - 3), clamped to [1 min, 1 day].
+        let counted = sqlx::query(&format!(
+            "UPDATE web_hooks SET
+                 recent_failures = LEAST(recent_failures + 1, {permanent}),
+                 disabled_until = CASE WHEN recent_failures + 1 > {threshold}
+                     THEN $2 + LEAST(
+                         interval '1 minute'
+                             * power(2, LEAST(GREATEST(recent_failures - {threshold}, 0), 20)),
+                         interval '1 day')
+                     ELSE NULL END
+             WHERE id = $1
+               AND recent_failures < {permanent}
+               AND (disabled_until IS NULL OR disabled_until <= $2)
+             RETURNING {HOOK_COLUMNS}",
+            permanent = crate::model::PERMANENT_FAILURES,
+            threshold = crate::model::FAILURE_THRESHOLD,
         ))
         .bind(id)
-        .bind(failures)
-        .bind(until)
-        .fetch_one(&mut *tx)
+        .bind(now)
+        .fetch_optional(&self.pool)
         .await?;
-        tx.commit().await?;
-        Ok(Some(hook_from_row(&row)?))
+        if let Some(row) = counted {
+            return Ok(HookFailure::Counted(hook_from_row(&row)?));
+        }
+        Ok(match self.hook(id).await? {
+            Some(hook) => HookFailure::NotExecutable(hook),
+            None => HookFailure::Gone,
+        })
     }
 
     async fn record_hook_success(&self, id: i64) -> Result<(), StoreError> {

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::model::{
-    Build, Hook, Namespace, NewHook, Pipeline, Project, RenderSnapshot, Runner, User,
+    Build, Hook, HookFailure, Namespace, NewHook, Pipeline, Project, RenderSnapshot, Runner, User,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -69,13 +69,15 @@ pub trait CiStore: Send + Sync + std::fmt::Debug {
     async fn remove_hook(&self, id: i64) -> Result<bool, StoreError>;
     /// Clears the hook's failures (re-enables it). False when there is no such hook.
     async fn enable_hook(&self, id: i64) -> Result<bool, StoreError>;
-    /// Records a failed delivery (GitLab's auto-disable rule, [`Hook::health_after_failure`]),
-    /// atomically with respect to other consumers. Returns the hook's new health.
+    /// Records a delivery that failed at `now`: GitLab's auto-disable rule
+    /// ([`Hook::health_after_failure`]) if the hook is executable at `now`, nothing otherwise
+    /// (GitLab's `backoff!` returns early for a hook that is not executable). One conditional
+    /// update, correct with several consumers failing at once.
     async fn record_hook_failure(
         &self,
         id: i64,
         now: DateTime<Utc>,
-    ) -> Result<Option<Hook>, StoreError>;
+    ) -> Result<HookFailure, StoreError>;
     /// Disables the hook for good (its receiver answered 410 Gone), as its 40th failure would;
     /// [`CiStore::enable_hook`] turns it on again. False when there is no such hook.
     async fn disable_hook(&self, id: i64) -> Result<bool, StoreError>;

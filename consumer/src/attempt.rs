@@ -4,24 +4,20 @@
 //! step counts as finished: only then may the offset of the record that carried it be stored.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
-use hookline_cistate::{CiStore, Hook};
+use hookline_cistate::{CiStore, Hook, HookFailure};
 use hookline_schemas::Codec;
-use rdkafka::message::OwnedHeaders;
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::util::Timeout;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::ConsumerConfig;
 use crate::deliver::{AttemptOutcome, Deliverer, DeliveryRequest};
+use crate::handoff::{DeadLetterReason, Handoff, Landed};
 use crate::hooks::{Gate, HookRegistry, gate};
 use crate::metrics::{ConsumerMetrics, Outcome};
 use crate::task::DeliveryTask;
-use crate::{dead_letter, retry};
 
 /// The HTTP stage as the pipeline uses it; [`Deliverer`] is the real one.
 #[async_trait]
@@ -36,22 +32,7 @@ impl Attempt for Deliverer {
     }
 }
 
-/// Shutdown's drain bound ran out: the work was dropped unfinished, so its offset must not be
-/// stored (whoever owns the partition next does it again).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Abandoned;
-
-/// Where a task ended up after one step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TaskEnd {
-    Delivered,
-    /// Handed to the retry topic (acked) for a later attempt.
-    RetryScheduled,
-    /// The hook is backing off: handed to the retry topic for when it may be called again.
-    Deferred,
-    /// Written to the dead-letter topic (acked).
-    DeadLettered,
-}
+pub use crate::shutdown::Abandoned;
 
 /// Everything both paths share.
 pub struct Pipeline {
@@ -60,7 +41,7 @@ pub struct Pipeline {
     pub codec: Codec,
     pub hooks: HookRegistry,
     pub deliverer: Arc<dyn Attempt>,
-    pub producer: FutureProducer,
+    pub handoff: Handoff,
     pub metrics: Arc<ConsumerMetrics>,
 }
 
@@ -72,50 +53,7 @@ impl std::fmt::Debug for Pipeline {
     }
 }
 
-/// Back-off between tries of a hand-off or a store read that failed.
-pub(crate) fn backoff(try_number: u32) -> Duration {
-    Duration::from_millis(50u64.saturating_mul(1 << try_number.min(7)))
-}
-
-/// Sleeps `d`, or returns `Err(Abandoned)` if `abandon` fires first.
-pub(crate) async fn pause(d: Duration, abandon: &CancellationToken) -> Result<(), Abandoned> {
-    tokio::select! {
-        _ = abandon.cancelled() => Err(Abandoned),
-        _ = tokio::time::sleep(d) => Ok(()),
-    }
-}
-
 impl Pipeline {
-    /// Writes a record and waits for the broker's ack, trying again until it is acked: losing a
-    /// retry or a dead letter would lose a delivery.
-    pub(crate) async fn produce_acked(
-        &self,
-        topic: &str,
-        key: &[u8],
-        value: &[u8],
-        headers: OwnedHeaders,
-        abandon: &CancellationToken,
-    ) -> Result<(), Abandoned> {
-        for try_number in 0.. {
-            let record = FutureRecord::to(topic)
-                .key(key)
-                .payload(value)
-                .headers(headers.clone());
-            let sent = tokio::select! {
-                _ = abandon.cancelled() => return Err(Abandoned),
-                sent = self.producer.send(record, Timeout::After(Duration::from_secs(30))) => sent,
-            };
-            match sent {
-                Ok(_) => return Ok(()),
-                Err((error, _)) => {
-                    warn!(topic, %error, try_number, "hand-off not acked; trying again");
-                    pause(backoff(try_number), abandon).await?;
-                }
-            }
-        }
-        unreachable!("the loop only ends by returning")
-    }
-
     /// Makes the next attempt of `task` to `hook` (or defers or dead-letters it when the hook
     /// may not be called) and settles the result.
     pub(crate) async fn run_task(
@@ -123,27 +61,29 @@ impl Pipeline {
         task: DeliveryTask,
         hook: &Hook,
         abandon: &CancellationToken,
-    ) -> Result<TaskEnd, Abandoned> {
+    ) -> Result<(), Abandoned> {
         let now = Utc::now();
         match gate(hook, now) {
             Gate::Call => {}
             Gate::DeferUntil(until) => {
                 debug!(hook_id = hook.id, event_id = %task.event_id, %until, "hook backing off; delivery deferred");
-                retry::hand_off(self, &task, until, abandon).await?;
-                self.metrics.delivery(Outcome::Deferred);
-                return Ok(TaskEnd::Deferred);
+                let landed = self.handoff.to_retry(&task, hook, until, abandon).await?;
+                self.settled(landed, Outcome::Deferred);
+                return Ok(());
             }
             Gate::Disabled => {
-                dead_letter::delivery(
-                    self,
-                    &task,
-                    "hook_disabled",
-                    "the hook is disabled",
-                    abandon,
-                )
-                .await?;
-                self.metrics.delivery(Outcome::HookDisabled);
-                return Ok(TaskEnd::DeadLettered);
+                let landed = self
+                    .handoff
+                    .dead_letter_delivery(
+                        &task,
+                        Some(hook),
+                        DeadLetterReason::HookDisabled,
+                        "the hook is disabled",
+                        abandon,
+                    )
+                    .await?;
+                self.settled(landed, Outcome::HookDisabled);
+                return Ok(());
             }
         }
         let attempt = task.attempts + 1;
@@ -168,7 +108,7 @@ impl Pipeline {
                 if let Err(error) = self.hooks.succeeded(hook).await {
                     warn!(hook_id, %error, "could not record the hook's success");
                 }
-                Ok(TaskEnd::Delivered)
+                Ok(())
             }
             AttemptOutcome::Retry {
                 status,
@@ -190,19 +130,28 @@ impl Pipeline {
                         info!(%event_id, build_id, hook_id, ?status, attempt, %reason, ?delay, "delivery failed; retry scheduled");
                         let due = Utc::now()
                             + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
-                        retry::hand_off(self, &next, due, abandon).await?;
-                        self.metrics.delivery(Outcome::Retried);
-                        self.metrics.retry_scheduled();
-                        Ok(TaskEnd::RetryScheduled)
+                        let landed = self.handoff.to_retry(&next, hook, due, abandon).await?;
+                        if landed == Landed::AsIs {
+                            self.metrics.retry_scheduled();
+                        }
+                        self.settled(landed, Outcome::Retried);
                     }
                     None => {
                         warn!(%event_id, build_id, hook_id, ?status, attempt, %reason, "retries exhausted; dead-lettered");
-                        dead_letter::delivery(self, &next, "retries_exhausted", &reason, abandon)
+                        let landed = self
+                            .handoff
+                            .dead_letter_delivery(
+                                &next,
+                                Some(hook),
+                                DeadLetterReason::RetriesExhausted,
+                                &reason,
+                                abandon,
+                            )
                             .await?;
-                        self.metrics.delivery(Outcome::Exhausted);
-                        Ok(TaskEnd::DeadLettered)
+                        self.settled(landed, Outcome::Exhausted);
                     }
                 }
+                Ok(())
             }
             AttemptOutcome::Final {
                 status,
@@ -222,30 +171,45 @@ impl Pipeline {
                     last_error: Some(reason.clone()),
                     ..task
                 };
-                let kind = if disable_hook {
-                    "gone"
+                let why = if disable_hook {
+                    DeadLetterReason::Gone
                 } else {
-                    "final_response"
+                    DeadLetterReason::FinalResponse
                 };
-                dead_letter::delivery(self, &next, kind, &reason, abandon).await?;
-                self.metrics.delivery(Outcome::Final);
-                Ok(TaskEnd::DeadLettered)
+                let landed = self
+                    .handoff
+                    .dead_letter_delivery(&next, Some(hook), why, &reason, abandon)
+                    .await?;
+                self.settled(landed, Outcome::Final);
+                Ok(())
             }
         }
+    }
+
+    /// Counts how a task ended: as intended, or as a hand-off Kafka refused for good.
+    fn settled(&self, landed: Landed, intended: Outcome) {
+        self.metrics.delivery(match landed {
+            Landed::AsIs => intended,
+            Landed::AsReference(_) | Landed::Lost => Outcome::HandoffRefused,
+        });
     }
 
     /// GitLab's auto-disable bookkeeping; a store failure here must not stop the delivery's own
     /// hand-off, so it is logged.
     async fn note_failure(&self, hook: &Hook) {
-        match self.hooks.failed(hook, Utc::now()).await {
-            Ok(Some(updated))
-                if updated.disabled_until.is_some()
-                    || gate(&updated, Utc::now()) == Gate::Disabled =>
-            {
-                self.metrics.hook_disabled();
-                warn!(hook_id = hook.id, failures = updated.recent_failures, disabled_until = ?updated.disabled_until, "hook disabled after repeated failures");
+        let now = Utc::now();
+        match self.hooks.failed(hook, now).await {
+            Ok(HookFailure::Counted(updated)) => {
+                let was_executable = gate(hook, now) == Gate::Call;
+                if gate(&updated, now) != Gate::Call && was_executable {
+                    self.metrics.hook_disabled();
+                    warn!(hook_id = hook.id, failures = updated.recent_failures, disabled_until = ?updated.disabled_until, "hook disabled after repeated failures");
+                }
             }
-            Ok(_) => {}
+            Ok(HookFailure::NotExecutable(current)) => {
+                debug!(hook_id = hook.id, failures = current.recent_failures, disabled_until = ?current.disabled_until, "failure not counted: the hook was already disabled when it ended");
+            }
+            Ok(HookFailure::Gone) => {}
             Err(error) => warn!(hook_id = hook.id, %error, "could not record the hook's failure"),
         }
     }

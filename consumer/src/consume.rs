@@ -52,18 +52,20 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::attempt::{Abandoned, Pipeline, backoff};
+use crate::attempt::Pipeline;
 use crate::commit::{CommitFailed, Committer};
 use crate::config::ConsumerConfig;
 use crate::decode::{self, Decoded};
+use crate::handoff::DeadLetterReason;
 use crate::intake::{Intake, Taken};
-use crate::metrics::ConsumerMetrics;
+use crate::metrics::{ConsumerMetrics, Stall};
 use crate::resolve::{self, ResolvedPayload};
-use crate::task::DeliveryTask;
-use crate::{ConsumerError, dead_letter, retry};
+use crate::shutdown::{Abandoned, wait_out};
+use crate::task::{DeliveryTask, H_ONLY_HOOK, Source, header};
+use crate::{ConsumerError, retry};
 
 /// Settings every client gets: the brokers, then the pass-through settings (which may override).
-fn base_config(config: &ConsumerConfig) -> ClientConfig {
+pub(crate) fn base_config(config: &ConsumerConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &config.brokers);
     for (k, v) in &config.kafka {
@@ -78,9 +80,19 @@ pub(crate) fn client_config(config: &ConsumerConfig, group: &str) -> ClientConfi
     c.set("bootstrap.servers", &config.brokers)
         .set("group.id", group)
         .set("auto.offset.reset", "earliest")
-        // The retry and dead-letter topics may not exist before the first failure.
-        .set("allow.auto.create.topics", "true")
-        .set("statistics.interval.ms", "1000");
+        // Topics are created at start (see `topics`), never as a side effect of subscribing.
+        .set("allow.auto.create.topics", "false")
+        .set("statistics.interval.ms", "1000")
+        .set(
+            "session.timeout.ms",
+            config.session_timeout.as_millis().to_string(),
+        );
+    if let Some(id) = &config.instance_id {
+        // Static membership: a restarted instance with the same identity takes its partitions
+        // back at once, without a rebalance and without waiting for its dead self to expire.
+        // The id is unique within a group; the main and retry groups are different groups.
+        c.set("group.instance.id", id);
+    }
     if !config.commit_interval.is_zero() {
         c.set(
             "auto.commit.interval.ms",
@@ -353,10 +365,13 @@ const COMMIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 pub(crate) async fn commit_loop(
     consumer: Arc<KafkaConsumer>,
     offsets: Arc<Offsets>,
+    metrics: Arc<ConsumerMetrics>,
     stop: CancellationToken,
 ) {
     let committer = Committer::default();
     let mut stuck = false;
+    // Set while commits keep failing: shown as a `commit` stall once it lasts.
+    let mut stall = None;
     let mut sweep = tokio::time::interval(std::time::Duration::from_millis(500));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
@@ -380,14 +395,21 @@ pub(crate) async fn commit_loop(
         {
             Ok(()) => {
                 stuck = false;
+                stall = None;
                 offsets.confirmed(&pending)
             }
             Err(CommitFailed::Kafka(error)) => {
                 debug!(%error, "offset commit failed; trying again");
+                stall
+                    .get_or_insert_with(|| metrics.stall(Stall::Commit))
+                    .still(&error);
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 offsets.stored.notify_one();
             }
             Err(CommitFailed::Stuck) => {
+                stall
+                    .get_or_insert_with(|| metrics.stall(Stall::Commit))
+                    .still(&"commit unanswered");
                 if !stuck {
                     warn!(limit = ?COMMIT_LIMIT, "offset commit unanswered; trying again, and an auto-commit of the stored offsets confirmed meanwhile gives permits back too");
                 }
@@ -550,24 +572,21 @@ async fn decode_batch<'m>(
 ) -> Result<Vec<Read>, Abandoned> {
     let mut out = Vec::with_capacity(batch.len());
     for msg in batch {
-        let mut try_number = 0;
-        loop {
-            match decode::record(&p.codec, msg.payload()).await {
-                Decoded::Transient(error) => {
-                    warn!(%error, "schema registry unavailable; waiting");
-                    crate::attempt::pause(backoff(try_number), shutdown).await?;
-                    try_number += 1;
+        let read = wait_out(
+            &p.metrics,
+            Stall::SchemaRegistry,
+            "schema registry unavailable",
+            shutdown,
+            || async {
+                match decode::record(&p.codec, msg.payload()).await {
+                    Decoded::Transient(error) => Err(error),
+                    Decoded::Event(event) => Ok(Read::Event(event)),
+                    Decoded::Undecodable(u) => Ok(Read::Undecodable(u)),
                 }
-                Decoded::Event(event) => {
-                    out.push(Read::Event(event));
-                    break;
-                }
-                Decoded::Undecodable(u) => {
-                    out.push(Read::Undecodable(u));
-                    break;
-                }
-            }
-        }
+            },
+        )
+        .await?;
+        out.push(read);
     }
     Ok(out)
 }
@@ -589,9 +608,12 @@ async fn lookup(
             Read::Undecodable(_) => None,
         })
         .collect();
-    let mut try_number = 0;
-    loop {
-        let result = async {
+    wait_out(
+        &p.metrics,
+        Stall::Store,
+        "store unavailable; batch waits",
+        shutdown,
+        || async {
             let hooks = p
                 .hooks
                 .for_projects(events.iter().map(|e| e.project_id))
@@ -603,17 +625,9 @@ async fn lookup(
                 .filter(|e| hooks.get(&e.project_id).is_some_and(|h| !h.is_empty()));
             let snapshots = resolve::load_snapshots(p.store.as_ref(), with_hooks).await?;
             Ok::<_, hookline_cistate::StoreError>((hooks, snapshots))
-        }
-        .await;
-        match result {
-            Ok(found) => return Ok(found),
-            Err(error) => {
-                warn!(%error, "store unavailable; batch waits");
-                crate::attempt::pause(backoff(try_number), shutdown).await?;
-                try_number += 1;
-            }
-        }
-    }
+        },
+    )
+    .await
 }
 
 /// What both paths share around their dispatch loop: the committer, the intake (its room is the
@@ -626,11 +640,17 @@ struct Path {
 }
 
 impl Path {
-    fn start(name: &'static str, consumer: &Arc<KafkaConsumer>, offsets: &Arc<Offsets>) -> Self {
+    fn start(
+        name: &'static str,
+        p: &Pipeline,
+        consumer: &Arc<KafkaConsumer>,
+        offsets: &Arc<Offsets>,
+    ) -> Self {
         let committer_stop = CancellationToken::new();
         let committer = tokio::spawn(commit_loop(
             consumer.clone(),
             offsets.clone(),
+            p.metrics.clone(),
             committer_stop.clone(),
         ));
         Path {
@@ -683,7 +703,7 @@ pub(crate) async fn run_main(
     shutdown: CancellationToken,
     abandon: CancellationToken,
 ) {
-    let path = Path::start("main", &consumer, &offsets);
+    let path = Path::start("main", &p, &consumer, &offsets);
     let mut chains = Chains::default();
     let mut intake = Intake::new(&consumer, &offsets, &p, path.name);
     while let Some(batch) = intake.next_batch(p.config.poll_batch, &shutdown).await {
@@ -727,12 +747,27 @@ async fn dispatch_main(
                 warn!(partition = msg.partition(), offset = msg.offset(), reason = u.reason, detail = %u.detail, "undecodable record; dead-lettered");
                 let (pc, abandon) = (p.clone(), abandon.clone());
                 path.spawn_record(p, consumer, offsets, (ticket, permit), async move {
-                    dead_letter::record(&pc, &msg, u.reason, &u.detail, &abandon).await
+                    let reason = DeadLetterReason::Undecodable(u.reason);
+                    pc.handoff
+                        .dead_letter_record(&msg, reason, &u.detail, &abandon)
+                        .await
+                        .map(drop)
                 });
                 continue;
             }
         };
-        let project_hooks = hooks.get(&event.project_id).cloned().unwrap_or_default();
+        let mut project_hooks = hooks.get(&event.project_id).cloned().unwrap_or_default();
+        if let Some(only) = header(msg.headers(), H_ONLY_HOOK) {
+            // A replay of one dead-lettered delivery: the other hooks already had this event.
+            let only: Option<i64> = only.parse().ok();
+            project_hooks = Arc::new(
+                project_hooks
+                    .iter()
+                    .filter(|h| Some(h.id) == only)
+                    .cloned()
+                    .collect(),
+            );
+        }
         if project_hooks.is_empty() {
             offsets.finish(&ticket, permit, consumer);
             continue;
@@ -752,7 +787,11 @@ async fn dispatch_main(
                 path.spawn_record(p, consumer, offsets, (ticket, permit), async move {
                     let detail =
                         format!("build {} not found in the CI state store", missing.build_id);
-                    dead_letter::record(&pc, &msg, "build_not_found", &detail, &abandon).await
+                    let reason = DeadLetterReason::BuildNotFound;
+                    pc.handoff
+                        .dead_letter_record(&msg, reason, &detail, &abandon)
+                        .await
+                        .map(drop)
                 });
                 continue;
             }
@@ -767,6 +806,7 @@ async fn dispatch_main(
             info!(build_id = event.build_id, event_status = %event.status, %current_status, event_id = %event.event_id, "stale render: the build has moved on");
         }
         let body = resolved.body().clone();
+        let source = Source::of(&msg);
         let deliveries: Vec<_> = project_hooks
             .iter()
             .map(|hook| {
@@ -780,6 +820,7 @@ async fn dispatch_main(
                     occurred_at: event.occurred_at,
                     body: body.clone(),
                     last_error: None,
+                    source: Some(source.clone()),
                 };
                 (previous, done, hook.clone(), task)
             })
@@ -817,7 +858,7 @@ pub(crate) async fn run_retry(
     shutdown: CancellationToken,
     abandon: CancellationToken,
 ) {
-    let path = Path::start("retry", &consumer, &offsets);
+    let path = Path::start("retry", &p, &consumer, &offsets);
     let mut intake = Intake::new(&consumer, &offsets, &p, path.name);
     while let Some(batch) = intake.next_batch(p.config.poll_batch, &shutdown).await {
         for (msg, ticket, permit) in batch {

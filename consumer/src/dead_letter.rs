@@ -15,82 +15,21 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::OwnedMessage;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use rdkafka::{Message, Offset, TopicPartitionList};
-use tokio_util::sync::CancellationToken;
 
 use crate::ConsumerError;
-use crate::attempt::{Abandoned, Pipeline};
 use crate::config::ConsumerConfig;
 use crate::consume::{client_config, producer_config};
+pub use crate::handoff::{
+    H_BODY_BYTES, H_BODY_SHA256, H_DEAD_AT, H_DETAIL, H_IDEMPOTENCY_KEY, H_KIND, H_REASON,
+    KIND_DELIVERY, KIND_RECORD, KIND_REFERENCE,
+};
 use crate::task::{DeliveryTask, header, headers};
-
-pub const H_KIND: &str = "hookline-dlq-kind";
-pub const H_REASON: &str = "hookline-dlq-reason";
-pub const H_DETAIL: &str = "hookline-dlq-detail";
-pub const H_SOURCE_TOPIC: &str = "hookline-source-topic";
-pub const H_SOURCE_PARTITION: &str = "hookline-source-partition";
-pub const H_SOURCE_OFFSET: &str = "hookline-source-offset";
-pub const H_DEAD_AT: &str = "hookline-dead-lettered-at";
-
-/// Dead-letters a record that could not be processed, keeping its original bytes.
-pub(crate) async fn record(
-    p: &Pipeline,
-    msg: &OwnedMessage,
-    reason: &str,
-    detail: &str,
-    abandon: &CancellationToken,
-) -> Result<(), Abandoned> {
-    let pairs = vec![
-        (H_KIND, "record".to_owned()),
-        (H_REASON, reason.to_owned()),
-        (H_DETAIL, detail.to_owned()),
-        (H_SOURCE_TOPIC, msg.topic().to_owned()),
-        (H_SOURCE_PARTITION, msg.partition().to_string()),
-        (H_SOURCE_OFFSET, msg.offset().to_string()),
-        (H_DEAD_AT, Utc::now().to_rfc3339()),
-    ];
-    p.produce_acked(
-        &p.config.dlq_topic,
-        msg.key().unwrap_or_default(),
-        msg.payload().unwrap_or_default(),
-        headers(pairs),
-        abandon,
-    )
-    .await?;
-    p.metrics.dead_letter(reason);
-    Ok(())
-}
-
-/// Dead-letters one delivery, keeping its body and task.
-pub(crate) async fn delivery(
-    p: &Pipeline,
-    task: &DeliveryTask,
-    reason: &str,
-    detail: &str,
-    abandon: &CancellationToken,
-) -> Result<(), Abandoned> {
-    let mut pairs = task.header_pairs();
-    pairs.extend([
-        (H_KIND, "delivery".to_owned()),
-        (H_REASON, reason.to_owned()),
-        (H_DETAIL, detail.to_owned()),
-        (H_DEAD_AT, Utc::now().to_rfc3339()),
-    ]);
-    let key = task.build_id.to_string();
-    p.produce_acked(
-        &p.config.dlq_topic,
-        key.as_bytes(),
-        &task.body,
-        headers(pairs),
-        abandon,
-    )
-    .await?;
-    p.metrics.dead_letter(reason);
-    Ok(())
-}
+pub use crate::task::{H_ONLY_HOOK, H_SOURCE_OFFSET, H_SOURCE_PARTITION, H_SOURCE_TOPIC, Source};
 
 /// What a dead letter holds.
 #[derive(Debug, Clone, PartialEq)]
@@ -99,6 +38,16 @@ pub enum DeadLetterKind {
     Record { source_topic: String },
     /// One delivery; replayed to the retry topic.
     Delivery(DeliveryTask),
+    /// A compact dead letter: a hand-off Kafka refused for good (too large, refused). It holds
+    /// no body; a replay writes the event's source record to the main topic again, for this hook
+    /// only when it names one.
+    Reference {
+        source: Option<Source>,
+        hook_id: Option<i64>,
+        idempotency_key: Option<String>,
+        body_bytes: Option<u64>,
+        body_sha256: Option<String>,
+    },
 }
 
 /// One record of the dead-letter topic.
@@ -120,7 +69,14 @@ impl DeadLetter {
         let h = msg.headers();
         let value = msg.payload().unwrap_or_default().to_vec();
         let kind = match header(h, H_KIND).as_deref() {
-            Some("delivery") => match DeliveryTask::from_headers(h, &value) {
+            Some(KIND_REFERENCE) => DeadLetterKind::Reference {
+                source: Source::from_headers(h),
+                hook_id: header(h, crate::task::H_HOOK_ID).and_then(|v| v.parse().ok()),
+                idempotency_key: header(h, H_IDEMPOTENCY_KEY),
+                body_bytes: header(h, H_BODY_BYTES).and_then(|v| v.parse().ok()),
+                body_sha256: header(h, H_BODY_SHA256),
+            },
+            Some(KIND_DELIVERY) => match DeliveryTask::from_headers(h, &value) {
                 Ok(task) => DeadLetterKind::Delivery(task),
                 Err(_) => DeadLetterKind::Record {
                     source_topic: default_source.to_owned(),
@@ -149,12 +105,18 @@ impl DeadLetter {
     pub fn hook_id(&self) -> Option<i64> {
         match &self.kind {
             DeadLetterKind::Delivery(task) => Some(task.hook_id),
+            DeadLetterKind::Reference { hook_id, .. } => *hook_id,
             DeadLetterKind::Record { .. } => None,
         }
     }
 }
 
-/// Every dead letter now on the topic, oldest first per partition.
+/// How long listing waits for a partition of the dead-letter topic to get a leader (a topic
+/// created a moment ago has none yet).
+const LEADER_WAIT: Duration = Duration::from_secs(15);
+
+/// Every dead letter now on the topic, oldest first per partition. Listing never creates the
+/// topic: a topic that does not exist holds no dead letters.
 pub async fn list(config: &ConsumerConfig) -> Result<Vec<DeadLetter>, ConsumerError> {
     // A throwaway group that never commits: listing must not move anyone's offsets.
     let group = format!(
@@ -164,27 +126,20 @@ pub async fn list(config: &ConsumerConfig) -> Result<Vec<DeadLetter>, ConsumerEr
     );
     let consumer: StreamConsumer = client_config(config, &group)
         .set("enable.auto.commit", "false")
+        .set("allow.auto.create.topics", "false")
         .create()?;
     let topic = config.dlq_topic.clone();
-    let timeout = Duration::from_secs(10);
-    let metadata = consumer.fetch_metadata(Some(&topic), timeout)?;
-    let Some(meta) = metadata.topics().iter().find(|t| t.name() == topic) else {
-        return Ok(Vec::new());
-    };
-    if meta.error().is_some() {
-        // The topic does not exist yet: nothing was ever dead-lettered.
-        return Ok(Vec::new());
-    }
-    let mut tpl = TopicPartitionList::new();
-    let mut ends = HashMap::new();
-    for partition in meta.partitions() {
-        let (low, high) = consumer.fetch_watermarks(&topic, partition.id(), timeout)?;
-        if high > low {
-            tpl.add_partition_offset(&topic, partition.id(), Offset::Offset(low))?;
-            ends.insert(partition.id(), high);
-        }
-    }
+    let ends = watermarks(&consumer, &topic).await?;
     let mut out = Vec::new();
+    let mut tpl = TopicPartitionList::new();
+    let mut ends: HashMap<i32, i64> = ends
+        .into_iter()
+        .filter(|(_, (low, high))| high > low)
+        .map(|(partition, (low, high))| {
+            let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(low));
+            (partition, high)
+        })
+        .collect();
     if ends.is_empty() {
         return Ok(out);
     }
@@ -202,6 +157,98 @@ pub async fn list(config: &ConsumerConfig) -> Result<Vec<DeadLetter>, ConsumerEr
         out.push(DeadLetter::from_message(&msg, &config.topic));
     }
     Ok(out)
+}
+
+/// The low and high watermark of each partition of `topic` (none if the topic does not exist),
+/// waiting up to [`LEADER_WAIT`] for partitions without a leader yet.
+async fn watermarks<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &StreamConsumer<C>,
+    topic: &str,
+) -> Result<Vec<(i32, (i64, i64))>, ConsumerError> {
+    let timeout = Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+    loop {
+        let attempt = (|| {
+            let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+            let Some(meta) = metadata.topics().iter().find(|t| t.name() == topic) else {
+                return Ok(Vec::new());
+            };
+            match meta.error() {
+                None => {}
+                Some(e)
+                    if RDKafkaErrorCode::from(e) == RDKafkaErrorCode::UnknownTopicOrPartition =>
+                {
+                    // Nothing was ever dead-lettered.
+                    return Ok(Vec::new());
+                }
+                Some(e) => return Err(KafkaError::MetadataFetch(e.into())),
+            }
+            meta.partitions()
+                .iter()
+                .map(|p| {
+                    consumer
+                        .fetch_watermarks(topic, p.id(), timeout)
+                        .map(|w| (p.id(), w))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })();
+        match attempt {
+            Ok(found) => return Ok(found),
+            Err(error) if tokio::time::Instant::now() < deadline && leaderless(&error) => {
+                tracing::debug!(%error, "dead-letter topic has no leader yet; waiting");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+}
+
+/// The record at `source`, or `None` if it is no longer on the topic.
+async fn read_one(
+    config: &ConsumerConfig,
+    source: &Source,
+) -> Result<Option<OwnedMessage>, ConsumerError> {
+    let group = format!(
+        "{}.dlq-read.{}",
+        config.group_id,
+        uuid::Uuid::new_v4().simple()
+    );
+    let consumer: StreamConsumer = client_config(config, &group)
+        .set("enable.auto.commit", "false")
+        .set("allow.auto.create.topics", "false")
+        .set("auto.offset.reset", "error")
+        .create()?;
+    let (low, high) =
+        consumer.fetch_watermarks(&source.topic, source.partition, Duration::from_secs(10))?;
+    if source.offset < low || source.offset >= high {
+        return Ok(None);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(
+        &source.topic,
+        source.partition,
+        Offset::Offset(source.offset),
+    )?;
+    consumer.assign(&tpl)?;
+    let msg = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+        .await
+        .map_err(|_| ConsumerError::Config(format!("reading {source:?} timed out")))??;
+    Ok((msg.offset() == source.offset).then(|| msg.detach()))
+}
+
+/// Errors of a partition that is still being set up (no leader elected yet).
+fn leaderless(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::NotLeaderForPartition
+                | RDKafkaErrorCode::LeaderNotAvailable
+                | RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::UnknownPartition
+                | RDKafkaErrorCode::BrokerNotAvailable
+                | RDKafkaErrorCode::OperationTimedOut
+        )
+    )
 }
 
 /// Which dead letters to replay.
@@ -232,6 +279,11 @@ pub struct ReplaySummary {
     pub deliveries: usize,
     /// Records written back to their source topic.
     pub records: usize,
+    /// Compact dead letters re-driven from their event's source record.
+    pub references: usize,
+    /// Compact dead letters whose source record is gone (past the topic's retention) or
+    /// unnamed: they cannot be re-driven, and are left as they are.
+    pub unreplayable: usize,
     /// Dead letters the filter left out.
     pub skipped: usize,
 }
@@ -278,6 +330,32 @@ pub async fn replay(
                     letter.key.clone().unwrap_or_default(),
                     letter.value.clone(),
                     rdkafka::message::OwnedHeaders::new(),
+                )
+            }
+            DeadLetterKind::Reference {
+                source, hook_id, ..
+            } => {
+                let Some(source) = source else {
+                    summary.unreplayable += 1;
+                    continue;
+                };
+                let Some(original) = read_one(config, source).await? else {
+                    tracing::warn!(
+                        ?source,
+                        "the source record of a compact dead letter is gone; not replayed"
+                    );
+                    summary.unreplayable += 1;
+                    continue;
+                };
+                summary.references += 1;
+                // Through the main topic again (the body is rendered anew for a legacy event,
+                // sent as embedded for an inline one), to this hook only when the letter names one.
+                let pairs = hook_id.map(|id| (H_ONLY_HOOK, id.to_string()));
+                (
+                    source.topic.clone(),
+                    original.key().map(<[u8]>::to_vec).unwrap_or_default(),
+                    original.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                    headers(pairs),
                 )
             }
         };

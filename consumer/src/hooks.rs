@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use hookline_cistate::{CiStore, Hook, HookState, StoreError};
+use hookline_cistate::{CiStore, Hook, HookFailure, HookState, StoreError};
 
 /// Whether to call a hook now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,17 +118,15 @@ impl HookRegistry {
         Ok(())
     }
 
-    /// Records a failure; returns the hook's new health (`None` if it was removed meanwhile).
-    pub async fn failed(
-        &self,
-        hook: &Hook,
-        now: DateTime<Utc>,
-    ) -> Result<Option<Hook>, StoreError> {
-        let updated = self.store.record_hook_failure(hook.id, now).await?;
-        if let Some(h) = &updated {
-            self.refresh(h);
+    /// Records a failed delivery that ended at `now` (counted only if the hook was executable
+    /// then, as in GitLab), and keeps the cached copy of the hook in step with the store.
+    pub async fn failed(&self, hook: &Hook, now: DateTime<Utc>) -> Result<HookFailure, StoreError> {
+        let recorded = self.store.record_hook_failure(hook.id, now).await?;
+        match &recorded {
+            HookFailure::Counted(h) | HookFailure::NotExecutable(h) => self.refresh(h),
+            HookFailure::Gone => {}
         }
-        Ok(updated)
+        Ok(recorded)
     }
 
     /// Disables the hook for good (the receiver answered 410 Gone).
@@ -195,11 +193,20 @@ mod tests {
         let now = Utc::now();
         let mut current = registry.for_projects([1]).await.unwrap()[&1][0].clone();
         for _ in 0..4 {
-            current = registry.failed(&current, now).await.unwrap().unwrap();
+            let HookFailure::Counted(after) = registry.failed(&current, now).await.unwrap() else {
+                panic!("an executable hook counts its failures");
+            };
+            current = after;
         }
         let cached = registry.for_projects([1]).await.unwrap()[&1][0].clone();
         assert_eq!(cached, current);
         assert!(matches!(gate(&cached, now), Gate::DeferUntil(_)));
+        // A failure that ends while the hook backs off is not counted, and the cache agrees.
+        let HookFailure::NotExecutable(unchanged) = registry.failed(&cached, now).await.unwrap()
+        else {
+            panic!("a backing-off hook counted a failure");
+        };
+        assert_eq!(unchanged.recent_failures, 4);
         registry.succeeded(&cached).await.unwrap();
         let cached = registry.for_projects([1]).await.unwrap()[&1][0].clone();
         assert_eq!(gate(&cached, now), Gate::Call);

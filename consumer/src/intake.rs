@@ -31,7 +31,7 @@ use tracing::{debug, warn};
 
 use crate::attempt::Pipeline;
 use crate::consume::{Ctx, KafkaConsumer, Offsets, Ticket};
-use crate::metrics::ConsumerMetrics;
+use crate::metrics::{ConsumerMetrics, Stall};
 
 /// How long dispatch waits for room before pausing fetching to serve the group protocol: short
 /// next to the session and rebalance timeouts, long enough that a brief stall does not throw
@@ -204,11 +204,17 @@ impl<'a> Intake<'a> {
         self.set_paused(true);
         let resume_at = self.resume_at;
         let mut polling = true;
+        // Every permit is held by records not yet finished or not yet committed: a wait that
+        // lasts means a receiver hangs on a long chain of one build's events, or commits fail.
+        let metrics = self.metrics;
+        let mut stall = metrics.stall(Stall::InFlightFull);
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
         let outcome = loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break None,
                 _ = permits.acquire_many(resume_at) => break Some(()),
+                _ = tick.tick() => stall.still(&format_args!("{} of {} records unfinished or uncommitted", self.held_cap, self.held_cap)),
                 // Serves rebalances; a paused partition yields no record, but one already on its
                 // way, or from a partition assigned just now, is kept for the next batch.
                 next = self.stream.next(), if polling => {

@@ -21,7 +21,11 @@
 //! - [`deliver`]: one HTTP attempt: headers, signing ([`sign`]), SSRF guard ([`ssrf`]).
 //! - [`schedule`]: the retry delays (pure).
 //! - [`retry`]: the retry topic (one topic with due times; why is explained there).
-//! - [`dead_letter`]: the dead-letter topic; listing and replaying it.
+//! - [`handoff`]: writing to the retry and dead-letter topics; which Kafka errors are waited out
+//!   and which end in a compact dead letter.
+//! - [`dead_letter`]: the dead-letter topic, the operator's side: listing and replaying it.
+//! - [`shutdown`]: waits that end, are abandoned at shutdown, or show as a stall.
+//! - [`topics`]: the retry and dead-letter topics, created at start.
 //! - [`task`]: the delivery task and its Kafka header form.
 //! - [`metrics`], [`config`], [`server`] (`/metrics`, `/healthz`, `/readyz`, [`serve`]).
 
@@ -32,6 +36,7 @@ pub mod consume;
 pub mod dead_letter;
 pub mod decode;
 pub mod deliver;
+pub mod handoff;
 pub mod hooks;
 mod intake;
 pub mod metrics;
@@ -39,9 +44,11 @@ pub mod resolve;
 pub mod retry;
 pub mod schedule;
 pub mod server;
+pub mod shutdown;
 pub mod sign;
 pub mod ssrf;
 pub mod task;
+pub mod topics;
 
 use std::sync::Arc;
 
@@ -58,6 +65,7 @@ pub use server::{ServeConfig, serve};
 use crate::attempt::{Attempt, Pipeline};
 use crate::consume::{KafkaConsumer, Offsets};
 use crate::deliver::Deliverer;
+use crate::handoff::Handoff;
 use crate::hooks::HookRegistry;
 
 /// Why the consumer could not start or run, grouped by what to do about it.
@@ -115,8 +123,15 @@ impl Consumer {
         deliverer: Arc<dyn Attempt>,
     ) -> Result<Self, ConsumerError> {
         config.validate()?;
+        topics::ensure(&config).await?;
         let metrics = Arc::new(ConsumerMetrics::new());
         let producer = consume::producer_config(&config).create()?;
+        let handoff = Handoff::new(
+            producer,
+            config.retry_topic.clone(),
+            config.dlq_topic.clone(),
+            metrics.clone(),
+        );
         let main = consume::subscribe(&config, &config.group_id, &config.topic, "main", &metrics)?;
         let retry = consume::subscribe(
             &config,
@@ -131,7 +146,7 @@ impl Consumer {
             store,
             codec,
             deliverer,
-            producer,
+            handoff,
             metrics,
         });
         Ok(Self {
@@ -147,7 +162,7 @@ impl Consumer {
 
     /// A client of the consumer's Kafka cluster (its hand-off producer), for readiness probes.
     pub fn kafka_client(&self) -> rdkafka::producer::FutureProducer {
-        self.pipeline.producer.clone()
+        self.pipeline.handoff.producer().clone()
     }
 
     /// Runs both paths until `shutdown`, then drains in-flight work within the configured bound

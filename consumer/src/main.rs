@@ -132,6 +132,23 @@ struct ServeArgs {
     /// On shutdown, how long in-flight work may take to finish.
     #[arg(long, env = "HOOKLINE_DRAIN_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
     drain_timeout: Duration,
+    /// A stable identity for this instance (Kafka static membership): a restarted instance with
+    /// the same id takes its partitions back at once instead of waiting out the session timeout.
+    /// Set it where instances have stable names (a StatefulSet pod, a systemd unit); never give
+    /// two running instances the same id.
+    #[arg(long, env = "HOOKLINE_INSTANCE_ID")]
+    instance_id: Option<String>,
+    /// How long the group waits for an instance that stopped heartbeating before its partitions
+    /// go to others.
+    #[arg(long, env = "HOOKLINE_SESSION_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
+    session_timeout: Duration,
+    /// Do not create the retry and dead-letter topics at start; they must exist.
+    #[arg(long, env = "HOOKLINE_NO_CREATE_TOPICS")]
+    no_create_topics: bool,
+    /// Partitions of the retry and dead-letter topics when the consumer creates them (default:
+    /// as many as the main topic).
+    #[arg(long, env = "HOOKLINE_RETRY_PARTITIONS")]
+    retry_partitions: Option<i32>,
 }
 
 #[derive(Args)]
@@ -278,6 +295,10 @@ async fn run() -> anyhow::Result<()> {
             consumer.retry_hold = args.retry_hold;
             consumer.hook_cache_ttl = args.hook_cache_ttl;
             consumer.drain_timeout = args.drain_timeout;
+            consumer.instance_id = args.instance_id;
+            consumer.session_timeout = args.session_timeout;
+            consumer.create_topics = !args.no_create_topics;
+            consumer.retry_partitions = args.retry_partitions;
             consumer.commit_interval = args.commit_interval;
             consumer.deliver = DeliverConfig {
                 timeout: args.delivery_timeout,
@@ -311,6 +332,23 @@ async fn run() -> anyhow::Result<()> {
                     DeadLetterKind::Record { source_topic } => {
                         format!("record from {source_topic} ({} bytes)", letter.value.len())
                     }
+                    DeadLetterKind::Reference {
+                        source,
+                        hook_id,
+                        idempotency_key,
+                        body_bytes,
+                        body_sha256,
+                    } => format!(
+                        "reference hook={} idempotency_key={} source={} body_bytes={} body_sha256={}",
+                        hook_id.map_or("-".into(), |h| h.to_string()),
+                        idempotency_key.as_deref().unwrap_or("-"),
+                        source.as_ref().map_or("-".into(), |s| format!(
+                            "{}/{}@{}",
+                            s.topic, s.partition, s.offset
+                        )),
+                        body_bytes.map_or("-".into(), |b| b.to_string()),
+                        body_sha256.as_deref().unwrap_or("-"),
+                    ),
                 };
                 println!(
                     "{}:{}\t{at}\t{}\t{what}\t{}",
@@ -328,8 +366,12 @@ async fn run() -> anyhow::Result<()> {
             )
             .await?;
             println!(
-                "replayed {} deliveries and {} records; {} left out by the filter",
-                summary.deliveries, summary.records, summary.skipped
+                "replayed {} deliveries, {} records and {} references; {} references whose source record is gone; {} left out by the filter",
+                summary.deliveries,
+                summary.records,
+                summary.references,
+                summary.unreplayable,
+                summary.skipped
             );
         }
     }

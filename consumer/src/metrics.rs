@@ -29,6 +29,10 @@ pub enum Outcome {
     HookDisabled,
     /// Not attempted: the hook was removed meanwhile; nothing left to deliver to.
     HookRemoved,
+    /// Its hand-off (retry or dead letter) was refused by Kafka for good: a compact dead letter
+    /// referring to the event's record was written instead (or, if that was refused too, the
+    /// loss was counted in `handoffs_lost`).
+    HandoffRefused,
 }
 
 impl Outcome {
@@ -41,6 +45,7 @@ impl Outcome {
             Outcome::Deferred => "deferred",
             Outcome::HookDisabled => "hook_disabled",
             Outcome::HookRemoved => "hook_removed",
+            Outcome::HandoffRefused => "handoff_refused",
         }
     }
 }
@@ -82,6 +87,89 @@ pub struct ConsumerMetrics {
     consumer_lag: Family<PartitionLabels, Gauge>,
     assignments: Family<PathLabels, Counter>,
     fetch_pauses: Family<PathLabels, Counter>,
+    stalled_seconds: Family<StallLabels, Gauge>,
+    stalls: Mutex<Vec<(u64, Stall, tokio::time::Instant)>>,
+    stall_ids: std::sync::atomic::AtomicU64,
+    handoffs_lost: Counter,
+}
+
+/// A wait that can outlast a dependency's outage; its label on `stalled_seconds`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stall {
+    /// Waiting for the schema registry to decode a record.
+    SchemaRegistry,
+    /// Waiting for the CI state store (hooks, snapshots).
+    Store,
+    /// Waiting for Kafka to acknowledge a hand-off to the retry or dead-letter topic.
+    Handoff,
+    /// Waiting for an offset commit to be confirmed.
+    Commit,
+    /// Waiting for in-flight room: every permit is held by unfinished or uncommitted records.
+    InFlightFull,
+}
+
+impl Stall {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stall::SchemaRegistry => "schema_registry",
+            Stall::Store => "store",
+            Stall::Handoff => "handoff",
+            Stall::Commit => "commit",
+            Stall::InFlightFull => "in_flight_full",
+        }
+    }
+
+    const ALL: [Stall; 5] = [
+        Stall::SchemaRegistry,
+        Stall::Store,
+        Stall::Handoff,
+        Stall::Commit,
+        Stall::InFlightFull,
+    ];
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StallLabels {
+    reason: &'static str,
+}
+
+/// One ongoing wait, counted in `stalled_seconds` until dropped.
+#[derive(Debug)]
+pub(crate) struct StallGuard<'a> {
+    metrics: &'a ConsumerMetrics,
+    id: u64,
+    reason: Stall,
+    since: tokio::time::Instant,
+    warned_at: Duration,
+}
+
+/// A wait this long is reported: a warning (then one per further minute) and the gauge.
+pub const STALL_WARN_AFTER: Duration = Duration::from_secs(60);
+
+impl StallGuard<'_> {
+    /// Refreshes the gauge and warns once a minute past [`STALL_WARN_AFTER`]; `detail` says
+    /// what the wait is for (the last error).
+    pub(crate) fn still(&mut self, detail: &dyn std::fmt::Display) {
+        self.metrics.refresh_stall(self.reason);
+        let waited = self.since.elapsed();
+        if waited >= STALL_WARN_AFTER && waited >= self.warned_at + STALL_WARN_AFTER {
+            self.warned_at = waited;
+            tracing::warn!(reason = self.reason.as_str(), waited_s = waited.as_secs(), %detail, "stalled: still waiting");
+        }
+    }
+}
+
+impl Drop for StallGuard<'_> {
+    fn drop(&mut self) {
+        let mut stalls = self
+            .metrics
+            .stalls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        stalls.retain(|(id, ..)| *id != self.id);
+        drop(stalls);
+        self.metrics.refresh_stall(self.reason);
+    }
 }
 
 impl Default for ConsumerMetrics {
@@ -107,6 +195,14 @@ impl ConsumerMetrics {
         let consumer_lag = Family::<PartitionLabels, Gauge>::default();
         let assignments = Family::<PathLabels, Counter>::default();
         let fetch_pauses = Family::<PathLabels, Counter>::default();
+        let stalled_seconds = Family::<StallLabels, Gauge>::default();
+        for reason in Stall::ALL {
+            // Present at 0 from the start, so an alert on it has a series to watch.
+            let _ = stalled_seconds.get_or_create(&StallLabels {
+                reason: reason.as_str(),
+            });
+        }
+        let handoffs_lost = Counter::default();
         registry.register(
             "deliveries",
             "Delivery attempts and tasks by outcome",
@@ -167,6 +263,16 @@ impl ConsumerMetrics {
             "Times dispatch paused fetching for want of in-flight room, by path (main, retry)",
             fetch_pauses.clone(),
         );
+        registry.register(
+            "stalled_seconds",
+            "How long the longest ongoing wait of each kind has lasted (0: none): schema_registry, store, handoff, commit, in_flight_full",
+            stalled_seconds.clone(),
+        );
+        registry.register(
+            "handoffs_lost",
+            "Hand-offs Kafka refused for good whose compact dead letter was refused too (logged with every identifier)",
+            handoffs_lost.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             deliveries,
@@ -181,7 +287,65 @@ impl ConsumerMetrics {
             consumer_lag,
             assignments,
             fetch_pauses,
+            stalled_seconds,
+            stalls: Mutex::new(Vec::new()),
+            stall_ids: std::sync::atomic::AtomicU64::new(0),
+            handoffs_lost,
         }
+    }
+
+    /// Starts counting a wait for `reason`; it ends when the guard is dropped.
+    pub(crate) fn stall(&self, reason: Stall) -> StallGuard<'_> {
+        let id = self
+            .stall_ids
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let since = tokio::time::Instant::now();
+        self.stalls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((id, reason, since));
+        StallGuard {
+            metrics: self,
+            id,
+            reason,
+            since,
+            warned_at: Duration::ZERO,
+        }
+    }
+
+    /// Sets the gauge of `reason` to its longest ongoing wait.
+    fn refresh_stall(&self, reason: Stall) {
+        let longest = self
+            .stalls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, r, _)| *r == reason)
+            .map(|(_, _, since)| since.elapsed().as_secs())
+            .max()
+            .unwrap_or(0);
+        self.stalled_seconds
+            .get_or_create(&StallLabels {
+                reason: reason.as_str(),
+            })
+            .set(i64::try_from(longest).unwrap_or(i64::MAX));
+    }
+
+    /// Seconds the longest ongoing wait for `reason` has lasted, as last refreshed.
+    pub fn stalled_seconds(&self, reason: Stall) -> i64 {
+        self.stalled_seconds
+            .get_or_create(&StallLabels {
+                reason: reason.as_str(),
+            })
+            .get()
+    }
+
+    pub fn handoffs_lost(&self) -> u64 {
+        self.handoffs_lost.get()
+    }
+
+    pub(crate) fn handoff_lost(&self) {
+        self.handoffs_lost.inc();
     }
 
     /// The OpenMetrics text exposition.

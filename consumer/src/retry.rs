@@ -22,30 +22,11 @@ use rdkafka::message::OwnedMessage;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::attempt::{Abandoned, Pipeline, backoff, pause};
-use crate::dead_letter;
-use crate::metrics::Outcome;
-use crate::task::{DeliveryTask, H_DUE_AT, header, headers};
-
-/// Writes `task` to the retry topic, due at `due`, and waits for the ack.
-pub(crate) async fn hand_off(
-    p: &Pipeline,
-    task: &DeliveryTask,
-    due: DateTime<Utc>,
-    abandon: &CancellationToken,
-) -> Result<(), Abandoned> {
-    let mut pairs = task.header_pairs();
-    pairs.push((H_DUE_AT, due.timestamp_millis().to_string()));
-    let key = task.build_id.to_string();
-    p.produce_acked(
-        &p.config.retry_topic,
-        key.as_bytes(),
-        &task.body,
-        headers(pairs),
-        abandon,
-    )
-    .await
-}
+use crate::attempt::Pipeline;
+use crate::handoff::{DeadLetterReason, Landed};
+use crate::metrics::{Outcome, Stall};
+use crate::shutdown::{Abandoned, pause, wait_out};
+use crate::task::{DeliveryTask, H_DUE_AT, header};
 
 /// When a retry record is due (now if the header is missing or unreadable).
 fn due_at(msg: &OwnedMessage) -> DateTime<Utc> {
@@ -66,7 +47,10 @@ pub(crate) async fn process(
         Ok(task) => task,
         Err(detail) => {
             warn!(partition = msg.partition(), offset = msg.offset(), %detail, "unreadable retry record; dead-lettered");
-            return dead_letter::record(p, msg, "bad_retry_record", &detail, abandon).await;
+            p.handoff
+                .dead_letter_record(msg, DeadLetterReason::BadRetryRecord, &detail, abandon)
+                .await?;
+            return Ok(());
         }
     };
     let due = due_at(msg);
@@ -75,33 +59,38 @@ pub(crate) async fn process(
     if let Ok(wait) = (wake - Utc::now()).to_std() {
         pause(wait, abandon).await?;
     }
-    if Utc::now() < due {
-        debug!(event_id = %task.event_id, hook_id = task.hook_id, %due, "not due yet; back to the end of the retry topic");
-        return hand_off(p, &task, due, abandon).await;
-    }
-    let mut try_number = 0;
-    let hook = loop {
-        match p.hooks.hook(task.hook_id).await {
-            Ok(hook) => break hook,
-            Err(error) => {
-                warn!(hook_id = task.hook_id, %error, "store unavailable; retry waits");
-                pause(backoff(try_number), abandon).await?;
-                try_number += 1;
-            }
-        }
-    };
+    // Retries must see the hook's current health and settings: read it fresh.
+    let hook = wait_out(
+        &p.metrics,
+        Stall::Store,
+        "store unavailable; retry waits",
+        abandon,
+        || p.hooks.hook(task.hook_id),
+    )
+    .await?;
     let Some(hook) = hook else {
         warn!(event_id = %task.event_id, hook_id = task.hook_id, "hook removed before its retry; dead-lettered");
-        dead_letter::delivery(
-            p,
-            &task,
-            "hook_removed",
-            "the hook no longer exists",
-            abandon,
-        )
-        .await?;
-        p.metrics.delivery(Outcome::HookRemoved);
+        let landed = p
+            .handoff
+            .dead_letter_delivery(
+                &task,
+                None,
+                DeadLetterReason::HookRemoved,
+                "the hook no longer exists",
+                abandon,
+            )
+            .await?;
+        p.metrics.delivery(if landed == Landed::AsIs {
+            Outcome::HookRemoved
+        } else {
+            Outcome::HandoffRefused
+        });
         return Ok(());
     };
-    p.run_task(task, &hook, abandon).await.map(|_| ())
+    if Utc::now() < due {
+        debug!(event_id = %task.event_id, hook_id = task.hook_id, %due, "not due yet; back to the end of the retry topic");
+        p.handoff.to_retry(&task, &hook, due, abandon).await?;
+        return Ok(());
+    }
+    p.run_task(task, &hook, abandon).await
 }

@@ -15,6 +15,48 @@ pub const H_ATTEMPTS: &str = "hookline-attempts";
 pub const H_OCCURRED_AT: &str = "hookline-occurred-at-us";
 pub const H_DUE_AT: &str = "hookline-due-at-ms";
 pub const H_LAST_ERROR: &str = "hookline-last-error";
+/// Where the event came from (the main-topic record), carried through retries so a dead letter
+/// can always point back at it.
+pub const H_SOURCE_TOPIC: &str = "hookline-source-topic";
+pub const H_SOURCE_PARTITION: &str = "hookline-source-partition";
+pub const H_SOURCE_OFFSET: &str = "hookline-source-offset";
+/// A replay of one delivery through the main topic: only this hook gets the event.
+pub const H_ONLY_HOOK: &str = "hookline-only-hook";
+
+/// A record's place in Kafka.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+impl Source {
+    pub fn of<M: rdkafka::Message>(msg: &M) -> Self {
+        Source {
+            topic: msg.topic().to_owned(),
+            partition: msg.partition(),
+            offset: msg.offset(),
+        }
+    }
+
+    pub fn header_pairs(&self) -> [(&'static str, String); 3] {
+        [
+            (H_SOURCE_TOPIC, self.topic.clone()),
+            (H_SOURCE_PARTITION, self.partition.to_string()),
+            (H_SOURCE_OFFSET, self.offset.to_string()),
+        ]
+    }
+
+    /// The source named by `headers`, if all three are there and readable.
+    pub fn from_headers<H: Headers>(headers: Option<&H>) -> Option<Self> {
+        Some(Source {
+            topic: header(headers, H_SOURCE_TOPIC)?,
+            partition: header(headers, H_SOURCE_PARTITION)?.parse().ok()?,
+            offset: header(headers, H_SOURCE_OFFSET)?.parse().ok()?,
+        })
+    }
+}
 
 /// One (event, hook) delivery.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,6 +74,8 @@ pub struct DeliveryTask {
     pub body: Bytes,
     /// Why the last attempt failed, for logs and dead letters.
     pub last_error: Option<String>,
+    /// The main-topic record of the event (absent in tasks written before it was carried).
+    pub source: Option<Source>,
 }
 
 /// Builds Kafka headers from string pairs.
@@ -73,6 +117,9 @@ impl DeliveryTask {
         if let Some(e) = &self.last_error {
             pairs.push((H_LAST_ERROR, e.clone()));
         }
+        if let Some(source) = &self.source {
+            pairs.extend(source.header_pairs());
+        }
         pairs
     }
 
@@ -99,6 +146,7 @@ impl DeliveryTask {
                 .ok_or_else(|| format!("header {H_OCCURRED_AT} out of range"))?,
             body: Bytes::copy_from_slice(body),
             last_error: header(headers, H_LAST_ERROR),
+            source: Source::from_headers(headers),
         })
     }
 }
@@ -118,6 +166,11 @@ mod tests {
             occurred_at: Utc.timestamp_micros(1_700_000_000_123_456).unwrap(),
             body: Bytes::from_static(b"{\"object_kind\":\"build\"}"),
             last_error: Some("HTTP 500".into()),
+            source: Some(Source {
+                topic: "build-events".into(),
+                partition: 3,
+                offset: 41,
+            }),
         };
         let h = headers(task.header_pairs());
         assert_eq!(

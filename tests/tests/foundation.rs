@@ -205,3 +205,94 @@ async fn postgres_store_refuses_dangling_references_and_keeps_hook_health() {
     assert!(pg.remove_hook(hook.id).await.unwrap());
     assert!(pg.job_hooks(10).await.unwrap().is_empty());
 }
+
+/// GitLab's schedule, written out by hand from `WebHooks::AutoDisabling` (REFERENCE.md): the
+/// back-off in minutes after each counted failure, `None` for no back-off; the 40th is permanent.
+fn gitlab_backoff_minutes(failure: i32) -> Option<i64> {
+    match failure {
+        1..=3 => None,
+        4 => Some(1),
+        5 => Some(2),
+        6 => Some(4),
+        7 => Some(8),
+        8 => Some(16),
+        9 => Some(32),
+        10 => Some(64),
+        11 => Some(128),
+        12 => Some(256),
+        13 => Some(512),
+        14 => Some(1024),
+        _ => Some(24 * 60),
+    }
+}
+
+/// A scripted run of 41 failures with a controllable clock. Each step first fails once while the
+/// hook is still backing off (it must not count), then once when the back-off has passed (it
+/// counts). The hook is disabled for good at the 40th counted failure and not before, and the
+/// 41st changes nothing.
+async fn follows_gitlabs_auto_disable_schedule(store: &dyn CiStore) {
+    let s = sample(0);
+    write_snapshot(store, &s).await.unwrap();
+    let hook = store
+        .add_hook(&NewHook {
+            project_id: s.project.id,
+            url: "https://example.com/hook".into(),
+            job_events: true,
+            ..NewHook::default()
+        })
+        .await
+        .unwrap();
+    let mut now = Utc.with_ymd_and_hms(2026, 12, 1, 12, 0, 0).unwrap();
+    for failure in 1..=41 {
+        let before = store.hook(hook.id).await.unwrap().unwrap();
+        if let Some(until) = before.disabled_until {
+            // Still backing off: a failure that ends now does not count.
+            let early = until - chrono::Duration::seconds(1);
+            let unchanged = store.record_hook_failure(hook.id, early).await.unwrap();
+            assert!(
+                matches!(&unchanged, hookline_cistate::HookFailure::NotExecutable(h) if *h == before),
+                "step {failure}: {unchanged:?}"
+            );
+            now = until;
+        } else {
+            now += chrono::Duration::seconds(1);
+        }
+        let recorded = store.record_hook_failure(hook.id, now).await.unwrap();
+        if failure == 41 {
+            assert!(
+                matches!(recorded, hookline_cistate::HookFailure::NotExecutable(_)),
+                "a permanently disabled hook counts nothing more: {recorded:?}"
+            );
+            break;
+        }
+        let hookline_cistate::HookFailure::Counted(after) = recorded else {
+            panic!("step {failure}: {recorded:?}");
+        };
+        assert_eq!(after.recent_failures, failure, "step {failure}");
+        assert_eq!(
+            after.disabled_until.map(|u| (u - now).num_minutes()),
+            gitlab_backoff_minutes(failure),
+            "step {failure}"
+        );
+        let state = after.state(now);
+        if failure == 40 {
+            assert_eq!(state, hookline_cistate::HookState::PermanentlyDisabled);
+        } else {
+            assert_ne!(
+                state,
+                hookline_cistate::HookState::PermanentlyDisabled,
+                "step {failure}"
+            );
+        }
+    }
+    // A success resets it all (`hooks enable` does the same for a permanent disable).
+    assert!(store.enable_hook(hook.id).await.unwrap());
+    let healed = store.hook(hook.id).await.unwrap().unwrap();
+    assert_eq!((healed.recent_failures, healed.disabled_until), (0, None));
+}
+
+#[tokio::test]
+async fn both_stores_follow_gitlabs_auto_disable_schedule_with_a_controllable_clock() {
+    follows_gitlabs_auto_disable_schedule(&MemoryStore::new()).await;
+    follows_gitlabs_auto_disable_schedule(&pg_store().await).await;
+}
