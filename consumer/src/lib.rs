@@ -123,7 +123,6 @@ impl Consumer {
         deliverer: Arc<dyn Attempt>,
     ) -> Result<Self, ConsumerError> {
         config.validate()?;
-        topics::ensure(&config).await?;
         let metrics = Arc::new(ConsumerMetrics::new());
         let producer = consume::producer_config(&config).create()?;
         let handoff = Handoff::new(
@@ -167,7 +166,32 @@ impl Consumer {
 
     /// Runs both paths until `shutdown`, then drains in-flight work within the configured bound
     /// and commits the offsets of finished work.
+    ///
+    /// First makes sure of the retry and dead-letter topics, waiting for a broker that does not
+    /// answer yet (a `topics` stall); missing topics that may not be created end it with an
+    /// error.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ConsumerError> {
+        let config = &self.pipeline.config;
+        let ensured = shutdown::wait_out(
+            &self.pipeline.metrics,
+            metrics::Stall::Topics,
+            "retry and dead-letter topics not checked yet",
+            &shutdown,
+            || async {
+                match topics::ensure(config).await {
+                    Ok(()) => Ok(Ok(())),
+                    Err(topics::EnsureError::Fatal(e)) => Ok(Err(e)),
+                    Err(topics::EnsureError::Unavailable(e)) => Err(e),
+                }
+            },
+        )
+        .await;
+        match ensured {
+            Ok(Ok(())) => {}
+            Ok(Err(fatal)) => return Err(fatal),
+            // Shut down before the consumer ever ran: nothing to drain.
+            Err(shutdown::Abandoned) => return Ok(()),
+        }
         let abandon = CancellationToken::new();
         let main = tokio::spawn(consume::run_main(
             self.pipeline.clone(),

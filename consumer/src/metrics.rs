@@ -106,6 +106,8 @@ pub enum Stall {
     Commit,
     /// Waiting for in-flight room: every permit is held by unfinished or uncommitted records.
     InFlightFull,
+    /// Waiting for Kafka at start to check (or create) the retry and dead-letter topics.
+    Topics,
 }
 
 impl Stall {
@@ -116,15 +118,17 @@ impl Stall {
             Stall::Handoff => "handoff",
             Stall::Commit => "commit",
             Stall::InFlightFull => "in_flight_full",
+            Stall::Topics => "topics",
         }
     }
 
-    const ALL: [Stall; 5] = [
+    const ALL: [Stall; 6] = [
         Stall::SchemaRegistry,
         Stall::Store,
         Stall::Handoff,
         Stall::Commit,
         Stall::InFlightFull,
+        Stall::Topics,
     ];
 }
 
@@ -265,7 +269,7 @@ impl ConsumerMetrics {
         );
         registry.register(
             "stalled_seconds",
-            "How long the longest ongoing wait of each kind has lasted (0: none): schema_registry, store, handoff, commit, in_flight_full",
+            "How long the longest ongoing wait of each kind has lasted (0: none): schema_registry, store, handoff, commit, in_flight_full, topics",
             stalled_seconds.clone(),
         );
         registry.register(

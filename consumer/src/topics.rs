@@ -42,9 +42,27 @@ fn partitions(
         .collect()
 }
 
+/// Why the topics could not be made sure of.
+#[derive(Debug)]
+pub enum EnsureError {
+    /// Kafka did not answer (unreachable, timed out): try again.
+    Unavailable(ConsumerError),
+    /// Missing with creation off, or creation refused: the consumer cannot run.
+    Fatal(ConsumerError),
+}
+
+impl std::fmt::Display for EnsureError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EnsureError::Unavailable(e) | EnsureError::Fatal(e) => e.fmt(f),
+        }
+    }
+}
+
 /// Creates the retry and dead-letter topics if they are missing (or, with creation off, checks
 /// that they exist).
-pub async fn ensure(config: &ConsumerConfig) -> Result<(), ConsumerError> {
+pub async fn ensure(config: &ConsumerConfig) -> Result<(), EnsureError> {
+    let fatal = EnsureError::Fatal;
     let config_for_lookup = config.clone();
     let names = [
         config.topic.clone(),
@@ -56,7 +74,8 @@ pub async fn ensure(config: &ConsumerConfig) -> Result<(), ConsumerError> {
         partitions(&config_for_lookup, &names)
     })
     .await
-    .map_err(|e| ConsumerError::Config(format!("topic lookup panicked: {e}")))??;
+    .map_err(|e| fatal(ConsumerError::Config(format!("topic lookup panicked: {e}"))))?
+    .map_err(EnsureError::Unavailable)?;
     let missing: Vec<&str> = [&config.retry_topic, &config.dlq_topic]
         .into_iter()
         .zip(&found[1..])
@@ -67,10 +86,10 @@ pub async fn ensure(config: &ConsumerConfig) -> Result<(), ConsumerError> {
         return Ok(());
     }
     if !config.create_topics {
-        return Err(ConsumerError::Config(format!(
+        return Err(fatal(ConsumerError::Config(format!(
             "topics {} do not exist: create them, or let the consumer create them (drop --no-create-topics)",
             missing.join(", ")
-        )));
+        ))));
     }
     let partitions = match (config.retry_partitions, found[0]) {
         (Some(n), _) => n,
@@ -80,7 +99,9 @@ pub async fn ensure(config: &ConsumerConfig) -> Result<(), ConsumerError> {
             1
         }
     };
-    let admin: AdminClient<DefaultClientContext> = crate::consume::base_config(config).create()?;
+    let admin: AdminClient<DefaultClientContext> = crate::consume::base_config(config)
+        .create()
+        .map_err(|e| fatal(e.into()))?;
     // -1: the broker's default replication factor.
     let new: Vec<NewTopic<'_>> = missing
         .iter()
@@ -90,17 +111,21 @@ pub async fn ensure(config: &ConsumerConfig) -> Result<(), ConsumerError> {
     let results = tokio::time::timeout(TIMEOUT + TIMEOUT, admin.create_topics(&new, &options))
         .await
         .map_err(|_| {
-            ConsumerError::Config(format!("creating {} timed out", missing.join(", ")))
-        })??;
+            EnsureError::Unavailable(ConsumerError::Config(format!(
+                "creating {} timed out",
+                missing.join(", ")
+            )))
+        })?
+        .map_err(|e| EnsureError::Unavailable(e.into()))?;
     for result in results {
         match result {
             Ok(name) => info!(topic = %name, partitions, "topic created"),
             // Another instance created it meanwhile.
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((name, code)) => {
-                return Err(ConsumerError::Config(format!(
+                return Err(fatal(ConsumerError::Config(format!(
                     "cannot create topic {name}: {code} (create it yourself and start with --no-create-topics)"
-                )));
+                ))));
             }
         }
     }

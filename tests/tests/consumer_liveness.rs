@@ -354,9 +354,16 @@ async fn the_retry_and_dead_letter_topics_are_created_at_start_like_the_main_top
             .with_topic(&topic);
 
     config.create_topics = false;
-    let refused = Consumer::new(config.clone(), store.clone(), Codec::embedded())
+    let consumer = Consumer::new(config.clone(), store.clone(), Codec::embedded())
         .await
-        .expect_err("missing topics with creation off");
+        .expect("consumer");
+    let refused = tokio::time::timeout(
+        Duration::from_secs(60),
+        consumer.run(tokio_util::sync::CancellationToken::new()),
+    )
+    .await
+    .expect("refused at once, not waited for")
+    .expect_err("missing topics with creation off");
     let ConsumerError::Config(message) = refused else {
         panic!("{refused:?}")
     };
@@ -369,17 +376,30 @@ async fn the_retry_and_dead_letter_topics_are_created_at_start_like_the_main_top
     let consumer = Consumer::new(config.clone(), store, Codec::embedded())
         .await
         .expect("consumer");
-    let metadata = admin()
-        .inner()
-        .fetch_metadata(None, Duration::from_secs(10))
-        .expect("metadata");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(consumer.run(shutdown.clone()));
+    let metadata = poll_until("the topics", Duration::from_secs(30), || async {
+        let metadata = admin()
+            .inner()
+            .fetch_metadata(None, Duration::from_secs(10))
+            .expect("metadata");
+        let created = [&config.retry_topic, &config.dlq_topic].iter().all(|name| {
+            metadata
+                .topics()
+                .iter()
+                .any(|t| t.name() == name.as_str() && !t.partitions().is_empty())
+        });
+        created.then_some(metadata)
+    })
+    .await;
     for name in [&config.retry_topic, &config.dlq_topic] {
         let t = metadata
             .topics()
             .iter()
             .find(|t| t.name() == name.as_str())
-            .unwrap_or_else(|| panic!("{name} not created"));
+            .unwrap();
         assert_eq!(t.partitions().len(), 3, "{name}");
     }
-    drop(consumer);
+    shutdown.cancel();
+    running.await.expect("join").expect("ran");
 }
