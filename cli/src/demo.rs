@@ -442,7 +442,7 @@ pub async fn run(options: DemoOptions) -> Result<DemoReport, CliError> {
             sink: Arc::new(EmitterSink {
                 emitter: emitter.clone(),
             }),
-            ledger: Some(ledger.clone()),
+            witness: Some(ledger.clone()),
             pace: None,
         },
     )

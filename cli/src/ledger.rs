@@ -17,7 +17,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::error::CliError;
-use crate::sim::{Accepted, TransitionSent};
+use crate::transition::{Accepted, TransitionSent, Witness};
 
 /// One request the receiver got, as the ledger needs it.
 #[derive(Debug, Clone)]
@@ -409,6 +409,16 @@ pub struct LedgerReport {
     /// Transitions the producer refused (logged with the error at the time).
     pub refused: usize,
     pub by_timing: ByTiming,
+}
+
+impl Witness for Ledger {
+    fn expect(&self, sent: &TransitionSent, truth: Vec<u8>) {
+        Ledger::expect(self, sent, truth);
+    }
+
+    fn answered(&self, event_id: Uuid, answer: &Result<Accepted, CliError>) {
+        Ledger::answered(self, event_id, answer);
+    }
 }
 
 #[cfg(test)]

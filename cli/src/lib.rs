@@ -9,6 +9,8 @@
 //! ```
 //!
 //! - [`sim`]: the simulated CI: plan (from the seed), timeline, commit-then-notify, the truth.
+//! - [`transition`]: what the simulated CI hands on (a transition, the answer, the `Sink`) and
+//!   the `Witness` told the truth of each transition (the ledger is one).
 //! - [`ledger`]: truth against deliveries: stale, duplicates, missing, signatures, latency.
 //! - [`receiver`]: the demo's receiver (feeds the ledger) and the sample receiver (logs).
 //! - [`demo`]: `hookline demo`, everything in one process on librdkafka's mock cluster.
@@ -21,5 +23,6 @@ pub mod ledger;
 pub mod receiver;
 pub mod sim;
 pub mod simulate;
+pub mod transition;
 
 pub use error::CliError;

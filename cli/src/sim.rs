@@ -18,14 +18,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use hookline_cistate::render::truncate_to_micros;
 use hookline_cistate::{
     Build, CiStore, Environment, Namespace, NewHook, Pipeline, Project, Runner, SourcePipeline,
     Transition, User, render,
 };
-use hookline_schemas::{BuildStatus, PayloadTiming, TransitionFacts};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::Mutex;
@@ -33,7 +31,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::error::CliError;
-use crate::ledger::Ledger;
+pub use crate::transition::{Accepted, Sink, TransitionSent, Witness};
 
 /// What to simulate.
 #[derive(Debug, Clone)]
@@ -54,34 +52,6 @@ impl SimSpec {
     pub fn spread_for(builds: usize) -> Duration {
         Duration::from_millis(12 * builds as u64)
     }
-}
-
-/// One transition, after its state was committed: what the sink sends on.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TransitionSent {
-    pub event_id: Uuid,
-    pub build_id: i64,
-    pub project_id: i64,
-    pub pipeline_id: i64,
-    pub status: BuildStatus,
-    pub occurred_at: DateTime<Utc>,
-    pub facts: TransitionFacts,
-}
-
-/// What the receiving side said about a transition it took.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Accepted {
-    /// How the payload was timed, when the sink knows.
-    pub timing: Option<PayloadTiming>,
-    /// The producer's render time (inline only).
-    pub render_time: Option<Duration>,
-    pub payload_bytes: Option<usize>,
-}
-
-/// Where transitions go: the in-process producer (demo) or a producer's HTTP API (simulate).
-#[async_trait]
-pub trait Sink: Send + Sync {
-    async fn send(&self, transition: &TransitionSent) -> Result<Accepted, CliError>;
 }
 
 /// How a build ends.
@@ -568,7 +538,7 @@ pub struct Runtime {
     pub store: Arc<dyn CiStore>,
     pub sink: Arc<dyn Sink>,
     /// Gets the truth of every transition and the sink's answer (the demo); `None` for simulate.
-    pub ledger: Option<Arc<Ledger>>,
+    pub witness: Option<Arc<dyn Witness>>,
     pub pace: Option<Arc<Pace>>,
 }
 
@@ -842,12 +812,12 @@ async fn transition(
         occurred_at: now(),
         facts: current.facts.clone(),
     };
-    if let Some(ledger) = &rt.ledger {
-        ledger.expect(&sent, render(&snapshot, &current));
+    if let Some(witness) = &rt.witness {
+        witness.expect(&sent, render(&snapshot, &current));
     }
     let answer = rt.sink.send(&sent).await;
-    if let Some(ledger) = &rt.ledger {
-        ledger.answered(sent.event_id, &answer);
+    if let Some(witness) = &rt.witness {
+        witness.answered(sent.event_id, &answer);
     }
     if let Err(error) = &answer {
         tracing::warn!(event_id = %sent.event_id, build_id, status = %sent.status, %error, "transition not accepted");
@@ -857,7 +827,11 @@ async fn transition(
 
 #[cfg(test)]
 mod tests {
+    use async_trait::async_trait;
+    use hookline_schemas::PayloadTiming;
+
     use super::*;
+    use crate::ledger::Ledger;
 
     fn spec(seed: u64) -> SimSpec {
         SimSpec {
@@ -1018,7 +992,7 @@ mod tests {
             Runtime {
                 store: store.clone(),
                 sink: sink.clone(),
-                ledger: Some(ledger.clone()),
+                witness: Some(ledger.clone()),
                 pace: None,
             },
         )

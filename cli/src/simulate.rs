@@ -207,7 +207,7 @@ pub async fn run(options: SimulateOptions) -> Result<SimulateReport, CliError> {
         Runtime {
             store,
             sink: Arc::new(sink),
-            ledger: None,
+            witness: None,
             pace: Pace::per_second(options.rate),
         },
     )

@@ -1,4 +1,4 @@
-//! Synchronous offset commits with a time limit.
+//! Offset commits: the commit loop of a path, and synchronous commits with a time limit.
 //!
 //! librdkafka's synchronous commit has no timeout, and it can wait forever when the group
 //! coordinator goes away at the wrong moment (a broker restart; seen here about one run in four).
@@ -21,7 +21,12 @@ use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::KafkaError;
 use tokio::sync::oneshot;
 
-use crate::consume::KafkaConsumer;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::kafka::KafkaConsumer;
+use crate::metrics::{ConsumerMetrics, Stall};
+use crate::offsets::Offsets;
 
 /// Why a commit did not confirm.
 #[derive(Debug)]
@@ -81,6 +86,74 @@ impl Committer {
             Ok(Ok(Err(error))) => Err(CommitFailed::Kafka(error)),
             // The thread ended without answering: treat like no answer.
             Ok(Err(_)) | Err(_) => Err(CommitFailed::Stuck),
+        }
+    }
+}
+
+/// How long a synchronous commit may go unanswered before the loop goes on without it.
+pub(crate) const COMMIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Commits stored offsets as they move, one synchronous commit at a time (so commits coalesce
+/// under load), and releases the permits of records a commit covers: at most `max_in_flight`
+/// records of a path are ever beyond the committed offset, which bounds what a crash re-delivers.
+///
+/// A commit can go unanswered (see `commit`); then no permit comes back until a commit is
+/// confirmed, either a later one of this loop (the sweep tries again) or librdkafka's
+/// auto-commit of the stored offsets, whose result reaches [`Ctx::commit_callback`] while the
+/// intake polls.
+pub(crate) async fn commit_loop(
+    consumer: Arc<KafkaConsumer>,
+    offsets: Arc<Offsets>,
+    metrics: Arc<ConsumerMetrics>,
+    stop: CancellationToken,
+) {
+    let committer = Committer::default();
+    let mut stuck = false;
+    // Set while commits keep failing: shown as a `commit` stall once it lasts.
+    let mut stall = None;
+    let mut sweep = tokio::time::interval(std::time::Duration::from_millis(500));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = offsets.stored.notified() => {}
+            // Also tries again what is still uncommitted: after an unanswered commit nothing
+            // else may come to ask.
+            _ = sweep.tick() => offsets.store_left_behind(&consumer),
+        }
+        if !offsets.commit_each_store {
+            continue;
+        }
+        let pending = offsets.pending();
+        if pending.count() == 0 {
+            continue;
+        }
+        match committer
+            .commit(&consumer, Some(pending.clone()), COMMIT_LIMIT)
+            .await
+        {
+            Ok(()) => {
+                stuck = false;
+                stall = None;
+                offsets.confirmed(&pending)
+            }
+            Err(CommitFailed::Kafka(error)) => {
+                debug!(%error, "offset commit failed; trying again");
+                stall
+                    .get_or_insert_with(|| metrics.stall(Stall::Commit))
+                    .still(&error);
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                offsets.stored.notify_one();
+            }
+            Err(CommitFailed::Stuck) => {
+                stall
+                    .get_or_insert_with(|| metrics.stall(Stall::Commit))
+                    .still(&"commit unanswered");
+                if !stuck {
+                    warn!(limit = ?COMMIT_LIMIT, "offset commit unanswered; trying again, and an auto-commit of the stored offsets confirmed meanwhile gives permits back too");
+                }
+                stuck = true;
+            }
         }
     }
 }

@@ -23,11 +23,11 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::ConsumerError;
 use crate::config::ConsumerConfig;
-use crate::consume::{client_config, producer_config};
 pub use crate::handoff::{
     H_BODY_BYTES, H_BODY_SHA256, H_DEAD_AT, H_DETAIL, H_IDEMPOTENCY_KEY, H_KIND, H_REASON,
     KIND_DELIVERY, KIND_RECORD, KIND_REFERENCE,
 };
+use crate::kafka::{client_config, producer_config};
 use crate::task::{DeliveryTask, header, headers};
 pub use crate::task::{H_ONLY_HOOK, H_SOURCE_OFFSET, H_SOURCE_PARTITION, H_SOURCE_TOPIC, Source};
 
@@ -310,17 +310,13 @@ pub async fn replay(
                     last_error: None,
                     ..task.clone()
                 };
-                let mut pairs = fresh.header_pairs();
-                pairs.push((
-                    crate::task::H_DUE_AT,
-                    Utc::now().timestamp_millis().to_string(),
-                ));
                 summary.deliveries += 1;
+                let (key, headers) = crate::handoff::retry_record(&fresh, Utc::now());
                 (
                     config.retry_topic.clone(),
-                    task.build_id.to_string().into_bytes(),
+                    key,
                     fresh.body.to_vec(),
-                    headers(pairs),
+                    headers,
                 )
             }
             DeadLetterKind::Record { source_topic } => {

@@ -212,12 +212,10 @@ impl Handoff {
         due: DateTime<Utc>,
         abandon: &CancellationToken,
     ) -> Result<Landed, Abandoned> {
-        let mut pairs = task.header_pairs();
-        pairs.push((H_DUE_AT, due.timestamp_millis().to_string()));
-        let key = task.build_id.to_string();
+        let (key, headers) = retry_record(task, due);
         let topic = &self.retry_topic;
         match self
-            .produce(topic, key.as_bytes(), &task.body, headers(pairs), abandon)
+            .produce(topic, &key, &task.body, headers, abandon)
             .await?
         {
             Ok(()) => Ok(Landed::AsIs),
@@ -380,6 +378,14 @@ impl Handoff {
             }
         }
     }
+}
+
+/// The key and headers of `task`'s record on the retry topic, due at `due` (its value is the
+/// body). Key = build id, like the event it came from.
+pub(crate) fn retry_record(task: &DeliveryTask, due: DateTime<Utc>) -> (Vec<u8>, OwnedHeaders) {
+    let mut pairs = task.header_pairs();
+    pairs.push((H_DUE_AT, due.timestamp_millis().to_string()));
+    (task.build_id.to_string().into_bytes(), headers(pairs))
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {

@@ -29,9 +29,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::attempt::Pipeline;
-use crate::consume::{Ctx, KafkaConsumer, Offsets, Ticket};
+use crate::context::Context;
+use crate::kafka::{Ctx, KafkaConsumer};
 use crate::metrics::{ConsumerMetrics, Stall};
+use crate::offsets::{Offsets, Ticket};
 
 /// How long dispatch waits for room before pausing fetching to serve the group protocol: short
 /// next to the session and rebalance timeouts, long enough that a brief stall does not throw
@@ -64,7 +65,7 @@ impl<'a> Intake<'a> {
     pub(crate) fn new(
         consumer: &'a KafkaConsumer,
         offsets: &'a Offsets,
-        p: &'a Pipeline,
+        p: &'a Context,
         path: &'static str,
     ) -> Self {
         let room = p.config.max_in_flight;

@@ -22,11 +22,30 @@ use rdkafka::message::OwnedMessage;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::attempt::Pipeline;
+use crate::context::Context;
 use crate::handoff::{DeadLetterReason, Landed};
 use crate::metrics::{Outcome, Stall};
+use crate::path::Path;
 use crate::shutdown::{Abandoned, pause, wait_out};
+use crate::step;
 use crate::task::{DeliveryTask, H_DUE_AT, header};
+
+/// The retry path: due delivery tasks from the retry topic, until `shutdown`; then the drain.
+pub(crate) async fn run(path: Path, shutdown: CancellationToken) {
+    let mut intake = path.intake();
+    while let Some(batch) = intake
+        .next_batch(path.cx.config.poll_batch, &shutdown)
+        .await
+    {
+        for (msg, ticket, permit) in batch {
+            path.spawn_record((ticket, permit), |cx, abandon| async move {
+                process(&cx, &msg, &abandon).await
+            });
+        }
+    }
+    drop(intake);
+    path.finish().await;
+}
 
 /// When a retry record is due (now if the header is missing or unreadable).
 fn due_at(msg: &OwnedMessage) -> DateTime<Utc> {
@@ -38,8 +57,8 @@ fn due_at(msg: &OwnedMessage) -> DateTime<Utc> {
 
 /// Handles one record of the retry topic: wait until it is due (at most `retry_hold`), then
 /// attempt it, or put it back at the end of the topic if it is not due yet.
-pub(crate) async fn process(
-    p: &Pipeline,
+async fn process(
+    p: &Context,
     msg: &OwnedMessage,
     abandon: &CancellationToken,
 ) -> Result<(), Abandoned> {
@@ -92,5 +111,5 @@ pub(crate) async fn process(
         p.handoff.to_retry(&task, &hook, due, abandon).await?;
         return Ok(());
     }
-    p.run_task(task, &hook, abandon).await
+    step::run(p, task, &hook, abandon).await
 }

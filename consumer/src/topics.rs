@@ -26,7 +26,7 @@ fn partitions(
     config: &ConsumerConfig,
     topics: &[&str],
 ) -> Result<Vec<Option<usize>>, ConsumerError> {
-    let client: BaseConsumer = crate::consume::base_config(config)
+    let client: BaseConsumer = crate::kafka::base_config(config)
         .set("allow.auto.create.topics", "false")
         .create()?;
     topics
@@ -99,7 +99,7 @@ pub async fn ensure(config: &ConsumerConfig) -> Result<(), EnsureError> {
             1
         }
     };
-    let admin: AdminClient<DefaultClientContext> = crate::consume::base_config(config)
+    let admin: AdminClient<DefaultClientContext> = crate::kafka::base_config(config)
         .create()
         .map_err(|e| fatal(e.into()))?;
     // -1: the broker's default replication factor.

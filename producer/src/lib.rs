@@ -11,7 +11,9 @@
 //! ```
 //!
 //! - [`flags`]: flag definitions, Flipper-compatible gates and evaluation, the stores
-//!   (PostgreSQL, JSON file, memory), the cached evaluator [`Flags`] and the `feature` CLI.
+//!   (PostgreSQL, JSON file, memory) and the cached evaluator [`Flags`]: a self-contained
+//!   Flipper engine.
+//! - [`feature`]: the `feature set|get|list|delete|history|enabled` CLI over a flag store.
 //! - [`render`]: the inline render of one transition, timed (the producer's cost of inline).
 //! - [`emit`]: the [`Emitter`] library API: flag, render, encode, produce, await the ack.
 //! - [`ingest`]: the HTTP API (`POST /v1/transitions`, `/v1/transitions/batch`), health,
@@ -25,6 +27,7 @@ pub mod bench;
 pub mod config;
 pub mod emit;
 pub mod error;
+pub mod feature;
 pub mod flags;
 pub mod ingest;
 pub mod metrics;

@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use hookline_producer::bench::{self, BenchArgs};
-use hookline_producer::flags::command::{self, FeatureArgs};
+use hookline_producer::feature::{self, FeatureArgs};
 use hookline_producer::{ServeConfig, serve};
 use tokio_util::sync::CancellationToken;
 
@@ -63,7 +63,7 @@ async fn run() -> anyhow::Result<()> {
             serve(*config, shutdown).await?;
         }
         Command::Feature(args) => {
-            print!("{}", command::run(&args).await?);
+            print!("{}", feature::run(&args).await?);
         }
         Command::Bench(args) => {
             print!("{}", bench::run(&args).await?);

@@ -231,7 +231,7 @@ fn decode_datum(
         .resolve(reader)
         .map_err(|e| CodecError::Shape(e.to_string()))?;
     Ok(DecodedEvent {
-        event: BuildEvent::from_avro(value)?,
+        event: BuildEvent::from_avro(value).map_err(|e| CodecError::Shape(e.0))?,
         writer_schema_id: id,
     })
 }

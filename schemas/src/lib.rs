@@ -4,19 +4,21 @@
 //! # Layout
 //!
 //! ```text
-//! BuildEvent (event.rs) --encode--> Confluent frame 0x00|id|avro (codec.rs) --decode--> BuildEvent
+//! BuildEvent (event.rs) --avro.rs, encode--> Confluent frame 0x00|id|avro (codec.rs) --decode--> BuildEvent
 //!                                        ^ schema ids from a registry (registry.rs)
 //! JobHook (job_hook.rs): the GitLab-compatible Job Hook body, field for field
 //! ```
 //!
-//! - [`event`]: `BuildEvent`, its status and payload timing, and its Avro form for every schema
-//!   version (`avro/*.avsc`; every version is kept, none is edited once published).
+//! - [`event`]: `BuildEvent`, its status and payload timing: plain data, and the schema versions
+//!   (`avro/*.avsc`; every version is kept, none is edited once published).
+//! - `avro`: the Avro form of a `BuildEvent` under every schema version.
 //! - [`registry`]: where schema ids come from: an embedded registry with ids fixed in
 //!   `avro/manifest.json` (the default) or a Confluent-compatible HTTP registry.
 //! - [`codec`]: Confluent wire framing; decoding reads with the writer's schema and resolves to
 //!   the reader's version, so old and new producers and consumers mix.
 //! - [`job_hook`]: the Job Hook JSON types.
 
+mod avro;
 pub mod codec;
 pub mod event;
 pub mod job_hook;

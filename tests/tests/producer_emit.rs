@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use hookline_cistate::fixtures::{sample, write_snapshot};
 use hookline_cistate::{CiStore, PgStore, RenderSnapshot, Transition, render};
-use hookline_producer::flags::command::{FeatureCommand, execute};
+use hookline_producer::feature::{FeatureCommand, execute};
 use hookline_producer::flags::{FlagStore, PgFlagStore};
 use hookline_producer::{
     Change, Emitter, EmitterConfig, Flags, INLINE_FLAG, ProducerMetrics, TransitionRequest,

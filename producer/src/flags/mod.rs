@@ -9,12 +9,10 @@
 //! - [`definition`]: the declared flags (`execute_build_hooks_inline`, default off).
 //! - [`gates`]: gates, percentages, the Flipper formula, changes and their diffs.
 //! - [`store`], [`pg`]: where gates and their history live.
-//! - [`command`]: the `feature set|get|list|delete|history|enabled` CLI.
 //!
 //! Evaluation never waits on the store: [`Flags`] keeps the last loaded gates and a background
 //! task refreshes them, so a store outage keeps the last known rollout instead of flipping it.
 
-pub mod command;
 pub mod definition;
 pub mod gates;
 pub mod pg;

@@ -7,10 +7,10 @@
 
 use std::fmt::Write as _;
 
-use super::gates::{Change, Percentage, project_actor};
-use super::{DEFINITIONS, FlagStore, lookup};
 use crate::config::StoreOptions;
 use crate::error::ProducerError;
+use crate::flags::gates::{Change, Percentage, project_actor};
+use crate::flags::{DEFINITIONS, FlagStore, lookup};
 
 /// Options of every `feature` command.
 #[derive(clap::Args, Debug, Clone)]
@@ -158,7 +158,7 @@ pub async fn execute(
             let _ = writeln!(out, "  description: {}", definition.description);
             let _ = writeln!(out, "  default: {}", definition.default);
             if let Some(gates) = all.get(name) {
-                for gate in super::gates::GATE_NAMES {
+                for gate in crate::flags::gates::GATE_NAMES {
                     let value = gates.gate_value(gate).unwrap_or_else(|| "-".to_owned());
                     let _ = writeln!(out, "  {gate}: {value}");
                 }
@@ -222,7 +222,7 @@ pub async fn execute(
     Ok(out)
 }
 
-fn state_line(default: bool, gates: Option<&super::Gates>) -> String {
+fn state_line(default: bool, gates: Option<&crate::flags::Gates>) -> String {
     match gates {
         None => format!("{} (default)", if default { "on" } else { "off" }),
         Some(g) => g.summary(),

@@ -1,0 +1,32 @@
+//! What both paths share: the configuration, the CI store and hook registry, the codec, the HTTP
+//! stage, the hand-off writer and the metrics.
+
+use std::sync::Arc;
+
+use hookline_cistate::CiStore;
+use hookline_schemas::Codec;
+
+use crate::config::ConsumerConfig;
+use crate::deliver::Deliverer;
+use crate::handoff::Handoff;
+use crate::hooks::HookRegistry;
+use crate::metrics::ConsumerMetrics;
+
+/// Everything both paths share.
+pub struct Context {
+    pub config: ConsumerConfig,
+    pub store: Arc<dyn CiStore>,
+    pub codec: Codec,
+    pub hooks: HookRegistry,
+    pub deliverer: Deliverer,
+    pub handoff: Handoff,
+    pub metrics: Arc<ConsumerMetrics>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
