@@ -266,6 +266,35 @@ pub async fn prune_periodically(
 mod tests {
     use super::*;
 
+    fn recorded(id: Uuid, digest: u8, offset: i64) -> Recorded {
+        Recorded {
+            event_id: id,
+            digest: [digest; 32],
+            partition: 0,
+            offset,
+            timing: PayloadTiming::Deferred,
+            payload_bytes: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_first_record_of_an_id_wins_until_it_is_pruned() {
+        let store = MemoryEventIds::default();
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        store.record(&[recorded(a, 1, 10)]).await.unwrap();
+        store
+            .record(&[recorded(a, 2, 11), recorded(b, 3, 12)])
+            .await
+            .unwrap();
+        let known = store.lookup(&[a, b, Uuid::new_v4()]).await.unwrap();
+        assert_eq!(known.len(), 2);
+        assert_eq!((known[&a].digest[0], known[&a].offset), (1, 10));
+        assert!(known[&a].as_emitted().repeated);
+        assert_eq!(store.prune(Duration::from_secs(3600)).await.unwrap(), 0);
+        assert_eq!(store.prune(Duration::ZERO).await.unwrap(), 2);
+        assert!(store.lookup(&[a, b]).await.unwrap().is_empty());
+    }
+
     #[test]
     fn the_digest_covers_what_the_client_sent_and_nothing_else() {
         let at: DateTime<Utc> = "2026-11-27T20:21:00.5Z".parse().unwrap();

@@ -465,3 +465,25 @@ async fn startup_checks_the_topic_takes_the_largest_event() {
     );
     emitter(90_000).await.check_topic_limit().await.unwrap();
 }
+
+#[tokio::test]
+async fn event_ids_older_than_the_retention_window_are_pruned() {
+    use hookline_producer::event_ids::{EventIds, Recorded};
+    let store = pg_store().await;
+    let ids = PgEventIds::new(store.pool().clone());
+    let id = uuid::Uuid::new_v4();
+    let record = Recorded {
+        event_id: id,
+        digest: [7; 32],
+        partition: 1,
+        offset: 42,
+        timing: hookline_schemas::PayloadTiming::Inline,
+        payload_bytes: 2411,
+    };
+    ids.record(std::slice::from_ref(&record)).await.unwrap();
+    assert_eq!(ids.lookup(&[id]).await.unwrap()[&id], record);
+    assert_eq!(ids.prune(Duration::from_secs(7 * 86400)).await.unwrap(), 0);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(ids.prune(Duration::from_millis(10)).await.unwrap(), 1);
+    assert!(ids.lookup(&[id]).await.unwrap().is_empty());
+}
