@@ -228,6 +228,11 @@ impl ServeConfig {
                 "--body-limit and --batch-limit must be above 0".into(),
             ));
         }
+        if self.event_id_retention.is_zero() {
+            return Err(ProducerError::Invalid(
+                "--event-id-retention must be above 0: retries and reused ids are told apart within it".into(),
+            ));
+        }
         if self.flags_reload_interval.is_zero() {
             return Err(ProducerError::Invalid(
                 "--flags-reload-interval must be above 0".into(),
