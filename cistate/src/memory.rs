@@ -241,4 +241,13 @@ impl CiStore for MemoryStore {
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
+
+    async fn project_exists(&self, project_id: i64) -> Result<bool, StoreError> {
+        Ok(self
+            .state
+            .read()
+            .unwrap()
+            .projects
+            .contains_key(&project_id))
+    }
 }

@@ -590,4 +590,13 @@ impl CiStore for PgStore {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
+
+    async fn project_exists(&self, project_id: i64) -> Result<bool, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM projects WHERE id = $1)")
+                .bind(project_id)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
 }

@@ -86,4 +86,7 @@ pub trait CiStore: Send + Sync + std::fmt::Debug {
 
     /// Cheap liveness check for readiness probes.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Whether the project is in the store (`hooks add` refuses unknown projects).
+    async fn project_exists(&self, project_id: i64) -> Result<bool, StoreError>;
 }

@@ -86,6 +86,13 @@ struct SimulateArgs {
     /// Base URL of a running producer (`hookline-producer serve`).
     #[arg(long, env = "HOOKLINE_PRODUCER_URL")]
     producer_url: String,
+    /// Bearer token for the producer's API (one line of its --api-token-file); omit only for a
+    /// producer serving with --no-auth.
+    #[arg(long, env = "HOOKLINE_API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
+    /// File holding the token instead (the producer's --api-token-file: its first token is sent).
+    #[arg(long, env = "HOOKLINE_API_TOKEN_FILE", conflicts_with = "api_token")]
+    api_token_file: Option<std::path::PathBuf>,
     /// Base URL of the webhook receiver; each project's hook is `<URL>/projects/<id>`.
     #[arg(long, env = "HOOKLINE_RECEIVER_URL")]
     receiver_url: String,
@@ -236,10 +243,18 @@ async fn main() -> ExitCode {
         Command::Simulate(args) => {
             init_tracing("warn");
             let json = args.json;
+            let api_token = match (&args.api_token, &args.api_token_file) {
+                (_, Some(path)) => match simulate::first_token(path) {
+                    Ok(token) => Some(token),
+                    Err(e) => return fail(&e),
+                },
+                (token, None) => token.clone(),
+            };
             let options = SimulateOptions {
                 database_url: args.database_url,
                 database_schema: args.database_schema,
                 producer_url: args.producer_url,
+                api_token,
                 receiver_url: args.receiver_url,
                 signing_secret: args.signing_secret,
                 projects: args.projects as usize,

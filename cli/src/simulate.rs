@@ -2,6 +2,7 @@
 //! one hook per project points at a receiver, and every transition is POSTed to a producer's
 //! HTTP API (`POST /v1/transitions`) after its state was committed.
 //!
+//! Every request carries the producer's API token (`--api-token`) as a bearer token.
 //! The producer answers `202` once Kafka acknowledged the event, `503` with `Retry-After` while
 //! Kafka or the store is unavailable (retried as told, with the same `event_id`, so a retried
 //! event keeps its identity), and other errors for good (logged, counted, reported).
@@ -23,6 +24,8 @@ pub struct SimulateOptions {
     pub database_url: String,
     pub database_schema: Option<String>,
     pub producer_url: String,
+    /// Sent as `Authorization: Bearer <token>` to the producer (`None` for a `--no-auth` one).
+    pub api_token: Option<String>,
     pub receiver_url: String,
     pub signing_secret: Option<String>,
     pub projects: usize,
@@ -50,10 +53,26 @@ pub struct SimulateReport {
     pub elapsed_ms: u64,
 }
 
+/// The first token of a token file in the producer's format (one per line, `#` comments).
+pub fn first_token(path: &std::path::Path) -> Result<String, CliError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        CliError::Usage(format!(
+            "reading the API token file {}: {e}",
+            path.display()
+        ))
+    })?;
+    text.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .ok_or_else(|| CliError::Usage(format!("{} holds no API token", path.display())))
+}
+
 /// The producer's HTTP API as the simulator's sink.
 struct HttpSink {
     client: reqwest::Client,
     url: String,
+    api_token: Option<String>,
     retry_for: Duration,
     verbose: bool,
 }
@@ -83,7 +102,11 @@ impl Sink for HttpSink {
         let give_up_at = tokio::time::Instant::now() + self.retry_for;
         let mut backoff = Duration::from_millis(200);
         loop {
-            let wait = match self.client.post(&self.url).json(&body).send().await {
+            let mut request = self.client.post(&self.url).json(&body);
+            if let Some(token) = &self.api_token {
+                request = request.bearer_auth(token);
+            }
+            let wait = match request.send().await {
                 Ok(response) if response.status().is_success() => {
                     let answer: serde_json::Value = response.json().await.unwrap_or_default();
                     let timing =
@@ -199,6 +222,7 @@ pub async fn run(options: SimulateOptions) -> Result<SimulateReport, CliError> {
             "{}/v1/transitions",
             options.producer_url.trim_end_matches('/')
         ),
+        api_token: options.api_token.clone(),
         retry_for: options.retry_for,
         verbose: options.verbose,
     };

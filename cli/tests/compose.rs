@@ -46,3 +46,26 @@ fn a_misspelt_variable_and_a_wrong_port_are_caught() {
     assert!(stdout.contains("HOOKLINE_GROUPID"), "{stdout}");
     assert!(stdout.contains("producer:8081"), "{stdout}");
 }
+
+#[test]
+fn a_producer_or_simulator_without_api_tokens_is_caught() {
+    let original = std::fs::read_to_string(repo().join("docker-compose.yml")).unwrap();
+    let broken = original.replace("HOOKLINE_API_TOKEN_FILE", "HOOKLINE_NOT_A_TOKEN_FILE");
+    assert_ne!(broken, original);
+    let dir = std::env::temp_dir().join(format!("hookline-compose-tokens-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("docker-compose.yml");
+    std::fs::write(&file, broken).unwrap();
+    let out = check_compose(&file);
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("producer: no HOOKLINE_API_TOKEN_FILE"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("simulator: posts to the producer without an API token"),
+        "{stdout}"
+    );
+}

@@ -1,5 +1,6 @@
 //! `hookline simulate` against a real PostgreSQL (scripts/test starts it) and a stand-in producer
-//! that answers like the real one: 503 with Retry-After first, then 202.
+//! that answers like the real one: 401 without the bearer token, 503 with Retry-After first,
+//! then 202.
 
 use std::sync::{Arc, Mutex};
 
@@ -21,10 +22,18 @@ struct Producer {
     unavailable_first: Arc<Mutex<bool>>,
 }
 
+/// The token `run_simulate` gives `simulate`; the stand-in producer answers 401 without it.
+const API_TOKEN: &str = "sim-token-0123456789";
+
 async fn transition(
     State(p): State<Producer>,
+    headers: axum::http::HeaderMap,
     body: axum::Json<serde_json::Value>,
 ) -> axum::response::Response {
+    let expected = format!("Bearer {API_TOKEN}");
+    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
+        return (StatusCode::UNAUTHORIZED, "no or wrong bearer token").into_response();
+    }
     {
         let mut first = p.unavailable_first.lock().unwrap();
         if *first {
@@ -77,6 +86,7 @@ async fn run_simulate(
             schema,
         ])
         .args(["--producer-url", producer, "--receiver-url", receiver])
+        .args(["--api-token", API_TOKEN])
         .output()
         .await
         .unwrap();

@@ -80,12 +80,7 @@ impl ConsumerConfig {
             poll_batch: 128,
             retry_schedule: RetrySchedule::default(),
             retry_hold: Duration::from_secs(30),
-            deliver: DeliverConfig {
-                timeout: Duration::from_secs(10),
-                instance_url: "http://localhost".to_owned(),
-                allow_cidrs: Vec::new(),
-                ssrf_guard: true,
-            },
+            deliver: DeliverConfig::default(),
             hook_cache_ttl: Duration::from_secs(5),
             commit_interval: Duration::ZERO,
             drain_timeout: Duration::from_secs(15),

@@ -36,6 +36,8 @@ pub struct DeliverConfig {
     pub allow_cidrs: Vec<String>,
     /// Turn the SSRF guard off entirely (never in production).
     pub ssrf_guard: bool,
+    /// Ports below 1024 the SSRF guard lets through (GitLab: 80 and 443).
+    pub allow_ports: Vec<u16>,
 }
 
 impl Default for DeliverConfig {
@@ -46,6 +48,7 @@ impl Default for DeliverConfig {
             instance_url: "http://localhost".into(),
             allow_cidrs: Vec::new(),
             ssrf_guard: true,
+            allow_ports: ssrf::DEFAULT_ALLOWED_PORTS.to_vec(),
         }
     }
 }
@@ -148,7 +151,7 @@ impl Deliverer {
         let instance = HeaderValue::from_str(&config.instance_url)
             .map_err(|_| DeliverError::InstanceUrl(config.instance_url.clone()))?;
         let guard = if config.ssrf_guard {
-            Some(SsrfGuard::new(&config.allow_cidrs)?)
+            Some(SsrfGuard::new(&config.allow_cidrs)?.with_allowed_ports(&config.allow_ports))
         } else {
             None
         };

@@ -1,6 +1,8 @@
 //! The hook registry as the pipeline sees it: each project's job hooks, cached briefly; whether
 //! a hook may be called now; and its health after an attempt (GitLab's auto-disable rule, kept
-//! by the store so every consumer instance agrees).
+//! by the store so every consumer instance agrees). Also what `hooks add` checks before a hook
+//! is stored ([`validate_url`], [`validate_token`]) and how `hooks list` shows a URL without
+//! its Basic-auth password ([`masked_url`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -156,6 +158,36 @@ pub fn validate_url(url: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks a hook's token before it is stored: it is sent verbatim as `X-Gitlab-Token`, so a
+/// CR or LF (or any other control character) would make every delivery fail at send time, or
+/// worse, split the header.
+pub fn validate_token(token: &str) -> Result<(), String> {
+    if token.contains(['\r', '\n']) {
+        return Err("a hook token must not contain CR or LF".into());
+    }
+    if token.chars().any(|c| c.is_control() && c != '\t') {
+        return Err("a hook token must not contain control characters".into());
+    }
+    Ok(())
+}
+
+/// The URL with its Basic-auth password replaced by `*****`, for listings and logs.
+pub fn masked_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            if parsed.set_password(Some("*****")).is_ok() {
+                parsed.to_string()
+            } else {
+                "[unprintable URL with a password]".into()
+            }
+        }
+        Ok(_) => url.to_owned(),
+        // Stored URLs were validated; should one not parse, show nothing that may be a secret.
+        Err(_) if url.contains('@') => "[unparsable URL with userinfo]".into(),
+        Err(_) => url.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,6 +207,34 @@ mod tests {
         ] {
             assert!(validate_url(bad).is_err(), "{bad} accepted");
         }
+    }
+
+    #[test]
+    fn tokens_with_line_breaks_or_control_characters_are_refused() {
+        assert!(validate_token("s3cret").is_ok());
+        assert!(validate_token("with space and\ttab").is_ok());
+        for bad in ["a\r\nX-Injected: 1", "a\n", "\rb", "nul\0"] {
+            assert!(validate_token(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn listed_urls_hide_the_basic_auth_password() {
+        assert_eq!(
+            masked_url("http://hookuser:secret@hooks.example.com:8080/ci?x=1"),
+            "http://hookuser:*****@hooks.example.com:8080/ci?x=1"
+        );
+        assert_eq!(
+            masked_url("https://:p%40ss@example.com/"),
+            "https://:*****@example.com/"
+        );
+        // A user without a password is not a secret; a plain URL is left as it is.
+        assert_eq!(
+            masked_url("http://hookuser@example.com/"),
+            "http://hookuser@example.com/"
+        );
+        assert_eq!(masked_url("http://example.com/x"), "http://example.com/x");
+        assert!(!masked_url("http://u:secret@exa mple.com/").contains("secret"));
     }
 
     #[tokio::test]

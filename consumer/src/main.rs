@@ -9,7 +9,7 @@ use hookline_cistate::NewHook;
 use hookline_consumer::config::ConsumerConfig;
 use hookline_consumer::dead_letter::{self, DeadLetterKind, ReplayFilter};
 use hookline_consumer::deliver::DeliverConfig;
-use hookline_consumer::hooks::validate_url;
+use hookline_consumer::hooks::{masked_url, validate_token, validate_url};
 use hookline_consumer::schedule::{RetrySchedule, parse_duration};
 use hookline_consumer::server::{ServeConfig, open_store};
 use tokio_util::sync::CancellationToken;
@@ -123,6 +123,14 @@ struct ServeArgs {
     /// Turn the SSRF guard off (never in production).
     #[arg(long, env = "HOOKLINE_NO_SSRF_GUARD")]
     no_ssrf_guard: bool,
+    /// Ports below 1024 a hook URL may use (comma-separated); 1024 and above always may.
+    #[arg(
+        long,
+        env = "HOOKLINE_ALLOW_PORTS",
+        value_delimiter = ',',
+        default_value = "80,443"
+    )]
+    allow_port: Vec<u16>,
     /// How long a project's hook list is cached.
     #[arg(long, env = "HOOKLINE_HOOK_CACHE_TTL", default_value = "5s", value_parser = parse_duration)]
     hook_cache_ttl: Duration,
@@ -178,6 +186,9 @@ enum HooksCommand {
         /// Standard Webhooks secret, whsec_<base64>.
         #[arg(long)]
         signing_secret: Option<String>,
+        /// Add the hook even though the project is not in the store (yet).
+        #[arg(long)]
+        force: bool,
     },
     /// List hooks, all or a project's.
     List {
@@ -305,6 +316,7 @@ async fn run() -> anyhow::Result<()> {
                 instance_url: args.instance_url,
                 allow_cidrs: args.allow_cidr,
                 ssrf_guard: !args.no_ssrf_guard,
+                allow_ports: args.allow_port,
             };
             let token = CancellationToken::new();
             tokio::spawn(shutdown_signal(token.clone()));
@@ -390,11 +402,15 @@ async fn hooks(cmd: HooksCommand) -> anyhow::Result<()> {
     // Check the hook before touching the database, so a bad URL is refused on its own.
     if let HooksCommand::Add {
         url,
+        token,
         signing_secret,
         ..
     } = &cmd
     {
         if let Err(message) = validate_url(url) {
+            bail!("hook refused: {message}");
+        }
+        if let Some(Err(message)) = token.as_deref().map(validate_token) {
             bail!("hook refused: {message}");
         }
         if let Some(secret) = signing_secret
@@ -412,8 +428,14 @@ async fn hooks(cmd: HooksCommand) -> anyhow::Result<()> {
             url,
             token,
             signing_secret,
+            force,
             ..
         } => {
+            if !force && !store.project_exists(project).await? {
+                bail!(
+                    "hook refused: project {project} is not in the CI state store (add it first, or pass --force if the store is filled later)"
+                );
+            }
             let hook = store
                 .add_hook(&NewHook {
                     project_id: project,
@@ -438,7 +460,7 @@ async fn hooks(cmd: HooksCommand) -> anyhow::Result<()> {
                     "{}\tproject={}\t{}\t{state}\tfailures={}\ttoken={}\tsigned={}",
                     h.id,
                     h.project_id,
-                    h.url,
+                    masked_url(&h.url),
                     h.recent_failures,
                     if h.token.is_some() { "[set]" } else { "-" },
                     h.signing_secret.is_some()

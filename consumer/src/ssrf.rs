@@ -1,36 +1,69 @@
 //! The SSRF guard: a hook URL must not make the consumer reach into the network it runs in.
 //!
-//! It follows GitLab's URL blocker: only `http`/`https`, no CR/LF, and every address the host
-//! resolves to must be public. The guard is reqwest's DNS resolver, so the connection goes to the
-//! very addresses that were checked (a second, different DNS answer cannot slip in between the
-//! check and the connect: DNS rebinding), while the hostname stays in the URL for SNI and `Host`.
-//! reqwest does not call the resolver for IP-literal URLs, so [`SsrfGuard::check_url`] checks those
-//! before anything is sent.
+//! It follows GitLab's URL blocker: only `http`/`https`, no CR/LF, ports below 1024 only from
+//! an allowed list (80 and 443 by default), and every address the host resolves to must be
+//! public and not one of this machine's own interface addresses. The guard is reqwest's DNS
+//! resolver, so the connection goes to the very addresses that were checked (a second, different
+//! DNS answer cannot slip in between the check and the connect: DNS rebinding), while the
+//! hostname stays in the URL for SNI and `Host`. reqwest does not call the resolver for
+//! IP-literal URLs, so [`SsrfGuard::check_url`] checks those (and every URL's port) before
+//! anything is sent.
 //!
-//! IPv6 forms that embed an IPv4 address (mapped `::ffff:a.b.c.d`, compatible `::a.b.c.d`, NAT64
-//! `64:ff9b::/96`, 6to4 `2002::/16`) are converted first and judged as that IPv4 address.
-//! An allowlist of CIDRs opens exceptions (tests and the demo allow `127.0.0.0/8`).
+//! IPv6 forms that embed an IPv4 address (mapped `::ffff:a.b.c.d`, translated
+//! `::ffff:0:a.b.c.d`, compatible `::a.b.c.d`, NAT64 `64:ff9b::/96` and the local-use
+//! `64:ff9b:1::/48`, 6to4 `2002::/16`) are judged as that IPv4 address.
+//! An allowlist of CIDRs opens exceptions to the address rules (tests and the demo allow
+//! `127.0.0.0/8`); the port rule has its own list.
+//!
+//! Every refusal names the rule that refused ([`Refusal::rule`]), and the dead letter carries it.
+//! The machine's addresses are enumerated when the guard is made and again when the list is
+//! older than [`OWN_ADDRESSES_REFRESH`], so an address added later (DHCP, a new interface) is
+//! refused within that time. Name resolution goes through a [`Lookup`], so tests give the guard
+//! their own answers instead of the machine's resolver.
 
 use std::fmt;
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
 use std::str::FromStr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use reqwest::Url;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
-/// Why a URL or an address was refused. The `Display` form is the reason given to operators.
+/// Ports below 1024 the guard allows by default: GitLab's list.
+pub const DEFAULT_ALLOWED_PORTS: &[u16] = &[80, 443];
+
+/// How old the list of this machine's addresses may get before it is enumerated again.
+pub const OWN_ADDRESSES_REFRESH: Duration = Duration::from_secs(60);
+
+/// Why a URL or an address was refused. The `Display` form is the reason given to operators;
+/// it names the rule (see [`Refusal::rule`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
     /// The URL cannot be used at all (not http(s), CR/LF, unparsable, no host).
     #[error("invalid hook URL: {0}")]
     InvalidUrl(String),
     /// The host is (or resolves to) an address in a blocked range.
-    #[error("blocked by the SSRF guard: {host} is {ip}, a {range} address")]
+    #[error(
+        "blocked by the SSRF guard (rule: special-purpose address): {host} is {ip}, in the {range} range"
+    )]
     Blocked {
         host: String,
         ip: IpAddr,
         range: &'static str,
     },
+    /// The host is (or resolves to) one of this machine's own interface addresses.
+    #[error(
+        "blocked by the SSRF guard (rule: own address): {host} is {ip}, an address of this machine"
+    )]
+    OwnAddress { host: String, ip: IpAddr },
+    /// A port below 1024 that is not in the allowed list.
+    #[error(
+        "blocked by the SSRF guard (rule: port): port {port} is below 1024 and not allowed (allowed: {allowed}; see --allow-port)"
+    )]
+    Port { port: u16, allowed: String },
     /// The host name did not resolve; nothing was sent.
     #[error("could not resolve {host}: {reason}")]
     Unresolvable { host: String, reason: String },
@@ -40,6 +73,89 @@ impl Refusal {
     /// Whether a later attempt may succeed: only a DNS failure can be transient.
     pub fn is_transient(&self) -> bool {
         matches!(self, Refusal::Unresolvable { .. })
+    }
+
+    /// The rule that refused, as a short stable name.
+    pub fn rule(&self) -> &'static str {
+        match self {
+            Refusal::InvalidUrl(_) => "invalid_url",
+            Refusal::Blocked { .. } => "special_purpose_address",
+            Refusal::OwnAddress { .. } => "own_address",
+            Refusal::Port { .. } => "port",
+            Refusal::Unresolvable { .. } => "unresolvable",
+        }
+    }
+}
+
+/// The addresses a host name resolves to.
+pub type LookupFuture = Pin<Box<dyn Future<Output = std::io::Result<Vec<IpAddr>>> + Send>>;
+
+/// Name resolution for the guard: the system resolver in service, fixed answers in tests.
+pub trait Lookup: Send + Sync + fmt::Debug {
+    fn lookup(&self, host: &str) -> LookupFuture;
+}
+
+/// The system resolver (`getaddrinfo`, through tokio).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemLookup;
+
+impl Lookup for SystemLookup {
+    fn lookup(&self, host: &str) -> LookupFuture {
+        let host = host.to_owned();
+        Box::pin(async move {
+            Ok(tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .map(|a| a.ip())
+                .collect())
+        })
+    }
+}
+
+/// This machine's interface addresses.
+pub type Enumerate = fn() -> Vec<IpAddr>;
+
+/// The addresses of this machine's interfaces, loopback left out (the loopback rule covers it).
+/// An enumeration that fails gives none: the special-purpose ranges still hold.
+pub fn interface_addresses() -> Vec<IpAddr> {
+    match if_addrs::get_if_addrs() {
+        Ok(interfaces) => interfaces
+            .into_iter()
+            .map(|i| i.ip())
+            .filter(|ip| !ip.is_loopback())
+            .collect(),
+        Err(error) => {
+            tracing::warn!(%error, "cannot enumerate this machine's addresses; the own-address rule holds none");
+            Vec::new()
+        }
+    }
+}
+
+/// The machine's own addresses and when they were enumerated.
+#[derive(Debug)]
+struct OwnAddresses {
+    enumerate: Enumerate,
+    current: RwLock<(Instant, Arc<Vec<IpAddr>>)>,
+}
+
+impl OwnAddresses {
+    fn new(enumerate: Enumerate) -> Self {
+        Self {
+            enumerate,
+            current: RwLock::new((Instant::now(), Arc::new(enumerate()))),
+        }
+    }
+
+    fn get(&self) -> Arc<Vec<IpAddr>> {
+        {
+            let current = self.current.read().unwrap_or_else(|e| e.into_inner());
+            if current.0.elapsed() < OWN_ADDRESSES_REFRESH {
+                return current.1.clone();
+            }
+        }
+        // Enumerating is one system call; doing it inline on the rare refresh needs no task.
+        let fresh = Arc::new((self.enumerate)());
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = (Instant::now(), fresh.clone());
+        fresh
     }
 }
 
@@ -114,9 +230,18 @@ impl fmt::Display for Cidr {
 
 /// The blocked range an address falls in, or `None` when it is public.
 ///
-/// Embedded IPv4 forms are judged as their IPv4 address (see [`canonical`]).
+/// Embedded IPv4 forms are judged as their IPv4 address (each of them, when the layout is
+/// ambiguous; see [`canonical`]).
 pub fn blocked_range(ip: IpAddr) -> Option<&'static str> {
-    match canonical(ip) {
+    let embedded = embedded(ip);
+    if embedded.is_empty() {
+        return judge(ip);
+    }
+    embedded.into_iter().find_map(judge)
+}
+
+fn judge(ip: IpAddr) -> Option<&'static str> {
+    match ip {
         IpAddr::V4(v4) => blocked_v4(v4),
         IpAddr::V6(v6) => blocked_v6(v6),
     }
@@ -124,22 +249,58 @@ pub fn blocked_range(ip: IpAddr) -> Option<&'static str> {
 
 /// The address to judge: an IPv6 address that carries an IPv4 address becomes that IPv4 address.
 pub fn canonical(ip: IpAddr) -> IpAddr {
-    let IpAddr::V6(v6) = ip else { return ip };
+    embedded(ip).first().copied().unwrap_or(ip)
+}
+
+/// The IPv4 addresses an IPv6 address may lead to; empty when none.
+///
+/// The local-use NAT64 prefix `64:ff9b:1::/48` (RFC 8215) is carved up by each site, and the
+/// IPv4 address sits where the site's translator prefix length puts it (RFC 6052): the last 32
+/// bits with a /96, or around the reserved octet 8 with a /48, /56 or /64. Every layout the
+/// address fits (reserved octet and suffix zero) is a candidate, and the address is refused if
+/// any candidate is: the guard cannot know the site's prefix length, so it fails closed.
+fn embedded(ip: IpAddr) -> Vec<IpAddr> {
+    let IpAddr::V6(v6) = ip else {
+        return Vec::new();
+    };
     let seg = v6.segments();
     let o = v6.octets();
-    let tail = Ipv4Addr::new(o[12], o[13], o[14], o[15]);
+    let tail = IpAddr::V4(Ipv4Addr::new(o[12], o[13], o[14], o[15]));
     // `::` and `::1` are IPv6's own unspecified and loopback, not compatible forms of 0.0.0.x.
     if v6.is_unspecified() || v6.is_loopback() {
-        return ip;
+        return Vec::new();
     }
     match seg {
-        // IPv4-mapped ::ffff:a.b.c.d and (deprecated) IPv4-compatible ::a.b.c.d.
-        [0, 0, 0, 0, 0, 0xffff, _, _] | [0, 0, 0, 0, 0, 0, _, _] => IpAddr::V4(tail),
+        // IPv4-mapped ::ffff:a.b.c.d, IPv4-translated ::ffff:0:a.b.c.d (SIIT) and (deprecated)
+        // IPv4-compatible ::a.b.c.d.
+        [0, 0, 0, 0, 0, 0xffff, _, _]
+        | [0, 0, 0, 0, 0xffff, 0, _, _]
+        | [0, 0, 0, 0, 0, 0, _, _] => {
+            vec![tail]
+        }
         // NAT64 well-known prefix: a translator would connect to the embedded IPv4 address.
-        [0x64, 0xff9b, 0, 0, 0, 0, _, _] => IpAddr::V4(tail),
+        [0x64, 0xff9b, 0, 0, 0, 0, _, _] => vec![tail],
+        // Local-use NAT64: every RFC 6052 layout the address fits, the /96 one last.
+        [0x64, 0xff9b, 1, ..] => {
+            let zero = |range: std::ops::RangeInclusive<usize>| o[range].iter().all(|b| *b == 0);
+            let mut candidates = Vec::new();
+            if o[8] == 0 && zero(11..=15) {
+                candidates.push(IpAddr::V4(Ipv4Addr::new(o[6], o[7], o[9], o[10])));
+            }
+            if o[8] == 0 && zero(12..=15) {
+                candidates.push(IpAddr::V4(Ipv4Addr::new(o[7], o[9], o[10], o[11])));
+            }
+            if o[8] == 0 && zero(13..=15) {
+                candidates.push(IpAddr::V4(Ipv4Addr::new(o[9], o[10], o[11], o[12])));
+            }
+            candidates.push(tail);
+            candidates
+        }
         // 6to4: 2002:AABB:CCDD::/48 routes to a.b.c.d.
-        [0x2002, hi, lo, ..] => IpAddr::V4(Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo))),
-        _ => ip,
+        [0x2002, hi, lo, ..] => vec![IpAddr::V4(Ipv4Addr::from(
+            (u32::from(hi) << 16) | u32::from(lo),
+        ))],
+        _ => Vec::new(),
     }
 }
 
@@ -192,40 +353,101 @@ fn blocked_v6(ip: Ipv6Addr) -> Option<&'static str> {
     find_range(IpAddr::V6(ip), V6_BLOCKED)
 }
 
-/// The guard: the blocked ranges minus the allowlist.
-#[derive(Debug, Clone, Default)]
+/// The guard: the blocked ranges and this machine's addresses minus the allowlist, and the
+/// port rule.
+#[derive(Debug, Clone)]
 pub struct SsrfGuard {
     allow: Vec<Cidr>,
+    ports: Vec<u16>,
+    own: Arc<OwnAddresses>,
+    lookup: Arc<dyn Lookup>,
+}
+
+impl Default for SsrfGuard {
+    fn default() -> Self {
+        let none: [&str; 0] = [];
+        // An empty allowlist always parses.
+        SsrfGuard::new(&none).unwrap_or_else(|_| unreachable!())
+    }
 }
 
 impl SsrfGuard {
-    /// A guard that lets these CIDRs through (`"127.0.0.0/8"`, `"::1"`, ...).
+    /// A guard that lets these CIDRs through (`"127.0.0.0/8"`, `"::1"`, ...), with GitLab's
+    /// ports, the system resolver, and this machine's interface addresses refused.
     pub fn new<S: AsRef<str>>(allow: &[S]) -> Result<SsrfGuard, CidrError> {
         let allow = allow
             .iter()
             .map(|s| s.as_ref().parse())
             .collect::<Result<_, _>>()?;
-        Ok(SsrfGuard { allow })
+        Ok(SsrfGuard {
+            allow,
+            ports: DEFAULT_ALLOWED_PORTS.to_vec(),
+            own: Arc::new(OwnAddresses::new(interface_addresses)),
+            lookup: Arc::new(SystemLookup),
+        })
+    }
+
+    /// The ports below 1024 a hook URL may use (80 and 443 unless changed).
+    pub fn with_allowed_ports(mut self, ports: &[u16]) -> Self {
+        self.ports = ports.to_vec();
+        self
+    }
+
+    /// Resolves names with `lookup` instead of the system resolver.
+    pub fn with_lookup(mut self, lookup: Arc<dyn Lookup>) -> Self {
+        self.lookup = lookup;
+        self
+    }
+
+    /// Takes this machine's addresses from `enumerate` instead of the interfaces.
+    pub fn with_own_addresses(mut self, enumerate: Enumerate) -> Self {
+        self.own = Arc::new(OwnAddresses::new(enumerate));
+        self
     }
 
     /// `Ok` when the guard lets a connection to `ip` through.
     pub fn check_ip(&self, host: &str, ip: IpAddr) -> Result<(), Refusal> {
-        let judged = canonical(ip);
-        if self
-            .allow
-            .iter()
-            .any(|c| c.contains(judged) || c.contains(ip))
-        {
+        let embedded = embedded(ip);
+        let allowed = |a: IpAddr| self.allow.iter().any(|c| c.contains(a));
+        if allowed(ip) || (!embedded.is_empty() && embedded.iter().all(|a| allowed(*a))) {
             return Ok(());
         }
-        match blocked_range(ip) {
-            None => Ok(()),
-            Some(range) => Err(Refusal::Blocked {
+        if let Some(range) = blocked_range(ip) {
+            return Err(Refusal::Blocked {
                 host: host.to_owned(),
                 ip,
                 range,
-            }),
+            });
         }
+        let own = self.own.get();
+        if own.contains(&ip) || embedded.iter().any(|a| own.contains(a)) {
+            return Err(Refusal::OwnAddress {
+                host: host.to_owned(),
+                ip,
+            });
+        }
+        Ok(())
+    }
+
+    /// `Ok` when `port` is 1024 or above, or in the allowed list.
+    pub fn check_port(&self, port: u16) -> Result<(), Refusal> {
+        if port >= 1024 || self.ports.contains(&port) {
+            return Ok(());
+        }
+        let allowed = self
+            .ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        Err(Refusal::Port {
+            port,
+            allowed: if allowed.is_empty() {
+                "none".into()
+            } else {
+                allowed
+            },
+        })
     }
 
     /// Parses and checks a hook URL before sending: scheme, CR/LF, and an IP-literal host
@@ -236,6 +458,9 @@ impl SsrfGuard {
         let host = url
             .host_str()
             .ok_or_else(|| Refusal::InvalidUrl("no host".into()))?;
+        if let Some(port) = url.port_or_known_default() {
+            self.check_port(port)?;
+        }
         // The parser has already normalised IPv4 spellings (`2130706433`, `0x7f.1`) to dotted
         // form and brackets IPv6 literals, so an IP literal parses here and a domain does not.
         if let Ok(ip) = host
@@ -257,12 +482,16 @@ impl SsrfGuard {
             self.check_ip(host, ip)?;
             return Ok(vec![SocketAddr::new(ip, 0)]);
         }
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, 0))
+        let addrs: Vec<SocketAddr> = self
+            .lookup
+            .lookup(host)
             .await
             .map_err(|e| Refusal::Unresolvable {
                 host: host.to_owned(),
                 reason: e.to_string(),
             })?
+            .into_iter()
+            .map(|ip| SocketAddr::new(ip, 0))
             .collect();
         if addrs.is_empty() {
             return Err(Refusal::Unresolvable {
@@ -468,29 +697,254 @@ mod tests {
         }
     }
 
+    /// Fixed answers: `host -> addresses`; any other name does not exist.
+    #[derive(Debug)]
+    struct FixedLookup(Vec<(String, Vec<IpAddr>)>);
+
+    impl Lookup for FixedLookup {
+        fn lookup(&self, host: &str) -> LookupFuture {
+            let found = self
+                .0
+                .iter()
+                .find(|(h, _)| h == host)
+                .map(|(_, a)| a.clone());
+            let host = host.to_owned();
+            Box::pin(async move {
+                found.ok_or_else(|| {
+                    std::io::Error::new(std::io::ErrorKind::NotFound, format!("{host}: NXDOMAIN"))
+                })
+            })
+        }
+    }
+
+    fn no_own_addresses() -> Vec<IpAddr> {
+        Vec::new()
+    }
+
+    /// A guard with no machine addresses of its own and `answers` for DNS.
+    fn guard_resolving(answers: &[(&str, &[&str])]) -> SsrfGuard {
+        let answers = answers
+            .iter()
+            .map(|(h, a)| (h.to_string(), a.iter().map(|a| ip(a)).collect()))
+            .collect();
+        SsrfGuard::default()
+            .with_own_addresses(no_own_addresses)
+            .with_lookup(Arc::new(FixedLookup(answers)))
+    }
+
+    /// Every special-purpose range the guard claims, by an address inside it, in every form a
+    /// host name may resolve to: a name per row, resolved through the injected resolver.
     #[tokio::test]
-    async fn hostnames_are_judged_by_what_they_resolve_to() {
-        let guard = SsrfGuard::default();
-        let refused = guard.resolve_checked("localhost").await.unwrap_err();
-        assert!(
-            matches!(
-                refused,
-                Refusal::Blocked {
-                    range: "loopback",
-                    ..
+    async fn every_special_purpose_range_is_refused_through_the_resolver() {
+        let rows: &[(&str, &str)] = &[
+            ("0.1.2.3", "unspecified"),
+            ("10.20.30.40", "private (RFC 1918)"),
+            ("100.64.0.1", "carrier-grade NAT"),
+            ("127.0.0.2", "loopback"),
+            ("169.254.169.254", "link-local"),
+            ("172.16.0.1", "private (RFC 1918)"),
+            ("192.0.0.8", "IETF protocol assignment"),
+            ("192.0.2.1", "documentation"),
+            ("192.168.0.1", "private (RFC 1918)"),
+            ("198.18.0.1", "benchmarking"),
+            ("198.19.255.254", "benchmarking"),
+            ("198.51.100.7", "documentation"),
+            ("203.0.113.9", "documentation"),
+            ("224.0.0.251", "multicast"),
+            ("240.0.0.1", "reserved"),
+            ("255.255.255.254", "reserved"),
+            ("255.255.255.255", "broadcast"),
+            ("::", "unspecified"),
+            ("::1", "loopback"),
+            ("100::1", "discard-only"),
+            ("100::ffff:ffff:ffff:ffff", "discard-only"),
+            ("2001:db8::1", "documentation"),
+            ("2001:db8:ffff::1", "documentation"),
+            ("fc00::1", "unique local"),
+            ("fdff::1", "unique local"),
+            ("fe80::1", "link-local"),
+            ("fec0::1", "site-local"),
+            ("ff02::1", "multicast"),
+            // Embedded IPv4, judged as the IPv4 address.
+            ("::ffff:10.0.0.1", "private (RFC 1918)"),
+            ("::ffff:0:10.0.0.1", "private (RFC 1918)"),
+            ("::ffff:0:127.0.0.1", "loopback"),
+            ("::169.254.0.1", "link-local"),
+            ("64:ff9b::192.168.1.1", "private (RFC 1918)"),
+            ("64:ff9b:1::10.0.0.1", "private (RFC 1918)"),
+            ("64:ff9b:1::127.0.0.1", "loopback"),
+            // The /48 layout of RFC 6052: 169.254 in bits 48-63, 169.254 in bits 72-87.
+            ("64:ff9b:1:a9fe:a9:fe00::", "link-local"),
+            ("2002:c0a8:0101::1", "private (RFC 1918)"),
+        ];
+        let names: Vec<(String, Vec<IpAddr>)> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, (addr, _))| (format!("host{i}.test"), vec![ip(addr)]))
+            .collect();
+        let guard = SsrfGuard::default()
+            .with_own_addresses(no_own_addresses)
+            .with_lookup(Arc::new(FixedLookup(names)));
+        for (i, (addr, range)) in rows.iter().enumerate() {
+            let host = format!("host{i}.test");
+            match guard.resolve_checked(&host).await {
+                Err(Refusal::Blocked {
+                    range: r, ip: got, ..
+                }) => {
+                    assert!(r.contains(range), "{addr}: expected {range}, got {r}");
+                    assert_eq!(got, ip(addr));
                 }
-            ),
-            "{refused:?}"
-        );
+                other => panic!("{addr} should be refused as {range}, got {other:?}"),
+            }
+        }
+        // Each table entry's first and last address, so a range cannot be only parsed.
+        for (cidr, name) in V4_BLOCKED.iter().chain(V6_BLOCKED) {
+            let c: Cidr = cidr.parse().unwrap();
+            let (first, last) = match c.network {
+                IpAddr::V4(n) => {
+                    let host_bits = 32 - u32::from(c.prefix);
+                    let last = u32::from(n) | ((1u64 << host_bits) - 1) as u32;
+                    (IpAddr::V4(n), IpAddr::V4(Ipv4Addr::from(last)))
+                }
+                IpAddr::V6(n) => {
+                    let host_bits = 128 - u32::from(c.prefix);
+                    let mask = if host_bits == 128 {
+                        u128::MAX
+                    } else {
+                        (1u128 << host_bits) - 1
+                    };
+                    (
+                        IpAddr::V6(n),
+                        IpAddr::V6(Ipv6Addr::from(u128::from(n) | mask)),
+                    )
+                }
+            };
+            assert_eq!(
+                blocked_range(first),
+                Some(*name),
+                "{first} (first of {cidr})"
+            );
+            assert!(
+                blocked_range(last).is_some(),
+                "{last} (last of {cidr}, {name}) is not refused"
+            );
+        }
+    }
 
-        let open = SsrfGuard::new(&["127.0.0.0/8", "::1/128"]).unwrap();
-        let addrs = open.resolve_checked("localhost").await.unwrap();
-        assert!(addrs.iter().all(|a| a.ip().is_loopback()), "{addrs:?}");
+    /// Before RFC 8215 and SIIT forms were handled, both of these passed as public addresses.
+    #[test]
+    fn local_use_nat64_and_translated_forms_are_judged_as_ipv4() {
+        let guard = SsrfGuard::default().with_own_addresses(no_own_addresses);
+        for addr in ["64:ff9b:1::a00:1", "::ffff:0:a00:1", "64:ff9b:1::7f00:1"] {
+            assert!(
+                matches!(guard.check_ip("h", ip(addr)), Err(Refusal::Blocked { .. })),
+                "{addr}"
+            );
+        }
+        assert_eq!(guard.check_ip("h", ip("64:ff9b:1::808:808")), Ok(()));
+        assert_eq!(guard.check_ip("h", ip("::ffff:0:8.8.8.8")), Ok(()));
+        assert_eq!(canonical(ip("::ffff:0:10.1.2.3")), ip("10.1.2.3"));
+        // An allowlisted network opens its embedded forms too.
+        let open = SsrfGuard::new(&["10.0.0.0/8"])
+            .unwrap()
+            .with_own_addresses(no_own_addresses);
+        assert_eq!(open.check_ip("h", ip("64:ff9b:1::10.0.0.1")), Ok(()));
+    }
 
+    #[tokio::test]
+    async fn a_name_is_refused_if_any_address_is_blocked_and_unknown_names_are_transient() {
+        let guard = guard_resolving(&[
+            ("mixed.test", &["8.8.8.8", "10.0.0.1"]),
+            ("public.test", &["8.8.8.8", "2606:4700:4700::1111"]),
+            ("local.test", &["127.0.0.1", "::1"]),
+        ]);
+        assert!(matches!(
+            guard.resolve_checked("mixed.test").await,
+            Err(Refusal::Blocked {
+                range: "private (RFC 1918)",
+                ..
+            })
+        ));
+        let addrs = guard.resolve_checked("public.test").await.unwrap();
+        assert_eq!(addrs.len(), 2);
         let unknown = guard
             .resolve_checked("no-such-host.invalid")
             .await
             .unwrap_err();
         assert!(unknown.is_transient(), "{unknown:?}");
+        assert_eq!(unknown.rule(), "unresolvable");
+
+        let open = SsrfGuard::new(&["127.0.0.0/8", "::1/128"])
+            .unwrap()
+            .with_own_addresses(no_own_addresses)
+            .with_lookup(guard.lookup.clone());
+        let addrs = open.resolve_checked("local.test").await.unwrap();
+        assert!(addrs.iter().all(|a| a.ip().is_loopback()), "{addrs:?}");
+    }
+
+    #[test]
+    fn ports_below_1024_need_the_allowed_list() {
+        let guard = SsrfGuard::default().with_own_addresses(no_own_addresses);
+        for url in [
+            "http://8.8.8.8/hook",
+            "https://8.8.8.8/hook",
+            "http://example.com:80/",
+            "https://example.com:443/",
+            "http://example.com:1024/",
+            "http://example.com:8443/",
+        ] {
+            assert!(guard.check_url(url).is_ok(), "{url}");
+        }
+        for (url, port) in [
+            ("http://example.com:22/", 22),
+            ("https://example.com:25/", 25),
+            ("http://8.8.8.8:1023/", 1023),
+            ("http://example.com:0/", 0),
+        ] {
+            let refused = guard.check_url(url).unwrap_err();
+            assert_eq!(refused.rule(), "port", "{url}");
+            assert!(
+                refused
+                    .to_string()
+                    .contains(&format!("port {port} is below 1024")),
+                "{refused}"
+            );
+        }
+        let ssh = guard.clone().with_allowed_ports(&[22, 80, 443]);
+        assert!(ssh.check_url("http://example.com:22/").is_ok());
+        let none = guard.with_allowed_ports(&[]);
+        assert!(none.check_url("http://example.com/").is_err());
+        assert!(none.check_url("http://example.com:8080/").is_ok());
+    }
+
+    #[test]
+    fn this_machines_own_addresses_are_refused() {
+        fn own() -> Vec<IpAddr> {
+            vec![ip("8.8.4.4"), ip("2606:4700::6810:85e5")]
+        }
+        let guard = SsrfGuard::default().with_own_addresses(own);
+        for addr in ["8.8.4.4", "::ffff:8.8.4.4", "2606:4700::6810:85e5"] {
+            let refused = guard.check_ip("h", ip(addr)).unwrap_err();
+            assert_eq!(refused.rule(), "own_address", "{addr}");
+            assert!(refused.to_string().contains("own address"), "{refused}");
+        }
+        assert_eq!(guard.check_ip("h", ip("8.8.8.8")), Ok(()));
+        assert!(matches!(
+            guard.check_url("http://8.8.4.4:8080/hook"),
+            Err(Refusal::OwnAddress { .. })
+        ));
+        // The real enumeration works here and leaves loopback to the loopback rule.
+        assert!(interface_addresses().iter().all(|a| !a.is_loopback()));
+    }
+
+    #[test]
+    fn refusals_name_their_rule_in_plain_words() {
+        let guard = SsrfGuard::default().with_own_addresses(no_own_addresses);
+        let text = guard.check_ip("h", ip("0.0.0.0")).unwrap_err().to_string();
+        assert_eq!(
+            text,
+            "blocked by the SSRF guard (rule: special-purpose address): h is 0.0.0.0, in the unspecified (\"this network\") range"
+        );
+        assert!(!text.contains("a unspecified"));
     }
 }

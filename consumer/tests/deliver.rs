@@ -148,7 +148,7 @@ fn config_default() -> DeliverConfig {
         timeout: Duration::from_secs(5),
         instance_url: INSTANCE.into(),
         allow_cidrs: vec!["127.0.0.0/8".into()],
-        ssrf_guard: true,
+        ..DeliverConfig::default()
     }
 }
 
@@ -617,4 +617,25 @@ async fn userinfo_in_the_url_becomes_basic_auth() {
     );
     assert_eq!(got.header("authorization"), Some(expected.as_str()));
     assert!(!got.header("host").unwrap().contains('@'));
+}
+
+/// Before the port rule, a hook could reach any local service port the allowlist opened.
+#[tokio::test]
+async fn a_port_below_1024_outside_the_allowed_list_is_refused_naming_the_rule() {
+    let deliverer = deliverer();
+    for port in [22, 25, 1023] {
+        let outcome = attempt(
+            &deliverer,
+            &hook(&format!("http://127.0.0.1:{port}/hook")),
+            Uuid::new_v4(),
+            1,
+        )
+        .await;
+        assert_final_blocked(&outcome);
+        let AttemptOutcome::Final { reason, .. } = outcome else {
+            unreachable!()
+        };
+        assert!(reason.contains("rule: port"), "{reason}");
+        assert!(reason.contains(&format!("port {port}")), "{reason}");
+    }
 }

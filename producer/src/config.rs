@@ -43,6 +43,11 @@ pub struct KafkaOptions {
     /// schemas/avro/manifest.json).
     #[arg(long, env = "HOOKLINE_SCHEMA_REGISTRY_URL")]
     pub schema_registry_url: Option<String>,
+    /// Largest encoded event in bytes; larger ones are refused with 413 before producing. Also
+    /// sets librdkafka's `message.max.bytes` (plus a record's framing), and is checked at
+    /// startup against the topic's `max.message.bytes`.
+    #[arg(long, env = "HOOKLINE_MAX_EVENT_BYTES", default_value_t = crate::emit::DEFAULT_MAX_EVENT_BYTES)]
+    pub max_event_bytes: usize,
 }
 
 impl KafkaOptions {
@@ -55,7 +60,30 @@ impl KafkaOptions {
             create_topic_partitions: self.create_topic_partitions,
             delivery_timeout: self.delivery_timeout,
             schema_registry_url: self.schema_registry_url.clone(),
+            max_event_bytes: self.max_event_bytes,
+            // `serve` adds the PostgreSQL store once it is connected.
+            event_ids: None,
         }
+    }
+
+    /// The size bound is one setting: `--max-event-bytes`, not a free-form Kafka option.
+    pub fn validate(&self) -> Result<(), ProducerError> {
+        if self.max_event_bytes < 1000 {
+            return Err(ProducerError::Invalid(
+                "--max-event-bytes must be at least 1000 (librdkafka's smallest message.max.bytes)"
+                    .into(),
+            ));
+        }
+        if let Some((key, _)) = self
+            .kafka_options
+            .iter()
+            .find(|(k, _)| k == "message.max.bytes")
+        {
+            return Err(ProducerError::Invalid(format!(
+                "--kafka-option {key}=... is set by --max-event-bytes; use that instead"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -119,6 +147,35 @@ pub struct ServeConfig {
     /// Address the HTTP API, /metrics, /healthz and /readyz listen on.
     #[arg(long, env = "HOOKLINE_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// File of bearer tokens the API accepts, one per line (blank lines and `#` comments
+    /// ignored); several allow rotation. Required unless --no-auth.
+    #[arg(long, env = "HOOKLINE_API_TOKEN_FILE")]
+    pub api_token_file: Option<PathBuf>,
+    /// Serve the API without authentication; refused unless --listen is a loopback address.
+    #[arg(long, env = "HOOKLINE_NO_AUTH")]
+    pub no_auth: bool,
+    /// Serve /metrics without a token (for a scraper that cannot send one); otherwise /metrics
+    /// takes the same bearer token as the API.
+    #[arg(long, env = "HOOKLINE_METRICS_PUBLIC")]
+    pub metrics_public: bool,
+    /// How long a client may take to send a request's headers, including the wait for the next
+    /// request on a kept-alive connection's first byte; then the connection is closed.
+    #[arg(long, env = "HOOKLINE_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+    /// How long a client may take to send a whole request body; then 408 and the connection
+    /// is closed.
+    #[arg(long, env = "HOOKLINE_BODY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub body_timeout: Duration,
+    /// How long a kept-alive connection may stay idle between requests before it is closed.
+    #[arg(long, env = "HOOKLINE_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// Most client connections served at once; further ones wait in the listen backlog.
+    #[arg(long, env = "HOOKLINE_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// How long event ids are remembered with a digest of their transition: within it, a
+    /// retry gets its first answer and a reuse for another transition gets 409 (e.g. 7d).
+    #[arg(long, env = "HOOKLINE_EVENT_ID_RETENTION", default_value = "7d", value_parser = parse_duration)]
+    pub event_id_retention: Duration,
     /// Largest accepted request body in bytes; larger bodies get 413.
     #[arg(long, env = "HOOKLINE_BODY_LIMIT", default_value_t = 1024 * 1024)]
     pub body_limit: usize,
@@ -140,9 +197,40 @@ pub struct ServeConfig {
 impl ServeConfig {
     /// Cross-checks the options before anything starts.
     pub fn validate(&self) -> Result<(), ProducerError> {
+        self.kafka.validate()?;
+        if self.api_token_file.is_some() && self.no_auth {
+            return Err(ProducerError::Invalid(
+                "--api-token-file and --no-auth contradict each other: choose one".into(),
+            ));
+        }
+        if self.api_token_file.is_none() && !self.no_auth {
+            return Err(ProducerError::Invalid(
+                "the API needs bearer tokens: set --api-token-file (HOOKLINE_API_TOKEN_FILE), or --no-auth when listening on loopback".into(),
+            ));
+        }
+        if self.no_auth && !self.listen.ip().is_loopback() {
+            return Err(ProducerError::Invalid(format!(
+                "--no-auth is allowed only on a loopback address, not {}: anyone who can reach the port could inject transitions",
+                self.listen
+            )));
+        }
+        if self.header_timeout.is_zero()
+            || self.body_timeout.is_zero()
+            || self.idle_timeout.is_zero()
+            || self.max_connections == 0
+        {
+            return Err(ProducerError::Invalid(
+                "--header-timeout, --body-timeout, --idle-timeout and --max-connections must be above 0".into(),
+            ));
+        }
         if self.body_limit == 0 || self.batch_limit == 0 {
             return Err(ProducerError::Invalid(
                 "--body-limit and --batch-limit must be above 0".into(),
+            ));
+        }
+        if self.event_id_retention.is_zero() {
+            return Err(ProducerError::Invalid(
+                "--event-id-retention must be above 0: retries and reused ids are told apart within it".into(),
             ));
         }
         if self.flags_reload_interval.is_zero() {
@@ -169,13 +257,18 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let (number, unit) = s.split_at(split);
     let value: f64 = number
         .parse()
-        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 5s, 250ms, 2m, 1h"))?;
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 5s, 250ms, 2m, 1h, 7d"))?;
     let seconds = match unit {
         "" | "s" => value,
         "ms" => value / 1000.0,
         "m" => value * 60.0,
         "h" => value * 3600.0,
-        _ => return Err(format!("invalid duration unit in {s:?}: use ms, s, m or h")),
+        "d" => value * 86400.0,
+        _ => {
+            return Err(format!(
+                "invalid duration unit in {s:?}: use ms, s, m, h or d"
+            ));
+        }
     };
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("invalid duration {s:?}: {e}"))
 }

@@ -1,8 +1,16 @@
 //! The [`Emitter`]: one transition in, one acknowledged `BuildEvent` out.
 //!
 //! ```text
-//! TransitionRequest -> snapshot (store) -> user blocked? -> flag on for project? -> render inline? -> encode -> produce -> ack
+//! TransitionRequest -> event id known? (same transition: first answer; other: conflict)
+//!     -> snapshot (store) -> user blocked? -> within bounds? -> flag on for project?
+//!     -> render inline? -> encode -> within --max-event-bytes? -> produce -> ack
 //! ```
+//!
+//! Size: the CI state's free text is bounded ([`crate::bounds`]), so a rendered payload has a
+//! known worst case; the encoded event is measured against `max_event_bytes` before it is
+//! produced, and the same number (plus a record's framing) is librdkafka's `message.max.bytes`,
+//! so an event is refused here, with a reason, before Kafka ever sees it. [`Emitter::check_topic_limit`]
+//! checks at startup that the topic's `max.message.bytes` takes what librdkafka may send.
 //!
 //! Builds of blocked users send no hooks (as in GitLab): the emitter knows the snapshot for every
 //! transition, inline or deferred, so it decides here and emits nothing for them
@@ -28,17 +36,28 @@ use hookline_schemas::{
     BuildEvent, BuildStatus, Codec, PayloadTiming, SchemaVersion, TransitionFacts,
 };
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use uuid::Uuid;
 
+use crate::bounds;
 use crate::error::{EmitError, ProducerError, SkipReason};
+use crate::event_ids::{self, EventIds, Recorded};
 use crate::flags::{Flags, INLINE_FLAG};
 use crate::metrics::ProducerMetrics;
 use crate::render;
+
+/// The default `max_event_bytes`: librdkafka's default `message.max.bytes`.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 1_000_000;
+
+/// What a record adds around the encoded event when librdkafka sizes a request: the key (a
+/// build id, at most 20 digits), the record's and the batch's framing. librdkafka's
+/// `message.max.bytes` is the event bound plus this, so an event within the bound is never
+/// refused by librdkafka for its size.
+pub const RECORD_OVERHEAD: usize = 512;
 
 /// How the emitter reaches Kafka.
 #[derive(Debug, Clone)]
@@ -58,6 +77,11 @@ pub struct EmitterConfig {
     /// Base URL of a Confluent-compatible schema registry, where the writer schema is registered
     /// at startup. `None`: the embedded registry (ids fixed in `schemas/avro/manifest.json`).
     pub schema_registry_url: Option<String>,
+    /// Largest encoded event; larger ones are refused before producing. librdkafka's
+    /// `message.max.bytes` is this plus [`RECORD_OVERHEAD`].
+    pub max_event_bytes: usize,
+    /// Where the ids of recent events are kept; `None` checks no id for reuse.
+    pub event_ids: Option<Arc<dyn EventIds>>,
 }
 
 impl EmitterConfig {
@@ -70,7 +94,14 @@ impl EmitterConfig {
             create_topic_partitions: None,
             delivery_timeout: Duration::from_secs(10),
             schema_registry_url: None,
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+            event_ids: None,
         }
+    }
+
+    /// librdkafka's `message.max.bytes` for this configuration.
+    pub fn message_max_bytes(&self) -> usize {
+        self.max_event_bytes + RECORD_OVERHEAD
     }
 
     fn client_config(&self) -> ClientConfig {
@@ -98,6 +129,9 @@ impl EmitterConfig {
         for (key, value) in &self.kafka {
             client.set(key, value);
         }
+        // After the free-form options: the size bound is one setting, --max-event-bytes
+        // (`validate` refuses `message.max.bytes` among the options).
+        client.set("message.max.bytes", self.message_max_bytes().to_string());
         client
     }
 }
@@ -162,6 +196,16 @@ impl TransitionRequest {
             event_id: None,
         }
     }
+
+    /// The digest an event id is recorded with: what the caller sent, before defaults.
+    pub fn digest(&self) -> [u8; 32] {
+        event_ids::digest(
+            self.build_id,
+            self.status,
+            self.occurred_at,
+            self.facts.as_ref(),
+        )
+    }
 }
 
 /// An event Kafka acknowledged.
@@ -175,6 +219,9 @@ pub struct Emitted {
     pub render_time: Option<Duration>,
     /// Size of the embedded payload (0 for deferred events).
     pub payload_bytes: usize,
+    /// The event id was known with the same transition: this is its first emission, and
+    /// nothing new was emitted.
+    pub repeated: bool,
 }
 
 /// Emits transitions to Kafka. Cheap to clone; clones share one producer.
@@ -191,6 +238,10 @@ struct Inner {
     flags: Flags,
     metrics: Arc<ProducerMetrics>,
     delivery_timeout: Duration,
+    max_event_bytes: usize,
+    event_ids: Option<Arc<dyn EventIds>>,
+    /// Kept for the admin client of [`Emitter::check_topic_limit`].
+    config: EmitterConfig,
 }
 
 impl fmt::Debug for Emitter {
@@ -225,12 +276,15 @@ impl Emitter {
         Ok(Self {
             inner: Arc::new(Inner {
                 producer,
-                topic: config.topic,
+                topic: config.topic.clone(),
                 codec,
                 store,
                 flags,
                 metrics,
                 delivery_timeout: config.delivery_timeout,
+                max_event_bytes: config.max_event_bytes,
+                event_ids: config.event_ids.clone(),
+                config,
             }),
         })
     }
@@ -252,9 +306,16 @@ impl Emitter {
     }
 
     /// Evaluates the flag for the build's project, renders inline if it is on, produces, and
-    /// returns once Kafka acknowledged the event.
+    /// returns once Kafka acknowledged the event. With an event id store, a known `event_id`
+    /// is answered from it: the first emission for the same transition, a conflict otherwise.
     pub async fn emit(&self, request: TransitionRequest) -> Result<Emitted, EmitError> {
         let arrived = Instant::now();
+        let digest = request.digest();
+        if let Some(id) = request.event_id
+            && let Some(known) = self.known_ids(&[id]).await?.remove(&id)
+        {
+            return self.repeated(&known, digest);
+        }
         let snapshot = match self.inner.store.snapshot(request.build_id).await {
             Ok(Some(snapshot)) => snapshot,
             Ok(None) => return Err(self.failed(EmitError::UnknownBuild(request.build_id))),
@@ -262,7 +323,41 @@ impl Emitter {
                 return Err(self.failed(EmitError::Unavailable(format!("CI state store: {e}"))));
             }
         };
-        self.emit_with(&snapshot, request, arrived).await
+        let emitted = self.emit_with(&snapshot, request, arrived).await?;
+        self.record_ids(&[Recorded::new(&emitted, digest)]).await;
+        Ok(emitted)
+    }
+
+    /// The records of the ids that are known (none without an event id store).
+    async fn known_ids(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, Recorded>, EmitError> {
+        match &self.inner.event_ids {
+            Some(store) if !ids.is_empty() => store
+                .lookup(ids)
+                .await
+                .map_err(|e| self.failed(EmitError::Unavailable(e))),
+            _ => Ok(HashMap::new()),
+        }
+    }
+
+    /// The answer to a request whose event id is known.
+    fn repeated(&self, known: &Recorded, digest: [u8; 32]) -> Result<Emitted, EmitError> {
+        if known.digest == digest {
+            tracing::debug!(event_id = %known.event_id, "event id known with the same transition: answered from its first emission");
+            Ok(known.as_emitted())
+        } else {
+            Err(self.failed(EmitError::Conflict(known.event_id)))
+        }
+    }
+
+    /// Records emitted ids. A failure is logged, not returned: the events are acknowledged, and
+    /// a client retrying them would only emit them again (as before ids were recorded).
+    async fn record_ids(&self, records: &[Recorded]) {
+        if let Some(store) = &self.inner.event_ids
+            && !records.is_empty()
+            && let Err(error) = store.record(records).await
+        {
+            tracing::warn!(%error, events = records.len(), "emitted event ids not recorded; a reuse of them is not detected");
+        }
     }
 
     /// Emits many transitions, loading their snapshots in one query. Results are in request
@@ -272,7 +367,77 @@ impl Emitter {
         requests: Vec<TransitionRequest>,
     ) -> Vec<Result<Emitted, EmitError>> {
         let arrived = Instant::now();
-        let mut ids: Vec<i64> = requests.iter().map(|r| r.build_id).collect();
+        let digests: Vec<[u8; 32]> = requests.iter().map(TransitionRequest::digest).collect();
+        let named: Vec<Uuid> = requests.iter().filter_map(|r| r.event_id).collect();
+        let mut known = match self.known_ids(&named).await {
+            Ok(known) => known,
+            Err(error) => {
+                let reason = match error {
+                    EmitError::Unavailable(reason) => reason,
+                    other => other.to_string(),
+                };
+                return requests
+                    .iter()
+                    .map(|_| Err(EmitError::Unavailable(reason.clone())))
+                    .collect();
+            }
+        };
+        // An id named twice in one batch: the first item defines it, as if it came first.
+        let mut decided: Vec<Option<Result<Emitted, EmitError>>> = Vec::new();
+        for (request, digest) in requests.iter().zip(&digests) {
+            let answer = match request.event_id {
+                Some(id) => match known.get(&id) {
+                    Some(record) => Some(self.repeated(record, *digest)),
+                    None => {
+                        known.insert(
+                            id,
+                            Recorded {
+                                event_id: id,
+                                digest: *digest,
+                                partition: -1,
+                                offset: -1,
+                                timing: PayloadTiming::Deferred,
+                                payload_bytes: 0,
+                            },
+                        );
+                        None
+                    }
+                },
+                None => None,
+            };
+            decided.push(match answer {
+                // Same id and content as an earlier item of this batch: emit it again, as the
+                // earlier one has no partition and offset yet; the content is the same.
+                Some(Ok(first)) if first.partition < 0 => None,
+                other => other,
+            });
+        }
+        let results = self.emit_undecided(requests, decided, arrived).await;
+        let records: Vec<Recorded> = results
+            .iter()
+            .zip(&digests)
+            .filter_map(|(result, digest)| match result {
+                Ok(emitted) if !emitted.repeated => Some(Recorded::new(emitted, *digest)),
+                _ => None,
+            })
+            .collect();
+        self.record_ids(&records).await;
+        results
+    }
+
+    /// Emits the requests whose answer is not `decided` yet, in request order.
+    async fn emit_undecided(
+        &self,
+        requests: Vec<TransitionRequest>,
+        decided: Vec<Option<Result<Emitted, EmitError>>>,
+        arrived: Instant,
+    ) -> Vec<Result<Emitted, EmitError>> {
+        let mut ids: Vec<i64> = requests
+            .iter()
+            .zip(&decided)
+            .filter(|(_, d)| d.is_none())
+            .map(|(r, _)| r.build_id)
+            .collect();
         ids.sort_unstable();
         ids.dedup();
         let snapshots: HashMap<i64, RenderSnapshot> = match self.inner.store.snapshots(&ids).await {
@@ -287,9 +452,12 @@ impl Emitter {
         };
         // join_all polls in order, and each future enqueues to librdkafka on its first poll
         // (nothing is awaited before the send), so the enqueue order is the request order.
-        futures::future::join_all(requests.into_iter().map(|request| {
+        futures::future::join_all(requests.into_iter().zip(decided).map(|(request, decided)| {
             let snapshot = snapshots.get(&request.build_id);
             async move {
+                if let Some(answer) = decided {
+                    return answer;
+                }
                 match snapshot {
                     Some(snapshot) => self.emit_with(snapshot, request, arrived).await,
                     None => Err(self.failed(EmitError::UnknownBuild(request.build_id))),
@@ -370,6 +538,9 @@ impl Emitter {
                 reason,
             });
         }
+        if let Err(over) = bounds::check(snapshot) {
+            return Err(self.failed(EmitError::TooLarge(over.to_string())));
+        }
         let (event, render_time) = self.prepare(snapshot, request);
         let bytes = self.inner.codec.encode(&event).map_err(|e| {
             self.failed(EmitError::Rejected(format!(
@@ -377,6 +548,14 @@ impl Emitter {
                 event.event_id
             )))
         })?;
+        if bytes.len() > self.inner.max_event_bytes {
+            let payload = event.payload.as_ref().map_or(0, Vec::len);
+            return Err(self.failed(EmitError::TooLarge(format!(
+                "the encoded event is {} bytes (its inline Job Hook {payload} bytes), over the maximum of {} (--max-event-bytes)",
+                bytes.len(),
+                self.inner.max_event_bytes
+            ))));
+        }
         let key = event.build_id.to_string();
         let record = FutureRecord::to(&self.inner.topic)
             .key(&key)
@@ -407,6 +586,7 @@ impl Emitter {
                     offset: delivery.offset,
                     render_time,
                     payload_bytes: event.payload.as_ref().map_or(0, Vec::len),
+                    repeated: false,
                 })
             }
             Err((error, _)) => {
@@ -446,6 +626,61 @@ impl Emitter {
         }
     }
 
+    /// Checks that the topic takes the largest record librdkafka may send (`message.max.bytes`):
+    /// an error naming both numbers when its `max.message.bytes` is lower. A cluster that does
+    /// not answer the question (no admin API, no permission, topic not created yet) gets a
+    /// warning: producing then shows what the broker takes.
+    pub async fn check_topic_limit(&self) -> Result<(), ProducerError> {
+        let config = &self.inner.config;
+        let admin: AdminClient<DefaultClientContext> = match config.client_config().create() {
+            Ok(admin) => admin,
+            Err(error) => {
+                tracing::warn!(%error, "cannot create an admin client; topic size limit not checked");
+                return Ok(());
+            }
+        };
+        let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+        let topic = ResourceSpecifier::Topic(&config.topic);
+        let answer = tokio::time::timeout(
+            Duration::from_secs(15),
+            admin.describe_configs([&topic], &options),
+        )
+        .await;
+        let limit = match answer {
+            Ok(Ok(results)) => results.into_iter().find_map(|result| {
+                let resource = result.ok()?;
+                resource
+                    .get("max.message.bytes")
+                    .and_then(|entry| entry.value.as_deref()?.parse::<usize>().ok())
+            }),
+            Ok(Err(error)) => {
+                tracing::warn!(topic = %config.topic, %error, "topic size limit not checked");
+                return Ok(());
+            }
+            Err(_) => {
+                tracing::warn!(topic = %config.topic, "describing the topic timed out; size limit not checked");
+                return Ok(());
+            }
+        };
+        let needed = config.message_max_bytes();
+        match limit {
+            Some(limit) if limit < needed => Err(ProducerError::Invalid(format!(
+                "topic {} takes records of at most {limit} bytes (max.message.bytes), but --max-event-bytes {} allows records of {needed} bytes: lower --max-event-bytes to {} or raise the topic's max.message.bytes",
+                config.topic,
+                config.max_event_bytes,
+                limit.saturating_sub(RECORD_OVERHEAD)
+            ))),
+            Some(limit) => {
+                tracing::info!(topic = %config.topic, max_message_bytes = limit, max_event_bytes = config.max_event_bytes, "topic takes the largest event");
+                Ok(())
+            }
+            None => {
+                tracing::warn!(topic = %config.topic, "topic's max.message.bytes unknown; size limit not checked");
+                Ok(())
+            }
+        }
+    }
+
     /// Waits up to `timeout` for every enqueued event to be acknowledged (or fail).
     pub async fn flush(&self, timeout: Duration) -> Result<(), ProducerError> {
         let producer = self.inner.producer.clone();
@@ -477,21 +712,20 @@ fn pin_precision(facts: TransitionFacts) -> TransitionFacts {
     }
 }
 
-/// Errors that retrying cannot fix are `Rejected`; everything else may pass later.
-fn classify(error: &KafkaError) -> EmitError {
-    let permanent = matches!(
-        error.rdkafka_error_code(),
+/// Kafka's refusal of one event: too large (`TooLarge`), refused for good (`Refused`), or
+/// anything else, which may pass later (`Unavailable`). Never an internal error: the event was
+/// fine as far as hookline knows, and the caller needs to know whether to retry.
+pub(crate) fn classify(error: &KafkaError) -> EmitError {
+    match error.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize) => {
+            EmitError::TooLarge(format!("kafka refused the event for its size: {error}"))
+        }
         Some(
-            RDKafkaErrorCode::MessageSizeTooLarge
-                | RDKafkaErrorCode::InvalidMessageSize
-                | RDKafkaErrorCode::InvalidRecord
-                | RDKafkaErrorCode::InvalidArgument
-        )
-    );
-    if permanent {
-        EmitError::Rejected(format!("kafka refused the event: {error}"))
-    } else {
-        EmitError::Unavailable(format!("kafka: {error}"))
+            RDKafkaErrorCode::InvalidRecord
+            | RDKafkaErrorCode::InvalidArgument
+            | RDKafkaErrorCode::InvalidMessage,
+        ) => EmitError::Refused(format!("kafka refused the event: {error}")),
+        _ => EmitError::Unavailable(format!("kafka: {error}")),
     }
 }
 

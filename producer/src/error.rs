@@ -60,9 +60,19 @@ pub enum EmitError {
     /// Kafka or the store did not answer in time: retry later (HTTP 503 with Retry-After).
     #[error("unavailable: {0}")]
     Unavailable(String),
-    /// Retrying cannot help (the event cannot be encoded, or Kafka refuses it for good).
+    /// The event cannot be encoded: a bug, not the caller's fault (HTTP 500).
     #[error("cannot emit: {0}")]
     Rejected(String),
+    /// The event is larger than `--max-event-bytes` (or Kafka says so), or a field of the CI
+    /// state it carries is over its bound: retrying the same transition cannot help (HTTP 413).
+    #[error("event too large: {0}")]
+    TooLarge(String),
+    /// The event id was used before for a different transition (HTTP 409 naming `event_id`).
+    #[error("event id {0} was used before for a different transition; send a new id")]
+    Conflict(uuid::Uuid),
+    /// Kafka refused this one event for good (HTTP 422 with the reason).
+    #[error("refused: {0}")]
+    Refused(String),
     /// Not a failure: this transition sends no hook by design, so nothing was emitted and there
     /// is nothing to retry (HTTP 200 with `skipped`). Counted in `events_skipped_total`, not in
     /// the produce errors.
@@ -101,6 +111,9 @@ impl EmitError {
             EmitError::UnknownBuild(_) => "unknown_build",
             EmitError::Unavailable(_) => "unavailable",
             EmitError::Rejected(_) => "rejected",
+            EmitError::TooLarge(_) => "too_large",
+            EmitError::Refused(_) => "refused",
+            EmitError::Conflict(_) => "conflict",
             EmitError::Skipped { .. } => "skipped",
         }
     }

@@ -4,19 +4,27 @@
 //! |---|---|
 //! | `POST /v1/transitions` | one transition (JSON object): `202` once Kafka acknowledged it |
 //! | `POST /v1/transitions/batch` | a JSON array of transitions: `202` when every one was acknowledged (or skipped) |
-//! | `GET /metrics` | Prometheus text |
-//! | `GET /healthz` | `200` while the process runs |
-//! | `GET /readyz` | `200` when Kafka and the store answer, else `503` |
+//! | `GET /metrics` | Prometheus text (bearer token unless `--metrics-public`) |
+//! | `GET /healthz` | `200` while the process runs (open) |
+//! | `GET /readyz` | `200` when Kafka and the store answer, else `503` (open) |
 //!
 //! A transition: `{"build_id": 42, "status": "running", "occurred_at": "2026-...Z",
 //! "event_id": "<uuid>", "facts": {"started_at", "finished_at", "duration", "queued_duration",
 //! "failure_reason"}}`; only `build_id` and `status` are required (`occurred_at` defaults to now,
-//! `facts` to the build row). Errors are JSON `{"error": "...", "field": "..."}`: `400` malformed
-//! JSON, `422` an invalid or unknown field (named), `413` a body over the limit, `404` an unknown
-//! build, `503` with `Retry-After` when Kafka or the store is unavailable. Nothing gets `202`
-//! unless Kafka acknowledged it. A batch that is not fully acknowledged answers with the status of
-//! its worst failure and a per-item `results` list; retry the items without `202` (with their
-//! `event_id`, so the retried events keep their identity).
+//! `facts` to the build row); `failure_reason` is one of GitLab's ([`crate::bounds`]).
+//!
+//! What is refused, in the order it is checked, as JSON `{"error": "...", "field": "..."}`:
+//! `401` (with `WWW-Authenticate: Bearer`) without an accepted bearer token; `415` unless
+//! `Content-Type: application/json`; `413` a body over `--body-limit`; `408` a body that did not
+//! arrive within `--body-timeout`; `400` bytes that are not JSON; `422` JSON of the wrong type or
+//! shape, a duplicate key, an unknown or invalid field (always named in `field`); `404` an
+//! unknown build; `413` an event over `--max-event-bytes` or a CI state field over its bound
+//! (named in `error`); `409` an `event_id` used before for a different transition; `422` an event
+//! Kafka refuses for good; `503` with `Retry-After` when Kafka or the store is unavailable.
+//! Nothing gets `202` unless Kafka acknowledged it, and nothing answers `500` but a bug. A batch
+//! that is not fully acknowledged answers with the status of its worst failure and a per-item
+//! `results` list; retry the items without `202` (with their `event_id`, so the retried events
+//! keep their identity).
 //!
 //! A transition that sends no hook by design (the build's user is blocked: GitLab sends no hooks
 //! for blocked users) is answered `200 {"skipped": "user_blocked", "build_id": .., "message": ..}`:
@@ -31,6 +39,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
@@ -43,11 +52,15 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::auth::{self, ApiTokens};
+use crate::bounds;
 use crate::config::ServeConfig;
-use crate::emit::{Emitted, Emitter, TransitionRequest};
+use crate::emit::{Emitted, Emitter, EmitterConfig, TransitionRequest};
 use crate::error::{EmitError, ProducerError, SkipReason};
+use crate::event_ids::{self, EventIds, PgEventIds};
 use crate::flags::Flags;
 use crate::metrics::ProducerMetrics;
+use crate::server::{self, ConnectionLimits};
 
 /// What the handlers share.
 #[derive(Debug, Clone)]
@@ -59,25 +72,56 @@ pub struct AppState {
     pub body_limit: usize,
     /// Most transitions in one batch.
     pub batch_limit: usize,
+    /// The bearer tokens the API takes; `None` serves it without authentication (`--no-auth`).
+    pub tokens: Option<Arc<ApiTokens>>,
+    /// Serve `/metrics` without a token.
+    pub metrics_public: bool,
+    /// Longest a request body may take to arrive (408 after it).
+    pub body_timeout: Duration,
+    /// Connection limit, header and idle timeouts.
+    pub connections: ConnectionLimits,
 }
 
 impl AppState {
+    /// Defaults as `serve` has them, without authentication (the caller sets `tokens`).
     pub fn new(emitter: Emitter) -> Self {
         Self {
             emitter,
             retry_after: Duration::from_secs(5),
             body_limit: 1024 * 1024,
             batch_limit: 1000,
+            tokens: None,
+            metrics_public: false,
+            body_timeout: Duration::from_secs(30),
+            connections: ConnectionLimits::default(),
         }
     }
 }
 
 /// The router, without a socket: tests drive it directly.
+///
+/// The transition routes check the token first (401), then the content type (415), then the
+/// body; `/metrics` checks the token unless `metrics_public`; `/healthz` and `/readyz` are open
+/// (they reveal nothing and orchestrators probe them without credentials).
 pub fn app(state: AppState) -> Router {
-    Router::new()
+    let api = Router::new()
         .route("/v1/transitions", post(transition))
         .route("/v1/transitions/batch", post(batch))
-        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn(auth::require_json))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ));
+    let mut metrics_route = Router::new().route("/metrics", get(metrics));
+    if !state.metrics_public {
+        metrics_route = metrics_route.route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ));
+    }
+    Router::new()
+        .merge(api)
+        .merge(metrics_route)
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .layer(DefaultBodyLimit::max(state.body_limit))
@@ -87,20 +131,55 @@ pub fn app(state: AppState) -> Router {
 /// Connects the stores and Kafka, listens, and serves until `shutdown` is cancelled.
 pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> Result<(), ProducerError> {
     config.validate()?;
+    // Before connecting to anything: a bad token file is an operator's error to fix first.
+    let tokens = match &config.api_token_file {
+        Some(path) => Some(Arc::new(ApiTokens::from_file(path)?)),
+        None => {
+            tracing::warn!(listen = %config.listen, "--no-auth: the API takes transitions from anyone who can reach this loopback address");
+            None
+        }
+    };
     let pg = config.store.pg_store().await?;
     let flag_store = config.store.flag_store(Some(&pg)).await?;
     let flags = Flags::load(flag_store, config.flags_reload_interval).await?;
     let metrics = Arc::new(ProducerMetrics::new());
+    let event_ids: Arc<dyn EventIds> = Arc::new(PgEventIds::new(pg.pool().clone()));
     let store: Arc<dyn CiStore> = Arc::new(pg);
-    let emitter = Emitter::new(config.kafka.emitter_config(), store, flags, metrics).await?;
+    let emitter_config = EmitterConfig {
+        event_ids: Some(event_ids.clone()),
+        ..config.kafka.emitter_config()
+    };
+    let emitter = Emitter::new(emitter_config, store, flags, metrics).await?;
+    tokio::spawn(event_ids::prune_periodically(
+        event_ids,
+        config.event_id_retention,
+        Duration::from_secs(3600),
+        shutdown.clone(),
+    ));
+    emitter.check_topic_limit().await?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| ProducerError::io(format!("listening on {}", config.listen), e))?;
+    if let Some(tokens) = &tokens {
+        tracing::info!(
+            tokens = tokens.len(),
+            metrics_public = config.metrics_public,
+            "API requires a bearer token"
+        );
+    }
     let state = AppState {
         emitter,
         retry_after: config.retry_after,
         body_limit: config.body_limit,
         batch_limit: config.batch_limit,
+        tokens,
+        metrics_public: config.metrics_public,
+        body_timeout: config.body_timeout,
+        connections: ConnectionLimits {
+            header_timeout: config.header_timeout,
+            idle_timeout: config.idle_timeout,
+            max_connections: config.max_connections,
+        },
     };
     run(listener, state, shutdown, config.shutdown_timeout).await
 }
@@ -118,11 +197,9 @@ pub async fn run(
     }
     let emitter = state.emitter.clone();
     let stop = shutdown.clone();
-    let mut server = tokio::spawn(async move {
-        axum::serve(listener, app(state))
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
-    });
+    let limits = state.connections;
+    let mut server =
+        tokio::spawn(async move { server::serve(listener, app(state), limits, stop).await });
     let finished = |joined: Result<std::io::Result<()>, tokio::task::JoinError>| match joined {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(ProducerError::io("serving HTTP", e)),
@@ -152,18 +229,32 @@ pub async fn run(
     Ok(())
 }
 
-/// A request error, as JSON with the right status.
+/// A request error, as JSON `{"error": .., "field": ..}` with the right status.
 #[derive(Debug)]
 pub enum ApiError {
-    /// The body is not JSON.
+    /// The body is not JSON (400).
     Malformed(String),
-    /// A field is missing, unknown or invalid.
+    /// A field is missing, unknown, duplicated, of the wrong type or invalid (422).
     Invalid {
         field: String,
         message: String,
     },
-    TooLarge,
+    /// Kafka refused the event for good (422, no field: the event as a whole).
+    Refused(String),
+    /// The body is over `--body-limit`, or the event over `--max-event-bytes` (413).
+    TooLarge(String),
     NotFound(String),
+    /// The event id was used before for a different transition (409).
+    Conflict {
+        field: String,
+        message: String,
+    },
+    /// No valid bearer token (401 with `WWW-Authenticate: Bearer`).
+    Unauthorized(String),
+    /// The body is not declared as `application/json` (415).
+    UnsupportedMediaType(String),
+    /// The body did not arrive within `--body-timeout` (408).
+    BodyTimeout(String),
     Unavailable {
         message: String,
         retry_after: Duration,
@@ -175,9 +266,13 @@ impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
             ApiError::Malformed(_) => StatusCode::BAD_REQUEST,
-            ApiError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Invalid { .. } | ApiError::Refused(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict { .. } => StatusCode::CONFLICT,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -190,6 +285,12 @@ impl ApiError {
                 message: error.to_string(),
                 retry_after,
             },
+            EmitError::TooLarge(_) => ApiError::TooLarge(error.to_string()),
+            EmitError::Refused(_) => ApiError::Refused(error.to_string()),
+            EmitError::Conflict(_) => ApiError::Conflict {
+                field: "event_id".into(),
+                message: error.to_string(),
+            },
             EmitError::Rejected(_) => ApiError::Internal(error.to_string()),
             // The handlers answer skips with 200 before asking for an error; should one get
             // here, it still must not read as retryable.
@@ -199,11 +300,17 @@ impl ApiError {
 
     fn body(&self) -> Value {
         match self {
-            ApiError::Invalid { field, message } => json!({ "error": message, "field": field }),
-            ApiError::TooLarge => json!({ "error": "request body is over the configured limit" }),
-            ApiError::Malformed(m) | ApiError::NotFound(m) | ApiError::Internal(m) => {
-                json!({ "error": m })
+            ApiError::Invalid { field, message } | ApiError::Conflict { field, message } => {
+                json!({ "error": message, "field": field })
             }
+            ApiError::Malformed(m)
+            | ApiError::Refused(m)
+            | ApiError::TooLarge(m)
+            | ApiError::NotFound(m)
+            | ApiError::Unauthorized(m)
+            | ApiError::UnsupportedMediaType(m)
+            | ApiError::BodyTimeout(m)
+            | ApiError::Internal(m) => json!({ "error": m }),
             ApiError::Unavailable { message, .. } => json!({ "error": message }),
         }
     }
@@ -216,30 +323,53 @@ fn retry_after_header(after: Duration) -> HeaderValue {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), axum::Json(self.body())).into_response();
-        if let ApiError::Unavailable { retry_after, .. } = &self {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, retry_after_header(*retry_after));
+        match &self {
+            ApiError::Unavailable { retry_after, .. } => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, retry_after_header(*retry_after));
+            }
+            ApiError::Unauthorized(_) => {
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"hookline\""),
+                );
+            }
+            // The rest of the body is still on the way (or never comes): do not wait for it.
+            ApiError::BodyTimeout(_) => {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
         }
         response
     }
 }
 
 /// A JSON body whose errors name the field: `422 {"field": "status", ...}` instead of axum's
-/// plain-text rejection.
+/// plain-text rejection. The whole body must arrive within the state's `body_timeout` (408).
 pub struct FieldJson<T>(pub T);
 
-impl<S, T> FromRequest<S> for FieldJson<T>
+impl<T> FromRequest<AppState> for FieldJson<T>
 where
-    S: Send + Sync,
-    T: DeserializeOwned,
+    T: DeserializeOwned + Shape,
 {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let read = tokio::time::timeout(state.body_timeout, Bytes::from_request(req, state));
+        let read = read.await.map_err(|_| {
+            ApiError::BodyTimeout(format!(
+                "the request body did not arrive within {:?} (--body-timeout)",
+                state.body_timeout
+            ))
+        })?;
+        let bytes = read.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::TooLarge
+                ApiError::TooLarge(
+                    "the request body is over the configured limit (--body-limit)".into(),
+                )
             } else {
                 ApiError::Malformed(rejection.body_text())
             }
@@ -248,35 +378,218 @@ where
     }
 }
 
-/// Deserialises `bytes`, naming the path of the field that failed.
-pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|error| {
-        let path = error.path().to_string();
-        let inner = error.into_inner();
-        match inner.classify() {
-            serde_json::error::Category::Data => ApiError::Invalid {
-                field: field_name(&path, &inner.to_string()),
-                message: inner.to_string(),
-            },
-            _ => ApiError::Malformed(format!("malformed JSON: {inner}")),
-        }
-    })?;
-    de.end()
-        .map_err(|e| ApiError::Malformed(format!("malformed JSON: {e}")))?;
-    Ok(value)
+/// The JSON shape a body must have beyond what serde checks: serde fills a struct from an array
+/// too (`[1000000, "running"]`, `"facts": []`), and the API takes objects only.
+pub trait Shape {
+    fn check_shape(value: &Value) -> Result<(), ApiError>;
 }
 
-/// serde reports a missing field at its parent's path, with the name only in the message.
+fn object_expected(field: String, value: &Value) -> ApiError {
+    let kind = match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    };
+    ApiError::Invalid {
+        message: format!("invalid type: {kind}, expected an object"),
+        field,
+    }
+}
+
+impl TransitionBody {
+    fn check_shape_at(value: &Value, at: &str) -> Result<(), ApiError> {
+        let Value::Object(body) = value else {
+            let field = at.strip_suffix('.').unwrap_or("body");
+            return Err(object_expected(field.to_owned(), value));
+        };
+        match body.get("facts") {
+            None | Some(Value::Null) | Some(Value::Object(_)) => Ok(()),
+            Some(other) => Err(object_expected(format!("{at}facts"), other)),
+        }
+    }
+}
+
+impl Shape for TransitionBody {
+    fn check_shape(value: &Value) -> Result<(), ApiError> {
+        TransitionBody::check_shape_at(value, "")
+    }
+}
+
+impl Shape for Vec<TransitionBody> {
+    fn check_shape(value: &Value) -> Result<(), ApiError> {
+        match value {
+            Value::Array(items) => items
+                .iter()
+                .enumerate()
+                .try_for_each(|(i, item)| TransitionBody::check_shape_at(item, &format!("[{i}]."))),
+            // Not an array: serde names it.
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Deserialises `bytes` in two steps, so the status says whose fault an error is: bytes that
+/// are not JSON are `400`; JSON with a duplicate key, or of the wrong type or shape for `T`, is
+/// `422` naming the field.
+pub fn parse_json<T: DeserializeOwned + Shape>(bytes: &[u8]) -> Result<T, ApiError> {
+    let value = strict::parse(bytes)?;
+    T::check_shape(&value)?;
+    serde_path_to_error::deserialize(value).map_err(|error| {
+        let path = error.path().to_string();
+        let inner = error.into_inner();
+        let message = inner.to_string();
+        ApiError::Invalid {
+            field: field_name(&path, &message),
+            message,
+        }
+    })
+}
+
+/// JSON text to a [`Value`], refusing duplicate keys (serde_json keeps the last one silently,
+/// so a body could say two things and be read as one of them).
+mod strict {
+    use std::cell::RefCell;
+    use std::fmt;
+
+    use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
+    use serde_json::{Map, Value};
+
+    use super::ApiError;
+
+    pub fn parse(bytes: &[u8]) -> Result<Value, ApiError> {
+        let duplicate = RefCell::new(None);
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let parsed = Strict {
+            path: String::new(),
+            duplicate: &duplicate,
+        }
+        .deserialize(&mut de)
+        .and_then(|value| de.end().map(|()| value));
+        match parsed {
+            Ok(value) => Ok(value),
+            Err(error) => Err(match duplicate.into_inner() {
+                Some(field) => ApiError::Invalid {
+                    message: format!("duplicate key {field:?}"),
+                    field,
+                },
+                None => ApiError::Malformed(format!("malformed JSON: {error}")),
+            }),
+        }
+    }
+
+    /// A JSON value at `path`; records the first duplicate key's path in `duplicate`.
+    struct Strict<'a> {
+        path: String,
+        duplicate: &'a RefCell<Option<String>>,
+    }
+
+    impl<'de> DeserializeSeed<'de> for Strict<'_> {
+        type Value = Value;
+
+        fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Strict<'_> {
+        type Value = Value;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON value")
+        }
+
+        fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+            Ok(Value::Bool(v))
+        }
+
+        fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+            Ok(v.into())
+        }
+
+        fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+            Ok(v.into())
+        }
+
+        fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+            Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+        }
+
+        fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+            Ok(Value::String(v.to_owned()))
+        }
+
+        fn visit_string<E>(self, v: String) -> Result<Value, E> {
+            Ok(Value::String(v))
+        }
+
+        fn visit_unit<E>(self) -> Result<Value, E> {
+            Ok(Value::Null)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+            let mut items = Vec::new();
+            while let Some(item) = seq.next_element_seed(Strict {
+                path: format!("{}[{}]", self.path, items.len()),
+                duplicate: self.duplicate,
+            })? {
+                items.push(item);
+            }
+            Ok(Value::Array(items))
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+            let mut object = Map::new();
+            while let Some(key) = map.next_key::<String>()? {
+                let path = if self.path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{}.{key}", self.path)
+                };
+                if object.contains_key(&key) {
+                    *self.duplicate.borrow_mut() = Some(path);
+                    return Err(de::Error::custom("duplicate key"));
+                }
+                let value = map.next_value_seed(Strict {
+                    path,
+                    duplicate: self.duplicate,
+                })?;
+                object.insert(key, value);
+            }
+            Ok(Value::Object(object))
+        }
+    }
+}
+
+/// serde reports a missing field at its parent's path, with the name only in the message; the
+/// body itself (`null` where an object belongs) is named `body`.
 fn field_name(path: &str, message: &str) -> String {
     let missing = message
         .strip_prefix("missing field `")
         .and_then(|rest| rest.split('`').next());
     match (path, missing) {
         (".", Some(name)) => name.to_owned(),
+        (".", None) => "body".to_owned(),
         (parent, Some(name)) => format!("{parent}.{name}"),
         (path, None) => path.to_owned(),
     }
+}
+
+/// A status by name only: serde's derived enum would also take `{"running": null}`.
+fn status_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BuildStatus, D::Error> {
+    use serde::de::{Error, Unexpected};
+    let name = String::deserialize(d)?;
+    BuildStatus::ALL
+        .into_iter()
+        .find(|s| s.as_str() == name)
+        .ok_or_else(|| {
+            D::Error::invalid_value(
+                Unexpected::Str(&name),
+                &"one of created, pending, running, success, failed, canceled",
+            )
+        })
 }
 
 /// One transition as the API takes it.
@@ -284,6 +597,7 @@ fn field_name(path: &str, message: &str) -> String {
 #[serde(deny_unknown_fields)]
 pub struct TransitionBody {
     pub build_id: i64,
+    #[serde(deserialize_with = "status_name")]
     pub status: BuildStatus,
     #[serde(default)]
     pub occurred_at: Option<DateTime<Utc>>,
@@ -329,6 +643,14 @@ impl TransitionBody {
                         return Err(invalid(name, "durations are seconds, zero or more"));
                     }
                 }
+                if let Some(reason) = &f.failure_reason
+                    && !bounds::is_failure_reason(reason)
+                {
+                    return Err(invalid(
+                        "facts.failure_reason",
+                        "not a GitLab job failure reason (script_failure, runner_system_failure, stuck_or_timeout_failure, ..., or unknown_failure)",
+                    ));
+                }
                 if let (Some(start), Some(finish)) = (f.started_at, f.finished_at)
                     && finish < start
                 {
@@ -357,14 +679,19 @@ impl TransitionBody {
 }
 
 fn emitted_json(emitted: &Emitted) -> Value {
-    json!({
+    let mut json = json!({
         "event_id": emitted.event_id,
         "timing": emitted.timing.as_str(),
         "partition": emitted.partition,
         "offset": emitted.offset,
         "render_time_us": emitted.render_time.map(|d| d.as_micros() as u64),
         "payload_bytes": emitted.payload_bytes,
-    })
+    });
+    if emitted.repeated {
+        // A retry of a transition already emitted: these are its first partition and offset.
+        json["repeated"] = json!(true);
+    }
+    json
 }
 
 fn skipped_json(build_id: i64, reason: SkipReason) -> Value {
@@ -397,7 +724,7 @@ async fn batch(
 ) -> Result<Response, ApiError> {
     if bodies.is_empty() || bodies.len() > state.batch_limit {
         return Err(ApiError::Invalid {
-            field: "".into(),
+            field: "body".into(),
             message: format!(
                 "a batch holds 1 to {} transitions, not {}",
                 state.batch_limit,
@@ -496,20 +823,22 @@ mod tests {
     }
 
     async fn offline_app_over(body_limit: usize, store: Arc<dyn CiStore>) -> Router {
-        let mut config = EmitterConfig::new("127.0.0.1:9");
-        config.delivery_timeout = Duration::from_millis(300);
-        let emitter = Emitter::new(
-            config,
-            store,
-            Flags::in_memory(),
-            Arc::new(ProducerMetrics::new()),
-        )
-        .await
-        .unwrap();
         app(AppState {
             body_limit,
-            ..AppState::new(emitter)
+            ..offline_state(store, EmitterConfig::new("127.0.0.1:9"), Flags::in_memory()).await
         })
+    }
+
+    pub(crate) async fn offline_state(
+        store: Arc<dyn CiStore>,
+        mut config: EmitterConfig,
+        flags: Flags,
+    ) -> AppState {
+        config.delivery_timeout = Duration::from_millis(300);
+        let emitter = Emitter::new(config, store, flags, Arc::new(ProducerMetrics::new()))
+            .await
+            .unwrap();
+        AppState::new(emitter)
     }
 
     async fn post(app: Router, path: &str, body: impl Into<Body>) -> (StatusCode, Value) {
@@ -517,15 +846,333 @@ mod tests {
             .header("content-type", "application/json")
             .body(body.into())
             .unwrap();
+        send(app, request).await
+    }
+
+    async fn send(app: Router, request: Request) -> (StatusCode, Value) {
+        let (status, _, json) = send_with_headers(app, request).await;
+        (status, json)
+    }
+
+    async fn send_with_headers(
+        app: Router,
+        request: Request,
+    ) -> (StatusCode, axum::http::HeaderMap, Value) {
         let response = app.oneshot(request).await.unwrap();
         let status = response.status();
+        let headers = response.headers().clone();
         let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
             .await
             .unwrap();
         (
             status,
+            headers,
             serde_json::from_slice(&bytes).unwrap_or(Value::Null),
         )
+    }
+
+    /// Each of these answered 400 without a field, or was accepted, before typed errors.
+    #[tokio::test]
+    async fn well_formed_json_of_the_wrong_type_or_shape_is_422_naming_the_field() {
+        let cases = [
+            (r#"{"build_id": 1000000, "status": 3}"#, "status"),
+            (r#"{"build_id": 1000000, "status": null}"#, "status"),
+            (r#"{"build_id": 1000000, "status": true}"#, "status"),
+            (r#"{"build_id": 1000000, "status": []}"#, "status"),
+            (r#"{"build_id": 1000000, "status": {}}"#, "status"),
+            (
+                r#"{"build_id": 1000000, "status": {"running": null}}"#,
+                "status",
+            ),
+            (r#"{"build_id": 1.5, "status": "running"}"#, "build_id"),
+            (r#"{"build_id": null, "status": "running"}"#, "build_id"),
+            (
+                r#"{"build_id": 1, "status": "running", "facts": []}"#,
+                "facts",
+            ),
+            (
+                r#"{"build_id": 1, "status": "running", "facts": 3}"#,
+                "facts",
+            ),
+            (r#"[1000000, "running"]"#, "body"),
+            (
+                r#"{"build_id": 1, "status": "running", "event_id": 7}"#,
+                "event_id",
+            ),
+            (
+                r#"{"build_id": 1, "status": "failed", "facts": {"failure_reason": 3}}"#,
+                "facts.failure_reason",
+            ),
+            ("null", "body"),
+            ("true", "body"),
+            ("[]", "body"),
+            ("3", "body"),
+            (r#""running""#, "body"),
+            ("{}", "build_id"),
+        ];
+        for (body, field) in cases {
+            let (status, json) = post(offline_app(1024).await, "/v1/transitions", body).await;
+            assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {json}");
+            assert_eq!(json["field"], field, "{body}: {json}");
+        }
+        for (body, field) in [
+            (r#"{"build_id": 1}"#, "body"),
+            (
+                r#"[{"build_id": 1, "status": "running"}, [1, "running"]]"#,
+                "[1]",
+            ),
+            (
+                r#"[{"build_id": 1, "status": "running", "facts": [null]}]"#,
+                "[0].facts",
+            ),
+        ] {
+            let (status, json) = post(offline_app(1024).await, "/v1/transitions/batch", body).await;
+            assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {json}");
+            assert_eq!(json["field"], field, "{body}: {json}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_duplicate_key_is_422_naming_it() {
+        let cases = [
+            (
+                "/v1/transitions",
+                r#"{"build_id": 1, "status": "running", "status": "failed"}"#,
+                "status",
+            ),
+            (
+                "/v1/transitions",
+                r#"{"build_id": 1, "status": "failed", "facts": {"duration": 1, "duration": 2}}"#,
+                "facts.duration",
+            ),
+            (
+                "/v1/transitions/batch",
+                r#"[{"build_id": 1, "status": "running"}, {"build_id": 1, "build_id": 2, "status": "running"}]"#,
+                "[1].build_id",
+            ),
+        ];
+        for (path, body, field) in cases {
+            let (status, json) = post(offline_app(1024).await, path, body).await;
+            assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {json}");
+            assert_eq!(json["field"], field, "{body}: {json}");
+            assert!(
+                json["error"].as_str().unwrap().contains("duplicate"),
+                "{json}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn only_bytes_that_are_not_json_are_400() {
+        for body in [
+            &b"{not json"[..],
+            b"",
+            b"{\"build_id\": 1,",
+            b"\xff\xfe",
+            b"{\"build_id\": 1, \"status\": \"running\"} trailing",
+        ] {
+            let (status, json) =
+                post(offline_app(1024).await, "/v1/transitions", body.to_vec()).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{body:?}: {json}");
+            assert!(json.get("field").is_none(), "{json}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failure_reason_outside_gitlabs_list_is_422() {
+        let reason = "x".repeat(1_040_000);
+        let body = json!({"build_id": 77, "status": "failed", "facts": {"failure_reason": reason}});
+        let (status, json) = post(
+            offline_app(2 << 20).await,
+            "/v1/transitions",
+            body.to_string(),
+        )
+        .await;
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{}",
+            json["error"]
+        );
+        assert_eq!(json["field"], "facts.failure_reason");
+        // A known reason passes validation: the build is then looked up (and unknown here).
+        for reason in ["script_failure", "unknown_failure"] {
+            let body =
+                json!({"build_id": 77, "status": "failed", "facts": {"failure_reason": reason}});
+            let (status, json) =
+                post(offline_app(1024).await, "/v1/transitions", body.to_string()).await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{reason}: {json}");
+        }
+    }
+
+    /// Kafka is unreachable here: a 413 proves the event was refused before producing.
+    #[tokio::test]
+    async fn an_event_over_max_event_bytes_or_a_field_over_its_bound_is_413_naming_it() {
+        let store = Arc::new(MemoryStore::new());
+        let snapshot = crate::bounds::tests::worst_case_snapshot();
+        hookline_cistate::fixtures::write_snapshot(store.as_ref(), &snapshot)
+            .await
+            .unwrap();
+        let flags = Flags::in_memory();
+        flags
+            .set(crate::INLINE_FLAG, "test", crate::Change::Boolean(true))
+            .await
+            .unwrap();
+        let mut config = EmitterConfig::new("127.0.0.1:9");
+        config.max_event_bytes = 100_000;
+        let app = app(offline_state(store.clone(), config, flags.clone()).await);
+        let body = json!({"build_id": snapshot.build.id, "status": "running"}).to_string();
+        let (status, json) = post(app, "/v1/transitions", body.clone()).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{json}");
+        let error = json["error"].as_str().unwrap();
+        assert!(
+            error.contains("--max-event-bytes") && error.contains("100000"),
+            "{error}"
+        );
+
+        let mut over = snapshot.clone();
+        over.pipeline.commit_message.push('!');
+        hookline_cistate::fixtures::write_snapshot(store.as_ref(), &over)
+            .await
+            .unwrap();
+        let bounded =
+            super::app(offline_state(store, EmitterConfig::new("127.0.0.1:9"), flags).await);
+        let (status, json) = post(bounded, "/v1/transitions", body).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{json}");
+        assert!(
+            json["error"]
+                .as_str()
+                .unwrap()
+                .contains("pipeline.commit_message"),
+            "{json}"
+        );
+    }
+
+    fn with_tokens(mut state: AppState, metrics_public: bool) -> Router {
+        state.tokens = Some(Arc::new(
+            ApiTokens::new(&["old-token-0123456789", "new-token-0123456789"]).unwrap(),
+        ));
+        state.metrics_public = metrics_public;
+        app(state)
+    }
+
+    async fn token_app(metrics_public: bool) -> Router {
+        let store = Arc::new(MemoryStore::new());
+        with_tokens(
+            offline_state(store, EmitterConfig::new("127.0.0.1:9"), Flags::in_memory()).await,
+            metrics_public,
+        )
+    }
+
+    fn transition_request(token: Option<&str>, content_type: Option<&str>) -> Request {
+        let mut request = Request::post("/v1/transitions");
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        request
+            .body(Body::from(r#"{"build_id": 77, "status": "running"}"#))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn without_an_accepted_bearer_token_the_api_is_401() {
+        let app = token_app(false).await;
+        for token in [None, Some("wrong-token-0123456789"), Some("")] {
+            let (status, headers, json) = send_with_headers(
+                app.clone(),
+                transition_request(token, Some("application/json")),
+            )
+            .await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{token:?}: {json}");
+            assert_eq!(
+                headers[header::WWW_AUTHENTICATE],
+                "Bearer realm=\"hookline\""
+            );
+            assert!(json["error"].is_string(), "{json}");
+        }
+        // Both tokens of a rotation are accepted (the build is then unknown: 404).
+        for token in ["old-token-0123456789", "new-token-0123456789"] {
+            let (status, json) = send(
+                app.clone(),
+                transition_request(Some(token), Some("application/json")),
+            )
+            .await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{json}");
+        }
+        let lowercase = Request::post("/v1/transitions/batch")
+            .header("authorization", "bearer new-token-0123456789")
+            .header("content-type", "application/json")
+            .body(Body::from("[]"))
+            .unwrap();
+        assert_eq!(
+            send(app.clone(), lowercase).await.0,
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
+
+        // Probes stay open; /metrics follows --metrics-public.
+        let get = |path: &str, token: Option<&str>| {
+            let mut request = Request::get(path);
+            if let Some(token) = token {
+                request = request.header("authorization", format!("Bearer {token}"));
+            }
+            request.body(Body::empty()).unwrap()
+        };
+        assert_eq!(
+            send(app.clone(), get("/healthz", None)).await.0,
+            StatusCode::OK
+        );
+        assert_eq!(
+            send(app.clone(), get("/readyz", None)).await.0,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "answered (Kafka is unreachable here), not refused"
+        );
+        assert_eq!(
+            send(app.clone(), get("/metrics", None)).await.0,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            send(app.clone(), get("/metrics", Some("old-token-0123456789")))
+                .await
+                .0,
+            StatusCode::OK
+        );
+        let public = token_app(true).await;
+        assert_eq!(send(public, get("/metrics", None)).await.0, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn a_body_not_declared_as_json_is_415() {
+        let app = offline_app(1024).await;
+        for content_type in [
+            None,
+            Some("text/plain"),
+            Some("application/x-www-form-urlencoded"),
+            Some("multipart/form-data; boundary=x"),
+            Some("application/jsonp"),
+        ] {
+            let (status, json) = send(app.clone(), transition_request(None, content_type)).await;
+            assert_eq!(
+                status,
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "{content_type:?}: {json}"
+            );
+        }
+        for content_type in [
+            "application/json",
+            "application/json; charset=utf-8",
+            "Application/JSON",
+        ] {
+            let (status, json) =
+                send(app.clone(), transition_request(None, Some(content_type))).await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{content_type}: {json}");
+        }
+        // The token is checked first: an unauthenticated client learns nothing more.
+        let app = token_app(false).await;
+        let (status, _) = send(app, transition_request(None, Some("text/plain"))).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
     }
 
     #[tokio::test]
@@ -624,6 +1271,7 @@ mod tests {
         assert_eq!(json["results"][1]["skipped"], "user_blocked");
 
         let request = Request::get("/metrics").body(Body::empty()).unwrap();
+        // No tokens in this state (AppState::new): /metrics is open.
         let response = app.oneshot(request).await.unwrap();
         let text = String::from_utf8(
             axum::body::to_bytes(response.into_body(), usize::MAX)

@@ -14,28 +14,40 @@
 //!   (PostgreSQL, JSON file, memory) and the cached evaluator [`Flags`]: a self-contained
 //!   Flipper engine.
 //! - [`feature`]: the `feature set|get|list|delete|history|enabled` CLI over a flag store.
+//! - [`bounds`]: GitLab's failure reasons and the bounds of the CI state's free text, which
+//!   keep every event under `--max-event-bytes`.
 //! - [`render`]: the inline render of one transition, timed (the producer's cost of inline).
 //! - [`emit`]: the [`Emitter`] library API: flag, render, encode, produce, await the ack.
+//! - [`event_ids`]: recent event ids with a digest of their transition: a retry gets its first
+//!   answer, a reuse for another transition is refused.
 //! - [`ingest`]: the HTTP API (`POST /v1/transitions`, `/v1/transitions/batch`), health,
 //!   readiness, metrics, graceful shutdown.
+//! - [`auth`]: bearer tokens (constant-time, never logged) and the JSON-only content type.
+//! - [`server`]: HTTP/1.1 connections: a limit, header and idle timeouts for slow clients.
 //! - [`config`]: every option, by flag and `HOOKLINE_*` variable.
 //! - [`metrics`]: the producer's Prometheus metrics, one registry per instance.
 //! - [`bench`]: render cost and events/s with the flag off and on, in one run.
 //! - [`error`]: what can go wrong, grouped by what the caller does about it.
 
+pub mod auth;
 pub mod bench;
+pub mod bounds;
 pub mod config;
 pub mod emit;
 pub mod error;
+pub mod event_ids;
 pub mod feature;
 pub mod flags;
 pub mod ingest;
 pub mod metrics;
 pub mod render;
+pub mod server;
 
+pub use auth::ApiTokens;
 pub use config::{KafkaOptions, ServeConfig, StoreOptions};
 pub use emit::{Emitted, Emitter, EmitterConfig, TransitionRequest};
 pub use error::{EmitError, ProducerError, SkipReason};
 pub use flags::{Change, Flags, Gates, INLINE_FLAG, Percentage};
 pub use ingest::{AppState, app, run, serve};
 pub use metrics::ProducerMetrics;
+pub use server::ConnectionLimits;

@@ -166,9 +166,54 @@ fn help_documents_every_option_and_its_variable() {
         "HOOKLINE_BODY_LIMIT",
         "HOOKLINE_FLAGS_RELOAD_INTERVAL",
         "HOOKLINE_SHUTDOWN_TIMEOUT",
+        "HOOKLINE_API_TOKEN_FILE",
+        "HOOKLINE_NO_AUTH",
+        "HOOKLINE_METRICS_PUBLIC",
+        "HOOKLINE_MAX_EVENT_BYTES",
+        "HOOKLINE_HEADER_TIMEOUT",
+        "HOOKLINE_BODY_TIMEOUT",
+        "HOOKLINE_IDLE_TIMEOUT",
+        "HOOKLINE_MAX_CONNECTIONS",
     ] {
         assert!(help.contains(var), "serve --help lacks {var}");
     }
+}
+
+/// Checked before anything connects, so no services are needed.
+#[test]
+fn serve_refuses_to_run_without_authentication_unless_on_loopback() {
+    let env = [(
+        "HOOKLINE_DATABASE_URL",
+        "postgres://nowhere.invalid/x".to_owned(),
+    )];
+    let stderr = refused(cli(&env, &["serve", "--listen", "127.0.0.1:0"]));
+    assert!(stderr.contains("--api-token-file"), "{stderr}");
+    let stderr = refused(cli(&env, &["serve", "--listen", "0.0.0.0:0", "--no-auth"]));
+    assert!(
+        stderr.contains("--no-auth is allowed only on a loopback address"),
+        "{stderr}"
+    );
+    let stderr = refused(cli(
+        &env,
+        &[
+            "serve",
+            "--no-auth",
+            "--kafka-option",
+            "message.max.bytes=5000000",
+        ],
+    ));
+    assert!(stderr.contains("--max-event-bytes"), "{stderr}");
+    let tokens = std::env::temp_dir().join(format!("hookline-cli-{}", uuid::Uuid::new_v4()));
+    std::fs::write(&tokens, "short\n").unwrap();
+    let stderr = refused(cli(
+        &env,
+        &["serve", "--api-token-file", tokens.to_str().unwrap()],
+    ));
+    assert!(
+        stderr.contains("token 1") && !stderr.contains("short"),
+        "the error names the token's line, never the token: {stderr}"
+    );
+    std::fs::remove_file(&tokens).unwrap();
 }
 
 fn database() -> Option<(String, String)> {
@@ -228,12 +273,15 @@ async fn a_running_serve_follows_feature_set_and_stops_on_sigterm() {
         ("HOOKLINE_DATABASE_URL", url.clone()),
         ("HOOKLINE_DATABASE_SCHEMA", schema.clone()),
     ];
+    let token = "cli-token-0123456789abcdef";
+    let token_file = std::env::temp_dir().join(format!("hookline-cli-{schema}"));
+    std::fs::write(&token_file, format!("# the test's token\n{token}\n")).unwrap();
     let mut serve = Command::new(BIN);
     serve
         .envs(env.iter().map(|(k, v)| (k, v)))
         .env_remove("HOOKLINE_FLAGS_FILE")
+        .args(["serve", "--api-token-file", token_file.to_str().unwrap()])
         .args([
-            "serve",
             "--brokers",
             &brokers,
             "--listen",
@@ -256,6 +304,8 @@ async fn a_running_serve_follows_feature_set_and_stops_on_sigterm() {
     let next_timing = || async {
         let response = client
             .post(format!("{base}/v1/transitions"))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
             .body(body.clone())
             .send()
             .await
@@ -299,4 +349,5 @@ async fn a_running_serve_follows_feature_set_and_stops_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "serve exited with {status:?}");
+    std::fs::remove_file(&token_file).unwrap();
 }

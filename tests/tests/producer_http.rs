@@ -6,11 +6,15 @@ use std::time::Duration;
 
 use hookline_cistate::fixtures::{sample, write_snapshot};
 use hookline_cistate::{CiStore, RenderSnapshot};
-use hookline_producer::{AppState, Emitter, EmitterConfig, Flags, ProducerMetrics, run};
+use hookline_producer::event_ids::PgEventIds;
+use hookline_producer::{
+    AppState, Change, Emitter, EmitterConfig, Flags, INLINE_FLAG, ProducerMetrics, run,
+};
 use hookline_schemas::Codec;
 use hookline_tests::{
-    PrivateBroker, create_topic, kafka_brokers, pg_store, poll_until, unique_name,
+    PrivateBroker, admin, create_topic, kafka_brokers, pg_store, poll_until, unique_name,
 };
+use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde_json::{Value, json};
@@ -30,16 +34,44 @@ async fn start(
     create_partitions: Option<i32>,
     delivery_timeout: Duration,
 ) -> Producer {
+    start_with(
+        brokers,
+        topic,
+        create_partitions,
+        delivery_timeout,
+        sample(0),
+        false,
+    )
+    .await
+}
+
+/// As `serve` runs it: event ids recorded in PostgreSQL; `inline` turns the flag on.
+async fn start_with(
+    brokers: String,
+    topic: &str,
+    create_partitions: Option<i32>,
+    delivery_timeout: Duration,
+    snapshot: RenderSnapshot,
+    inline: bool,
+) -> Producer {
     let store = pg_store().await;
-    let snapshot = sample(0);
     write_snapshot(&store, &snapshot).await.unwrap();
+    let event_ids = Arc::new(PgEventIds::new(store.pool().clone()));
     let store: Arc<dyn CiStore> = Arc::new(store);
     let metrics = Arc::new(ProducerMetrics::new());
+    let flags = Flags::in_memory();
+    if inline {
+        flags
+            .set(INLINE_FLAG, "test", Change::Boolean(true))
+            .await
+            .unwrap();
+    }
     let mut config = EmitterConfig::new(brokers);
+    config.event_ids = Some(event_ids);
     config.topic = topic.to_owned();
     config.delivery_timeout = delivery_timeout;
     config.create_topic_partitions = create_partitions;
-    let emitter = Emitter::new(config, store, Flags::in_memory(), metrics.clone())
+    let emitter = Emitter::new(config, store, flags, metrics.clone())
         .await
         .unwrap();
     let state = AppState {
@@ -296,4 +328,162 @@ async fn a_stopped_broker_gets_503_with_retry_after_and_never_202() {
         "{}",
         producer.metrics.encode()
     );
+}
+
+/// Before the event id store, the second post of the same id was emitted again (a new offset),
+/// and a different transition under a used id was accepted.
+#[tokio::test]
+async fn a_used_event_id_answers_its_first_emission_or_409_for_another_transition() {
+    let topic = unique_name("http_ids");
+    create_topic(&topic, 1).await;
+    let producer = start(kafka_brokers(), &topic, None, Duration::from_secs(10)).await;
+    let url = format!("{}/v1/transitions", producer.url);
+    let build_id = producer.snapshot.build.id;
+    let event_id = uuid::Uuid::new_v4();
+    let first = json!({"build_id": build_id, "status": "running", "event_id": event_id});
+    let (status, _, answer) = post(&url, first.to_string()).await;
+    assert_eq!(status, 202, "{answer}");
+    let offset = answer["offset"].as_i64().unwrap();
+    assert!(answer.get("repeated").is_none(), "{answer}");
+
+    let (status, _, again) = post(&url, first.to_string()).await;
+    assert_eq!(status, 202, "{again}");
+    assert_eq!(
+        (
+            again["partition"].clone(),
+            again["offset"].clone(),
+            again["repeated"].clone()
+        ),
+        (
+            answer["partition"].clone(),
+            answer["offset"].clone(),
+            json!(true)
+        ),
+        "{again}"
+    );
+
+    let other = json!({"build_id": build_id, "status": "failed", "event_id": event_id});
+    let (status, _, conflict) = post(&url, other.to_string()).await;
+    assert_eq!(status, 409, "{conflict}");
+    assert_eq!(conflict["field"], "event_id");
+
+    // In a batch: the known id is answered from its first emission, a new one is emitted.
+    let batch = json!([first, {"build_id": build_id, "status": "success"}]);
+    let (status, _, answers) = post(
+        &format!("{}/v1/transitions/batch", producer.url),
+        batch.to_string(),
+    )
+    .await;
+    assert_eq!(status, 202, "{answers}");
+    assert_eq!(answers["results"][0]["offset"], offset);
+    assert_eq!(answers["results"][0]["repeated"], true);
+    // Nothing was emitted for the repeats or the conflict: the next event follows the first.
+    assert_eq!(answers["results"][1]["offset"], offset + 1, "{answers}");
+    let (status, _, conflict) = post(
+        &format!("{}/v1/transitions/batch", producer.url),
+        json!([other]).to_string(),
+    )
+    .await;
+    assert_eq!(status, 409, "{conflict}");
+    assert_eq!(conflict["results"][0]["status"], 409);
+}
+
+async fn create_topic_with_max_message_bytes(name: &str, max: usize) {
+    let max = max.to_string();
+    let topic = NewTopic::new(name, 1, TopicReplication::Fixed(1)).set("max.message.bytes", &max);
+    let results = admin()
+        .create_topics(
+            &[topic],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .expect("create_topics request");
+    for result in results {
+        result.unwrap_or_else(|(topic, code)| panic!("creating topic {topic}: {code}"));
+    }
+}
+
+/// Before sizes were checked, the broker's refusal answered 500.
+#[tokio::test]
+async fn an_event_the_broker_refuses_for_its_size_is_413_not_500() {
+    let topic = unique_name("http_small");
+    create_topic_with_max_message_bytes(&topic, 4000).await;
+    // An inline payload the compressor cannot shrink below the topic's limit.
+    let mut snapshot = sample(0);
+    snapshot.pipeline.commit_message = (0..600)
+        .map(|_| uuid::Uuid::new_v4().simple().to_string())
+        .collect();
+    let producer = start_with(
+        kafka_brokers(),
+        &topic,
+        None,
+        Duration::from_secs(10),
+        snapshot,
+        true,
+    )
+    .await;
+    let url = format!("{}/v1/transitions", producer.url);
+    let body = json!({"build_id": producer.snapshot.build.id, "status": "running"});
+    let (status, retry_after, json) = post(&url, body.to_string()).await;
+    assert_eq!(status, 413, "{json}");
+    assert_eq!(retry_after, None);
+    assert!(
+        json["error"].as_str().unwrap().contains("size"),
+        "the answer says why: {json}"
+    );
+}
+
+#[tokio::test]
+async fn startup_checks_the_topic_takes_the_largest_event() {
+    let topic = unique_name("http_limit");
+    create_topic_with_max_message_bytes(&topic, 100_000).await;
+    let emitter = |max_event_bytes: usize| {
+        let topic = topic.clone();
+        async move {
+            let mut config = EmitterConfig::new(kafka_brokers());
+            config.topic = topic;
+            config.max_event_bytes = max_event_bytes;
+            Emitter::new(
+                config,
+                Arc::new(hookline_cistate::MemoryStore::new()),
+                Flags::in_memory(),
+                Arc::new(ProducerMetrics::new()),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let error = emitter(1_000_000)
+        .await
+        .check_topic_limit()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("100000") && error.contains("--max-event-bytes 1000000"),
+        "{error}"
+    );
+    emitter(90_000).await.check_topic_limit().await.unwrap();
+}
+
+#[tokio::test]
+async fn event_ids_older_than_the_retention_window_are_pruned() {
+    use hookline_producer::event_ids::{EventIds, Recorded};
+    let store = pg_store().await;
+    let ids = PgEventIds::new(store.pool().clone());
+    let id = uuid::Uuid::new_v4();
+    let record = Recorded {
+        event_id: id,
+        digest: [7; 32],
+        partition: 1,
+        offset: 42,
+        timing: hookline_schemas::PayloadTiming::Inline,
+        payload_bytes: 2411,
+    };
+    ids.record(std::slice::from_ref(&record)).await.unwrap();
+    assert_eq!(ids.lookup(&[id]).await.unwrap()[&id], record);
+    assert_eq!(ids.prune(Duration::from_secs(7 * 86400)).await.unwrap(), 0);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(ids.prune(Duration::from_millis(10)).await.unwrap(), 1);
+    assert!(ids.lookup(&[id]).await.unwrap().is_empty());
 }

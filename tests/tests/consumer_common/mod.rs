@@ -125,7 +125,7 @@ impl World {
             timeout: Duration::from_secs(2),
             instance_url: "https://ci.example.com".into(),
             allow_cidrs: vec!["127.0.0.0/8".into()],
-            ssrf_guard: true,
+            ..DeliverConfig::default()
         };
         c.kafka = vec![
             ("session.timeout.ms".into(), "6000".into()),
