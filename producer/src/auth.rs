@@ -21,7 +21,9 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::error::ProducerError;
-use crate::ingest::{ApiError, AppState};
+use std::sync::Arc;
+
+use crate::api::ApiError;
 
 /// The shortest token accepted: shorter ones are guessable.
 pub const MIN_TOKEN_LEN: usize = 16;
@@ -117,11 +119,11 @@ fn bearer(request: &Request) -> Option<&str> {
 /// Middleware: `401` with `WWW-Authenticate: Bearer` unless the request carries an accepted
 /// token; a no-op when the state has no tokens (`--no-auth`).
 pub async fn require_token(
-    State(state): State<AppState>,
+    State(tokens): State<Option<Arc<ApiTokens>>>,
     request: Request,
     next: Next,
 ) -> Response {
-    let Some(tokens) = &state.tokens else {
+    let Some(tokens) = &tokens else {
         return next.run(request).await;
     };
     match bearer(&request) {

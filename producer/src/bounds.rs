@@ -9,6 +9,9 @@
 
 use hookline_cistate::RenderSnapshot;
 
+/// The default `max_event_bytes`: librdkafka's default `message.max.bytes`.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 1_000_000;
+
 /// GitLab's `Enums::Ci::CommitStatus.failure_reasons` (CE and EE), plus `unknown_failure`,
 /// which GitLab reports for a failed build without a reason.
 pub const FAILURE_REASONS: &[&str] = &[
@@ -339,7 +342,7 @@ pub(crate) mod tests {
             payload.len()
         );
         assert!(
-            payload.len() < crate::emit::DEFAULT_MAX_EVENT_BYTES - 16 * 1024,
+            payload.len() < DEFAULT_MAX_EVENT_BYTES - 16 * 1024,
             "{} bytes leave room for the event around the payload",
             payload.len()
         );

@@ -50,8 +50,7 @@ use crate::flags::{Flags, INLINE_FLAG};
 use crate::metrics::ProducerMetrics;
 use crate::render;
 
-/// The default `max_event_bytes`: librdkafka's default `message.max.bytes`.
-pub const DEFAULT_MAX_EVENT_BYTES: usize = 1_000_000;
+pub use crate::bounds::DEFAULT_MAX_EVENT_BYTES;
 
 /// What a record adds around the encoded event when librdkafka sizes a request: the key (a
 /// build id, at most 20 digits), the record's and the batch's framing. librdkafka's
@@ -224,6 +223,33 @@ pub struct Emitted {
     pub repeated: bool,
 }
 
+impl Emitted {
+    /// What the event id store keeps of this emission.
+    fn recorded(&self, digest: [u8; 32]) -> Recorded {
+        Recorded {
+            event_id: self.event_id,
+            digest,
+            partition: self.partition,
+            offset: self.offset,
+            timing: self.timing,
+            payload_bytes: self.payload_bytes,
+        }
+    }
+
+    /// The answer to a retry: the first emission, nothing new emitted.
+    pub fn repeat_of(first: &Recorded) -> Self {
+        Emitted {
+            event_id: first.event_id,
+            timing: first.timing,
+            partition: first.partition,
+            offset: first.offset,
+            render_time: None,
+            payload_bytes: first.payload_bytes,
+            repeated: true,
+        }
+    }
+}
+
 /// Emits transitions to Kafka. Cheap to clone; clones share one producer.
 #[derive(Clone)]
 pub struct Emitter {
@@ -324,7 +350,7 @@ impl Emitter {
             }
         };
         let emitted = self.emit_with(&snapshot, request, arrived).await?;
-        self.record_ids(&[Recorded::new(&emitted, digest)]).await;
+        self.record_ids(&[emitted.recorded(digest)]).await;
         Ok(emitted)
     }
 
@@ -343,7 +369,7 @@ impl Emitter {
     fn repeated(&self, known: &Recorded, digest: [u8; 32]) -> Result<Emitted, EmitError> {
         if known.digest == digest {
             tracing::debug!(event_id = %known.event_id, "event id known with the same transition: answered from its first emission");
-            Ok(known.as_emitted())
+            Ok(Emitted::repeat_of(known))
         } else {
             Err(self.failed(EmitError::Conflict(known.event_id)))
         }
@@ -417,7 +443,7 @@ impl Emitter {
             .iter()
             .zip(&digests)
             .filter_map(|(result, digest)| match result {
-                Ok(emitted) if !emitted.repeated => Some(Recorded::new(emitted, *digest)),
+                Ok(emitted) if !emitted.repeated => Some(emitted.recorded(*digest)),
                 _ => None,
             })
             .collect();

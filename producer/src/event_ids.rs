@@ -28,8 +28,6 @@ use sqlx::{PgPool, Row};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::emit::Emitted;
-
 /// What is kept of one emitted event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recorded {
@@ -39,32 +37,6 @@ pub struct Recorded {
     pub offset: i64,
     pub timing: PayloadTiming,
     pub payload_bytes: usize,
-}
-
-impl Recorded {
-    pub fn new(emitted: &Emitted, digest: [u8; 32]) -> Self {
-        Self {
-            event_id: emitted.event_id,
-            digest,
-            partition: emitted.partition,
-            offset: emitted.offset,
-            timing: emitted.timing,
-            payload_bytes: emitted.payload_bytes,
-        }
-    }
-
-    /// The answer to a retry: the first emission, nothing new emitted.
-    pub fn as_emitted(&self) -> Emitted {
-        Emitted {
-            event_id: self.event_id,
-            timing: self.timing,
-            partition: self.partition,
-            offset: self.offset,
-            render_time: None,
-            payload_bytes: self.payload_bytes,
-            repeated: true,
-        }
-    }
 }
 
 /// The digest of a transition as the client sent it.
@@ -289,7 +261,6 @@ mod tests {
         let known = store.lookup(&[a, b, Uuid::new_v4()]).await.unwrap();
         assert_eq!(known.len(), 2);
         assert_eq!((known[&a].digest[0], known[&a].offset), (1, 10));
-        assert!(known[&a].as_emitted().repeated);
         assert_eq!(store.prune(Duration::from_secs(3600)).await.unwrap(), 0);
         assert_eq!(store.prune(Duration::ZERO).await.unwrap(), 2);
         assert!(store.lookup(&[a, b]).await.unwrap().is_empty());

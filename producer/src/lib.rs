@@ -22,6 +22,7 @@
 //!   answer, a reuse for another transition is refused.
 //! - [`ingest`]: the HTTP API (`POST /v1/transitions`, `/v1/transitions/batch`), health,
 //!   readiness, metrics, graceful shutdown.
+//! - [`api`]: the API's request and response types; every error names its field.
 //! - [`auth`]: bearer tokens (constant-time, never logged) and the JSON-only content type.
 //! - [`server`]: HTTP/1.1 connections: a limit, header and idle timeouts for slow clients.
 //! - [`config`]: every option, by flag and `HOOKLINE_*` variable.
@@ -29,6 +30,7 @@
 //! - [`bench`]: render cost and events/s with the flag off and on, in one run.
 //! - [`error`]: what can go wrong, grouped by what the caller does about it.
 
+pub mod api;
 pub mod auth;
 pub mod bench;
 pub mod bounds;
