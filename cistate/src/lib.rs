@@ -12,7 +12,7 @@
 //! - [`store`]: the [`store::CiStore`] trait.
 //! - [`pg`]: PostgreSQL, with migrations applied on connect.
 //! - [`memory`]: in-memory, for the embedded demo and fast tests.
-//! - [`render`]: the pure renderer, shared by producer (inline) and consumer (deferred).
+//! - [`render`](mod@render): the pure renderer, shared by producer (inline) and consumer (deferred).
 //! - [`fixtures`]: a realistic build, for tests and examples.
 
 pub mod fixtures;

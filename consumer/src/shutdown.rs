@@ -3,8 +3,8 @@
 //!
 //! - [`Abandoned`]: shutdown's drain bound ran out, the work stops unfinished (and its offset is
 //!   not stored, so it is done again by whoever owns the partition next).
-//! - [`pause`]: a sleep that shutdown can cut short.
-//! - [`wait_out`]: the one "try, back off, try again" loop, for dependencies whose outage the
+//! - `pause`: a sleep that shutdown can cut short.
+//! - `wait_out`: the one "try, back off, try again" loop, for dependencies whose outage the
 //!   consumer rides out (schema registry, CI store, Kafka hand-offs). A wait that lasts past a
 //!   minute sets `hookline_consumer_stalled_seconds{reason}` and logs a warning once a minute, so
 //!   no loop retries forever without a visible signal. What is *not* worth waiting for (a record

@@ -1,47 +1,29 @@
 //! SIGKILL the real `hookline-consumer serve` mid-run and start it again: every (event, hook)
 //! pair still reaches its receiver, and the duplicates stay within the in-flight bound.
 
-#[path = "../../tests/tests/consumer_common/mod.rs"]
-mod consumer_common;
-
 use std::collections::HashMap;
-use std::process::Stdio;
 use std::time::Duration;
 
-use consumer_common::{World, inline_event};
 use hookline_schemas::{BuildStatus, SchemaVersion};
-use hookline_tests::{Receiver, database_url, kafka_brokers, poll_until, unique_name};
-use tokio::process::{Child, Command};
+use hookline_tests::process::ConsumerProcess;
+use hookline_tests::world::{World, inline_event};
+use hookline_tests::{Receiver, poll_until, unique_name};
+use tokio::process::Child;
 
 const MAX_IN_FLIGHT: usize = 8;
 
 fn start(world: &World, group: &str, schema: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_hookline-consumer"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--allow-cidr",
-            "127.0.0.0/8",
-        ])
-        .args(["--retry-schedule", "10ms,20ms", "--retry-hold", "200ms"])
-        .args([
-            "--max-in-flight",
-            &MAX_IN_FLIGHT.to_string(),
-            "--poll-batch",
-            "8",
-        ])
-        .args(["--kafka-option", "session.timeout.ms=6000"])
-        .env("HOOKLINE_KAFKA_BROKERS", kafka_brokers())
-        .env("HOOKLINE_GROUP_ID", group)
-        .env("HOOKLINE_TOPIC", &world.topic)
-        .env("HOOKLINE_DATABASE_URL", database_url())
-        .env("HOOKLINE_DATABASE_SCHEMA", schema)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start hookline-consumer")
+    let in_flight = MAX_IN_FLIGHT.to_string();
+    ConsumerProcess::new(
+        env!("CARGO_BIN_EXE_hookline-consumer"),
+        world,
+        group,
+        schema,
+    )
+    .args(["--retry-schedule", "10ms,20ms", "--retry-hold", "200ms"])
+    .args(["--max-in-flight", &in_flight, "--poll-batch", "8"])
+    .args(["--kafka-option", "session.timeout.ms=6000"])
+    .spawn()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -2,44 +2,32 @@
 //! once with the same `--instance-id` takes its partitions back without waiting for its dead self
 //! to expire, while an instance that is gone for good still has its partitions taken over.
 
-#[path = "../../tests/tests/consumer_common/mod.rs"]
-mod consumer_common;
-
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use consumer_common::{World, inline_event};
 use hookline_cistate::RenderSnapshot;
 use hookline_schemas::{BuildStatus, SchemaVersion};
-use hookline_tests::{Receiver, database_url, poll_until, unique_name};
-use tokio::process::{Child, Command};
+use hookline_tests::process::ConsumerProcess;
+use hookline_tests::world::{World, inline_event};
+use hookline_tests::{Receiver, poll_until, unique_name};
+use tokio::process::Child;
 
-fn start(world: &World, group: &str, schema: &str, instance: &str, session: &str) -> Child {
-    start_listening(world, group, schema, instance, session, 0)
-}
-
-fn start_listening(
+/// A consumer with a stable identity and a session timeout; `(child, metrics base URL)`.
+fn start(
     world: &World,
     group: &str,
     schema: &str,
     instance: &str,
     session: &str,
-    port: u16,
-) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_hookline-consumer"))
-        .args(["serve", "--allow-cidr", "127.0.0.0/8"])
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--instance-id", instance, "--session-timeout", session])
-        .env("HOOKLINE_KAFKA_BROKERS", &world.brokers)
-        .env("HOOKLINE_GROUP_ID", group)
-        .env("HOOKLINE_TOPIC", &world.topic)
-        .env("HOOKLINE_DATABASE_URL", database_url())
-        .env("HOOKLINE_DATABASE_SCHEMA", schema)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start hookline-consumer")
+) -> (Child, String) {
+    let process = ConsumerProcess::new(
+        env!("CARGO_BIN_EXE_hookline-consumer"),
+        world,
+        group,
+        schema,
+    )
+    .args(["--instance-id", instance, "--session-timeout", session]);
+    let base = process.base_url();
+    (process.spawn(), base)
 }
 
 /// Sends one inline event of `build` and waits until the receiver has it.
@@ -70,7 +58,7 @@ async fn a_killed_instance_restarted_with_its_identity_resumes_before_its_sessio
     let group = unique_name("group");
     // A long session: without static membership the restarted instance would wait for the
     // killed one to expire (a minute) before any partition is assigned again.
-    let mut consumer = start(&world, &group, &schema, "restart-a", "60s");
+    let (mut consumer, _) = start(&world, &group, &schema, "restart-a", "60s");
     for b in &builds {
         deliver_one(&world, &receiver, b, Duration::from_secs(60)).await;
     }
@@ -78,7 +66,7 @@ async fn a_killed_instance_restarted_with_its_identity_resumes_before_its_sessio
     for _ in 0..2 {
         consumer.kill().await.expect("SIGKILL");
         let restarted = Instant::now();
-        consumer = start(&world, &group, &schema, "restart-a", "60s");
+        consumer = start(&world, &group, &schema, "restart-a", "60s").0;
         // Both partitions (two builds, keyed by build id) must be served again.
         for b in &builds {
             deliver_one(&world, &receiver, b, Duration::from_secs(45)).await;
@@ -103,14 +91,13 @@ async fn an_instance_gone_for_good_has_its_partitions_taken_over_after_the_sessi
     let builds = world.builds(81_000, 8).await;
     world.hook(builds[0].project.id, &receiver.url, None).await;
     let group = unique_name("group");
-    let mut a = start(&world, &group, &schema, "leave-a", "6s");
-    let port = hookline_tests::free_port();
-    let mut b = start_listening(&world, &group, &schema, "leave-b", "6s", port);
+    let (mut a, _) = start(&world, &group, &schema, "leave-a", "6s");
+    let (mut b, b_base) = start(&world, &group, &schema, "leave-b", "6s");
     for build in &builds {
         deliver_one(&world, &receiver, build, Duration::from_secs(60)).await;
     }
     // b must own partitions of the main topic before it goes: its lag gauges name them.
-    let metrics = format!("http://127.0.0.1:{port}/metrics");
+    let metrics = format!("{b_base}/metrics");
     let owned = format!("topic=\"{}\"", world.topic);
     poll_until("b owns partitions", Duration::from_secs(60), || {
         let (metrics, owned) = (metrics.clone(), owned.clone());

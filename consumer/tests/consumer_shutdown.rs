@@ -3,16 +3,12 @@
 //! after SIGKILL (`consumer_crash.rs`) nothing is delivered twice. While it runs, its
 //! `/metrics`, `/healthz` and `/readyz` answer as documented.
 
-#[path = "../../tests/tests/consumer_common/mod.rs"]
-mod consumer_common;
-
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use consumer_common::{SlowReceiver, Tally, World, mixed_events};
-use hookline_tests::{database_url, free_port, kafka_brokers, poll_until, unique_name};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use hookline_tests::process::{ConsumerProcess, Logs};
+use hookline_tests::world::{SlowReceiver, Tally, World, mixed_events};
+use hookline_tests::{free_port, poll_until, unique_name};
 use tokio::process::{Child, Command};
 
 const MAX_IN_FLIGHT: usize = 16;
@@ -27,47 +23,24 @@ const WAIT: Duration = Duration::from_secs(60);
 struct Serving {
     child: Child,
     base: String,
-    logs: Arc<Mutex<Vec<String>>>,
+    logs: Logs,
 }
 
 fn start(world: &World, group: &str, schema: &str) -> Serving {
-    let port = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hookline-consumer"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--allow-cidr", "127.0.0.0/8"])
-        .args(["--retry-schedule", "10ms,20ms", "--retry-hold", "200ms"])
-        .args(["--max-in-flight", &MAX_IN_FLIGHT.to_string()])
-        .args(["--poll-batch", &MAX_IN_FLIGHT.to_string()])
-        .args(["--drain-timeout", &format!("{}s", DRAIN.as_secs())])
-        .args(["--kafka-option", "session.timeout.ms=6000"])
-        .env("HOOKLINE_KAFKA_BROKERS", kafka_brokers())
-        .env("HOOKLINE_GROUP_ID", group)
-        .env("HOOKLINE_TOPIC", &world.topic)
-        .env("HOOKLINE_DATABASE_URL", database_url())
-        .env("HOOKLINE_DATABASE_SCHEMA", schema)
-        .env(
-            "RUST_LOG",
-            std::env::var("CHILD_LOG").unwrap_or("warn".into()),
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start hookline-consumer");
-    // Read stderr as it comes: a full pipe would block the process.
-    let logs = Arc::new(Mutex::new(Vec::new()));
-    let mut lines = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
-    let sink = logs.clone();
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = lines.next_line().await {
-            sink.lock().unwrap().push(line);
-        }
-    });
-    Serving {
-        child,
-        base: format!("http://127.0.0.1:{port}"),
-        logs,
-    }
+    let (in_flight, drain) = (MAX_IN_FLIGHT.to_string(), format!("{}s", DRAIN.as_secs()));
+    let process = ConsumerProcess::new(
+        env!("CARGO_BIN_EXE_hookline-consumer"),
+        world,
+        group,
+        schema,
+    )
+    .args(["--retry-schedule", "10ms,20ms", "--retry-hold", "200ms"])
+    .args(["--max-in-flight", &in_flight, "--poll-batch", &in_flight])
+    .args(["--drain-timeout", &drain])
+    .args(["--kafka-option", "session.timeout.ms=6000"]);
+    let base = process.base_url();
+    let (child, logs) = process.spawn_logged();
+    Serving { child, base, logs }
 }
 
 impl Serving {

@@ -26,7 +26,7 @@ pub struct BenchArgs {
     #[arg(long, env = "HOOKLINE_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     pub brokers: String,
     /// Extra librdkafka settings, KEY=VALUE.
-    #[arg(long = "kafka-option", value_delimiter = ',', value_parser = crate::config::parse_key_value)]
+    #[arg(long = "kafka-option", value_delimiter = ',', value_parser = hookline_shell::parse_key_value)]
     pub kafka_options: Vec<(String, String)>,
     /// Events emitted with the flag off, and again with it on.
     #[arg(long, default_value_t = 20_000)]

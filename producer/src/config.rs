@@ -9,6 +9,8 @@ use std::time::Duration;
 use hookline_cistate::{PgOptions, PgStore};
 use hookline_schemas::SchemaVersion;
 
+use hookline_shell::{parse_duration, parse_key_value};
+
 use crate::emit::EmitterConfig;
 use crate::error::ProducerError;
 use crate::flags::{FileFlagStore, FlagStore, PgFlagStore};
@@ -248,68 +250,10 @@ impl ServeConfig {
     }
 }
 
-/// `5s`, `250ms`, `2m`, `1h`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 5s, 250ms, 2m, 1h, 7d"))?;
-    let seconds = match unit {
-        "" | "s" => value,
-        "ms" => value / 1000.0,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        "d" => value * 86400.0,
-        _ => {
-            return Err(format!(
-                "invalid duration unit in {s:?}: use ms, s, m, h or d"
-            ));
-        }
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|e| format!("invalid duration {s:?}: {e}"))
-}
-
-pub(crate) fn parse_key_value(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
-        _ => Err(format!(
-            "invalid Kafka option {s:?}: expected KEY=VALUE, e.g. security.protocol=SASL_SSL"
-        )),
-    }
-}
-
 fn parse_writer(s: &str) -> Result<SchemaVersion, String> {
     match s {
         "v1" | "1" => Ok(SchemaVersion::V1),
         "v2" | "2" => Ok(SchemaVersion::V2),
         _ => Err(format!("invalid schema version {s:?}: expected v1 or v2")),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_parse_with_units() {
-        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("5y").is_err());
-    }
-
-    #[test]
-    fn kafka_options_need_a_key_and_a_value() {
-        assert_eq!(
-            parse_key_value("linger.ms=5"),
-            Ok(("linger.ms".into(), "5".into()))
-        );
-        assert!(parse_key_value("linger.ms").is_err());
     }
 }

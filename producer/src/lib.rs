@@ -27,7 +27,7 @@
 //! - [`server`]: HTTP/1.1 connections: a limit, header and idle timeouts for slow clients.
 //! - [`config`]: every option, by flag and `HOOKLINE_*` variable.
 //! - [`metrics`]: the producer's Prometheus metrics, one registry per instance.
-//! - [`bench`]: render cost and events/s with the flag off and on, in one run.
+//! - [`bench`](mod@bench): render cost and events/s with the flag off and on, in one run.
 //! - [`error`]: what can go wrong, grouped by what the caller does about it.
 
 pub mod api;

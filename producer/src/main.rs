@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 use hookline_producer::bench::{self, BenchArgs};
 use hookline_producer::feature::{self, FeatureArgs};
 use hookline_producer::{ServeConfig, serve};
+use hookline_shell::{LogArgs, cancel_on_signal, exit_code, init_tracing};
 use tokio_util::sync::CancellationToken;
 
 /// Turns CI build transitions into BuildEvents on Kafka, rendering the Job Hook inline when the
@@ -11,22 +12,10 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser, Debug)]
 #[command(name = "hookline-producer", version, about)]
 struct Cli {
-    /// Log format: text or json.
-    #[arg(
-        long,
-        env = "HOOKLINE_LOG_FORMAT",
-        default_value = "text",
-        global = true
-    )]
-    log_format: LogFormat,
+    #[command(flatten)]
+    log: LogArgs,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(clap::ValueEnum, Debug, Clone, Copy)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -44,22 +33,16 @@ enum Command {
 async fn main() -> std::process::ExitCode {
     // Errors end in one line for a person, not anyhow's debug form (which prints a backtrace
     // whenever RUST_BACKTRACE is set in the environment).
-    match run().await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    exit_code(run().await)
 }
 
 async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    init_tracing(cli.log.log_format, "info");
     match cli.command {
         Command::Serve(config) => {
             let shutdown = CancellationToken::new();
-            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            cancel_on_signal(shutdown.clone());
             serve(*config, shutdown).await?;
         }
         Command::Feature(args) => {
@@ -70,42 +53,4 @@ async fn run() -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
-async fn cancel_on_signal(shutdown: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(
-            tokio::signal::unix::SignalKind::terminate(),
-        ) {
-            Ok(term) => term,
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the producer");
-                let _ = ctrl_c.await;
-                shutdown.cancel();
-                return;
-            }
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("shutdown requested");
-    shutdown.cancel();
 }

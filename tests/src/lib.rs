@@ -8,6 +8,15 @@
 //! - [`pg_store`]: a `PgStore` in a fresh schema.
 //! - [`Receiver`]: a real HTTP webhook receiver on loopback whose answers can change mid-test.
 //! - [`poll_until`]: wait for a condition with a timeout instead of sleeping.
+//! - [`world`]: a consumer test's world (topics, store, hooks, events, a running consumer).
+//! - [`process`]: `hookline-consumer serve` as a child process for a world.
+//! - [`producer`]: the producer's API in-process on a loopback port.
+//! - [`fake_registry`]: a Confluent-compatible schema registry stand-in on loopback.
+
+pub mod fake_registry;
+pub mod process;
+pub mod producer;
+pub mod world;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};

@@ -8,89 +8,44 @@
 //!   and the consumer skips deferred events whose build's user was blocked after the transition.
 //! - `/metrics` counts events by timing, render time, payload bytes and flag evaluations exactly.
 
-mod consumer_common;
-
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use consumer_common::World;
 use hookline_cistate::fixtures::{sample, write_snapshot};
 use hookline_cistate::{CiStore, RenderSnapshot};
-use hookline_producer::{
-    AppState, Change, Emitter, EmitterConfig, Flags, INLINE_FLAG, ProducerMetrics, run,
-};
+use hookline_producer::{AppState, Change, EmitterConfig, Flags, INLINE_FLAG};
 use hookline_schemas::Codec;
+use hookline_tests::producer::Producer;
+use hookline_tests::world::World;
 use hookline_tests::{PrivateBroker, Receiver, kafka_brokers, pg_store, poll_until, unique_name};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 const RETRY_AFTER_SECS: u64 = 7;
 
-/// `hookline-producer serve` in-process on port 0.
-struct Producer {
-    url: String,
-    metrics: Arc<ProducerMetrics>,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), hookline_producer::ProducerError>>,
-}
-
-impl Producer {
-    async fn start(
-        brokers: &str,
-        topic: &str,
-        store: Arc<dyn CiStore>,
-        flags: Flags,
-        create_partitions: Option<i32>,
-        delivery_timeout: Duration,
-    ) -> Producer {
-        let metrics = Arc::new(ProducerMetrics::new());
-        let mut config = EmitterConfig::new(brokers);
-        config.topic = topic.to_owned();
-        config.delivery_timeout = delivery_timeout;
-        config.create_topic_partitions = create_partitions;
-        let emitter = Emitter::new(config, store, flags, metrics.clone())
-            .await
-            .expect("emitter");
-        let state = AppState {
-            retry_after: Duration::from_secs(RETRY_AFTER_SECS),
-            ..AppState::new(emitter)
-        };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(run(
-            listener,
-            state,
-            shutdown.clone(),
-            Duration::from_secs(10),
-        ));
-        Producer {
-            url,
-            metrics,
-            shutdown,
-            task,
-        }
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        self.task.await.expect("join").expect("producer ran");
-    }
-
-    async fn metrics_text(&self) -> String {
-        reqwest::get(format!("{}/metrics", self.url))
-            .await
-            .expect("GET /metrics")
-            .text()
-            .await
-            .expect("metrics body")
-    }
+/// The producer API in-process, as these tests run it.
+async fn start_producer(
+    brokers: &str,
+    topic: &str,
+    store: Arc<dyn CiStore>,
+    flags: Flags,
+    create_partitions: Option<i32>,
+    delivery_timeout: Duration,
+) -> Producer {
+    let mut config = EmitterConfig::new(brokers);
+    config.topic = topic.to_owned();
+    config.delivery_timeout = delivery_timeout;
+    config.create_topic_partitions = create_partitions;
+    Producer::start(config, store, flags, |state| AppState {
+        retry_after: Duration::from_secs(RETRY_AFTER_SECS),
+        ..state
+    })
+    .await
 }
 
 /// One answer of the API.
@@ -255,7 +210,7 @@ async fn outage_loses_no_acknowledged_event(outage: Outage) {
     // Half the builds render inline, so both timings ride through the outage.
     let flags = inline_for(&[snapshots[0].project.id, snapshots[1].project.id]).await;
     let topic = unique_name("reliability");
-    let producer = Producer::start(
+    let producer = start_producer(
         &broker.bootstrap,
         &topic,
         Arc::new(store),
@@ -493,7 +448,7 @@ async fn builds_of_blocked_users_send_no_hooks() {
     };
     block(&blocked_before).await;
     let flags = inline_for(&[inline_then_blocked.project.id]).await;
-    let producer = Producer::start(
+    let producer = start_producer(
         &kafka_brokers(),
         &world.topic,
         world.store.clone(),
@@ -628,7 +583,7 @@ async fn metrics_count_events_by_timing_render_cost_payload_sizes_and_flag_resul
     user.blocked = true;
     store.upsert_user(&user).await.unwrap();
     let flags = inline_for(&[on.project.id]).await;
-    let producer = Producer::start(
+    let producer = start_producer(
         &kafka_brokers(),
         &topic,
         Arc::new(store),

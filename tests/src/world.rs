@@ -1,11 +1,11 @@
-//! Helpers shared by the consumer's integration tests: a world (store + topics + hooks), events
-//! produced with the real codec, and a consumer running against the real broker.
-#![allow(dead_code)]
+//! A consumer test's world: its own topics, store and hooks, events produced with the real
+//! codec, a consumer running against the real broker, and receivers that answer slowly.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::{Received, create_topic, kafka_brokers, pg_store, unique_name};
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
 use chrono::{DateTime, Utc};
@@ -18,7 +18,6 @@ use hookline_consumer::{Consumer, ConsumerMetrics};
 use hookline_schemas::{
     BuildEvent, BuildStatus, Codec, PayloadTiming, SchemaVersion, TransitionFacts,
 };
-use hookline_tests::{Received, create_topic, kafka_brokers, pg_store, unique_name};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -63,7 +62,7 @@ impl World {
         World::with_topic(kafka_brokers(), topic).await
     }
 
-    /// A world on another broker (a test's [`hookline_tests::PrivateBroker`]).
+    /// A world on another broker (a test's [`crate::PrivateBroker`]).
     pub async fn on(brokers: &str, partitions: i32) -> World {
         let topic = unique_name("events");
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
@@ -368,7 +367,7 @@ impl Tally {
 }
 
 /// A receiver that answers 200 only after `delay`, so that deliveries are reliably in flight
-/// when a test acts mid-run ([`hookline_tests::Receiver`] answers at once). It tells requests
+/// when a test acts mid-run ([`crate::Receiver`] answers at once). It tells requests
 /// begun from requests answered: a request whose client went away before the answer (an
 /// abandoned delivery) is begun but never answered.
 #[derive(Clone)]

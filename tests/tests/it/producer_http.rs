@@ -8,9 +8,10 @@ use hookline_cistate::fixtures::{sample, write_snapshot};
 use hookline_cistate::{CiStore, RenderSnapshot};
 use hookline_producer::event_ids::PgEventIds;
 use hookline_producer::{
-    AppState, Change, Emitter, EmitterConfig, Flags, INLINE_FLAG, ProducerMetrics, run,
+    AppState, Change, Emitter, EmitterConfig, Flags, INLINE_FLAG, ProducerMetrics,
 };
 use hookline_schemas::Codec;
+use hookline_tests::producer::Producer;
 use hookline_tests::{
     PrivateBroker, admin, create_topic, kafka_brokers, pg_store, poll_until, unique_name,
 };
@@ -18,14 +19,19 @@ use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
-struct Producer {
-    url: String,
-    metrics: Arc<ProducerMetrics>,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), hookline_producer::ProducerError>>,
+/// The producer API in-process with the build its tests post transitions for.
+struct Started {
+    producer: Producer,
     snapshot: RenderSnapshot,
+}
+
+impl std::ops::Deref for Started {
+    type Target = Producer;
+
+    fn deref(&self) -> &Producer {
+        &self.producer
+    }
 }
 
 async fn start(
@@ -33,7 +39,7 @@ async fn start(
     topic: &str,
     create_partitions: Option<i32>,
     delivery_timeout: Duration,
-) -> Producer {
+) -> Started {
     start_with(
         brokers,
         topic,
@@ -53,12 +59,11 @@ async fn start_with(
     delivery_timeout: Duration,
     snapshot: RenderSnapshot,
     inline: bool,
-) -> Producer {
+) -> Started {
     let store = pg_store().await;
     write_snapshot(&store, &snapshot).await.unwrap();
     let event_ids = Arc::new(PgEventIds::new(store.pool().clone()));
     let store: Arc<dyn CiStore> = Arc::new(store);
-    let metrics = Arc::new(ProducerMetrics::new());
     let flags = Flags::in_memory();
     if inline {
         flags
@@ -71,30 +76,13 @@ async fn start_with(
     config.topic = topic.to_owned();
     config.delivery_timeout = delivery_timeout;
     config.create_topic_partitions = create_partitions;
-    let emitter = Emitter::new(config, store, flags, metrics.clone())
-        .await
-        .unwrap();
-    let state = AppState {
+    let producer = Producer::start(config, store, flags, |state| AppState {
         body_limit: 4096,
         retry_after: Duration::from_secs(7),
-        ..AppState::new(emitter)
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(run(
-        listener,
-        state,
-        shutdown.clone(),
-        Duration::from_secs(10),
-    ));
-    Producer {
-        url,
-        metrics,
-        shutdown,
-        task,
-        snapshot,
-    }
+        ..state
+    })
+    .await;
+    Started { producer, snapshot }
 }
 
 async fn post(url: &str, body: impl Into<reqwest::Body>) -> (u16, Option<String>, Value) {
@@ -209,15 +197,9 @@ async fn accepted_means_acknowledged_and_on_the_topic() {
     );
 
     // Graceful shutdown: run returns, the socket closes.
-    producer.shutdown.cancel();
-    producer.task.await.unwrap().unwrap();
-    assert!(
-        client
-            .get(format!("{}/healthz", producer.url))
-            .send()
-            .await
-            .is_err()
-    );
+    let url = producer.url.clone();
+    producer.producer.stop().await;
+    assert!(client.get(format!("{url}/healthz")).send().await.is_err());
 }
 
 #[tokio::test]

@@ -2,17 +2,9 @@
 //! fake registry served over real HTTP on loopback (ids from 100, so they differ from the
 //! embedded ones), the real broker and the real PostgreSQL.
 
-mod consumer_common;
-
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
-use consumer_common::{World, inline_event, legacy_event};
 use hookline_cistate::{CiStore, Transition, render};
 use hookline_consumer::Consumer;
 use hookline_producer::{
@@ -21,76 +13,14 @@ use hookline_producer::{
 use hookline_schemas::{
     BuildStatus, Codec, CodecError, HttpRegistry, PayloadTiming, SchemaVersion,
 };
+use hookline_tests::fake_registry::FakeRegistry;
+use hookline_tests::world::{World, inline_event, legacy_event};
 use hookline_tests::{Receiver, kafka_brokers, poll_until, unique_name};
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// The fake registry's state: schemas by position (id = 100 + position), request counts, and
-/// whether it is "down" (answers 503 to lookups by id).
-#[derive(Default)]
-struct FakeRegistry {
-    schemas: Vec<String>,
-    requests: HashMap<&'static str, usize>,
-    down: bool,
-}
-
-type Shared = Arc<Mutex<FakeRegistry>>;
-
-async fn register(
-    State(r): State<Shared>,
-    Path(_subject): Path<String>,
-    Json(body): Json<Value>,
-) -> Json<Value> {
-    let mut r = r.lock().unwrap();
-    *r.requests.entry("register").or_default() += 1;
-    let schema = body["schema"].as_str().unwrap().to_owned();
-    let id = match r.schemas.iter().position(|s| *s == schema) {
-        Some(i) => i,
-        None => {
-            r.schemas.push(schema);
-            r.schemas.len() - 1
-        }
-    };
-    Json(json!({ "id": 100 + id }))
-}
-
-async fn by_id(State(r): State<Shared>, Path(id): Path<usize>) -> Result<Json<Value>, StatusCode> {
-    let mut r = r.lock().unwrap();
-    *r.requests.entry("by_id").or_default() += 1;
-    if r.down {
-        return Err(StatusCode::SERVICE_UNAVAILABLE);
-    }
-    id.checked_sub(100)
-        .and_then(|i| r.schemas.get(i).cloned())
-        .map(|s| Json(json!({ "schema": s })))
-        .ok_or(StatusCode::NOT_FOUND)
-}
-
-async fn start_registry() -> (String, Shared) {
-    let state = Shared::default();
-    let app = Router::new()
-        .route("/subjects/{subject}/versions", post(register))
-        .route("/schemas/ids/{id}", get(by_id))
-        .with_state(state.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (url, state)
-}
-
-fn requests(registry: &Shared, kind: &str) -> usize {
-    registry
-        .lock()
-        .unwrap()
-        .requests
-        .get(kind)
-        .copied()
-        .unwrap_or(0)
-}
 
 async fn registry_codec(url: &str, writer: SchemaVersion) -> Codec {
     Codec::new(Arc::new(HttpRegistry::new(url).unwrap()), writer)
@@ -120,7 +50,8 @@ async fn record_value(topic: &str, offset: i64) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn producer_and_consumer_use_registry_ids_and_the_inline_payload_arrives_byte_identical() {
-    let (url, registry) = start_registry().await;
+    let registry = FakeRegistry::start().await;
+    let url = registry.url.clone();
     let world = World::new(1).await;
     let snapshot = world.build(0).await;
     let receiver = Receiver::start().await;
@@ -139,11 +70,7 @@ async fn producer_and_consumer_use_registry_ids_and_the_inline_payload_arrives_b
     let emitter = Emitter::new(config, store, flags, Arc::new(ProducerMetrics::new()))
         .await
         .expect("emitter with a registry");
-    assert_eq!(
-        requests(&registry, "register"),
-        1,
-        "v2 registered at startup"
-    );
+    assert_eq!(registry.requests("register"), 1, "v2 registered at startup");
     let emitted = emitter
         .emit(TransitionRequest::new(
             snapshot.build.id,
@@ -211,7 +138,8 @@ async fn producer_and_consumer_use_registry_ids_and_the_inline_payload_arrives_b
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_unknown_id_is_dead_lettered_and_a_registry_outage_holds_the_record() {
-    let (url, registry) = start_registry().await;
+    let registry = FakeRegistry::start().await;
+    let url = registry.url.clone();
     let world = World::new(1).await;
     let snapshot = world.build(0).await;
     let receiver = Receiver::start().await;
@@ -243,12 +171,12 @@ async fn an_unknown_id_is_dead_lettered_and_a_registry_outage_holds_the_record()
 
     // The registry is down when a record of a schema this consumer has not fetched yet arrives:
     // the record waits (lookups repeat), nothing is dead-lettered or delivered.
-    registry.lock().unwrap().down = true;
-    let before = requests(&registry, "by_id");
+    registry.set_down(true);
+    let before = registry.requests("by_id");
     let legacy = legacy_event(&snapshot, BuildStatus::Success);
     world.send_raw(&key, &v1.encode(&legacy).unwrap()).await;
     poll_until("the consumer asking the registry again", WAIT, || async {
-        (requests(&registry, "by_id") >= before + 3).then_some(())
+        (registry.requests("by_id") >= before + 3).then_some(())
     })
     .await;
     assert_eq!(
@@ -263,7 +191,7 @@ async fn an_unknown_id_is_dead_lettered_and_a_registry_outage_holds_the_record()
     );
 
     // Back up: the held record is read and delivered.
-    registry.lock().unwrap().down = false;
+    registry.set_down(false);
     poll_until("the held record delivered", WAIT, || async {
         (receiver.count() >= 1).then_some(())
     })

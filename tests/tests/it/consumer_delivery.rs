@@ -1,16 +1,14 @@
 //! The consumer against the real broker, the real PostgreSQL and real loopback receivers.
 
-mod consumer_common;
-
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use consumer_common::{WHSEC, World, inline_event, legacy_event};
 use hookline_cistate::CiStore;
 use hookline_consumer::Outcome;
 use hookline_consumer::dead_letter::{self, DeadLetterKind, ReplayFilter};
 use hookline_consumer::sign::{SigningSecret, verify};
 use hookline_schemas::{BuildStatus, SchemaVersion};
+use hookline_tests::world::{WHSEC, World, inline_event, legacy_event};
 use hookline_tests::{Answer, Receiver, poll_until};
 
 const WAIT: Duration = Duration::from_secs(30);

@@ -9,15 +9,13 @@
 //! cargo test -p hookline-tests --test consumer_reliability -- --nocapture
 //! ```
 
-mod consumer_common;
-
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use consumer_common::{SlowReceiver, Tally, World, inline_event, mixed_events};
 use hookline_cistate::{CiStore, HookState};
 use hookline_consumer::Outcome;
 use hookline_schemas::{BuildStatus, SchemaVersion};
+use hookline_tests::world::{SlowReceiver, Tally, World, inline_event, mixed_events};
 use hookline_tests::{Answer, PrivateBroker, Receiver, poll_until};
 
 /// Small, so that the bound on duplicates is tight enough to mean something.

@@ -1,66 +1,13 @@
 //! The Confluent-compatible registry client against a real HTTP server on loopback that speaks
 //! the registry's API (register a subject version, fetch by id).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use hookline_schemas::{
     BuildEvent, BuildStatus, Codec, CodecError, HttpRegistry, PayloadTiming, SchemaVersion,
     TransitionFacts,
 };
-use serde_json::{Value, json};
-
-#[derive(Default)]
-struct Registry {
-    schemas: Vec<String>,
-    requests: HashMap<&'static str, usize>,
-}
-
-type Shared = Arc<Mutex<Registry>>;
-
-async fn register(
-    State(r): State<Shared>,
-    Path(_subject): Path<String>,
-    Json(body): Json<Value>,
-) -> Json<Value> {
-    let mut r = r.lock().unwrap();
-    *r.requests.entry("register").or_default() += 1;
-    let schema = body["schema"].as_str().unwrap().to_owned();
-    // Ids start at 100 so they differ from the embedded registry's.
-    let id = match r.schemas.iter().position(|s| *s == schema) {
-        Some(i) => i,
-        None => {
-            r.schemas.push(schema);
-            r.schemas.len() - 1
-        }
-    };
-    Json(json!({ "id": 100 + id }))
-}
-
-async fn by_id(State(r): State<Shared>, Path(id): Path<usize>) -> Result<Json<Value>, StatusCode> {
-    let mut r = r.lock().unwrap();
-    *r.requests.entry("by_id").or_default() += 1;
-    id.checked_sub(100)
-        .and_then(|i| r.schemas.get(i).cloned())
-        .map(|s| Json(json!({ "schema": s })))
-        .ok_or(StatusCode::NOT_FOUND)
-}
-
-async fn start() -> (String, Shared) {
-    let state = Shared::default();
-    let app = Router::new()
-        .route("/subjects/{subject}/versions", post(register))
-        .route("/schemas/ids/{id}", get(by_id))
-        .with_state(state.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (url, state)
-}
+use hookline_tests::fake_registry::FakeRegistry;
 
 fn event() -> BuildEvent {
     BuildEvent {
@@ -78,7 +25,8 @@ fn event() -> BuildEvent {
 
 #[tokio::test]
 async fn registers_writer_schemas_and_decodes_by_fetched_id() {
-    let (url, state) = start().await;
+    let registry = FakeRegistry::start().await;
+    let url = registry.url.clone();
     let v1 = Codec::new(
         Arc::new(HttpRegistry::new(&url).unwrap()),
         SchemaVersion::V1,
@@ -111,7 +59,7 @@ async fn registers_writer_schemas_and_decodes_by_fetched_id() {
         );
     }
     assert_eq!(
-        state.lock().unwrap().requests["by_id"],
+        registry.requests("by_id"),
         1,
         "the v1 schema is fetched once, then cached"
     );

@@ -2,8 +2,6 @@
 //! a failure burst cannot disable a hook for good, the dead-letter listing never fails on a new
 //! topic, and the retry and dead-letter topics exist before the first failure.
 
-mod consumer_common;
-
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,12 +9,12 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
 use chrono::Utc;
-use consumer_common::{World, legacy_event};
 use hookline_cistate::CiStore;
 use hookline_consumer::dead_letter::{self, DeadLetterKind, ReplayFilter};
 use hookline_consumer::metrics::Stall;
 use hookline_consumer::{Consumer, ConsumerError, Outcome};
 use hookline_schemas::{BuildStatus, Codec, SchemaVersion};
+use hookline_tests::world::{World, legacy_event};
 use hookline_tests::{Answer, Receiver, admin, create_topic, poll_until, unique_name};
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};

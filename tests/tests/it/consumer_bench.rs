@@ -13,15 +13,13 @@
 //! - Latency: events produced at a steady rate well below capacity, so the figure is the
 //!   pipeline's own latency (produce call to receiver), not time spent queueing in a backlog.
 
-mod consumer_common;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use consumer_common::{World, inline_event};
 use futures::StreamExt;
 use hookline_schemas::{BuildEvent, BuildStatus, Codec, SchemaVersion};
+use hookline_tests::world::{World, inline_event};
 use hookline_tests::{Receiver, kafka_brokers, poll_until, unique_name};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::FutureRecord;

@@ -1,0 +1,14 @@
+//! hookline's integration tests against the real services (Kafka and PostgreSQL, started by
+//! `scripts/test`), in one test binary: one link step instead of one per file. Each module is
+//! one area; run one with `scripts/test -p hookline-tests -- <module>::`.
+
+mod consumer_bench;
+mod consumer_delivery;
+mod consumer_liveness;
+mod consumer_reliability;
+mod foundation;
+mod producer_emit;
+mod producer_http;
+mod producer_reliability;
+mod schema_registry;
+mod schemas_http_registry;
