@@ -25,5 +25,5 @@ pub mod store;
 pub use memory::MemoryStore;
 pub use model::*;
 pub use pg::{PgOptions, PgStore};
-pub use render::{Transition, is_stale, job_hook, render};
+pub use render::{NoHook, Transition, is_stale, job_hook, no_hook, render};
 pub use store::{CiStore, StoreError};

@@ -182,3 +182,35 @@ pub fn truncate_to_micros(t: DateTime<Utc>) -> DateTime<Utc> {
     use chrono::{DurationRound, TimeDelta};
     t.duration_trunc(TimeDelta::microseconds(1)).unwrap_or(t)
 }
+/// Why a build's transitions send no hook at all: GitLab's rule, kept beside the renderer so
+/// that the producer (at the transition) and the consumer (rendering a legacy event later) apply
+/// the same one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoHook {
+    /// The build's user is blocked: GitLab sends no hooks for builds of blocked users.
+    UserBlocked { user_id: i64 },
+}
+
+impl NoHook {
+    /// A short stable name, for the API's `skipped` field, metrics labels and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NoHook::UserBlocked { .. } => "user_blocked",
+        }
+    }
+}
+
+impl std::fmt::Display for NoHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NoHook::UserBlocked { .. } => f.write_str("the build's user is blocked"),
+        }
+    }
+}
+
+/// Whether `snapshot`'s build sends no hook, and why.
+pub fn no_hook(snapshot: &RenderSnapshot) -> Option<NoHook> {
+    snapshot.user.blocked.then_some(NoHook::UserBlocked {
+        user_id: snapshot.user.id,
+    })
+}

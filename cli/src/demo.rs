@@ -27,7 +27,7 @@ use hookline_consumer::ConsumerConfig;
 use hookline_consumer::sign::SigningSecret;
 use hookline_producer::flags::Change;
 use hookline_producer::{
-    EmitError, Emitter, EmitterConfig, Flags, INLINE_FLAG, Percentage, ProducerMetrics,
+    Emission, EmitError, Emitter, EmitterConfig, Flags, INLINE_FLAG, Percentage, ProducerMetrics,
 };
 use hookline_schemas::Codec;
 use rand::rngs::StdRng;
@@ -168,7 +168,11 @@ impl Sink for EmitterSink {
             event_id: Some(t.event_id),
         };
         match self.emitter.emit(request).await {
-            Ok(emitted) => Ok(Accepted {
+            // The demo's users are never blocked; a skip would show as refused.
+            Ok(Emission::Skipped { reason, .. }) => {
+                Err(CliError::Refused(format!("no event emitted: {reason}")))
+            }
+            Ok(Emission::Emitted(emitted)) => Ok(Accepted {
                 timing: Some(emitted.timing),
                 render_time: emitted.render_time,
                 // Deferred events carry no payload: no size to average.

@@ -197,8 +197,8 @@ async fn dispatch(
         }
         if let Some(skip) = resolve::skip(&event, &snapshots) {
             // Nothing to deliver, by design: the record is finished.
-            cx.metrics.event_skipped(skip.reason());
-            info!(build_id = event.build_id, event_id = %event.event_id, reason = skip.reason(), ?skip, "no hook sent: the build's user is blocked");
+            cx.metrics.event_skipped(skip.as_str());
+            info!(build_id = event.build_id, event_id = %event.event_id, reason = skip.as_str(), ?skip, "no hook sent: {skip}");
             path.finish_record(claim);
             continue;
         }

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
-use hookline_cistate::{CiStore, RenderSnapshot, StoreError, Transition, is_stale, render};
+use hookline_cistate::{CiStore, NoHook, RenderSnapshot, StoreError, Transition, is_stale, render};
 use hookline_schemas::BuildEvent;
 
 /// Where an event's body came from.
@@ -44,33 +44,13 @@ pub struct BuildMissing {
     pub build_id: i64,
 }
 
-/// Why an event is delivered to no hook at all.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Skip {
-    /// The build's user is blocked now.
-    UserBlocked { build_id: i64, user_id: i64 },
-}
-
-impl Skip {
-    /// A short stable name for metrics labels and logs.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Skip::UserBlocked { .. } => "user_blocked",
-        }
-    }
-}
-
 /// Whether `event` sends no hook: only events rendered from current state are checked, and a
 /// missing snapshot is [`payload`]'s to report.
-pub fn skip(event: &BuildEvent, snapshots: &HashMap<i64, RenderSnapshot>) -> Option<Skip> {
+pub fn skip(event: &BuildEvent, snapshots: &HashMap<i64, RenderSnapshot>) -> Option<NoHook> {
     if !needs_snapshot(event) {
         return None;
     }
-    let snapshot = snapshots.get(&event.build_id)?;
-    snapshot.user.blocked.then_some(Skip::UserBlocked {
-        build_id: event.build_id,
-        user_id: snapshot.user.id,
-    })
+    hookline_cistate::no_hook(snapshots.get(&event.build_id)?)
 }
 
 /// True when the event needs a snapshot to be delivered.
@@ -192,8 +172,7 @@ mod tests {
         let blocked = HashMap::from([(snap.build.id, snap.clone())]);
         assert_eq!(
             skip(&deferred, &blocked),
-            Some(Skip::UserBlocked {
-                build_id: snap.build.id,
+            Some(NoHook::UserBlocked {
                 user_id: snap.user.id
             })
         );

@@ -15,7 +15,9 @@ use uuid::Uuid;
 
 use crate::bounds;
 use crate::emit::{Emitted, TransitionRequest};
-use crate::error::{EmitError, SkipReason};
+use hookline_cistate::NoHook;
+
+use crate::error::EmitError;
 
 /// A request error, as JSON `{"error": .., "field": ..}` with the right status.
 #[derive(Debug)]
@@ -82,7 +84,6 @@ impl ApiError {
             EmitError::Rejected(_) => ApiError::Internal(error.to_string()),
             // The handlers answer skips with 200 before asking for an error; should one get
             // here, it still must not read as retryable.
-            EmitError::Skipped { .. } => ApiError::Internal(error.to_string()),
         }
     }
 
@@ -451,7 +452,7 @@ pub(crate) fn emitted_json(emitted: &Emitted) -> Value {
     json
 }
 
-pub(crate) fn skipped_json(build_id: i64, reason: SkipReason) -> Value {
+pub(crate) fn skipped_json(build_id: i64, reason: NoHook) -> Value {
     json!({
         "skipped": reason.as_str(),
         "build_id": build_id,

@@ -14,7 +14,7 @@
 //!
 //! Builds of blocked users send no hooks (as in GitLab): the emitter knows the snapshot for every
 //! transition, inline or deferred, so it decides here and emits nothing for them
-//! ([`EmitError::Skipped`]). A user blocked after a deferred event was emitted is caught by the
+//! ([`Emission::Skipped`]). A user blocked after a deferred event was emitted is caught by the
 //! consumer, which checks again when it renders from current state.
 //!
 //! Ordering: one build's events share a key (the build id), so Kafka keeps them in order within
@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use hookline_cistate::render::truncate_to_micros;
-use hookline_cistate::{Build, CiStore, RenderSnapshot, Transition};
+use hookline_cistate::{Build, CiStore, NoHook, RenderSnapshot, Transition};
 use hookline_schemas::codec::REGISTRY_ATTEMPTS;
 use hookline_schemas::{
     BuildEvent, BuildStatus, Codec, PayloadTiming, SchemaVersion, TransitionFacts,
@@ -44,7 +44,7 @@ use rdkafka::util::Timeout;
 use uuid::Uuid;
 
 use crate::bounds;
-use crate::error::{EmitError, ProducerError, SkipReason};
+use crate::error::{EmitError, ProducerError};
 use crate::event_ids::{self, EventIds, Recorded};
 use crate::flags::{Flags, INLINE_FLAG};
 use crate::metrics::ProducerMetrics;
@@ -250,6 +250,26 @@ impl Emitted {
     }
 }
 
+/// What became of a transition that was not refused.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Emission {
+    /// Kafka acknowledged its event (or, for a known event id, did so before).
+    Emitted(Emitted),
+    /// It sends no hook by design (GitLab's rule, `hookline_cistate::no_hook`): nothing was
+    /// emitted and there is nothing to retry.
+    Skipped { build_id: i64, reason: NoHook },
+}
+
+impl Emission {
+    /// The acknowledged event, unless the transition was skipped.
+    pub fn emitted(self) -> Option<Emitted> {
+        match self {
+            Emission::Emitted(emitted) => Some(emitted),
+            Emission::Skipped { .. } => None,
+        }
+    }
+}
+
 /// Emits transitions to Kafka. Cheap to clone; clones share one producer.
 #[derive(Clone)]
 pub struct Emitter {
@@ -334,7 +354,7 @@ impl Emitter {
     /// Evaluates the flag for the build's project, renders inline if it is on, produces, and
     /// returns once Kafka acknowledged the event. With an event id store, a known `event_id`
     /// is answered from it: the first emission for the same transition, a conflict otherwise.
-    pub async fn emit(&self, request: TransitionRequest) -> Result<Emitted, EmitError> {
+    pub async fn emit(&self, request: TransitionRequest) -> Result<Emission, EmitError> {
         let arrived = Instant::now();
         let digest = request.digest();
         if let Some(id) = request.event_id
@@ -349,9 +369,11 @@ impl Emitter {
                 return Err(self.failed(EmitError::Unavailable(format!("CI state store: {e}"))));
             }
         };
-        let emitted = self.emit_with(&snapshot, request, arrived).await?;
-        self.record_ids(&[emitted.recorded(digest)]).await;
-        Ok(emitted)
+        let emission = self.emit_with(&snapshot, request, arrived).await?;
+        if let Emission::Emitted(emitted) = &emission {
+            self.record_ids(&[emitted.recorded(digest)]).await;
+        }
+        Ok(emission)
     }
 
     /// The records of the ids that are known (none without an event id store).
@@ -366,10 +388,10 @@ impl Emitter {
     }
 
     /// The answer to a request whose event id is known.
-    fn repeated(&self, known: &Recorded, digest: [u8; 32]) -> Result<Emitted, EmitError> {
+    fn repeated(&self, known: &Recorded, digest: [u8; 32]) -> Result<Emission, EmitError> {
         if known.digest == digest {
             tracing::debug!(event_id = %known.event_id, "event id known with the same transition: answered from its first emission");
-            Ok(Emitted::repeat_of(known))
+            Ok(Emission::Emitted(Emitted::repeat_of(known)))
         } else {
             Err(self.failed(EmitError::Conflict(known.event_id)))
         }
@@ -391,7 +413,7 @@ impl Emitter {
     pub async fn emit_batch(
         &self,
         requests: Vec<TransitionRequest>,
-    ) -> Vec<Result<Emitted, EmitError>> {
+    ) -> Vec<Result<Emission, EmitError>> {
         let arrived = Instant::now();
         let digests: Vec<[u8; 32]> = requests.iter().map(TransitionRequest::digest).collect();
         let named: Vec<Uuid> = requests.iter().filter_map(|r| r.event_id).collect();
@@ -409,7 +431,7 @@ impl Emitter {
             }
         };
         // An id named twice in one batch: the first item defines it, as if it came first.
-        let mut decided: Vec<Option<Result<Emitted, EmitError>>> = Vec::new();
+        let mut decided: Vec<Option<Result<Emission, EmitError>>> = Vec::new();
         for (request, digest) in requests.iter().zip(&digests) {
             let answer = match request.event_id {
                 Some(id) => match known.get(&id) {
@@ -434,7 +456,7 @@ impl Emitter {
             decided.push(match answer {
                 // Same id and content as an earlier item of this batch: emit it again, as the
                 // earlier one has no partition and offset yet; the content is the same.
-                Some(Ok(first)) if first.partition < 0 => None,
+                Some(Ok(Emission::Emitted(first))) if first.partition < 0 => None,
                 other => other,
             });
         }
@@ -443,7 +465,9 @@ impl Emitter {
             .iter()
             .zip(&digests)
             .filter_map(|(result, digest)| match result {
-                Ok(emitted) if !emitted.repeated => Some(emitted.recorded(*digest)),
+                Ok(Emission::Emitted(emitted)) if !emitted.repeated => {
+                    Some(emitted.recorded(*digest))
+                }
                 _ => None,
             })
             .collect();
@@ -455,9 +479,9 @@ impl Emitter {
     async fn emit_undecided(
         &self,
         requests: Vec<TransitionRequest>,
-        decided: Vec<Option<Result<Emitted, EmitError>>>,
+        decided: Vec<Option<Result<Emission, EmitError>>>,
         arrived: Instant,
-    ) -> Vec<Result<Emitted, EmitError>> {
+    ) -> Vec<Result<Emission, EmitError>> {
         let mut ids: Vec<i64> = requests
             .iter()
             .zip(&decided)
@@ -548,18 +572,16 @@ impl Emitter {
         snapshot: &RenderSnapshot,
         request: TransitionRequest,
         arrived: Instant,
-    ) -> Result<Emitted, EmitError> {
-        if snapshot.user.blocked {
-            let reason = SkipReason::UserBlocked;
+    ) -> Result<Emission, EmitError> {
+        if let Some(reason) = hookline_cistate::no_hook(snapshot) {
             self.inner.metrics.skipped(reason.as_str());
             tracing::debug!(
                 build_id = snapshot.build.id,
-                user_id = snapshot.user.id,
                 status = %request.status,
                 reason = reason.as_str(),
-                "no event: GitLab sends no hooks for builds of blocked users"
+                "no event: GitLab sends no hook here ({reason})"
             );
-            return Err(EmitError::Skipped {
+            return Ok(Emission::Skipped {
                 build_id: snapshot.build.id,
                 reason,
             });
@@ -605,7 +627,7 @@ impl Emitter {
                     offset = delivery.offset,
                     "event acknowledged"
                 );
-                Ok(Emitted {
+                Ok(Emission::Emitted(Emitted {
                     event_id: event.event_id,
                     timing: event.payload_timing,
                     partition: delivery.partition,
@@ -613,7 +635,7 @@ impl Emitter {
                     render_time,
                     payload_bytes: event.payload.as_ref().map_or(0, Vec::len),
                     repeated: false,
-                })
+                }))
             }
             Err((error, _)) => {
                 tracing::warn!(build_id = event.build_id, event_id = %event.event_id, %error, "event not acknowledged");

@@ -73,35 +73,6 @@ pub enum EmitError {
     /// Kafka refused this one event for good (HTTP 422 with the reason).
     #[error("refused: {0}")]
     Refused(String),
-    /// Not a failure: this transition sends no hook by design, so nothing was emitted and there
-    /// is nothing to retry (HTTP 200 with `skipped`). Counted in `events_skipped_total`, not in
-    /// the produce errors.
-    #[error("build {build_id}: no event emitted, {reason}")]
-    Skipped { build_id: i64, reason: SkipReason },
-}
-
-/// Why a transition sends no hook.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SkipReason {
-    /// The build's user is blocked: GitLab sends no hooks for builds of blocked users.
-    UserBlocked,
-}
-
-impl SkipReason {
-    /// A short stable name, for the API's `skipped` field and metrics labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SkipReason::UserBlocked => "user_blocked",
-        }
-    }
-}
-
-impl std::fmt::Display for SkipReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            SkipReason::UserBlocked => f.write_str("the build's user is blocked"),
-        }
-    }
 }
 
 impl EmitError {
@@ -114,7 +85,6 @@ impl EmitError {
             EmitError::TooLarge(_) => "too_large",
             EmitError::Refused(_) => "refused",
             EmitError::Conflict(_) => "conflict",
-            EmitError::Skipped { .. } => "skipped",
         }
     }
 }

@@ -53,8 +53,8 @@ use crate::api::{
 };
 use crate::auth::{self, ApiTokens};
 use crate::config::ServeConfig;
-use crate::emit::{Emitter, EmitterConfig};
-use crate::error::{EmitError, ProducerError};
+use crate::emit::{Emission, Emitter, EmitterConfig};
+use crate::error::ProducerError;
 use crate::event_ids::{self, EventIds, PgEventIds};
 use crate::flags::Flags;
 use crate::metrics::ProducerMetrics;
@@ -264,10 +264,10 @@ async fn transition(
 ) -> Result<Response, ApiError> {
     let request = body.into_request("")?;
     match state.emitter.emit(request).await {
-        Ok(emitted) => {
+        Ok(Emission::Emitted(emitted)) => {
             Ok((StatusCode::ACCEPTED, axum::Json(emitted_json(&emitted))).into_response())
         }
-        Err(EmitError::Skipped { build_id, reason }) => {
+        Ok(Emission::Skipped { build_id, reason }) => {
             Ok((StatusCode::OK, axum::Json(skipped_json(build_id, reason))).into_response())
         }
         Err(error) => Err(ApiError::from_emit(&error, state.retry_after)),
@@ -300,13 +300,13 @@ async fn batch(
     let items: Vec<Value> = results
         .iter()
         .map(|result| match result {
-            Ok(emitted) => {
+            Ok(Emission::Emitted(emitted)) => {
                 accepted += 1;
                 let mut item = emitted_json(emitted);
                 item["status"] = json!(202);
                 item
             }
-            Err(EmitError::Skipped { build_id, reason }) => {
+            Ok(Emission::Skipped { build_id, reason }) => {
                 skipped += 1;
                 let mut item = skipped_json(*build_id, *reason);
                 item["status"] = json!(200);

@@ -47,8 +47,8 @@ pub mod server;
 
 pub use auth::ApiTokens;
 pub use config::{KafkaOptions, ServeConfig, StoreOptions};
-pub use emit::{Emitted, Emitter, EmitterConfig, TransitionRequest};
-pub use error::{EmitError, ProducerError, SkipReason};
+pub use emit::{Emission, Emitted, Emitter, EmitterConfig, TransitionRequest};
+pub use error::{EmitError, ProducerError};
 pub use flags::{Change, Flags, Gates, INLINE_FLAG, Percentage};
 pub use ingest::{AppState, app, run, serve};
 pub use metrics::ProducerMetrics;

@@ -122,13 +122,17 @@ async fn inline_events_carry_the_renderers_bytes_and_deferred_events_none() {
             ..TransitionRequest::new(on.build.id, BuildStatus::Failed)
         })
         .await
-        .unwrap();
+        .unwrap()
+        .emitted()
+        .expect("emitted, not skipped");
     assert_eq!(inline.timing, PayloadTiming::Inline);
     assert!(inline.render_time.is_some() && inline.payload_bytes > 0);
     let deferred = emitter
         .emit(TransitionRequest::new(off.build.id, BuildStatus::Running))
         .await
-        .unwrap();
+        .unwrap()
+        .emitted()
+        .expect("emitted, not skipped");
     assert_eq!(deferred.timing, PayloadTiming::Deferred);
 
     let mut records = read(&topic, 3, 2).await;
@@ -176,7 +180,9 @@ async fn the_v1_switch_writes_legacy_events_without_rendering() {
             BuildStatus::Pending,
         ))
         .await
-        .unwrap();
+        .unwrap()
+        .emitted()
+        .expect("emitted, not skipped");
     assert_eq!(emitted.timing, PayloadTiming::Deferred);
     assert_eq!(emitted.render_time, None);
     let record = read(&topic, 1, 1).await.remove(0);
@@ -252,6 +258,8 @@ async fn flag_changes_in_postgres_reach_a_running_producer_without_restart() {
             ))
             .await
             .unwrap()
+            .emitted()
+            .expect("emitted, not skipped")
             .timing
     };
     assert_eq!(next_timing().await, PayloadTiming::Deferred, "default off");

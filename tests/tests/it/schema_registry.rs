@@ -77,7 +77,9 @@ async fn producer_and_consumer_use_registry_ids_and_the_inline_payload_arrives_b
             BuildStatus::Running,
         ))
         .await
-        .unwrap();
+        .unwrap()
+        .emitted()
+        .expect("emitted, not skipped");
     assert_eq!(emitted.timing, PayloadTiming::Inline);
 
     // The record names the registry's id, which the embedded registry does not know.
