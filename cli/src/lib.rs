@@ -8,7 +8,8 @@
 //!   simulate.rs: Sink = POST {producer}/v1/transitions (PostgreSQL store, hooks at --receiver-url)
 //! ```
 //!
-//! - [`sim`]: the simulated CI: plan (from the seed), timeline, commit-then-notify, the truth.
+//! - [`sim`]: the simulated CI, in two halves: planning (from the seed) and playing (timeline,
+//!   commit-then-notify, the truth).
 //! - [`transition`]: what the simulated CI hands on (a transition, the answer, the `Sink`) and
 //!   the `Witness` told the truth of each transition (the ledger is one).
 //! - [`ledger`]: truth against deliveries: stale, duplicates, missing, signatures, latency.
