@@ -32,10 +32,11 @@ pub const DEFAULT_RETRY_SCHEDULE: &str = "5s,5m,30m,2h,5h,10h,10h";
 impl Default for RetrySchedule {
     /// [`DEFAULT_RETRY_SCHEDULE`]; ±20 %; `Retry-After` up to a day.
     fn default() -> RetrySchedule {
+        // Parsed item by item: `with_delays` (and so `from_str`) fills the rest from here.
         let delays = DEFAULT_RETRY_SCHEDULE
-            .parse::<RetrySchedule>()
-            .expect("the default schedule parses (tested)")
-            .delays;
+            .split(',')
+            .map(|d| hookline_shell::parse_duration(d).expect("the default schedule parses"))
+            .collect();
         RetrySchedule {
             delays,
             jitter: 0.2,
