@@ -111,6 +111,20 @@ impl DeadLetter {
     }
 }
 
+/// A consumer for reading records by hand, in a throwaway group that never commits (an
+/// operator's look must not move anyone's offsets) and never creates a topic.
+fn reader(config: &ConsumerConfig, purpose: &str) -> Result<StreamConsumer, ConsumerError> {
+    let group = format!(
+        "{}.{purpose}.{}",
+        config.group_id,
+        uuid::Uuid::new_v4().simple()
+    );
+    Ok(client_config(config, &group)
+        .set("enable.auto.commit", "false")
+        .set("allow.auto.create.topics", "false")
+        .create()?)
+}
+
 /// How long listing waits for a partition of the dead-letter topic to get a leader (a topic
 /// created a moment ago has none yet).
 const LEADER_WAIT: Duration = Duration::from_secs(15);
@@ -118,16 +132,7 @@ const LEADER_WAIT: Duration = Duration::from_secs(15);
 /// Every dead letter now on the topic, oldest first per partition. Listing never creates the
 /// topic: a topic that does not exist holds no dead letters.
 pub async fn list(config: &ConsumerConfig) -> Result<Vec<DeadLetter>, ConsumerError> {
-    // A throwaway group that never commits: listing must not move anyone's offsets.
-    let group = format!(
-        "{}.dlq-list.{}",
-        config.group_id,
-        uuid::Uuid::new_v4().simple()
-    );
-    let consumer: StreamConsumer = client_config(config, &group)
-        .set("enable.auto.commit", "false")
-        .set("allow.auto.create.topics", "false")
-        .create()?;
+    let consumer = reader(config, "dlq-list")?;
     let topic = config.dlq_topic.clone();
     let ends = watermarks(&consumer, &topic).await?;
     let mut out = Vec::new();
@@ -208,16 +213,7 @@ async fn read_one(
     config: &ConsumerConfig,
     source: &Source,
 ) -> Result<Option<OwnedMessage>, ConsumerError> {
-    let group = format!(
-        "{}.dlq-read.{}",
-        config.group_id,
-        uuid::Uuid::new_v4().simple()
-    );
-    let consumer: StreamConsumer = client_config(config, &group)
-        .set("enable.auto.commit", "false")
-        .set("allow.auto.create.topics", "false")
-        .set("auto.offset.reset", "error")
-        .create()?;
+    let consumer = reader(config, "dlq-read")?;
     let (low, high) =
         consumer.fetch_watermarks(&source.topic, source.partition, Duration::from_secs(10))?;
     if source.offset < low || source.offset >= high {
