@@ -174,10 +174,10 @@ impl Ledger {
         let mut out: Vec<(Uuid, Slot)> = Vec::new();
         for (&event, &(project, _)) in &self.accepted {
             for &slot in &self.slots_of[project as usize] {
-                if !self
+                if self
                     .pairs
                     .get(&(event, slot))
-                    .is_some_and(|t| t.delivered > 0)
+                    .is_none_or(|t| t.delivered == 0)
                 {
                     out.push((event, slot));
                 }
