@@ -200,9 +200,10 @@ impl Disruption {
     }
 }
 
-/// When each disruption happens, offsets from the feed's start, in order. Kills land anywhere
-/// in the middle 80 % of the feed (so the restarted instance has work), the rest in the middle
-/// of it, and the outage ends before the feed does.
+/// When each disruption happens, offsets from the feed's start, in order. Kills land between
+/// 10 % and 75 % of the feed (so the restarted instance has work, even when a kill has to wait
+/// for the previous one to resume), the restarts in the middle of it, and the outage ends before
+/// the feed does.
 pub fn chaos_plan(config: &SoakConfig) -> Vec<(Duration, Disruption)> {
     let mut rng = StdRng::seed_from_u64(config.seed);
     let feed = config.post_for.as_secs_f64();
@@ -212,7 +213,7 @@ pub fn chaos_plan(config: &SoakConfig) -> Vec<(Duration, Disruption)> {
     let mut plan = Vec::new();
     for _ in 0..config.kills {
         let who = rng.random_range(0..config.consumers.len());
-        plan.push((at(&mut rng, 0.1, 0.9), Disruption::Kill(who)));
+        plan.push((at(&mut rng, 0.1, 0.75), Disruption::Kill(who)));
     }
     for _ in 0..config.broker_restarts {
         plan.push((at(&mut rng, 0.2, 0.8), Disruption::BrokerRestart));
@@ -226,6 +227,10 @@ pub fn chaos_plan(config: &SoakConfig) -> Vec<(Duration, Disruption)> {
     plan
 }
 
+/// After a restarted instance got its partitions back, how long its re-fetched records (and the
+/// other instance's, after a rebalance) may take to be delivered again.
+pub const REDELIVERY_SETTLE: Duration = Duration::from_secs(20);
+
 /// One kill and what followed.
 #[derive(Debug, Clone, Serialize)]
 pub struct KillReport {
@@ -238,7 +243,9 @@ pub struct KillReport {
     /// SIGKILL → the restarted instance's first partition assignment on the main topic
     /// (`hookline_consumer_assignments_total{path="main"}` above 0).
     pub assigned_ms: Option<u64>,
-    /// Deliveries repeated while this kill was the latest disruption.
+    /// Deliveries repeated from the kill until [`REDELIVERY_SETTLE`] after the restarted
+    /// instance got its partitions back (the cap when it never did): what the kill and the
+    /// rebalance it caused made the group repeat. Windows of kills close together overlap.
     pub redelivered: u64,
     /// The same, by the Kafka partition of their event (-1: unknown).
     pub redelivered_by_partition: BTreeMap<i32, u64>,
@@ -307,7 +314,6 @@ struct Watch {
     at_s: f64,
     killed_at: Instant,
     rss_kb: Option<u64>,
-    epoch: usize,
     resumed: JoinHandle<Resumed>,
 }
 
@@ -420,13 +426,7 @@ impl Fleet {
     }
 
     /// SIGKILL instance `i`, start it again at once, and watch it resume.
-    async fn kill(
-        &mut self,
-        i: usize,
-        at_s: f64,
-        epoch: usize,
-        config: &SoakConfig,
-    ) -> anyhow::Result<()> {
+    async fn kill(&mut self, i: usize, at_s: f64, config: &SoakConfig) -> anyhow::Result<()> {
         let consumer = &mut self.consumers[i];
         let killed_at = consumer.kill_and_restart(config).await?;
         self.watches.push(Watch {
@@ -434,7 +434,6 @@ impl Fleet {
             at_s,
             killed_at,
             rss_kb: consumer.rss_samples_kb.last().copied(),
-            epoch,
             resumed: watch_resume(consumer.metrics_url(), killed_at, config.resume_cap),
         });
         Ok(())
@@ -557,9 +556,25 @@ pub async fn run(config: SoakConfig) -> anyhow::Result<Report> {
         fleet
             .wait_until(feed_started + *at, &config, feed_started)
             .await?;
+        // The outage must meet consumers that deliver, or it tests nothing: it waits until
+        // every killed instance has resumed, and kills wait until it is over.
         let disruption = match planned {
             Disruption::Kill(i) => {
+                while books.outage.load(Ordering::Relaxed) {
+                    let tick = Instant::now() + Duration::from_millis(250);
+                    fleet.wait_until(tick, &config, feed_started).await?;
+                }
                 Disruption::Kill(fleet.kill_target(*i, &config, feed_started).await?)
+            }
+            Disruption::Outage => {
+                let deadline = Instant::now() + config.resume_cap;
+                while (0..fleet.consumers.len()).any(|i| fleet.pending(i))
+                    && Instant::now() < deadline
+                {
+                    let tick = Instant::now() + Duration::from_millis(250);
+                    fleet.wait_until(tick, &config, feed_started).await?;
+                }
+                Disruption::Outage
             }
             other => other.clone(),
         };
@@ -574,7 +589,7 @@ pub async fn run(config: SoakConfig) -> anyhow::Result<Report> {
         );
         disruptions.push((at_s, label.clone()));
         match disruption {
-            Disruption::Kill(i) => fleet.kill(i, at_s, epoch, &config).await?,
+            Disruption::Kill(i) => fleet.kill(i, at_s, &config).await?,
             Disruption::BrokerRestart => {
                 let result = async {
                     ctl(
@@ -681,14 +696,19 @@ pub async fn run(config: SoakConfig) -> anyhow::Result<Report> {
     let missing_sample = ledger.missing_pairs(20);
     let kills: Vec<KillReport> = kills
         .into_iter()
-        .map(|(w, resumed)| KillReport {
-            instance: config.consumers[w.instance].clone(),
-            at_s: round1(w.at_s),
-            resume_ms: resumed.delivered.map(|d| d.as_millis() as u64),
-            assigned_ms: resumed.assigned.map(|d| d.as_millis() as u64),
-            redelivered: by_epoch.get(w.epoch).copied().unwrap_or(0),
-            redelivered_by_partition: ledger.duplicates_by_partition(w.epoch),
-            rss_kb: w.rss_kb,
+        .map(|(w, resumed)| {
+            let window_end =
+                w.killed_at + resumed.assigned.unwrap_or(config.resume_cap) + REDELIVERY_SETTLE;
+            let by_partition = ledger.duplicates_between(w.killed_at, window_end);
+            KillReport {
+                instance: config.consumers[w.instance].clone(),
+                at_s: round1(w.at_s),
+                resume_ms: resumed.delivered.map(|d| d.as_millis() as u64),
+                assigned_ms: resumed.assigned.map(|d| d.as_millis() as u64),
+                redelivered: by_partition.values().sum(),
+                redelivered_by_partition: by_partition,
+                rss_kb: w.rss_kb,
+            }
         })
         .collect();
     drop(ledger);
@@ -709,6 +729,9 @@ pub async fn run(config: SoakConfig) -> anyhow::Result<Report> {
             "{} transitions refused by the producer",
             totals.refused
         ));
+    }
+    if !config.outage.is_zero() && counts.refused_by_receiver == 0 {
+        failures.push("the receiver outage refused no request: it tested nothing".into());
     }
     if counts.key_mismatches > 0 {
         failures.push(format!(

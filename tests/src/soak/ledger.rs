@@ -5,7 +5,8 @@
 //! `202` (the consumer can be faster than the HTTP answer), so both sides are recorded as they
 //! come and joined incrementally: `missing` is exact at any moment, in O(1).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
 
 use uuid::Uuid;
 
@@ -61,8 +62,8 @@ pub struct Ledger {
     unreadable: u64,
     /// Duplicates by the disruption in force when they arrived (0 = before the first one).
     duplicates_by_epoch: Vec<u64>,
-    /// Every duplicate: the epoch it arrived in and its event (for the per-partition view).
-    duplicate_log: Vec<(usize, Uuid)>,
+    /// Every duplicate: when it arrived and its event (for the per-kill, per-partition view).
+    duplicate_log: Vec<(Instant, Uuid)>,
 }
 
 impl Ledger {
@@ -138,7 +139,7 @@ impl Ledger {
                 self.duplicates_by_epoch.resize(epoch + 1, 0);
             }
             self.duplicates_by_epoch[epoch] += 1;
-            self.duplicate_log.push((epoch, event));
+            self.duplicate_log.push((Instant::now(), event));
         }
     }
 
@@ -198,10 +199,15 @@ impl Ledger {
         out
     }
 
-    /// Duplicates that arrived in `epoch`, by the Kafka partition of their event (-1: unknown).
-    pub fn duplicates_by_partition(&self, epoch: usize) -> std::collections::BTreeMap<i32, u64> {
-        let mut out = std::collections::BTreeMap::new();
-        for (_, event) in self.duplicate_log.iter().filter(|(e, _)| *e == epoch) {
+    /// Duplicates that arrived from `from` to `to`, by the Kafka partition of their event
+    /// (-1: unknown).
+    pub fn duplicates_between(&self, from: Instant, to: Instant) -> BTreeMap<i32, u64> {
+        let mut out = BTreeMap::new();
+        for (_, event) in self
+            .duplicate_log
+            .iter()
+            .filter(|(at, _)| *at >= from && *at <= to)
+        {
             let partition = self.accepted.get(event).map_or(-1, |(_, p)| *p);
             *out.entry(partition).or_default() += 1;
         }
@@ -260,6 +266,7 @@ mod tests {
 
     #[test]
     fn refusals_are_not_deliveries_and_duplicates_go_to_the_epoch_they_arrived_in() {
+        let start = Instant::now();
         let mut l = ledger();
         l.accept(id(1), 1, 1);
         l.request(id(1), 2, Some(id(10)), false, 0);
@@ -274,8 +281,8 @@ mod tests {
         );
         assert_eq!(l.duplicates_by_epoch(5), vec![0, 0, 0, 2, 0]);
         assert_eq!(
-            l.duplicates_by_partition(3),
-            std::collections::BTreeMap::from([(1, 2)])
+            l.duplicates_between(start, Instant::now()),
+            BTreeMap::from([(1, 2)])
         );
     }
 
