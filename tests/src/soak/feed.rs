@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
-use super::SoakConfig;
+use super::config::SoakConfig;
 use super::ledger::Slot;
 use super::receiver::{Books, SoakReceiver};
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use tokio::process::{Child, Command};
 
-use super::SoakConfig;
+use super::config::SoakConfig;
 
 /// The consumer group both instances share.
 pub const GROUP: &str = "hookline-soak";
@@ -54,6 +54,8 @@ impl Producer {
             .args(["--brokers", &config.brokers, "--topic", TOPIC])
             .args(["--database-url", &config.database_url])
             .args(["--create-topic-partitions", &config.partitions.to_string()])
+            // Loopback only, so the API may go without bearer tokens.
+            .arg("--no-auth")
             // The driver retries refused items; a short Retry-After keeps a broker restart from
             // stretching into long pauses of the feed.
             .args(["--retry-after", "1s"])
