@@ -149,6 +149,9 @@ pub struct Report {
     pub in_flight_bound: u64,
     /// Duplicates by the disruption in force when they arrived.
     pub duplicates_by_disruption: Vec<(String, u64)>,
+    /// Duplicates delivered to the hooks the outage refused (a third of them): re-deliveries
+    /// that came from the retry path rather than from a kill.
+    pub duplicates_to_outage_hooks: u64,
     pub refused_by_receiver: u64,
     pub unexpected: u64,
     pub key_mismatches: u64,
@@ -164,6 +167,10 @@ pub struct Report {
     /// Consumer processes that ended on their own (each was started again, as a supervisor
     /// would).
     pub consumer_exits: Vec<Exit>,
+    /// librdkafka's fatal errors in the consumers' logs (`instance: line`, at most 10). A
+    /// client in that state consumes nothing more; a process that keeps running after one
+    /// leaves its partitions to the group's session timeout.
+    pub kafka_fatal_errors: Vec<String>,
     pub disruptions: Vec<(f64, String)>,
     pub settings: SoakConfig,
 }
@@ -562,6 +569,9 @@ pub async fn run(config: SoakConfig) -> anyhow::Result<Report> {
     let counts: Counts = ledger.counts();
     let by_epoch = ledger.duplicates_by_epoch(labels.len());
     let missing_sample = ledger.missing_pairs(20);
+    let outage_slots = config.outage_slots();
+    let duplicates_to_outage_hooks =
+        ledger.duplicates_to(|slot| outage_slots.get(slot as usize).copied().unwrap_or(false));
     let kills: Vec<KillReport> = kills
         .into_iter()
         .map(|(w, resumed)| {
@@ -638,6 +648,7 @@ pub async fn run(config: SoakConfig) -> anyhow::Result<Report> {
         duplicates: counts.duplicates,
         redelivered_after_kill_max: kills.iter().map(|k| k.redelivered).max().unwrap_or(0),
         in_flight_bound: (config.max_in_flight * config.hooks_per_project) as u64,
+        duplicates_to_outage_hooks,
         duplicates_by_disruption: labels.into_iter().zip(by_epoch).collect(),
         refused_by_receiver: counts.refused_by_receiver,
         unexpected: counts.unexpected,
@@ -649,12 +660,31 @@ pub async fn run(config: SoakConfig) -> anyhow::Result<Report> {
         kills,
         peak_rss_kb,
         consumer_exits: fleet.exits,
+        kafka_fatal_errors: fatal_errors(&config),
         disruptions: disruptions
             .into_iter()
             .map(|(at, l)| (round1(at), l))
             .collect(),
         settings: config,
     })
+}
+
+/// Lines of the consumers' logs where librdkafka reported a fatal error.
+fn fatal_errors(config: &SoakConfig) -> Vec<String> {
+    let mut out = Vec::new();
+    for identity in &config.consumers {
+        let log = config.work_dir.join(format!("consumer-{identity}.log"));
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        for line in text.lines().filter(|l| l.contains("FATAL")) {
+            if out.len() < 10 {
+                out.push(format!(
+                    "{identity}: {}",
+                    line.chars().take(300).collect::<String>()
+                ));
+            }
+        }
+    }
+    out
 }
 
 fn round1(x: f64) -> f64 {

@@ -64,6 +64,8 @@ pub struct Ledger {
     duplicates_by_epoch: Vec<u64>,
     /// Every duplicate: when it arrived and its event (for the per-kill, per-partition view).
     duplicate_log: Vec<(Instant, Uuid)>,
+    /// Duplicates by hook.
+    duplicates_by_slot: HashMap<Slot, u64>,
 }
 
 impl Ledger {
@@ -140,6 +142,7 @@ impl Ledger {
             }
             self.duplicates_by_epoch[epoch] += 1;
             self.duplicate_log.push((Instant::now(), event));
+            *self.duplicates_by_slot.entry(slot).or_default() += 1;
         }
     }
 
@@ -214,6 +217,15 @@ impl Ledger {
         out
     }
 
+    /// Duplicates delivered to the hooks `pick` selects.
+    pub fn duplicates_to(&self, pick: impl Fn(Slot) -> bool) -> u64 {
+        self.duplicates_by_slot
+            .iter()
+            .filter(|(slot, _)| pick(**slot))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
     pub fn accepted(&self) -> usize {
         self.accepted.len()
     }
@@ -280,6 +292,8 @@ mod tests {
             (1, 2, 1)
         );
         assert_eq!(l.duplicates_by_epoch(5), vec![0, 0, 0, 2, 0]);
+        assert_eq!(l.duplicates_to(|s| s == 2), 2);
+        assert_eq!(l.duplicates_to(|s| s != 2), 0);
         assert_eq!(
             l.duplicates_between(start, Instant::now()),
             BTreeMap::from([(1, 2)])
