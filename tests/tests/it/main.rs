@@ -12,3 +12,4 @@ mod producer_http;
 mod producer_reliability;
 mod schema_registry;
 mod schemas_http_registry;
+mod soak_receiver;
