@@ -23,6 +23,7 @@ use std::sync::Arc;
 
 use hookline_cistate::{Hook, RenderSnapshot};
 use rdkafka::Message;
+use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -134,8 +135,9 @@ async fn lookup(
     .await
 }
 
-/// The main path: `build-events` to deliveries, until `shutdown`; then the drain.
-pub(crate) async fn run(path: Path, shutdown: CancellationToken) {
+/// The main path: `build-events` to deliveries, until `shutdown` (or a fatal error of its
+/// client, returned); then the drain.
+pub(crate) async fn run(path: Path, shutdown: CancellationToken) -> Option<KafkaError> {
     let mut chains = Chains::default();
     let mut intake = path.intake();
     while let Some(batch) = intake
@@ -149,8 +151,10 @@ pub(crate) async fn run(path: Path, shutdown: CancellationToken) {
             break;
         }
     }
+    let fatal = intake.fatal();
     drop(intake);
     path.finish().await;
+    fatal
 }
 
 /// Decodes a batch, loads what it needs in one lookup, and spawns its deliveries.

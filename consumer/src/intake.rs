@@ -59,6 +59,9 @@ pub(crate) struct Intake<'a> {
     /// Beyond this many held records the intake stops polling (pausing is failing).
     held_cap: usize,
     path: &'static str,
+    /// A fatal error of the client (e.g. this static member was fenced): the client will never
+    /// consume again, so the intake ends and the consumer stops with it (see `Consumer::run`).
+    fatal: Option<rdkafka::error::KafkaError>,
 }
 
 impl<'a> Intake<'a> {
@@ -80,17 +83,26 @@ impl<'a> Intake<'a> {
             held: VecDeque::new(),
             held_cap: room,
             path,
+            fatal: None,
         }
     }
 
+    /// The fatal error that ended the intake, if one did.
+    pub(crate) fn fatal(&mut self) -> Option<rdkafka::error::KafkaError> {
+        self.fatal.take()
+    }
+
     /// The next batch: at least one record, then whatever the client already holds, up to `max`
-    /// and the room left. `None` on shutdown.
+    /// and the room left. `None` on shutdown, or after a fatal error of the client.
     pub(crate) async fn next_batch(
         &mut self,
         max: usize,
         shutdown: &CancellationToken,
     ) -> Option<Vec<Taken>> {
         loop {
+            if self.fatal.is_some() {
+                return None;
+            }
             self.wait_for_room(shutdown).await?;
             let mut batch = self.collect(max, shutdown).await?;
             // A rebalance served while the batch was held or collected voids the claims taken
@@ -145,6 +157,9 @@ impl<'a> Intake<'a> {
                 if let Some(taken) = self.accept(next) {
                     break taken;
                 }
+                if self.fatal.is_some() {
+                    return None;
+                }
             },
         };
         // Only this intake takes permits, so the room can only have grown since the wait.
@@ -170,7 +185,7 @@ impl<'a> Intake<'a> {
     /// A record from the stream with its offset claim, or nothing after logging a consumer
     /// error.
     fn accept(
-        &self,
+        &mut self,
         next: Option<rdkafka::error::KafkaResult<BorrowedMessage<'_>>>,
     ) -> Option<(OwnedMessage, Ticket)> {
         match next {
@@ -178,6 +193,11 @@ impl<'a> Intake<'a> {
                 let msg = msg.detach();
                 let ticket = self.offsets.begin(&msg);
                 Some((msg, ticket))
+            }
+            Some(Err(error @ rdkafka::error::KafkaError::MessageConsumptionFatal(_))) => {
+                tracing::error!(path = self.path, %error, "fatal kafka consumer error: this consumer stops");
+                self.fatal = Some(error);
+                None
             }
             Some(Err(error)) => {
                 warn!(path = self.path, %error, "kafka consumer error");
@@ -219,7 +239,11 @@ impl<'a> Intake<'a> {
                 // Serves rebalances; a paused partition yields no record, but one already on its
                 // way, or from a partition assigned just now, is kept for the next batch.
                 next = self.stream.next(), if polling => {
-                    if let Some(taken) = self.accept(next) {
+                    let taken = self.accept(next);
+                    if self.fatal.is_some() {
+                        break None;
+                    }
+                    if let Some(taken) = taken {
                         self.held.push_back(taken);
                         self.fetch_assignment(false);
                         if self.held.len() >= self.held_cap {

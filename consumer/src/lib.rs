@@ -66,6 +66,7 @@ use std::sync::Arc;
 
 use hookline_cistate::CiStore;
 use hookline_schemas::Codec;
+use rdkafka::error::KafkaError;
 use tokio_util::sync::CancellationToken;
 
 pub use config::ConsumerConfig;
@@ -148,7 +149,8 @@ impl Consumer {
     ///
     /// First makes sure of the retry and dead-letter topics, waiting for a broker that does not
     /// answer yet (a `topics` stall); missing topics that may not be created end it with an
-    /// error.
+    /// error. A fatal error of a Kafka client (this instance fenced as a static member, say)
+    /// stops both paths, drains, and is returned.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ConsumerError> {
         let config = &self.cx.config;
         let ensured = shutdown::wait_out(
@@ -173,16 +175,37 @@ impl Consumer {
         }
         // One abandon token for both paths: when either's drain bound runs out, both stop.
         let abandon = CancellationToken::new();
+        // And one stop: shutdown, or a fatal error of either path's client (a static member
+        // fenced by the broker never consumes again). The process then exits with the error,
+        // for its supervisor to start it again, rather than run on consuming nothing.
+        let stop = shutdown.child_token();
         let main = Path::start("main", self.cx.clone(), self.main, abandon.clone());
         let retry = Path::start("retry", self.cx.clone(), self.retry, abandon);
-        let main = tokio::spawn(dispatch::run(main, shutdown.clone()));
-        let retry = tokio::spawn(retry::run(retry, shutdown));
-        let (a, b) = tokio::join!(main, retry);
-        for joined in [a, b] {
-            if let Err(e) = joined {
-                tracing::error!(error = %e, "consumer path panicked");
+        let path = |run: tokio::task::JoinHandle<Option<KafkaError>>, stop: CancellationToken| async move {
+            let ended = run.await;
+            if !matches!(ended, Ok(None)) {
+                stop.cancel();
+            }
+            ended
+        };
+        let (a, b) = tokio::join!(
+            path(
+                tokio::spawn(dispatch::run(main, stop.clone())),
+                stop.clone()
+            ),
+            path(tokio::spawn(retry::run(retry, stop.clone())), stop.clone()),
+        );
+        let mut fatal = None;
+        for ended in [a, b] {
+            match ended {
+                Ok(None) => {}
+                Ok(Some(error)) => fatal = fatal.or(Some(error)),
+                Err(e) => tracing::error!(error = %e, "consumer path panicked"),
             }
         }
-        Ok(())
+        match fatal {
+            Some(error) => Err(ConsumerError::Kafka(error)),
+            None => Ok(()),
+        }
     }
 }

@@ -18,6 +18,7 @@
 
 use chrono::{DateTime, TimeZone, Utc};
 use rdkafka::Message;
+use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -30,8 +31,9 @@ use crate::shutdown::{Abandoned, pause, wait_out};
 use crate::step;
 use crate::task::{DeliveryTask, H_DUE_AT, header};
 
-/// The retry path: due delivery tasks from the retry topic, until `shutdown`; then the drain.
-pub(crate) async fn run(path: Path, shutdown: CancellationToken) {
+/// The retry path: due delivery tasks from the retry topic, until `shutdown` (or a fatal error
+/// of its client, returned); then the drain.
+pub(crate) async fn run(path: Path, shutdown: CancellationToken) -> Option<KafkaError> {
     let mut intake = path.intake();
     while let Some(batch) = intake
         .next_batch(path.cx.config.poll_batch, &shutdown)
@@ -43,8 +45,10 @@ pub(crate) async fn run(path: Path, shutdown: CancellationToken) {
             });
         }
     }
+    let fatal = intake.fatal();
     drop(intake);
     path.finish().await;
+    fatal
 }
 
 /// When a retry record is due (now if the header is missing or unreadable).

@@ -116,3 +116,30 @@ async fn an_instance_gone_for_good_has_its_partitions_taken_over_after_the_sessi
     }
     a.kill().await.ok();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_fenced_by_another_with_its_identity_exits_instead_of_idling() {
+    let world = World::new(2).await;
+    let schema = world.store_schema().await;
+    let receiver = Receiver::start().await;
+    let builds = world.builds(82_000, 2).await;
+    world.hook(builds[0].project.id, &receiver.url, None).await;
+    let group = unique_name("group");
+    let (mut first, _) = start(&world, &group, &schema, "twin", "10s");
+    for b in &builds {
+        deliver_one(&world, &receiver, b, Duration::from_secs(60)).await;
+    }
+    // A second instance with the same identity (a misconfiguration, or a restart racing a
+    // stuck predecessor): the broker fences the first, whose client can never consume again.
+    let (mut second, _) = start(&world, &group, &schema, "twin", "10s");
+    let exit = tokio::time::timeout(Duration::from_secs(60), first.wait())
+        .await
+        .expect("the fenced instance exits rather than running on without consuming")
+        .expect("wait");
+    assert!(!exit.success(), "a fenced instance exits with an error: {exit}");
+    // The one left delivers.
+    for b in &builds {
+        deliver_one(&world, &receiver, b, Duration::from_secs(60)).await;
+    }
+    second.kill().await.ok();
+}
