@@ -136,7 +136,10 @@ async fn an_instance_fenced_by_another_with_its_identity_exits_instead_of_idling
         .await
         .expect("the fenced instance exits rather than running on without consuming")
         .expect("wait");
-    assert!(!exit.success(), "a fenced instance exits with an error: {exit}");
+    assert!(
+        !exit.success(),
+        "a fenced instance exits with an error: {exit}"
+    );
     // The one left delivers.
     for b in &builds {
         deliver_one(&world, &receiver, b, Duration::from_secs(60)).await;
