@@ -204,11 +204,12 @@ impl Handoff {
         .await
     }
 
-    /// Hands `task` to the retry topic, due at `due`.
+    /// Hands `task` to the retry topic, due at `due`. `hook` (when known) names the
+    /// `Idempotency-Key` in the compact dead letter should Kafka refuse the record for good.
     pub(crate) async fn to_retry(
         &self,
         task: &DeliveryTask,
-        hook: &Hook,
+        hook: Option<&Hook>,
         due: DateTime<Utc>,
         abandon: &CancellationToken,
     ) -> Result<Landed, Abandoned> {
@@ -221,8 +222,7 @@ impl Handoff {
             Ok(()) => Ok(Landed::AsIs),
             Err((refusal, error)) => {
                 let detail = format!("the retry hand-off was refused: {error}");
-                self.reference(task, Some(hook), refusal, &detail, abandon)
-                    .await
+                self.reference(task, hook, refusal, &detail, abandon).await
             }
         }
     }

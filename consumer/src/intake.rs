@@ -235,7 +235,7 @@ impl<'a> Intake<'a> {
                 biased;
                 _ = shutdown.cancelled() => break None,
                 _ = permits.acquire_many(resume_at) => break Some(()),
-                _ = tick.tick() => stall.still(&format_args!("{} of {} records unfinished or uncommitted", self.held_cap, self.held_cap)),
+                _ = tick.tick() => stall.still(&"every in-flight slot is held by an unfinished or uncommitted record"),
                 // Serves rebalances; a paused partition yields no record, but one already on its
                 // way, or from a partition assigned just now, is kept for the next batch.
                 next = self.stream.next(), if polling => {

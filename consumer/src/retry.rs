@@ -24,11 +24,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::context::Context;
-use crate::handoff::{DeadLetterReason, Landed};
-use crate::metrics::{Outcome, Stall};
+use crate::handoff::DeadLetterReason;
+use crate::metrics::Stall;
 use crate::path::Path;
 use crate::shutdown::{Abandoned, pause, wait_out};
-use crate::step;
+use crate::step::{self, Settlement};
 use crate::task::{DeliveryTask, H_DUE_AT, header};
 
 /// The retry path: due delivery tasks from the retry topic, until `shutdown` (or a fatal error
@@ -82,6 +82,11 @@ async fn process(
     if let Ok(wait) = (wake - Utc::now()).to_std() {
         pause(wait, abandon).await?;
     }
+    if Utc::now() < due {
+        debug!(event_id = %task.event_id, hook_id = task.hook_id, %due, "not due yet; back to the end of the retry topic");
+        p.handoff.to_retry(&task, None, due, abandon).await?;
+        return Ok(());
+    }
     // Retries must see the hook's current health and settings: read it fresh.
     let hook = wait_out(
         &p.metrics,
@@ -93,27 +98,11 @@ async fn process(
     .await?;
     let Some(hook) = hook else {
         warn!(event_id = %task.event_id, hook_id = task.hook_id, "hook removed before its retry; dead-lettered");
-        let landed = p
-            .handoff
-            .dead_letter_delivery(
-                &task,
-                None,
-                DeadLetterReason::HookRemoved,
-                "the hook no longer exists",
-                abandon,
-            )
-            .await?;
-        p.metrics.delivery(if landed == Landed::AsIs {
-            Outcome::HookRemoved
-        } else {
-            Outcome::HandoffRefused
-        });
-        return Ok(());
+        let removed = Settlement::DeadLetter {
+            reason: DeadLetterReason::HookRemoved,
+            detail: "the hook no longer exists".into(),
+        };
+        return step::settle(p, task, None, removed, abandon).await;
     };
-    if Utc::now() < due {
-        debug!(event_id = %task.event_id, hook_id = task.hook_id, %due, "not due yet; back to the end of the retry topic");
-        p.handoff.to_retry(&task, &hook, due, abandon).await?;
-        return Ok(());
-    }
     step::run(p, task, &hook, abandon).await
 }

@@ -116,7 +116,7 @@ pub(crate) async fn run(
         if let Settlement::Deferred { until } = &settlement {
             debug!(hook_id = hook.id, event_id = %task.event_id, %until, "hook backing off; delivery deferred");
         }
-        return settle(cx, task, hook, settlement, abandon).await;
+        return settle(cx, task, Some(hook), settlement, abandon).await;
     }
     let attempt = task.attempts + 1;
     let request = DeliveryRequest {
@@ -184,14 +184,15 @@ pub(crate) async fn run(
             }
         }
     };
-    settle(cx, task, hook, settlement, abandon).await
+    settle(cx, task, Some(hook), settlement, abandon).await
 }
 
-/// Carries out a settlement: the hand-off it needs (acked), and its count.
-async fn settle(
+/// Carries out a settlement: the hand-off it needs (acked), and its count. `hook` is `None`
+/// when the hook is gone (removed before a retry).
+pub(crate) async fn settle(
     cx: &Context,
     task: DeliveryTask,
-    hook: &Hook,
+    hook: Option<&Hook>,
     settlement: Settlement,
     abandon: &CancellationToken,
 ) -> Result<(), Abandoned> {
@@ -207,7 +208,7 @@ async fn settle(
         Settlement::Deferred { until } => cx.handoff.to_retry(&task, hook, *until, abandon).await?,
         Settlement::DeadLetter { reason, detail } => {
             cx.handoff
-                .dead_letter_delivery(&task, Some(hook), *reason, detail, abandon)
+                .dead_letter_delivery(&task, hook, *reason, detail, abandon)
                 .await?
         }
     };

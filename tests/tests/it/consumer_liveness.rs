@@ -15,7 +15,7 @@ use hookline_consumer::metrics::Stall;
 use hookline_consumer::{Consumer, ConsumerError, Outcome};
 use hookline_schemas::{BuildStatus, Codec, SchemaVersion};
 use hookline_tests::world::{World, legacy_event};
-use hookline_tests::{Answer, Receiver, admin, create_topic, poll_until, unique_name};
+use hookline_tests::{Answer, Received, Receiver, admin, create_topic, poll_until, unique_name};
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sha2::{Digest, Sha256};
@@ -24,6 +24,27 @@ use sha2::{Digest, Sha256};
 /// (`\u0001`), so the body is over a megabyte, past Kafka's default message size.
 fn oversized_failure_reason() -> String {
     "\u{1}".repeat(170_000)
+}
+
+/// The first request for `event_id` among the receiver's requests after the first `skip`,
+/// waited for up to a minute.
+async fn arrival(receiver: &Receiver, event_id: uuid::Uuid, skip: usize) -> Received {
+    let id = event_id.to_string();
+    poll_until(
+        &format!("a delivery of event {id}"),
+        Duration::from_secs(60),
+        || {
+            let received = receiver.received();
+            let id = id.clone();
+            async move {
+                received
+                    .into_iter()
+                    .skip(skip)
+                    .find(|r| r.header("x-gitlab-event-uuid") == Some(id.as_str()))
+            }
+        },
+    )
+    .await
 }
 
 /// The committed offset of partition 0 of `topic` for `group`.
@@ -62,21 +83,8 @@ async fn a_hand_off_too_large_for_kafka_ends_in_a_compact_dead_letter_and_the_pa
     world.send(&big, SchemaVersion::V1).await;
     world.send(&next, SchemaVersion::V1).await;
 
-    let next_key = poll_until(
-        "the next event of the build",
-        Duration::from_secs(60),
-        || {
-            let received = receiver.received();
-            async move {
-                received
-                    .iter()
-                    .find(|r| r.header("x-gitlab-event-uuid") == Some(&next.event_id.to_string()))
-                    .map(|r| r.header("idempotency-key").unwrap().to_owned())
-            }
-        },
-    )
-    .await;
-    assert!(!next_key.is_empty());
+    let next_delivery = arrival(&receiver, next.event_id, 0).await;
+    assert!(next_delivery.header("idempotency-key").is_some());
     poll_until("both records committed", Duration::from_secs(30), || {
         let (brokers, topic, group) = (world.brokers.clone(), world.topic.clone(), group.clone());
         async move { (committed(&brokers, &group, &topic) == Some(2)).then_some(()) }
@@ -109,11 +117,7 @@ async fn a_hand_off_too_large_for_kafka_ends_in_a_compact_dead_letter_and_the_pa
         (world.topic.as_str(), 0, 0)
     );
     assert_eq!(*hook_id, Some(hook.id));
-    let first_attempt = receiver
-        .received()
-        .into_iter()
-        .find(|r| r.header("x-gitlab-event-uuid") == Some(&big.event_id.to_string()))
-        .expect("the oversized delivery was attempted once");
+    let first_attempt = arrival(&receiver, big.event_id, 0).await;
     assert_eq!(
         idempotency_key.as_deref(),
         first_attempt.header("idempotency-key")
@@ -136,16 +140,7 @@ async fn a_hand_off_too_large_for_kafka_ends_in_a_compact_dead_letter_and_the_pa
         .await
         .expect("replay");
     assert_eq!(summary.references, 1, "{summary:?}");
-    let redelivered = poll_until("the replayed delivery", Duration::from_secs(60), || {
-        let received = receiver.received();
-        async move {
-            received
-                .into_iter()
-                .skip(before)
-                .find(|r| r.header("x-gitlab-event-uuid") == Some(&big.event_id.to_string()))
-        }
-    })
-    .await;
+    let redelivered = arrival(&receiver, big.event_id, before).await;
     assert_eq!(redelivered.status, StatusCode::OK);
     assert_eq!(
         redelivered.header("idempotency-key"),
@@ -169,20 +164,7 @@ async fn a_final_failure_whose_dead_letter_is_too_large_does_not_wedge_either() 
     let running = world.start(world.config()).await;
     world.send(&big, SchemaVersion::V1).await;
     world.send(&next, SchemaVersion::V1).await;
-    poll_until(
-        "the next event of the build",
-        Duration::from_secs(60),
-        || {
-            let received = receiver.received();
-            async move {
-                received
-                    .iter()
-                    .any(|r| r.header("x-gitlab-event-uuid") == Some(&next.event_id.to_string()))
-                    .then_some(())
-            }
-        },
-    )
-    .await;
+    arrival(&receiver, next.event_id, 0).await;
     poll_until("the compact dead letter", Duration::from_secs(30), || {
         let n = running.metrics.dead_letters(Some("handoff_too_large"));
         async move { (n == 1).then_some(()) }
