@@ -14,7 +14,9 @@
 //! - [`fake_registry`]: a Confluent-compatible schema registry stand-in on loopback.
 //! - [`soak`]: the soak driver behind `scripts/soak` (binary `soak`): the real binaries, a private
 //!   broker and database, kills and restarts, every (event, hook) pair counted.
+//! - [`bench`]: the benchmark behind `scripts/bench` (binary `bench`).
 
+pub mod bench;
 pub mod fake_registry;
 pub mod process;
 pub mod producer;
