@@ -78,6 +78,7 @@ impl Fleet {
             &crate::unique_name("bench"),
             &self.schema,
         )
+        .args(bench.consumer_args.iter().map(String::as_str))
     }
 }
 
@@ -313,13 +314,21 @@ pub async fn latency(
 
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
     let mut delivered = 0;
+    // Every delivery's moment and latency, for a look at when the tail happened.
+    let mut csv = String::from("due_ms,latency_ms\n");
     for a in &arrivals {
         if let Some(due) = a.event.and_then(|e| due.get(&e)) {
             delivered += 1;
-            let us = a.at.saturating_duration_since(*due).as_micros() as u64;
-            histogram.saturating_record(us.max(1));
+            let latency = a.at.saturating_duration_since(*due);
+            histogram.saturating_record((latency.as_micros() as u64).max(1));
+            csv.push_str(&format!(
+                "{:.3},{:.3}\n",
+                due.duration_since(start).as_secs_f64() * 1e3,
+                latency.as_secs_f64() * 1e3
+            ));
         }
     }
+    std::fs::write(bench.work_dir.join(format!("latency-{rate}.csv")), csv)?;
     let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1_000.0;
     Ok(Latency {
         rate,

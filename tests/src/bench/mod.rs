@@ -30,6 +30,17 @@ pub struct Bench {
     pub bin_dir: PathBuf,
     pub work_dir: PathBuf,
     pub sizes: Sizes,
+    /// Measure only these parts (`consumer`, `latency`, `memory`, `producer`); all when empty.
+    pub only: Vec<String>,
+    /// More `hookline-consumer serve` options for every consumer the bench starts (to measure
+    /// a setting against the defaults).
+    pub consumer_args: Vec<String>,
+}
+
+impl Bench {
+    fn runs(&self, part: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|p| p == part)
+    }
 }
 
 /// How much each measurement does.
@@ -128,10 +139,11 @@ pub async fn run(bench: &Bench) -> anyhow::Result<Value> {
         }
     });
 
-    for (name, builds) in [
+    let workloads = [
         ("many_builds", s.throughput_events / 2),
         ("hot_builds", 100),
-    ] {
+    ];
+    for (name, builds) in workloads.into_iter().filter(|_| bench.runs("consumer")) {
         eprintln!(
             "bench: consumer throughput, {name} ({} events over {builds} builds)",
             s.throughput_events
@@ -152,7 +164,7 @@ pub async fn run(bench: &Bench) -> anyhow::Result<Value> {
         });
     }
 
-    for &rate in &s.rates {
+    for &rate in s.rates.iter().filter(|_| bench.runs("latency")) {
         eprintln!("bench: latency at {rate} events/s for {} s", s.latency_secs);
         let l = consumer::latency(bench, &receiver, rate, s.latency_secs).await?;
         report["latency"][rate.to_string()] = json!({
@@ -167,14 +179,18 @@ pub async fn run(bench: &Bench) -> anyhow::Result<Value> {
     }
 
     let mut rss = Vec::new();
-    for backlog in s.backlogs {
+    for backlog in s.backlogs.into_iter().filter(|_| bench.runs("memory")) {
         eprintln!("bench: consumer memory draining a backlog of {backlog}");
         let mb = consumer::backlog_rss(bench, &receiver, backlog).await?;
         report["memory"][format!("backlog_{}_rss_mb", label(backlog))] = json!(round(mb, 1));
         rss.push(mb);
     }
-    report["memory"]["ratio"] = json!(round(rss[1] / rss[0], 3));
-
+    if let [small, large] = rss[..] {
+        report["memory"]["ratio"] = json!(round(large / small, 3));
+    }
+    if !bench.runs("producer") {
+        return Ok(report);
+    }
     eprintln!(
         "bench: producer cost, {} transitions flag off then on",
         s.producer_events
@@ -199,6 +215,9 @@ pub fn table(report: &Value) -> String {
     let mut row = |k: &str, v: String| out.push_str(&format!("{k:<44} {v}\n"));
     for name in ["many_builds", "hot_builds"] {
         let c = &report["consumer"][name];
+        if c.is_null() {
+            continue;
+        }
         row(
             &format!(
                 "consumer {name} ({} events, {} builds)",
@@ -211,6 +230,8 @@ pub fn table(report: &Value) -> String {
         );
     }
     if let Some(rates) = report["latency"].as_object() {
+        let mut rates: Vec<_> = rates.iter().collect();
+        rates.sort_by_key(|(rate, _)| rate.parse::<u64>().unwrap_or(0));
         for (rate, l) in rates {
             row(
                 &format!("latency at {rate}/s"),
@@ -237,6 +258,9 @@ pub fn table(report: &Value) -> String {
         }
     }
     let p = &report["producer"];
+    if p.is_null() {
+        return out;
+    }
     row(
         "producer CPU per event (inline / deferred)",
         format!(

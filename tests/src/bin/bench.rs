@@ -23,6 +23,13 @@ struct Options {
     /// Where hookline-producer and hookline-consumer are.
     #[arg(long, default_value = "target/release")]
     bin_dir: PathBuf,
+    /// Measure only these parts: consumer, latency, memory, producer (comma-separated).
+    #[arg(long, value_delimiter = ',', value_parser = ["consumer", "latency", "memory", "producer"])]
+    only: Vec<String>,
+    /// One more option for every `hookline-consumer serve` the bench starts (repeatable), e.g.
+    /// `--consumer-arg=--commit-interval=1s`: a setting measured against the defaults.
+    #[arg(long = "consumer-arg", allow_hyphen_values = true)]
+    consumer_args: Vec<String>,
     /// Where the children's logs go.
     #[arg(long, default_value = "target/bench")]
     work_dir: PathBuf,
@@ -34,6 +41,8 @@ async fn main() -> std::process::ExitCode {
     let bench = Bench {
         bin_dir: options.bin_dir,
         work_dir: options.work_dir,
+        only: options.only,
+        consumer_args: options.consumer_args,
         sizes: if options.quick {
             Sizes::quick()
         } else {
