@@ -160,6 +160,14 @@ impl ConsumerConfig {
         if self.deliver.timeout.is_zero() {
             return bad("delivery timeout must be above zero".into());
         }
-        Ok(())
+        self.check_kafka_options()
+    }
+
+    /// Refuses pass-through options that would change what at-least-once rests on (offset
+    /// storage and commits, the hand-off producer's idempotence and acks); every command that
+    /// talks to Kafka checks them.
+    pub fn check_kafka_options(&self) -> Result<(), ConsumerError> {
+        hookline_shell::refuse_fixed_kafka_options(&self.kafka, crate::kafka::FIXED_KAFKA_SETTINGS)
+            .map_err(ConsumerError::Config)
     }
 }

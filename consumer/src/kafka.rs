@@ -64,10 +64,40 @@ pub(crate) fn client_config(config: &ConsumerConfig, group: &str) -> ClientConfi
 /// The idempotent producer for retry and dead-letter hand-offs.
 pub(crate) fn producer_config(config: &ConsumerConfig) -> ClientConfig {
     let mut c = base_config(config);
-    // Set after the pass-through on purpose: a hand-off must be acked by all in-sync replicas.
-    c.set("enable.idempotence", "true");
+    // Set after the pass-through on purpose (and refused among it: `FIXED_KAFKA_SETTINGS`): a
+    // hand-off must be acked by all in-sync replicas, written once.
+    c.set("enable.idempotence", "true").set("acks", "all");
     c
 }
+
+/// librdkafka settings the consumer sets itself, after the pass-through options, and refuses
+/// among them: at-least-once rests on each.
+pub(crate) const FIXED_KAFKA_SETTINGS: &[(&str, &str)] = &[
+    (
+        "enable.auto.commit",
+        "stored offsets are committed in the background, and on revoke",
+    ),
+    (
+        "auto.commit.enable",
+        "stored offsets are committed in the background, and on revoke",
+    ),
+    (
+        "enable.auto.offset.store",
+        "an offset is stored only once every delivery of its record is finished",
+    ),
+    (
+        "enable.idempotence",
+        "a retry or dead-letter hand-off is written once",
+    ),
+    (
+        "acks",
+        "a hand-off counts only once every in-sync replica has it",
+    ),
+    (
+        "request.required.acks",
+        "a hand-off counts only once every in-sync replica has it",
+    ),
+];
 
 /// The consumer context: rebalances update the offset trackers; statistics feed the lag gauge.
 pub(crate) struct Ctx {
@@ -155,4 +185,36 @@ pub(crate) fn subscribe(
         consumer: Arc::new(consumer),
         offsets,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pass_through_options_cannot_turn_off_at_least_once() {
+        let mut config = ConsumerConfig::new("127.0.0.1:9", "g");
+        config.kafka = [
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "true"),
+            ("enable.idempotence", "false"),
+            ("acks", "1"),
+            ("fetch.wait.max.ms", "50"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .to_vec();
+        let consumer = client_config(&config, "g");
+        assert_eq!(consumer.get("enable.auto.commit"), Some("true"));
+        assert_eq!(consumer.get("enable.auto.offset.store"), Some("false"));
+        assert_eq!(consumer.get("fetch.wait.max.ms"), Some("50"));
+        let producer = producer_config(&config);
+        assert_eq!(producer.get("enable.idempotence"), Some("true"));
+        assert_eq!(producer.get("acks"), Some("all"));
+        for (key, value) in config.kafka.clone() {
+            let mut one = ConsumerConfig::new("127.0.0.1:9", "g");
+            one.kafka = vec![(key.clone(), value)];
+            let refused = one.validate().is_err();
+            assert_eq!(refused, key != "fetch.wait.max.ms", "{key}");
+        }
+    }
 }

@@ -118,3 +118,59 @@ async fn add_refuses_unknown_projects_and_broken_tokens_and_list_masks_passwords
         "the refused hooks were not stored: {listed}"
     );
 }
+
+/// Runs `hookline-consumer ARGS` and waits at most 30 s for it to end on its own (a command that
+/// accepted a hostile option would go on running: killed, and the test fails).
+fn refused_within_bound(args: &[&str]) -> String {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hookline-consumer"))
+        .env_clear()
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("`{}` accepted the option and kept running", args.join(" "));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    refused(&child.wait_with_output().unwrap())
+}
+
+/// At-least-once rests on offsets stored only for finished records, committed by librdkafka, and
+/// on idempotent hand-offs acked by every replica: no pass-through option may change that, for
+/// `serve` or for the `dlq` commands (which read and produce with the same settings).
+#[test]
+fn kafka_options_that_at_least_once_rests_on_are_refused() {
+    let base = ["--brokers", "127.0.0.1:9", "--group-id", "hostile"];
+    for option in [
+        "enable.auto.commit=false",
+        "enable.auto.offset.store=true",
+        "enable.idempotence=false",
+        "acks=1",
+        "request.required.acks=0",
+    ] {
+        let key = option.split('=').next().unwrap();
+        let mut serve = vec!["serve", "--database-url", "memory"];
+        serve.extend(base);
+        serve.extend(["--kafka-option", option]);
+        let mut list = vec!["dlq", "list"];
+        list.extend(base);
+        list.extend(["--kafka-option", option]);
+        let mut replay = vec!["dlq", "replay"];
+        replay.extend(base);
+        replay.extend(["--kafka-option", option]);
+        for args in [serve, list, replay] {
+            let error = refused_within_bound(&args);
+            assert!(
+                error.contains(&format!("--kafka-option {option} is refused"))
+                    && error.contains(&format!("hookline sets {key} itself")),
+                "{}: {error}",
+                args.join(" ")
+            );
+        }
+    }
+}
