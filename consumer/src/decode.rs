@@ -57,4 +57,36 @@ mod tests {
             }
         }
     }
+
+    /// Each reason by its name, from bytes a v1 producer wrote (committed fixture): a datum that
+    /// does not read is `corrupt_datum`, one that reads but is no `BuildEvent` is `bad_shape`.
+    #[tokio::test]
+    async fn datums_that_do_not_read_or_do_not_fit_are_named_apart() {
+        let good = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../schemas/tests/fixtures/build_event.v1.failed.bin"
+        ))
+        .unwrap();
+        let codec = Codec::embedded();
+        let reason = |bytes: Vec<u8>| {
+            let codec = codec.clone();
+            async move {
+                match record(&codec, Some(&bytes)).await {
+                    Decoded::Undecodable(u) => u.reason,
+                    other => panic!("{other:?}"),
+                }
+            }
+        };
+        let mut trailing = good.clone();
+        trailing.push(0);
+        assert_eq!(reason(trailing).await, "corrupt_datum");
+        let mut cut = good.clone();
+        cut.truncate(good.len() - 1);
+        assert_eq!(reason(cut).await, "corrupt_datum");
+        // Framing (5 bytes), then the event id: a length byte and 36 characters. A letter that
+        // is not hex keeps the string well-formed Avro but makes it no UUID.
+        let mut not_a_uuid = good.clone();
+        not_a_uuid[6] = b'z';
+        assert_eq!(reason(not_a_uuid).await, "bad_shape");
+    }
 }
