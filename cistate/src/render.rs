@@ -63,7 +63,11 @@ pub fn job_hook(snapshot: &RenderSnapshot, transition: &Transition) -> JobHook {
     // runner, whatever the row says by the time it is rendered.
     let no_facts = TransitionFacts::default();
     let created = transition.status == BuildStatus::Created;
-    let facts = if created { &no_facts } else { &transition.facts };
+    let facts = if created {
+        &no_facts
+    } else {
+        &transition.facts
+    };
     let runner = match transition.status {
         // A created build has no runner yet, whatever the row says now.
         BuildStatus::Created => None,

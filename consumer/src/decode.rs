@@ -83,10 +83,23 @@ mod tests {
         let mut cut = good.clone();
         cut.truncate(good.len() - 1);
         assert_eq!(reason(cut).await, "corrupt_datum");
-        // Framing (5 bytes), then the event id: a length byte and 36 characters. A letter that
-        // is not hex keeps the string well-formed Avro but makes it no UUID.
-        let mut not_a_uuid = good.clone();
-        not_a_uuid[6] = b'z';
-        assert_eq!(reason(not_a_uuid).await, "bad_shape");
+        // Well-formed Avro that is no BuildEvent: an `occurred_at` no calendar holds. After the
+        // framing (5 bytes) and the event id (a length byte and 36 characters) come three ids
+        // (varints) and the status (one byte), then `occurred_at`, a varint long: replaced by
+        // i64::MAX microseconds (zigzag varint: 0xfe, eight 0xff, 0x01).
+        let varint_end =
+            |from: usize| from + good[from..].iter().position(|b| b & 0x80 == 0).unwrap() + 1;
+        let mut at = 5 + 1 + 36;
+        for _ in 0..3 {
+            at = varint_end(at);
+        }
+        at += 1;
+        let end = varint_end(at);
+        let mut out_of_range = good[..at].to_vec();
+        out_of_range.push(0xfe);
+        out_of_range.extend([0xff; 8]);
+        out_of_range.push(0x01);
+        out_of_range.extend(&good[end..]);
+        assert_eq!(reason(out_of_range).await, "bad_shape");
     }
 }

@@ -373,9 +373,11 @@ fn success_failed_and_canceled_carry_their_end_and_duration() {
 fn a_first_run_counts_zero_retries() {
     let mut snapshot = sample(0);
     snapshot.build.retries_count = 0;
-    let got: serde_json::Value =
-        serde_json::from_slice(&render(&snapshot, &Transition::of_current(&snapshot.build).unwrap()))
-            .unwrap();
+    let got: serde_json::Value = serde_json::from_slice(&render(
+        &snapshot,
+        &Transition::of_current(&snapshot.build).unwrap(),
+    ))
+    .unwrap();
     assert_eq!(got["retries_count"], serde_json::json!(0));
     let text = String::from_utf8(render(
         &snapshot,
@@ -383,7 +385,9 @@ fn a_first_run_counts_zero_retries() {
     ))
     .unwrap();
     assert!(
-        text.contains(r#""sha":"a91957a858320c0e17f3a0eca7cfacbff50ea29a","retries_count":0,"build_id":70000"#),
+        text.contains(
+            r#""sha":"a91957a858320c0e17f3a0eca7cfacbff50ea29a","retries_count":0,"build_id":70000"#
+        ),
         "{text}"
     );
 }
