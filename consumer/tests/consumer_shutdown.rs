@@ -266,3 +266,46 @@ async fn readyz_is_503_while_kafka_is_unreachable_and_healthz_stays_200() {
     assert_eq!(health.status().as_u16(), 200);
     child.kill().await.unwrap();
 }
+
+/// Proxies are never used for deliveries, whatever the environment says: a proxy would resolve
+/// and connect on the consumer's behalf, past the SSRF guard. With every proxy variable pointing
+/// at a receiver of its own, the hook's receiver gets the delivery and the "proxy" nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn proxy_variables_are_ignored() {
+    let world = World::new(1).await;
+    let schema = world.store_schema().await;
+    let snapshot = world.build(15_000).await;
+    let receiver = hookline_tests::Receiver::start().await;
+    let proxy = hookline_tests::Receiver::start().await;
+    world.hook(snapshot.project.id, &receiver.url, None).await;
+    let proxy_url = proxy.url.trim_end_matches("/hook").to_owned();
+    let mut process = ConsumerProcess::new(
+        env!("CARGO_BIN_EXE_hookline-consumer"),
+        &world,
+        &unique_name("proxy"),
+        &schema,
+    );
+    for var in [
+        "HTTP_PROXY",
+        "http_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ] {
+        process = process.env(var, &proxy_url);
+    }
+    let mut child = process.env("NO_PROXY", "").spawn();
+    world
+        .send(
+            &hookline_tests::world::inline_event(&snapshot, hookline_schemas::BuildStatus::Running),
+            hookline_schemas::SchemaVersion::V2,
+        )
+        .await;
+    poll_until("the delivery", WAIT, || async {
+        (receiver.count() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(proxy.count(), 0, "a request went through the proxy");
+    child.kill().await.unwrap();
+}
