@@ -64,40 +64,11 @@ pub(crate) fn client_config(config: &ConsumerConfig, group: &str) -> ClientConfi
 /// The idempotent producer for retry and dead-letter hand-offs.
 pub(crate) fn producer_config(config: &ConsumerConfig) -> ClientConfig {
     let mut c = base_config(config);
-    // Set after the pass-through on purpose (and refused among it: `FIXED_KAFKA_SETTINGS`): a
-    // hand-off must be acked by all in-sync replicas, written once.
+    // Set after the pass-through on purpose (and refused among it, see
+    // `config::FIXED_KAFKA_SETTINGS`): a hand-off must be acked by all in-sync replicas, once.
     c.set("enable.idempotence", "true").set("acks", "all");
     c
 }
-
-/// librdkafka settings the consumer sets itself, after the pass-through options, and refuses
-/// among them: at-least-once rests on each.
-pub(crate) const FIXED_KAFKA_SETTINGS: &[(&str, &str)] = &[
-    (
-        "enable.auto.commit",
-        "stored offsets are committed in the background, and on revoke",
-    ),
-    (
-        "auto.commit.enable",
-        "stored offsets are committed in the background, and on revoke",
-    ),
-    (
-        "enable.auto.offset.store",
-        "an offset is stored only once every delivery of its record is finished",
-    ),
-    (
-        "enable.idempotence",
-        "a retry or dead-letter hand-off is written once",
-    ),
-    (
-        "acks",
-        "a hand-off counts only once every in-sync replica has it",
-    ),
-    (
-        "request.required.acks",
-        "a hand-off counts only once every in-sync replica has it",
-    ),
-];
 
 /// The consumer context: rebalances update the offset trackers; statistics feed the lag gauge.
 pub(crate) struct Ctx {
