@@ -8,7 +8,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use hookline_cistate::fixtures::{sample, write_snapshot};
-use hookline_cistate::{PgOptions, PgStore};
+use hookline_cistate::{CiStore, PgOptions, PgStore};
 use hookline_consumer::config::ConsumerConfig;
 use hookline_consumer::dead_letter::{self, DeadLetterKind};
 use hookline_consumer::schedule::RetrySchedule;
@@ -310,6 +310,18 @@ async fn enable_after_a_permanent_disable_then_replay_delivers() {
         .collect();
     assert_eq!(keys.len(), 2);
     assert_eq!(keys[0], keys[1], "the replay keeps the Idempotency-Key");
+
+    // The other road to a permanent disable: forty failures in a row (each recorded while the
+    // hook may be called, two days apart, past any back-off).
+    for day in 1..=40 {
+        let at = chrono::Utc::now() + chrono::Duration::days(2 * day);
+        world.store.record_hook_failure(hook.id, at).await.unwrap();
+    }
+    let listed = stdout(&hooks(&schema, &["list"]));
+    assert!(listed.contains("\tdisabled\tfailures=40\t"), "{listed}");
+    stdout(&hooks(&schema, &["enable", &id]));
+    let listed = stdout(&hooks(&schema, &["list"]));
+    assert!(listed.contains("\tactive\tfailures=0\t"), "{listed}");
     running.stop().await;
 }
 
