@@ -59,7 +59,15 @@ pub fn job_hook(snapshot: &RenderSnapshot, transition: &Transition) -> JobHook {
         user,
         runner,
     } = snapshot;
-    let facts = &transition.facts;
+    // GitLab's hook data for a created build has no start, end, durations, failure reason or
+    // runner, whatever the row says by the time it is rendered.
+    let no_facts = TransitionFacts::default();
+    let created = transition.status == BuildStatus::Created;
+    let facts = if created {
+        &no_facts
+    } else {
+        &transition.facts
+    };
     let runner = match transition.status {
         // A created build has no runner yet, whatever the row says now.
         BuildStatus::Created => None,
@@ -92,10 +100,12 @@ pub fn job_hook(snapshot: &RenderSnapshot, transition: &Transition) -> JobHook {
         build_duration: facts.duration,
         build_queued_duration: facts.queued_duration,
         build_allow_failure: build.allow_failure,
-        build_failure_reason: facts
-            .failure_reason
-            .clone()
-            .unwrap_or_else(|| NO_FAILURE_REASON.to_owned()),
+        build_failure_reason: (!created).then(|| {
+            facts
+                .failure_reason
+                .clone()
+                .unwrap_or_else(|| NO_FAILURE_REASON.to_owned())
+        }),
         pipeline_id: pipeline.id,
         runner,
         project_id: project.id,
@@ -146,6 +156,7 @@ pub fn job_hook(snapshot: &RenderSnapshot, transition: &Transition) -> JobHook {
             visibility_level: project.visibility_level,
             path_with_namespace: format!("{}/{}", namespace.path, project.path),
             default_branch: project.default_branch.clone(),
+            ci_config_path: None,
         },
         environment: build.environment.as_ref().map(|e| HookEnvironment {
             name: e.name.clone(),
@@ -158,8 +169,8 @@ pub fn job_hook(snapshot: &RenderSnapshot, transition: &Transition) -> JobHook {
                 web_url: s.project_web_url.clone(),
                 path_with_namespace: s.project_path_with_namespace.clone(),
             },
-            pipeline_id: s.pipeline_id,
             job_id: s.job_id,
+            pipeline_id: s.pipeline_id,
         }),
     }
 }

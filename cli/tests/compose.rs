@@ -1,5 +1,7 @@
 //! The compose stack cannot be started here (no Docker engine), so its file and the Dockerfile
-//! are checked statically by scripts/check-compose, run as part of the test suite.
+//! are checked statically by scripts/check-compose, run as part of the test suite. The schema
+//! check is required: without a Compose implementation (`.ci/run` installs Debian's
+//! `docker-compose`) these tests fail instead of passing on the other checks alone.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -11,6 +13,7 @@ fn repo() -> PathBuf {
 fn check_compose(file: &std::path::Path) -> std::process::Output {
     Command::new(repo().join("scripts/check-compose"))
         .arg("--no-install")
+        .arg("--require-schema")
         .arg("--file")
         .arg(file)
         .output()
@@ -20,12 +23,30 @@ fn check_compose(file: &std::path::Path) -> std::process::Output {
 #[test]
 fn the_compose_file_and_the_dockerfile_pass_the_static_check() {
     let out = check_compose(&repo().join("docker-compose.yml"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
+        "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(stdout.contains("schema checked with"), "{stdout}");
+}
+
+/// A file Compose itself refuses (an unknown key) fails the schema check, not only ours.
+#[test]
+fn a_file_compose_refuses_fails_the_schema_check() {
+    let original = std::fs::read_to_string(repo().join("docker-compose.yml")).unwrap();
+    let broken = original.replacen("services:", "services:\n  receiver-typo:\n    imagee: x", 1);
+    assert_ne!(broken, original);
+    let dir = std::env::temp_dir().join(format!("hookline-compose-schema-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("docker-compose.yml");
+    std::fs::write(&file, broken).unwrap();
+    let out = check_compose(&file);
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.contains("config:"), "{stdout}");
 }
 
 #[test]

@@ -64,6 +64,35 @@ pub struct ConsumerConfig {
 /// a network blip of several heartbeats (3 s apart) without a needless rebalance.
 pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// librdkafka settings the consumer sets itself, after the pass-through options, and refuses
+/// among them: at-least-once rests on each.
+pub(crate) const FIXED_KAFKA_SETTINGS: &[(&str, &str)] = &[
+    (
+        "enable.auto.commit",
+        "stored offsets are committed in the background, and on revoke",
+    ),
+    (
+        "auto.commit.enable",
+        "stored offsets are committed in the background, and on revoke",
+    ),
+    (
+        "enable.auto.offset.store",
+        "an offset is stored only once every delivery of its record is finished",
+    ),
+    (
+        "enable.idempotence",
+        "a retry or dead-letter hand-off is written once",
+    ),
+    (
+        "acks",
+        "a hand-off counts only once every in-sync replica has it",
+    ),
+    (
+        "request.required.acks",
+        "a hand-off counts only once every in-sync replica has it",
+    ),
+];
+
 impl ConsumerConfig {
     /// Defaults for `brokers` and `group_id`, on the `build-events` topic.
     pub fn new(brokers: impl Into<String>, group_id: impl Into<String>) -> Self {
@@ -160,6 +189,14 @@ impl ConsumerConfig {
         if self.deliver.timeout.is_zero() {
             return bad("delivery timeout must be above zero".into());
         }
-        Ok(())
+        self.check_kafka_options()
+    }
+
+    /// Refuses pass-through options that would change what at-least-once rests on (offset
+    /// storage and commits, the hand-off producer's idempotence and acks); every command that
+    /// talks to Kafka checks them.
+    pub fn check_kafka_options(&self) -> Result<(), ConsumerError> {
+        hookline_shell::refuse_fixed_kafka_options(&self.kafka, FIXED_KAFKA_SETTINGS)
+            .map_err(ConsumerError::Config)
     }
 }

@@ -114,6 +114,7 @@ impl DeadLetter {
 /// A consumer for reading records by hand, in a throwaway group that never commits (an
 /// operator's look must not move anyone's offsets) and never creates a topic.
 fn reader(config: &ConsumerConfig, purpose: &str) -> Result<StreamConsumer, ConsumerError> {
+    config.check_kafka_options()?;
     let group = format!(
         "{}.{purpose}.{}",
         config.group_id,

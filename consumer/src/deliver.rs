@@ -514,9 +514,21 @@ mod tests {
         assert_ne!(idempotency_key(e1, &a), idempotency_key(e2, &a));
         assert_ne!(idempotency_key(e1, &a), idempotency_key(e1, &b));
         // Pinned: a replay months later, by another build of hookline, must send the same key.
+        // The literals are RFC 4122 UUID v5 (SHA-1 of the hook uuid's 16 bytes followed by the
+        // event id's 16 bytes), computed outside hookline (Python's hashlib and uuid modules).
+        for (hook_uuid, event_id, key) in [
+            (1, 10, "742c5553-49c4-57ff-af3c-0d1659bc153f"),
+            (2, 10, "511c8903-d7fa-5ac9-9112-4009292f5c7c"),
+            (1, 11, "d96fbb34-4dc4-50a9-ad33-fde258759ea7"),
+        ] {
+            let got = idempotency_key(Uuid::from_u128(event_id), &hook(Uuid::from_u128(hook_uuid)));
+            assert_eq!(got, key, "hook {hook_uuid}, event {event_id}");
+        }
+        let readme = hook(Uuid::parse_str("2edb8bef-21f1-41f9-baa1-17d5e2b12294").unwrap());
+        let event = Uuid::parse_str("27bcb10d-0532-42a9-b19d-ca480b4f4910").unwrap();
         assert_eq!(
-            idempotency_key(e1, &a),
-            Uuid::new_v5(&Uuid::from_u128(1), Uuid::from_u128(10).as_bytes()).to_string()
+            idempotency_key(event, &readme),
+            "5419d181-0f10-51de-8a10-fa9c8ed6290f"
         );
         assert_eq!(
             Uuid::parse_str(&idempotency_key(e1, &a))

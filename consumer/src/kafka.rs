@@ -76,8 +76,9 @@ pub(crate) fn client_config(config: &ConsumerConfig, group: &str) -> ClientConfi
 /// The idempotent producer for retry and dead-letter hand-offs.
 pub(crate) fn producer_config(config: &ConsumerConfig) -> ClientConfig {
     let mut c = base_config(config);
-    // Set after the pass-through on purpose: a hand-off must be acked by all in-sync replicas.
-    c.set("enable.idempotence", "true");
+    // Set after the pass-through on purpose (and refused among it, see
+    // `config::FIXED_KAFKA_SETTINGS`): a hand-off must be acked by all in-sync replicas, once.
+    c.set("enable.idempotence", "true").set("acks", "all");
     c
 }
 
@@ -167,4 +168,36 @@ pub(crate) fn subscribe(
         consumer: Arc::new(consumer),
         offsets,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pass_through_options_cannot_turn_off_at_least_once() {
+        let mut config = ConsumerConfig::new("127.0.0.1:9", "g");
+        config.kafka = [
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "true"),
+            ("enable.idempotence", "false"),
+            ("acks", "1"),
+            ("fetch.wait.max.ms", "50"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .to_vec();
+        let consumer = client_config(&config, "g");
+        assert_eq!(consumer.get("enable.auto.commit"), Some("true"));
+        assert_eq!(consumer.get("enable.auto.offset.store"), Some("false"));
+        assert_eq!(consumer.get("fetch.wait.max.ms"), Some("50"));
+        let producer = producer_config(&config);
+        assert_eq!(producer.get("enable.idempotence"), Some("true"));
+        assert_eq!(producer.get("acks"), Some("all"));
+        for (key, value) in config.kafka.clone() {
+            let mut one = ConsumerConfig::new("127.0.0.1:9", "g");
+            one.kafka = vec![(key.clone(), value)];
+            let refused = one.validate().is_err();
+            assert_eq!(refused, key != "fetch.wait.max.ms", "{key}");
+        }
+    }
 }

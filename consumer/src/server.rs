@@ -129,6 +129,8 @@ async fn ready(State(state): State<AppState>) -> impl IntoResponse {
 
 /// Runs the consumer and its HTTP endpoints until `shutdown`; then drains and returns.
 pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> Result<(), ConsumerError> {
+    // Before anything connects, so a refused option is the one error an operator sees.
+    config.consumer.validate()?;
     let codec = open_codec(config.schema_registry_url.as_deref()).await?;
     let store = open_store(&config.database_url, config.database_schema.as_deref()).await?;
     let consumer = Consumer::new(config.consumer, store.clone(), codec).await?;

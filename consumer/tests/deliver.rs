@@ -639,3 +639,18 @@ async fn a_port_below_1024_outside_the_allowed_list_is_refused_naming_the_rule()
         assert!(reason.contains(&format!("port {port}")), "{reason}");
     }
 }
+
+/// A name that does not resolve now may resolve later (DNS outage, a record being created): the
+/// delivery is retried, not given up (`.invalid` never resolves, RFC 6761).
+#[tokio::test]
+async fn an_unresolvable_host_is_retried() {
+    let hook = hook("http://hookline-unresolvable.invalid:8080/hook");
+    match attempt(&strict_deliverer(), &hook, Uuid::new_v4(), 1).await {
+        AttemptOutcome::Retry {
+            status: None,
+            reason,
+            ..
+        } => assert!(!reason.is_empty()),
+        other => panic!("an unresolvable host must be retried, got {other:?}"),
+    }
+}

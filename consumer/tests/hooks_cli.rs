@@ -1,11 +1,22 @@
-//! `hookline-consumer hooks add|list` against the real PostgreSQL: what `add` refuses, and what
-//! `list` never prints.
+//! The operator's commands, run as the `hookline-consumer` binary against the real PostgreSQL and
+//! Kafka: what `hooks add` refuses and `hooks list` never prints; `hooks remove` dead-lettering
+//! pending retries; `hooks enable` after a permanent disable, then `dlq replay`; `dlq replay` of
+//! undecodable records to their source topic and its `--since` filter; and the Kafka options
+//! every command refuses.
 
 use std::process::Output;
+use std::time::Duration;
 
 use hookline_cistate::fixtures::{sample, write_snapshot};
-use hookline_cistate::{PgOptions, PgStore};
-use hookline_tests::{database_url, unique_name};
+use hookline_cistate::{CiStore, PgOptions, PgStore};
+use hookline_consumer::config::ConsumerConfig;
+use hookline_consumer::dead_letter::{self, DeadLetterKind};
+use hookline_consumer::schedule::RetrySchedule;
+use hookline_schemas::{BuildStatus, SchemaVersion};
+use hookline_tests::world::{World, inline_event};
+use hookline_tests::{Answer, Receiver, database_url, poll_until, unique_name};
+
+const WAIT: Duration = Duration::from_secs(30);
 
 fn hooks(schema: &str, args: &[&str]) -> Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_hookline-consumer"))
@@ -117,4 +128,257 @@ async fn add_refuses_unknown_projects_and_broken_tokens_and_list_masks_passwords
         1,
         "the refused hooks were not stored: {listed}"
     );
+}
+
+/// Runs `hookline-consumer ARGS` and waits at most 30 s for it to end on its own (a command that
+/// accepted a hostile option would go on running: killed, and the test fails).
+fn refused_within_bound(args: &[&str]) -> String {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hookline-consumer"))
+        .env_clear()
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("`{}` accepted the option and kept running", args.join(" "));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    refused(&child.wait_with_output().unwrap())
+}
+
+/// At-least-once rests on offsets stored only for finished records, committed by librdkafka, and
+/// on idempotent hand-offs acked by every replica: no pass-through option may change that, for
+/// `serve` or for the `dlq` commands (which read and produce with the same settings).
+#[test]
+fn kafka_options_that_at_least_once_rests_on_are_refused() {
+    let base = ["--brokers", "127.0.0.1:9", "--group-id", "hostile"];
+    for option in [
+        "enable.auto.commit=false",
+        "enable.auto.offset.store=true",
+        "enable.idempotence=false",
+        "acks=1",
+        "request.required.acks=0",
+    ] {
+        let key = option.split('=').next().unwrap();
+        let mut serve = vec!["serve", "--database-url", "memory"];
+        serve.extend(base);
+        serve.extend(["--kafka-option", option]);
+        let mut list = vec!["dlq", "list"];
+        list.extend(base);
+        list.extend(["--kafka-option", option]);
+        let mut replay = vec!["dlq", "replay"];
+        replay.extend(base);
+        replay.extend(["--kafka-option", option]);
+        for args in [serve, list, replay] {
+            let error = refused_within_bound(&args);
+            assert!(
+                error.contains(&format!("--kafka-option {option} is refused"))
+                    && error.contains(&format!("hookline sets {key} itself")),
+                "{}: {error}",
+                args.join(" ")
+            );
+        }
+    }
+}
+
+/// `hookline-consumer dlq ARGS` on `config`'s broker, group and topics.
+fn dlq(config: &ConsumerConfig, args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_hookline-consumer"))
+        .env_clear()
+        .env("HOOKLINE_KAFKA_BROKERS", &config.brokers)
+        .env("HOOKLINE_GROUP_ID", &config.group_id)
+        .env("HOOKLINE_TOPIC", &config.topic)
+        .arg("dlq")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn removing_a_hook_dead_letters_its_pending_retries_as_hook_removed() {
+    let world = World::new(1).await;
+    let schema = world.store_schema().await;
+    let snapshot = world.build(61_000).await;
+    let receiver = Receiver::start().await;
+    receiver.answer_always(Answer::Status(503));
+    let hook = world.hook(snapshot.project.id, &receiver.url, None).await;
+    let mut config = world.config();
+    // Long enough for the removal to land while the retry waits.
+    config.retry_schedule = RetrySchedule {
+        jitter: 0.0,
+        ..RetrySchedule::with_delays(vec![Duration::from_secs(3)])
+    };
+    let running = world.start(config.clone()).await;
+    world
+        .send(
+            &inline_event(&snapshot, BuildStatus::Running),
+            SchemaVersion::V2,
+        )
+        .await;
+    poll_until("the first attempt", WAIT, || async {
+        (receiver.count() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(
+        stdout(&hooks(&schema, &["remove", &hook.id.to_string()])).trim(),
+        format!("removed hook {}", hook.id)
+    );
+    poll_until("the hook_removed dead letter", WAIT, || async {
+        (running.metrics.dead_letters(Some("hook_removed")) == 1).then_some(())
+    })
+    .await;
+    assert_eq!(receiver.count(), 1, "a removed hook is never called again");
+    let listed = stdout(&dlq(&config, &["list"]));
+    let line = listed
+        .lines()
+        .find(|l| l.contains("\thook_removed\t"))
+        .unwrap_or_else(|| panic!("no hook_removed line in: {listed}"));
+    assert!(
+        line.contains(&format!("delivery hook={} ", hook.id)),
+        "{line}"
+    );
+    assert!(
+        stdout(&hooks(&schema, &["list"])).trim().is_empty(),
+        "the hook is gone"
+    );
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn enable_after_a_permanent_disable_then_replay_delivers() {
+    let world = World::new(1).await;
+    let schema = world.store_schema().await;
+    let snapshot = world.build(62_000).await;
+    let receiver = Receiver::start().await;
+    receiver.script([Answer::Status(410)]);
+    let hook = world.hook(snapshot.project.id, &receiver.url, None).await;
+    let config = world.config();
+    let running = world.start(config.clone()).await;
+
+    let gone = inline_event(&snapshot, BuildStatus::Running);
+    world.send(&gone, SchemaVersion::V2).await;
+    poll_until("the gone dead letter", WAIT, || async {
+        (running.metrics.dead_letters(Some("gone")) == 1).then_some(())
+    })
+    .await;
+    let later = inline_event(&snapshot, BuildStatus::Success);
+    world.send(&later, SchemaVersion::V2).await;
+    poll_until("the disabled hook's dead letter", WAIT, || async {
+        (running.metrics.dead_letters(Some("hook_disabled")) == 1).then_some(())
+    })
+    .await;
+    assert_eq!(receiver.count(), 1, "a disabled hook is not called");
+    let id = hook.id.to_string();
+    let listed = stdout(&hooks(&schema, &["list"]));
+    assert!(listed.contains("\tdisabled\t"), "{listed}");
+
+    assert_eq!(
+        stdout(&hooks(&schema, &["enable", &id])).trim(),
+        format!("enabled hook {id}")
+    );
+    let listed = stdout(&hooks(&schema, &["list"]));
+    assert!(
+        listed.contains("\tactive\tfailures=0\t"),
+        "enable clears the failures and the disable: {listed}"
+    );
+    let replayed = stdout(&dlq(&config, &["replay", "--hook", &id]));
+    assert!(
+        replayed.starts_with("replayed 2 deliveries, 0 records"),
+        "{replayed}"
+    );
+    for event in [&gone, &later] {
+        let event_id = event.event_id.to_string();
+        let delivered = poll_until("the replayed delivery", WAIT, || async {
+            receiver
+                .received()
+                .into_iter()
+                .find(|r| r.status == 200 && r.header("x-gitlab-event-uuid") == Some(&event_id))
+        })
+        .await;
+        assert_eq!(delivered.body.as_ref(), event.payload.as_deref().unwrap());
+    }
+    let keys: Vec<_> = receiver
+        .received()
+        .iter()
+        .filter(|r| r.header("x-gitlab-event-uuid") == Some(&gone.event_id.to_string()))
+        .map(|r| r.header("idempotency-key").unwrap().to_owned())
+        .collect();
+    assert_eq!(keys.len(), 2);
+    assert_eq!(keys[0], keys[1], "the replay keeps the Idempotency-Key");
+
+    // The other road to a permanent disable: forty failures in a row (each recorded while the
+    // hook may be called, two days apart, past any back-off).
+    for day in 1..=40 {
+        let at = chrono::Utc::now() + chrono::Duration::days(2 * day);
+        world.store.record_hook_failure(hook.id, at).await.unwrap();
+    }
+    let listed = stdout(&hooks(&schema, &["list"]));
+    assert!(listed.contains("\tdisabled\tfailures=40\t"), "{listed}");
+    stdout(&hooks(&schema, &["enable", &id]));
+    let listed = stdout(&hooks(&schema, &["list"]));
+    assert!(listed.contains("\tactive\tfailures=0\t"), "{listed}");
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replay_sends_undecodable_records_back_to_their_topic_and_since_filters() {
+    let world = World::new(1).await;
+    let config = world.config();
+    let running = world.start(config.clone()).await;
+
+    world.send_raw("poison-1", b"\x07 first poison").await;
+    poll_until("the first dead letter", WAIT, || async {
+        (running.metrics.dead_letters(Some("bad_magic")) == 1).then_some(())
+    })
+    .await;
+    // A dead letter's time is its record's (milliseconds): step past the first one's.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let since = chrono::Utc::now();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    world.send_raw("poison-2", b"\x07 second poison").await;
+    poll_until("the second dead letter", WAIT, || async {
+        (running.metrics.dead_letters(Some("bad_magic")) == 2).then_some(())
+    })
+    .await;
+
+    let replayed = stdout(&dlq(
+        &config,
+        &[
+            "replay",
+            "--since",
+            &since.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        ],
+    ));
+    assert!(
+        replayed.starts_with("replayed 0 deliveries, 1 records")
+            && replayed.trim_end().ends_with("1 left out by the filter"),
+        "{replayed}"
+    );
+    // Back on the main topic, the record is read (and refused) again.
+    poll_until("the replayed record dead-lettered again", WAIT, || async {
+        (running.metrics.dead_letters(Some("bad_magic")) == 3).then_some(())
+    })
+    .await;
+    let letters = dead_letter::list(&config).await.unwrap();
+    let values: Vec<&[u8]> = letters.iter().map(|l| l.value.as_slice()).collect();
+    assert_eq!(
+        values,
+        [
+            &b"\x07 first poison"[..],
+            b"\x07 second poison",
+            b"\x07 second poison"
+        ]
+    );
+    for letter in &letters {
+        assert!(
+            matches!(&letter.kind, DeadLetterKind::Record { source_topic } if *source_topic == world.topic),
+            "{letter:?}"
+        );
+    }
+    running.stop().await;
 }

@@ -68,7 +68,8 @@ impl KafkaOptions {
         }
     }
 
-    /// The size bound is one setting: `--max-event-bytes`, not a free-form Kafka option.
+    /// The size bound is one setting (`--max-event-bytes`, not a free-form Kafka option), and the
+    /// settings an acknowledgement rests on are hookline's.
     pub fn validate(&self) -> Result<(), ProducerError> {
         if self.max_event_bytes < 1000 {
             return Err(ProducerError::Invalid(
@@ -76,16 +77,7 @@ impl KafkaOptions {
                     .into(),
             ));
         }
-        if let Some((key, _)) = self
-            .kafka_options
-            .iter()
-            .find(|(k, _)| k == "message.max.bytes")
-        {
-            return Err(ProducerError::Invalid(format!(
-                "--kafka-option {key}=... is set by --max-event-bytes; use that instead"
-            )));
-        }
-        Ok(())
+        self.emitter_config().check_kafka_options()
     }
 }
 

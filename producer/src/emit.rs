@@ -58,6 +58,23 @@ pub use crate::bounds::DEFAULT_MAX_EVENT_BYTES;
 /// refused by librdkafka for its size.
 pub const RECORD_OVERHEAD: usize = 512;
 
+/// librdkafka settings the emitter sets itself, after the pass-through options, and refuses
+/// among them: a `202` means the event is on every in-sync replica, written once.
+pub const FIXED_KAFKA_SETTINGS: &[(&str, &str)] = &[
+    (
+        "enable.idempotence",
+        "a retried produce must not duplicate or reorder events",
+    ),
+    (
+        "acks",
+        "an event is acknowledged once every in-sync replica has it",
+    ),
+    (
+        "request.required.acks",
+        "an event is acknowledged once every in-sync replica has it",
+    ),
+];
+
 /// How the emitter reaches Kafka.
 #[derive(Debug, Clone)]
 pub struct EmitterConfig {
@@ -112,13 +129,22 @@ impl EmitterConfig {
         client
     }
 
+    /// Refuses pass-through options that would change what an acknowledgement means
+    /// ([`FIXED_KAFKA_SETTINGS`]) or the size bound (`--max-event-bytes`).
+    pub fn check_kafka_options(&self) -> Result<(), ProducerError> {
+        if let Some((key, _)) = self.kafka.iter().find(|(k, _)| k == "message.max.bytes") {
+            return Err(ProducerError::Invalid(format!(
+                "--kafka-option {key}=... is set by --max-event-bytes; use that instead"
+            )));
+        }
+        hookline_shell::refuse_fixed_kafka_options(&self.kafka, FIXED_KAFKA_SETTINGS)
+            .map_err(ProducerError::Invalid)
+    }
+
     fn producer_config(&self) -> ClientConfig {
         let mut client = ClientConfig::new();
         client
             .set("bootstrap.servers", &self.brokers)
-            // Idempotence: broker-side dedup of retries, order kept per partition; implies acks=all.
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
             .set("compression.type", "zstd")
             .set("linger.ms", "5")
             .set(
@@ -128,9 +154,14 @@ impl EmitterConfig {
         for (key, value) in &self.kafka {
             client.set(key, value);
         }
-        // After the free-form options: the size bound is one setting, --max-event-bytes
-        // (`validate` refuses `message.max.bytes` among the options).
-        client.set("message.max.bytes", self.message_max_bytes().to_string());
+        // After the free-form options, so none of them can weaken what a 202 promises (they are
+        // refused beforehand too: `check_kafka_options`). Idempotence: broker-side dedup of
+        // retries, order kept per partition; acks=all: every in-sync replica has the event.
+        client
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            // The size bound is one setting, --max-event-bytes.
+            .set("message.max.bytes", self.message_max_bytes().to_string());
         client
     }
 }
@@ -311,6 +342,7 @@ impl Emitter {
         if config.topic.is_empty() {
             return Err(ProducerError::Invalid("the topic name is empty".into()));
         }
+        config.check_kafka_options()?;
         let codec = writer_codec(config.schema_registry_url.as_deref(), config.writer).await?;
         let producer: FutureProducer = config
             .producer_config()
@@ -816,6 +848,56 @@ async fn ensure_topic(config: &EmitterConfig, partitions: i32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn hostile() -> EmitterConfig {
+        let mut config = EmitterConfig::new("127.0.0.1:9");
+        config.kafka = [
+            ("enable.idempotence", "false"),
+            ("acks", "1"),
+            ("request.required.acks", "0"),
+            ("linger.ms", "20"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .to_vec();
+        config
+    }
+
+    #[test]
+    fn pass_through_options_cannot_weaken_what_an_acknowledgement_means() {
+        let client = hostile().producer_config();
+        assert_eq!(client.get("enable.idempotence"), Some("true"));
+        assert_eq!(client.get("acks"), Some("all"));
+        assert_eq!(client.get("request.required.acks"), Some("0"));
+        // Other pass-through settings still win over hookline's defaults.
+        assert_eq!(client.get("linger.ms"), Some("20"));
+    }
+
+    #[tokio::test]
+    async fn the_emitter_refuses_options_it_sets_itself() {
+        for (key, value) in [
+            ("enable.idempotence", "false"),
+            ("acks", "1"),
+            ("request.required.acks", "0"),
+            ("message.max.bytes", "5000000"),
+        ] {
+            let mut config = EmitterConfig::new("127.0.0.1:9");
+            config.kafka = vec![(key.to_owned(), value.to_owned())];
+            let error = config.check_kafka_options().unwrap_err().to_string();
+            assert!(error.contains(key), "{key}: {error}");
+        }
+        let error = Emitter::new(
+            hostile(),
+            Arc::new(hookline_cistate::MemoryStore::new()),
+            Flags::in_memory(),
+            Arc::new(ProducerMetrics::new()),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(&error, ProducerError::Invalid(m) if m.contains("enable.idempotence=false")),
+            "{error}"
+        );
+    }
 
     #[tokio::test]
     async fn without_a_registry_url_the_embedded_ids_are_written() {

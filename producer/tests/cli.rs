@@ -203,6 +203,22 @@ fn serve_refuses_to_run_without_authentication_unless_on_loopback() {
         ],
     ));
     assert!(stderr.contains("--max-event-bytes"), "{stderr}");
+    // A 202 means idempotent and acknowledged by every in-sync replica: no pass-through option
+    // may weaken that, by flag or by variable.
+    for option in [
+        "enable.idempotence=false",
+        "acks=1",
+        "request.required.acks=0",
+    ] {
+        let key = option.split('=').next().unwrap();
+        let expected = format!("--kafka-option {option} is refused: hookline sets {key} itself");
+        let stderr = refused(cli(&env, &["serve", "--no-auth", "--kafka-option", option]));
+        assert!(stderr.contains(&expected), "{stderr}");
+        let mut with_var = env.to_vec();
+        with_var.push(("HOOKLINE_KAFKA_OPTIONS", format!("linger.ms=1,{option}")));
+        let stderr = refused(cli(&with_var, &["serve", "--no-auth"]));
+        assert!(stderr.contains(&expected), "{stderr}");
+    }
     let tokens = std::env::temp_dir().join(format!("hookline-cli-{}", uuid::Uuid::new_v4()));
     std::fs::write(&tokens, "short\n").unwrap();
     let stderr = refused(cli(

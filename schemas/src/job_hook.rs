@@ -35,7 +35,9 @@ pub struct JobHook {
     /// Seconds, fractional.
     pub build_queued_duration: Option<f64>,
     pub build_allow_failure: bool,
-    pub build_failure_reason: String,
+    /// `unknown_failure` for a build that did not fail; null in the `created` event (GitLab's
+    /// created-build hook data sets it to nil).
+    pub build_failure_reason: Option<String>,
     pub pipeline_id: i64,
     /// Null until a runner picked the build up.
     pub runner: Option<HookRunner>,
@@ -111,6 +113,10 @@ pub struct HookProject {
     pub visibility_level: i32,
     pub path_with_namespace: String,
     pub default_branch: String,
+    /// GitLab's custom CI configuration path; null for a project on the default
+    /// `.gitlab-ci.yml`, which is every project hookline's CI state describes.
+    #[serde(default)]
+    pub ci_config_path: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -136,8 +142,9 @@ pub struct HookEnvironment {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HookSourcePipeline {
     pub project: HookSourceProject,
-    pub pipeline_id: i64,
+    // GitLab's order (`source_pipeline_attrs`): the job, then the pipeline.
     pub job_id: i64,
+    pub pipeline_id: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -231,5 +231,8 @@ async fn bad_input_is_a_typed_error() {
     let mut corrupt = fixture("build_event.v1.failed.bin");
     let status_at = 5 + 1 + 36 + 3 + 2 + 2; // uuid string (len byte + 36) then three varint longs
     corrupt[status_at] = 0x7e;
-    assert!(codec.decode(&corrupt).await.is_err());
+    assert!(
+        matches!(codec.decode(&corrupt).await, Err(CodecError::Corrupt(_))),
+        "an enum index past the symbols is a corrupt datum"
+    );
 }

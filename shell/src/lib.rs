@@ -4,7 +4,8 @@
 //! # Layout
 //!
 //! - [`parse_duration`], [`parse_key_value`]: the option values every binary reads (so
-//!   `HOOKLINE_DELIVERY_TIMEOUT=10` means the same to both services).
+//!   `HOOKLINE_DELIVERY_TIMEOUT=10` means the same to both services);
+//!   [`refuse_fixed_kafka_options`]: the pass-through Kafka settings a binary does not let through.
 //! - [`LogArgs`], [`init_tracing`]: `--log-format text|json` and the `RUST_LOG` filter.
 //! - [`shutdown_signal`], [`cancel_on_signal`]: Ctrl-C or SIGTERM.
 //! - [`exit_code`]: an error as one line for a person, and the exit status.
@@ -49,6 +50,24 @@ pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
             "invalid option {s:?}: expected KEY=VALUE, e.g. security.protocol=SASL_SSL"
         )),
     }
+}
+
+/// Refuses a pass-through Kafka option that would change a setting the binary's guarantees rest
+/// on (`fixed`: the librdkafka keys, aliases included). Such a setting is also applied after the
+/// pass-through, so it would be ignored anyway: refusing says so instead of silently dropping
+/// what the operator asked for.
+pub fn refuse_fixed_kafka_options(
+    options: &[(String, String)],
+    fixed: &[(&str, &str)],
+) -> Result<(), String> {
+    for (key, value) in options {
+        if let Some((_, why)) = fixed.iter().find(|(k, _)| k == key) {
+            return Err(format!(
+                "--kafka-option {key}={value} is refused: hookline sets {key} itself ({why})"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// How log lines are written.

@@ -52,6 +52,12 @@ impl ConsumerProcess {
         self
     }
 
+    /// An environment variable for the process.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.command.env(key, value);
+        self
+    }
+
     /// `http://127.0.0.1:<port>`, where its `/metrics`, `/healthz` and `/readyz` answer.
     pub fn base_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)

@@ -50,6 +50,11 @@ impl Producer {
         }
     }
 
+    /// Tells it to stop, as SIGTERM would, without waiting ([`Producer::stop`] waits).
+    pub fn begin_stop(&self) {
+        self.shutdown.cancel();
+    }
+
     /// Stops it as SIGTERM would, and waits until it has drained.
     pub async fn stop(self) {
         self.shutdown.cancel();

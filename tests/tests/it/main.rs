@@ -10,6 +10,7 @@ mod foundation;
 mod producer_emit;
 mod producer_http;
 mod producer_reliability;
+mod promises;
 mod schema_registry;
 mod schemas_http_registry;
 mod soak_receiver;

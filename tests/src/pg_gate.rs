@@ -1,0 +1,97 @@
+//! A TCP gate in front of the shared PostgreSQL that a test can close: while closed, every open
+//! connection is cut and new ones are dropped on arrival, as when the server goes away; opened
+//! again, connections reach the real server. Tests of a PostgreSQL outage use it instead of
+//! stopping the shared server.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::AbortHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::database_url;
+
+pub struct PgGate {
+    port: u16,
+    closed: Arc<AtomicBool>,
+    connections: Arc<Mutex<Vec<AbortHandle>>>,
+    shutdown: CancellationToken,
+}
+
+impl PgGate {
+    /// Opens a gate to the server of `HOOKLINE_TEST_DATABASE_URL`.
+    pub async fn start() -> PgGate {
+        let url = database_url();
+        let target = server_address(&url);
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the gate");
+        let port = listener.local_addr().unwrap().port();
+        let closed = Arc::new(AtomicBool::new(false));
+        let connections = Arc::new(Mutex::new(Vec::new()));
+        let shutdown = CancellationToken::new();
+        let (gate_closed, gate_connections, stop) =
+            (closed.clone(), connections.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut client, _) = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(pair) => pair,
+                        Err(_) => continue,
+                    },
+                };
+                if gate_closed.load(Ordering::SeqCst) {
+                    continue; // dropped: the client sees the connection close at once
+                }
+                let target = target.clone();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut server) = TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                gate_connections.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        PgGate {
+            port,
+            closed,
+            connections,
+            shutdown,
+        }
+    }
+
+    /// The test database's URL, through the gate.
+    pub fn url(&self) -> String {
+        let url = database_url();
+        url.replace(&server_address(&url), &format!("127.0.0.1:{}", self.port))
+    }
+
+    /// Cuts every connection and refuses new ones.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        for connection in self.connections.lock().unwrap().drain(..) {
+            connection.abort();
+        }
+    }
+
+    /// Lets connections through again.
+    pub fn open(&self) {
+        self.closed.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for PgGate {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        self.close();
+    }
+}
+
+/// `host:port` of a `postgres://user:password@host:port/db` URL.
+fn server_address(url: &str) -> String {
+    let rest = url.split_once('@').map_or(url, |(_, r)| r);
+    let rest = rest.split_once("://").map_or(rest, |(_, r)| r);
+    rest.split(['/', '?']).next().unwrap_or(rest).to_owned()
+}
