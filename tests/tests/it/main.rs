@@ -9,6 +9,7 @@ mod consumer_reliability;
 mod foundation;
 mod producer_emit;
 mod producer_http;
+mod producer_outbox;
 mod producer_reliability;
 mod schema_registry;
 mod schemas_http_registry;
