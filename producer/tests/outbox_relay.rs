@@ -301,12 +301,14 @@ fn verdict(brokers: &str, topic: &str, expected: &HashMap<Uuid, (i64, usize)>) -
     verdict
 }
 
-/// Feeds the transitions at `rate` per second: writer `w` takes builds `w, w + WRITERS, ...`, ten builds
+/// Feeds the transitions at `rate` per second: writer `w` of `writers` takes builds
+/// `w, w + writers, ...`, ten builds
 /// at a time through their four statuses, except the transitions in `skip` (committed by an
 /// earlier incarnation). `commit` commits one and returns its event id.
 async fn feed<F, Fut>(
     builds: &[Build],
     skip: Arc<std::collections::HashSet<(i64, usize)>>,
+    writers: usize,
     rate: f64,
     commit: F,
 ) -> HashMap<Uuid, (i64, usize)>
@@ -314,13 +316,13 @@ where
     F: Fn(Build, BuildStatus) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = Uuid> + Send,
 {
-    let interval = Duration::from_secs_f64(WRITERS as f64 / rate);
-    let mut writers = Vec::new();
-    for w in 0..WRITERS {
-        let mine: Vec<Build> = builds.iter().skip(w).step_by(WRITERS).cloned().collect();
+    let interval = Duration::from_secs_f64(writers as f64 / rate);
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let mine: Vec<Build> = builds.iter().skip(w).step_by(writers).cloned().collect();
         let commit = commit.clone();
         let skip = skip.clone();
-        writers.push(tokio::spawn(async move {
+        tasks.push(tokio::spawn(async move {
             let mut ticks = tokio::time::interval(interval);
             let mut ids = Vec::new();
             for group in mine.chunks(10) {
@@ -339,8 +341,8 @@ where
         }));
     }
     let mut expected = HashMap::new();
-    for writer in writers {
-        expected.extend(writer.await.expect("writer"));
+    for task in tasks {
+        expected.extend(task.await.expect("writer"));
     }
     expected
 }
@@ -405,18 +407,24 @@ async fn the_outbox_relay_loses_nothing_under_sigkills_and_a_broker_stop() {
 
     let started = Instant::now();
     let pool = scene.store.pool().clone();
-    let feeding = feed(&scene.builds, Arc::default(), RATE, move |build, status| {
-        let pool = pool.clone();
-        async move {
-            let mut tx = pool.begin().await.expect("begin");
-            write_build(&mut *tx, &build).await.expect("build row");
-            let id = Outbox::record(&mut *tx, &OutboxTransition::new(build.id, status))
-                .await
-                .expect("outbox row");
-            tx.commit().await.expect("commit");
-            id
-        }
-    });
+    let feeding = feed(
+        &scene.builds,
+        Arc::default(),
+        WRITERS,
+        RATE,
+        move |build, status| {
+            let pool = pool.clone();
+            async move {
+                let mut tx = pool.begin().await.expect("begin");
+                write_build(&mut *tx, &build).await.expect("build row");
+                let id = Outbox::record(&mut *tx, &OutboxTransition::new(build.id, status))
+                    .await
+                    .expect("outbox row");
+                tx.commit().await.expect("commit");
+                id
+            }
+        },
+    );
     let restart = || Some(relay_process(&scene, port));
     let (expected, killed, ()) = tokio::join!(
         feeding,
@@ -520,36 +528,44 @@ async fn crash_client_child() {
         .collect();
     let client = reqwest::Client::new();
     let url = format!("{producer}/v1/transitions");
-    feed(&builds(), Arc::new(skip), RATE, move |build, status| {
-        let pool = pool.clone();
-        let client = client.clone();
-        let url = url.clone();
-        async move {
-            let event_id = Uuid::new_v4();
-            let index = STATUSES.iter().position(|s| *s == status).unwrap() as i32;
-            let mut tx = pool.begin().await.expect("begin");
-            write_build(&mut *tx, &build).await.expect("build row");
-            sqlx::query("INSERT INTO crash_ledger (event_id, build_id, idx) VALUES ($1, $2, $3)")
+    feed(
+        &builds(),
+        Arc::new(skip),
+        WRITERS,
+        RATE,
+        move |build, status| {
+            let pool = pool.clone();
+            let client = client.clone();
+            let url = url.clone();
+            async move {
+                let event_id = Uuid::new_v4();
+                let index = STATUSES.iter().position(|s| *s == status).unwrap() as i32;
+                let mut tx = pool.begin().await.expect("begin");
+                write_build(&mut *tx, &build).await.expect("build row");
+                sqlx::query(
+                    "INSERT INTO crash_ledger (event_id, build_id, idx) VALUES ($1, $2, $3)",
+                )
                 .bind(event_id)
                 .bind(build.id)
                 .bind(index)
                 .execute(&mut *tx)
                 .await
                 .expect("ledger row");
-            tx.commit().await.expect("commit");
-            let body = json!({"build_id": build.id, "status": status, "event_id": event_id});
-            loop {
-                match client.post(&url).json(&body).send().await {
-                    Ok(r) if r.status().as_u16() == 202 => break,
-                    Ok(r) if r.status().as_u16() != 503 => {
-                        panic!("transition refused: {}", r.status())
+                tx.commit().await.expect("commit");
+                let body = json!({"build_id": build.id, "status": status, "event_id": event_id});
+                loop {
+                    match client.post(&url).json(&body).send().await {
+                        Ok(r) if r.status().as_u16() == 202 => break,
+                        Ok(r) if r.status().as_u16() != 503 => {
+                            panic!("transition refused: {}", r.status())
+                        }
+                        _ => tokio::time::sleep(Duration::from_millis(500)).await,
                     }
-                    _ => tokio::time::sleep(Duration::from_millis(500)).await,
                 }
+                event_id
             }
-            event_id
-        }
-    })
+        },
+    )
     .await;
 }
 
@@ -641,6 +657,9 @@ async fn a_client_that_crashes_between_commit_and_post_loses_transitions() {
     );
 }
 
+/// Enough writers that the commits keep up with 1,000/s on a busy machine.
+const BENCH_WRITERS: usize = 16;
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
@@ -654,7 +673,7 @@ async fn outbox_latency_and_throughput() {
     hookline_tests::create_topic(&topic, 4).await;
     let schema = unique_name("outbox_bench");
     let store = PgStore::connect(&PgOptions {
-        max_connections: (WRITERS + 2) as u32,
+        max_connections: (BENCH_WRITERS + 2) as u32,
         ..PgOptions::new(database_url()).schema(schema.clone())
     })
     .await
@@ -717,20 +736,26 @@ async fn outbox_latency_and_throughput() {
     let pool = store.pool().clone();
     let log = committed.clone();
     let started = Instant::now();
-    let expected = feed(&builds(), Arc::default(), 1_000.0, move |build, status| {
-        let pool = pool.clone();
-        let log = log.clone();
-        async move {
-            let mut tx = pool.begin().await.unwrap();
-            write_build(&mut *tx, &build).await.unwrap();
-            let id = Outbox::record(&mut *tx, &OutboxTransition::new(build.id, status))
-                .await
-                .unwrap();
-            tx.commit().await.unwrap();
-            log.lock().unwrap().insert(id, Instant::now());
-            id
-        }
-    })
+    let expected = feed(
+        &builds(),
+        Arc::default(),
+        BENCH_WRITERS,
+        1_000.0,
+        move |build, status| {
+            let pool = pool.clone();
+            let log = log.clone();
+            async move {
+                let mut tx = pool.begin().await.unwrap();
+                write_build(&mut *tx, &build).await.unwrap();
+                let id = Outbox::record(&mut *tx, &OutboxTransition::new(build.id, status))
+                    .await
+                    .unwrap();
+                tx.commit().await.unwrap();
+                log.lock().unwrap().insert(id, Instant::now());
+                id
+            }
+        },
+    )
     .await;
     let fed = started.elapsed();
     let mut latencies = Vec::with_capacity(expected.len());
