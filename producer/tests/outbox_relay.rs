@@ -58,12 +58,14 @@ const KILLS: usize = 5;
 const BROKER_DOWN: Duration = Duration::from_secs(10);
 
 /// When the chaos happens, drawn from the seed: kill moments and the broker stop, as offsets
-/// from the start of the feed.
+/// from the start of the feed, and for the HTTP client one kill this long after the broker is
+/// down (`scripts/kafka` serializes its commands machine-wide, so a stop can take a while).
 #[derive(Debug)]
 struct Chaos {
     seed: u64,
     kills: Vec<Duration>,
     broker_stop: Duration,
+    kill_after_stop: Option<Duration>,
 }
 
 impl Chaos {
@@ -74,18 +76,19 @@ impl Chaos {
             .unwrap_or_else(|| rand::rng().random());
         let mut rng = StdRng::seed_from_u64(seed);
         let broker_stop = Duration::from_millis(rng.random_range(5_000..20_000));
-        let mut kills: Vec<Duration> = (0..KILLS)
+        // A client loses what it committed while the network (here: Kafka) is away.
+        let kill_after_stop =
+            kill_during_outage.then(|| Duration::from_millis(rng.random_range(1_000..8_000)));
+        let random = KILLS - usize::from(kill_during_outage);
+        let mut kills: Vec<Duration> = (0..random)
             .map(|_| Duration::from_millis(rng.random_range(1_000..38_000)))
             .collect();
-        if kill_during_outage {
-            // A client loses what it committed while the network (here: Kafka) was away.
-            kills[0] = broker_stop + Duration::from_millis(rng.random_range(2_000..8_000));
-        }
         kills.sort();
         Chaos {
             seed,
             kills,
             broker_stop,
+            kill_after_stop,
         }
     }
 }
@@ -158,11 +161,13 @@ impl Scene {
         }
     }
 
-    /// Stops the broker at `chaos.broker_stop` for 10 s, then starts it again.
+    /// Stops the broker at `chaos.broker_stop` for 10 s, then starts it again; `while_down`
+    /// runs once the broker is down.
     fn broker_outage(
         &self,
         chaos: &Chaos,
         started: Instant,
+        while_down: impl std::future::Future<Output = ()>,
     ) -> impl std::future::Future<Output = ()> {
         let at = started + chaos.broker_stop;
         let broker = self.broker.clone();
@@ -173,7 +178,7 @@ impl Scene {
                 .await
                 .unwrap();
             eprintln!("broker stopped at {:?}", started.elapsed());
-            tokio::time::sleep(BROKER_DOWN).await;
+            tokio::join!(tokio::time::sleep(BROKER_DOWN), while_down);
             tokio::task::spawn_blocking(move || broker.restart())
                 .await
                 .unwrap();
@@ -382,19 +387,32 @@ async fn kill_and_restart(
     let mut killed = 0;
     for at in &chaos.kills {
         tokio::time::sleep_until((started + *at).into()).await;
-        let mut guard = slot.lock().await;
-        if let Some(child) = guard.as_mut() {
-            // A client that already finished cannot be killed any more.
-            if child.try_wait().expect("child status").is_none() {
-                child.start_kill().expect("SIGKILL");
-                child.wait().await.expect("reaped");
-                killed += 1;
-                eprintln!("SIGKILL at {:?}", started.elapsed());
-                *guard = restart();
-            }
+        if kill(&slot, started, &restart).await {
+            killed += 1;
         }
     }
     killed
+}
+
+/// SIGKILLs the process in `slot`, if it still runs, and starts a new one; whether it killed.
+async fn kill(
+    slot: &tokio::sync::Mutex<Option<Child>>,
+    started: Instant,
+    restart: impl Fn() -> Option<Child>,
+) -> bool {
+    let mut guard = slot.lock().await;
+    let Some(child) = guard.as_mut() else {
+        return false;
+    };
+    // A client that already finished cannot be killed any more.
+    if child.try_wait().expect("child status").is_some() {
+        return false;
+    }
+    child.start_kill().expect("SIGKILL");
+    child.wait().await.expect("reaped");
+    eprintln!("SIGKILL at {:?}", started.elapsed());
+    *guard = restart();
+    true
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -430,7 +448,7 @@ async fn the_outbox_relay_loses_nothing_under_sigkills_and_a_broker_stop() {
     let (expected, killed, ()) = tokio::join!(
         feeding,
         kill_and_restart(&chaos, started, relay.clone(), restart),
-        scene.broker_outage(&chaos, started)
+        scene.broker_outage(&chaos, started, async {})
     );
     let fed = started.elapsed();
     assert_eq!(expected.len(), TRANSITIONS);
@@ -607,10 +625,21 @@ async fn a_client_that_crashes_between_commit_and_post_loses_transitions() {
     ))));
     let started = Instant::now();
     let restart = || Some(client_process(&scene, &producer.url));
+    let kill_while_down = async {
+        let wait = chaos.kill_after_stop.expect("drawn for the HTTP scenario");
+        tokio::time::sleep(wait).await;
+        kill(&client, started, restart).await
+    };
+    let killed_while_down = std::sync::atomic::AtomicUsize::new(0);
     let (killed, ()) = tokio::join!(
         kill_and_restart(&chaos, started, client.clone(), restart),
-        scene.broker_outage(&chaos, started)
+        scene.broker_outage(&chaos, started, async {
+            if kill_while_down.await {
+                killed_while_down.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        })
     );
+    let killed = killed + killed_while_down.into_inner();
     assert!(killed >= 1, "the client was killed at least once");
     hookline_tests::poll_until("the CI client to finish", Duration::from_secs(180), || {
         let client = client.clone();
