@@ -620,8 +620,14 @@ pub async fn relay(config: RelayConfig, shutdown: CancellationToken) -> Result<(
     let store: Arc<dyn CiStore> = Arc::new(pg);
     // No event id store: the outbox row is the event's identity, and a row is published again
     // only when its deletion was lost, which the id store could not see either.
+    let mut emitter_config = config.kafka.emitter_config();
+    // A claim is already a batch, and the next one waits for its acks: librdkafka's own wait
+    // for more records (serve's 5 ms) would only add latency. --kafka-option still overrides it.
+    emitter_config
+        .kafka
+        .insert(0, ("linger.ms".to_owned(), "1".to_owned()));
     let emitter = Emitter::new(
-        config.kafka.emitter_config(),
+        emitter_config,
         store,
         flags,
         Arc::new(ProducerMetrics::new()),
