@@ -91,7 +91,7 @@ struct SimulateArgs {
     #[arg(long, env = "HOOKLINE_SIM_VIA", value_enum, default_value = "http")]
     via: simulate::Via,
     /// Base URL of a running producer (`hookline-producer serve`); required with `--via http`.
-    #[arg(long, env = "HOOKLINE_PRODUCER_URL", required_if_eq("via", "http"))]
+    #[arg(long, env = "HOOKLINE_PRODUCER_URL")]
     producer_url: Option<String>,
     /// Bearer token for the producer's API (one line of its --api-token-file); omit only for a
     /// producer serving with --no-auth.

@@ -186,6 +186,11 @@ impl Sink for HttpSink {
 /// Connects, writes the world and hooks, and plays the simulation against the producer.
 pub async fn run(options: SimulateOptions) -> Result<SimulateReport, CliError> {
     let started = std::time::Instant::now();
+    if options.via == Via::Http && options.producer_url.is_empty() {
+        return Err(CliError::Usage(
+            "--producer-url (HOOKLINE_PRODUCER_URL) is required with --via http".into(),
+        ));
+    }
     if options.via == Via::Http
         && !options.producer_url.starts_with("http://")
         && !options.producer_url.starts_with("https://")
