@@ -12,18 +12,22 @@
 //! - [`store`]: the [`store::CiStore`] trait.
 //! - [`pg`]: PostgreSQL, with migrations applied on connect.
 //! - [`memory`]: in-memory, for the embedded demo and fast tests.
+//! - [`outbox`]: the transactional outbox: the CI records a transition in its own transaction,
+//!   the producer's relay claims, publishes and deletes it.
 //! - [`render`](mod@render): the pure renderer, shared by producer (inline) and consumer (deferred).
 //! - [`fixtures`]: a realistic build, for tests and examples.
 
 pub mod fixtures;
 pub mod memory;
 pub mod model;
+pub mod outbox;
 pub mod pg;
 pub mod render;
 pub mod store;
 
 pub use memory::MemoryStore;
 pub use model::*;
-pub use pg::{PgOptions, PgStore};
+pub use outbox::{Outbox, OutboxRow, OutboxTransition};
+pub use pg::{PgOptions, PgStore, write_build, write_pipeline};
 pub use render::{NoHook, Transition, is_stale, job_hook, no_hook, render};
 pub use store::{CiStore, StoreError};

@@ -365,98 +365,11 @@ impl CiStore for PgStore {
     }
 
     async fn upsert_pipeline(&self, p: &Pipeline) -> Result<(), StoreError> {
-        let s = p.source.as_ref();
-        sqlx::query(
-            "INSERT INTO pipelines (id, project_id, user_id, name, ref, tag, sha, before_sha, status,
-                started_at, finished_at, duration, commit_message, commit_author_name,
-                commit_author_email, source_project_id, source_project_web_url,
-                source_project_path, source_pipeline_id, source_job_id)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-                     $18, $19, $20)
-             ON CONFLICT (id) DO UPDATE SET project_id = EXCLUDED.project_id,
-                user_id = EXCLUDED.user_id, name = EXCLUDED.name, ref = EXCLUDED.ref,
-                tag = EXCLUDED.tag, sha = EXCLUDED.sha, before_sha = EXCLUDED.before_sha,
-                status = EXCLUDED.status, started_at = EXCLUDED.started_at,
-                finished_at = EXCLUDED.finished_at, duration = EXCLUDED.duration,
-                commit_message = EXCLUDED.commit_message,
-                commit_author_name = EXCLUDED.commit_author_name,
-                commit_author_email = EXCLUDED.commit_author_email,
-                source_project_id = EXCLUDED.source_project_id,
-                source_project_web_url = EXCLUDED.source_project_web_url,
-                source_project_path = EXCLUDED.source_project_path,
-                source_pipeline_id = EXCLUDED.source_pipeline_id,
-                source_job_id = EXCLUDED.source_job_id",
-        )
-        .bind(p.id)
-        .bind(p.project_id)
-        .bind(p.user_id)
-        .bind(&p.name)
-        .bind(&p.git_ref)
-        .bind(p.tag)
-        .bind(&p.sha)
-        .bind(&p.before_sha)
-        .bind(&p.status)
-        .bind(p.started_at)
-        .bind(p.finished_at)
-        .bind(p.duration)
-        .bind(&p.commit_message)
-        .bind(&p.commit_author_name)
-        .bind(&p.commit_author_email)
-        .bind(s.map(|s| s.project_id))
-        .bind(s.map(|s| s.project_web_url.clone()))
-        .bind(s.map(|s| s.project_path_with_namespace.clone()))
-        .bind(s.map(|s| s.pipeline_id))
-        .bind(s.map(|s| s.job_id))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        write_pipeline(&self.pool, p).await
     }
 
     async fn upsert_build(&self, b: &Build) -> Result<(), StoreError> {
-        let e = b.environment.as_ref();
-        sqlx::query(
-            "INSERT INTO builds (id, project_id, pipeline_id, user_id, runner_id, name, stage, status,
-                created_at, queued_at, started_at, finished_at, duration, queued_duration,
-                allow_failure, failure_reason, retries_count, environment_name,
-                environment_action, environment_tier)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-                     $18, $19, $20)
-             ON CONFLICT (id) DO UPDATE SET project_id = EXCLUDED.project_id,
-                pipeline_id = EXCLUDED.pipeline_id, user_id = EXCLUDED.user_id,
-                runner_id = EXCLUDED.runner_id, name = EXCLUDED.name, stage = EXCLUDED.stage,
-                status = EXCLUDED.status, created_at = EXCLUDED.created_at,
-                queued_at = EXCLUDED.queued_at, started_at = EXCLUDED.started_at,
-                finished_at = EXCLUDED.finished_at, duration = EXCLUDED.duration,
-                queued_duration = EXCLUDED.queued_duration,
-                allow_failure = EXCLUDED.allow_failure, failure_reason = EXCLUDED.failure_reason,
-                retries_count = EXCLUDED.retries_count,
-                environment_name = EXCLUDED.environment_name,
-                environment_action = EXCLUDED.environment_action,
-                environment_tier = EXCLUDED.environment_tier",
-        )
-        .bind(b.id)
-        .bind(b.project_id)
-        .bind(b.pipeline_id)
-        .bind(b.user_id)
-        .bind(b.runner_id)
-        .bind(&b.name)
-        .bind(&b.stage)
-        .bind(&b.status)
-        .bind(b.created_at)
-        .bind(b.queued_at)
-        .bind(b.started_at)
-        .bind(b.finished_at)
-        .bind(b.duration)
-        .bind(b.queued_duration)
-        .bind(b.allow_failure)
-        .bind(&b.failure_reason)
-        .bind(b.retries_count)
-        .bind(e.map(|e| e.name.clone()))
-        .bind(e.map(|e| e.action.clone()))
-        .bind(e.map(|e| e.deployment_tier.clone()))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        write_build(&self.pool, b).await
     }
 
     async fn add_hook(&self, h: &NewHook) -> Result<Hook, StoreError> {
@@ -599,4 +512,109 @@ impl CiStore for PgStore {
                 .await?,
         )
     }
+}
+
+/// Upserts a pipeline through any executor: a CI's own transaction writes the pipeline and
+/// its outbox row together (`write_pipeline(&mut *tx, ..)`).
+pub async fn write_pipeline<'c>(
+    executor: impl sqlx::PgExecutor<'c>,
+    p: &Pipeline,
+) -> Result<(), StoreError> {
+    let s = p.source.as_ref();
+    sqlx::query(
+        "INSERT INTO pipelines (id, project_id, user_id, name, ref, tag, sha, before_sha, status,
+            started_at, finished_at, duration, commit_message, commit_author_name,
+            commit_author_email, source_project_id, source_project_web_url,
+            source_project_path, source_pipeline_id, source_job_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
+                 $18, $19, $20)
+         ON CONFLICT (id) DO UPDATE SET project_id = EXCLUDED.project_id,
+            user_id = EXCLUDED.user_id, name = EXCLUDED.name, ref = EXCLUDED.ref,
+            tag = EXCLUDED.tag, sha = EXCLUDED.sha, before_sha = EXCLUDED.before_sha,
+            status = EXCLUDED.status, started_at = EXCLUDED.started_at,
+            finished_at = EXCLUDED.finished_at, duration = EXCLUDED.duration,
+            commit_message = EXCLUDED.commit_message,
+            commit_author_name = EXCLUDED.commit_author_name,
+            commit_author_email = EXCLUDED.commit_author_email,
+            source_project_id = EXCLUDED.source_project_id,
+            source_project_web_url = EXCLUDED.source_project_web_url,
+            source_project_path = EXCLUDED.source_project_path,
+            source_pipeline_id = EXCLUDED.source_pipeline_id,
+            source_job_id = EXCLUDED.source_job_id",
+    )
+    .bind(p.id)
+    .bind(p.project_id)
+    .bind(p.user_id)
+    .bind(&p.name)
+    .bind(&p.git_ref)
+    .bind(p.tag)
+    .bind(&p.sha)
+    .bind(&p.before_sha)
+    .bind(&p.status)
+    .bind(p.started_at)
+    .bind(p.finished_at)
+    .bind(p.duration)
+    .bind(&p.commit_message)
+    .bind(&p.commit_author_name)
+    .bind(&p.commit_author_email)
+    .bind(s.map(|s| s.project_id))
+    .bind(s.map(|s| s.project_web_url.clone()))
+    .bind(s.map(|s| s.project_path_with_namespace.clone()))
+    .bind(s.map(|s| s.pipeline_id))
+    .bind(s.map(|s| s.job_id))
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
+/// Upserts a build through any executor: a CI's own transaction writes the build and
+/// its outbox row together (`write_build(&mut *tx, ..)`).
+pub async fn write_build<'c>(
+    executor: impl sqlx::PgExecutor<'c>,
+    b: &Build,
+) -> Result<(), StoreError> {
+    let e = b.environment.as_ref();
+    sqlx::query(
+        "INSERT INTO builds (id, project_id, pipeline_id, user_id, runner_id, name, stage, status,
+            created_at, queued_at, started_at, finished_at, duration, queued_duration,
+            allow_failure, failure_reason, retries_count, environment_name,
+            environment_action, environment_tier)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
+                 $18, $19, $20)
+         ON CONFLICT (id) DO UPDATE SET project_id = EXCLUDED.project_id,
+            pipeline_id = EXCLUDED.pipeline_id, user_id = EXCLUDED.user_id,
+            runner_id = EXCLUDED.runner_id, name = EXCLUDED.name, stage = EXCLUDED.stage,
+            status = EXCLUDED.status, created_at = EXCLUDED.created_at,
+            queued_at = EXCLUDED.queued_at, started_at = EXCLUDED.started_at,
+            finished_at = EXCLUDED.finished_at, duration = EXCLUDED.duration,
+            queued_duration = EXCLUDED.queued_duration,
+            allow_failure = EXCLUDED.allow_failure, failure_reason = EXCLUDED.failure_reason,
+            retries_count = EXCLUDED.retries_count,
+            environment_name = EXCLUDED.environment_name,
+            environment_action = EXCLUDED.environment_action,
+            environment_tier = EXCLUDED.environment_tier",
+    )
+    .bind(b.id)
+    .bind(b.project_id)
+    .bind(b.pipeline_id)
+    .bind(b.user_id)
+    .bind(b.runner_id)
+    .bind(&b.name)
+    .bind(&b.stage)
+    .bind(&b.status)
+    .bind(b.created_at)
+    .bind(b.queued_at)
+    .bind(b.started_at)
+    .bind(b.finished_at)
+    .bind(b.duration)
+    .bind(b.queued_duration)
+    .bind(b.allow_failure)
+    .bind(&b.failure_reason)
+    .bind(b.retries_count)
+    .bind(e.map(|e| e.name.clone()))
+    .bind(e.map(|e| e.action.clone()))
+    .bind(e.map(|e| e.deployment_tier.clone()))
+    .execute(executor)
+    .await?;
+    Ok(())
 }

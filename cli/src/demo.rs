@@ -461,6 +461,7 @@ pub async fn run(options: DemoOptions) -> Result<DemoReport, CliError> {
             }),
             witness: Some(ledger.clone()),
             pace: None,
+            outbox: None,
         },
     )
     .await?;

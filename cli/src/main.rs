@@ -89,9 +89,14 @@ struct SimulateArgs {
     /// PostgreSQL schema (default: the connection's search path).
     #[arg(long, env = "HOOKLINE_DATABASE_SCHEMA")]
     database_schema: Option<String>,
-    /// Base URL of a running producer (`hookline-producer serve`).
+    /// How transitions leave the simulated CI: `http` commits the state and then POSTs the
+    /// transition to the producer; `outbox` writes it into the outbox table in the same
+    /// transaction as the state change (published by `hookline-producer relay`).
+    #[arg(long, env = "HOOKLINE_SIM_VIA", value_enum, default_value = "http")]
+    via: simulate::Via,
+    /// Base URL of a running producer (`hookline-producer serve`); required with `--via http`.
     #[arg(long, env = "HOOKLINE_PRODUCER_URL")]
-    producer_url: String,
+    producer_url: Option<String>,
     /// Bearer token for the producer's API (one line of its --api-token-file); omit only for a
     /// producer serving with --no-auth.
     #[arg(long, env = "HOOKLINE_API_TOKEN", hide_env_values = true)]
@@ -296,7 +301,8 @@ async fn main() -> ExitCode {
             let options = SimulateOptions {
                 database_url: args.database_url,
                 database_schema: args.database_schema,
-                producer_url: args.producer_url,
+                via: args.via,
+                producer_url: args.producer_url.unwrap_or_default(),
                 api_token,
                 receiver_url: args.receiver_url,
                 signing_secret: args.signing_secret,

@@ -2,6 +2,9 @@
 //! one hook per project points at a receiver, and every transition is POSTed to a producer's
 //! HTTP API (`POST /v1/transitions`) after its state was committed.
 //!
+//! With `--via outbox` nothing is POSTed: each step writes its transition into the outbox table
+//! in the same transaction as the state change, and `hookline-producer relay` publishes it.
+//!
 //! Every request carries the producer's API token (`--api-token`) as a bearer token.
 //! The producer answers `202` once Kafka acknowledged the event, `503` with `Retry-After` while
 //! Kafka or the store is unavailable (retried as told, with the same `event_id`, so a retried
@@ -23,6 +26,9 @@ use crate::sim::{self, Accepted, Pace, Runtime, SimSpec, Sink, TransitionSent};
 pub struct SimulateOptions {
     pub database_url: String,
     pub database_schema: Option<String>,
+    /// How transitions leave the simulated CI.
+    pub via: Via,
+    /// Base URL of the producer's API (`Via::Http` only).
     pub producer_url: String,
     /// Sent as `Authorization: Bearer <token>` to the producer (`None` for a `--no-auth` one).
     pub api_token: Option<String>,
@@ -38,6 +44,16 @@ pub struct SimulateOptions {
     pub retry_for: Duration,
     /// One line per transition on stdout.
     pub verbose: bool,
+}
+
+/// How the simulated CI hands its transitions on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Via {
+    /// Commit the state, then POST the transition to the producer's API.
+    Http,
+    /// Write the transition into the outbox in the state change's own transaction; a
+    /// `hookline-producer relay` publishes it.
+    Outbox,
 }
 
 /// What `simulate` did.
@@ -173,7 +189,14 @@ impl Sink for HttpSink {
 /// Connects, writes the world and hooks, and plays the simulation against the producer.
 pub async fn run(options: SimulateOptions) -> Result<SimulateReport, CliError> {
     let started = std::time::Instant::now();
-    if !options.producer_url.starts_with("http://") && !options.producer_url.starts_with("https://")
+    if options.via == Via::Http && options.producer_url.is_empty() {
+        return Err(CliError::Usage(
+            "--producer-url (HOOKLINE_PRODUCER_URL) is required with --via http".into(),
+        ));
+    }
+    if options.via == Via::Http
+        && !options.producer_url.starts_with("http://")
+        && !options.producer_url.starts_with("https://")
     {
         return Err(CliError::Usage(format!(
             "--producer-url must be an http(s) URL, got {:?}",
@@ -184,7 +207,8 @@ pub async fn run(options: SimulateOptions) -> Result<SimulateReport, CliError> {
     if let Some(schema) = &options.database_schema {
         pg = pg.schema(schema.clone());
     }
-    let store: Arc<dyn CiStore> = Arc::new(PgStore::connect(&pg).await?);
+    let pg_store = PgStore::connect(&pg).await?;
+    let store: Arc<dyn CiStore> = Arc::new(pg_store.clone());
     let plan = sim::plan(&SimSpec {
         projects: options.projects,
         builds: options.builds,
@@ -206,9 +230,13 @@ pub async fn run(options: SimulateOptions) -> Result<SimulateReport, CliError> {
         .await?
         .len();
     eprintln!(
-        "simulate: {} projects with a hook each at {receiver}/projects/<id>, {} builds, rate {}",
+        "simulate: {} projects with a hook each at {receiver}/projects/<id>, {} builds, via {}, rate {}",
         plan.projects.len(),
         plan.build_count(),
+        match options.via {
+            Via::Http => "the HTTP API",
+            Via::Outbox => "the outbox",
+        },
         if options.rate > 0.0 {
             format!("{}/s", options.rate)
         } else {
@@ -238,6 +266,7 @@ pub async fn run(options: SimulateOptions) -> Result<SimulateReport, CliError> {
             sink: Arc::new(sink),
             witness: None,
             pace: Pace::per_second(options.rate),
+            outbox: (options.via == Via::Outbox).then_some(pg_store),
         },
     )
     .await?;

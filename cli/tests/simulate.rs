@@ -182,3 +182,59 @@ async fn a_producer_that_refuses_for_good_makes_simulate_fail_and_say_so() {
     assert!(report["failed"].as_u64().unwrap() > 0, "{report}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("422"));
 }
+
+#[tokio::test]
+async fn via_outbox_commits_each_transition_with_its_state_and_posts_nothing() {
+    let schema = unique_name("sim");
+    let store = PgStore::connect(&PgOptions::new(database_url()).schema(schema.clone()))
+        .await
+        .unwrap();
+    // No producer: nothing may be POSTed.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_hookline"))
+        .args(["simulate", "--via", "outbox", "--projects", "3"])
+        .args(["--builds", "12", "--seed", "5", "--quiet", "--json"])
+        .args([
+            "--database-url",
+            &database_url(),
+            "--database-schema",
+            &schema,
+        ])
+        .args(["--receiver-url", "http://receiver.example:8090"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows: Vec<(i64, String, Option<serde_json::Value>)> =
+        sqlx::query_as("SELECT build_id, status, facts FROM hookline_outbox ORDER BY id")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+    assert!(!rows.is_empty());
+    assert_eq!(report["sent"].as_u64(), Some(rows.len() as u64), "{report}");
+    assert_eq!(report["accepted"], report["sent"], "{report}");
+    // Each build's rows in the order of its transitions, with the facts of that moment.
+    let rank = |s: &str| {
+        ["created", "pending", "running"]
+            .iter()
+            .position(|x| *x == s)
+            .unwrap_or(3)
+    };
+    let mut last: std::collections::HashMap<i64, usize> = Default::default();
+    for (build, status, facts) in &rows {
+        let r = rank(status);
+        assert!(
+            last.get(build).is_none_or(|l| *l < r),
+            "build {build}: {status} out of order"
+        );
+        last.insert(*build, r);
+        let facts = facts.as_ref().expect("facts from the build row");
+        if r <= 2 {
+            assert_eq!(facts["started_at"].is_null(), r < 2, "{status}: {facts}");
+        }
+    }
+}

@@ -22,6 +22,8 @@
 //!   answer, a reuse for another transition is refused.
 //! - [`ingest`]: the HTTP API (`POST /v1/transitions`, `/v1/transitions/batch`), health,
 //!   readiness, metrics, graceful shutdown.
+//! - [`relay`]: `hookline-producer relay`: the transactional outbox (`hookline_outbox`) to Kafka,
+//!   through the same emitter, in order per build, rows deleted only after Kafka's ack.
 //! - [`api`]: the API's request and response types; every error names its field.
 //! - [`auth`]: bearer tokens (constant-time, never logged) and the JSON-only content type.
 //! - [`server`]: HTTP/1.1 connections: a limit, header and idle timeouts for slow clients.
@@ -42,6 +44,7 @@ pub mod feature;
 pub mod flags;
 pub mod ingest;
 pub mod metrics;
+pub mod relay;
 pub mod render;
 pub mod server;
 
@@ -52,4 +55,5 @@ pub use error::{EmitError, ProducerError};
 pub use flags::{Change, Flags, Gates, INLINE_FLAG, Percentage};
 pub use ingest::{AppState, app, run, serve};
 pub use metrics::ProducerMetrics;
+pub use relay::{RelayConfig, RelayMetrics, RelaySettings};
 pub use server::ConnectionLimits;

@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 use hookline_producer::bench::{self, BenchArgs};
 use hookline_producer::feature::{self, FeatureArgs};
+use hookline_producer::relay::{self, RelayConfig};
 use hookline_producer::{ServeConfig, serve};
 use hookline_shell::{LogArgs, cancel_on_signal, exit_code, init_tracing};
 use tokio_util::sync::CancellationToken;
@@ -23,6 +24,9 @@ enum Command {
     /// Serves the ingestion API (POST /v1/transitions, /v1/transitions/batch), /metrics,
     /// /healthz and /readyz until Ctrl-C or SIGTERM.
     Serve(Box<ServeConfig>),
+    /// Publishes the transactional outbox (table hookline_outbox) to Kafka, serving /metrics,
+    /// /healthz and /readyz, until Ctrl-C or SIGTERM.
+    Relay(Box<RelayConfig>),
     /// Shows and changes rollout flags.
     Feature(FeatureArgs),
     /// Measures the render cost per event and events/s with the flag off and on.
@@ -44,6 +48,11 @@ async fn run() -> anyhow::Result<()> {
             let shutdown = CancellationToken::new();
             cancel_on_signal(shutdown.clone());
             serve(*config, shutdown).await?;
+        }
+        Command::Relay(config) => {
+            let shutdown = CancellationToken::new();
+            cancel_on_signal(shutdown.clone());
+            relay::relay(*config, shutdown).await?;
         }
         Command::Feature(args) => {
             print!("{}", feature::run(&args).await?);

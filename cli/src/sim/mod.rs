@@ -200,6 +200,7 @@ mod tests {
                 sink: sink.clone(),
                 witness: Some(ledger.clone()),
                 pace: None,
+                outbox: None,
             },
         )
         .await

@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use hookline_cistate::render::truncate_to_micros;
-use hookline_cistate::{Build, CiStore, Transition, render};
+use hookline_cistate::{
+    Build, CiStore, Outbox, OutboxTransition, PgStore, Transition, render, write_build,
+    write_pipeline,
+};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
@@ -64,6 +67,9 @@ pub struct Runtime {
     /// Gets the truth of every transition and the sink's answer (the demo); `None` for simulate.
     pub witness: Option<Arc<dyn Witness>>,
     pub pace: Option<Arc<Pace>>,
+    /// `simulate --via outbox`: each step commits the build, the pipeline and the transition's
+    /// outbox row in one transaction of this store; the sink is not used.
+    pub outbox: Option<PgStore>,
 }
 
 /// Plays every pipeline of `plan` on the real clock; returns when all are finished.
@@ -291,8 +297,19 @@ async fn play_pipeline(plan: PipelinePlan, rt: &Runtime) -> Result<RunSummary, C
             }
             pipeline.status = status.into();
         }
-        // Commit first, notify second, like a real CI.
         let build = &live[slot[&index]];
+        if let Some(outbox) = &rt.outbox {
+            let Some(status) =
+                commit_with_outbox(outbox, &pipeline, build, event.is_some()).await?
+            else {
+                continue;
+            };
+            summary.sent += 1;
+            summary.accepted += 1;
+            *summary.by_status.entry(status).or_default() += 1;
+            continue;
+        }
+        // Commit first, notify second, like a real CI.
         rt.store.upsert_pipeline(&pipeline).await?;
         rt.store.upsert_build(build).await?;
         let Some(n) = event else { continue };
@@ -306,6 +323,39 @@ async fn play_pipeline(plan: PipelinePlan, rt: &Runtime) -> Result<RunSummary, C
         }
     }
     Ok(summary)
+}
+
+/// The outbox way: the pipeline, the build and (for a transition that sends a hook) its outbox
+/// row in one transaction, so the transition is committed exactly when the state is. The facts
+/// are read from the build row inside the transaction. Returns the status recorded.
+async fn commit_with_outbox(
+    store: &PgStore,
+    pipeline: &hookline_cistate::Pipeline,
+    build: &Build,
+    transition: bool,
+) -> Result<Option<&'static str>, CliError> {
+    let mut tx = store
+        .pool()
+        .begin()
+        .await
+        .map_err(|e| CliError::Unavailable(format!("CI state store: {e}")))?;
+    write_pipeline(&mut *tx, pipeline).await?;
+    write_build(&mut *tx, build).await?;
+    let recorded = if transition {
+        let current = Transition::of_current(build).ok_or_else(|| {
+            CliError::Internal(format!("build {} has status {}", build.id, build.status))
+        })?;
+        let event_id =
+            Outbox::record(&mut *tx, &OutboxTransition::new(build.id, current.status)).await?;
+        tracing::debug!(build_id = build.id, status = %current.status, %event_id, "transition recorded in the outbox");
+        Some(current.status.as_str())
+    } else {
+        None
+    };
+    tx.commit()
+        .await
+        .map_err(|e| CliError::Unavailable(format!("CI state store: {e}")))?;
+    Ok(recorded)
 }
 
 /// Reads the committed state back, records the truth, and hands the transition to the sink.

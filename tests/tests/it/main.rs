@@ -9,6 +9,7 @@ mod consumer_reliability;
 mod foundation;
 mod producer_emit;
 mod producer_http;
+mod producer_outbox;
 mod producer_reliability;
 mod promises;
 mod schema_registry;

@@ -1,0 +1,197 @@
+//! The transactional outbox (table `hookline_outbox`, migration `0120_outbox.sql`): the CI
+//! system records a transition in the same transaction as the build's state change, so a
+//! committed state change always has its transition, and `hookline-producer relay` publishes it.
+//!
+//! Two sides, one table:
+//! - the CI's: [`Outbox::record`] on its own `sqlx` transaction (or the SQL function
+//!   `hookline_outbox_record(build_id, status[, facts[, occurred_at]])`, or a plain `INSERT`);
+//! - the relay's: [`Outbox::claim`] a batch in id order with `FOR UPDATE SKIP LOCKED`, then
+//!   [`Outbox::delete`] what Kafka acknowledged and [`Outbox::bury`] what can never be
+//!   published, and commit. A relay that dies before its commit leaves its rows to the next.
+//!
+//! Order: a build's rows are published oldest first, and by one relay at a time. A claim skips
+//! rows other relays hold, and then drops every row of its own that has an older row of the
+//! same build it does not hold: that older row is in another relay's hands, and this build
+//! waits until that relay has committed.
+
+use chrono::{DateTime, Utc};
+use hookline_schemas::{BuildStatus, TransitionFacts};
+use sqlx::{PgExecutor, Row};
+use uuid::Uuid;
+
+use crate::store::StoreError;
+
+/// The `LISTEN` channel the insert trigger notifies at commit.
+pub const CHANNEL: &str = "hookline_outbox";
+
+/// A transition as the CI system records it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxTransition {
+    pub build_id: i64,
+    pub status: BuildStatus,
+    /// When it happened; the transaction's start (`now()`) when `None`.
+    pub occurred_at: Option<DateTime<Utc>>,
+    /// The facts at the transition; `None` reads them from the build row as this transaction
+    /// sees it (write the build row first).
+    pub facts: Option<TransitionFacts>,
+}
+
+impl OutboxTransition {
+    pub fn new(build_id: i64, status: BuildStatus) -> Self {
+        Self {
+            build_id,
+            status,
+            occurred_at: None,
+            facts: None,
+        }
+    }
+}
+
+/// One row as the relay claims it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub event_id: Uuid,
+    pub build_id: i64,
+    /// As written; the relay parses it (a CHECK constraint keeps it to the six known names).
+    pub status: String,
+    pub occurred_at: DateTime<Utc>,
+    pub facts: Option<serde_json::Value>,
+    /// When the row was inserted (`clock_timestamp()`, close to the CI's commit).
+    pub created_at: DateTime<Utc>,
+}
+
+/// What is waiting in the outbox.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Depth {
+    pub rows: i64,
+    /// Age of the oldest row in seconds (0 when empty), by the database's clock.
+    pub oldest_age_secs: f64,
+    /// Rows moved to `hookline_outbox_dead`.
+    pub dead: i64,
+}
+
+/// The outbox's SQL, for both sides.
+#[derive(Debug, Clone, Copy)]
+pub struct Outbox;
+
+const CLAIM_SQL: &str = r#"
+WITH claimed AS (
+    SELECT id, event_id, build_id, status, occurred_at, facts, created_at
+    FROM hookline_outbox
+    ORDER BY id
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+SELECT c.id, c.event_id, c.build_id, c.status, c.occurred_at, c.facts, c.created_at
+FROM claimed c
+WHERE NOT EXISTS (
+    SELECT 1 FROM hookline_outbox o
+    WHERE o.build_id = c.build_id AND o.id < c.id
+      AND NOT EXISTS (SELECT 1 FROM claimed k WHERE k.id = o.id)
+)
+ORDER BY c.id
+"#;
+
+impl Outbox {
+    /// Records `transition` in the caller's transaction (`Outbox::record(&mut *tx, &t)`) and
+    /// returns its event id. It becomes visible to the relay when the transaction commits, and
+    /// vanishes with it on rollback. Write the build row before this call: without facts, they
+    /// are read from it, and the build row's lock orders one build's rows by commit.
+    pub async fn record<'c>(
+        executor: impl PgExecutor<'c>,
+        transition: &OutboxTransition,
+    ) -> Result<Uuid, StoreError> {
+        let facts = transition
+            .facts
+            .as_ref()
+            .map(serde_json::to_value)
+            .transpose()
+            .map_err(|e| StoreError::Invalid(format!("facts: {e}")))?;
+        let row = sqlx::query(
+            "SELECT hookline_outbox_record($1, $2, $3, COALESCE($4, now())) AS event_id",
+        )
+        .bind(transition.build_id)
+        .bind(transition.status.as_str())
+        .bind(facts)
+        .bind(transition.occurred_at)
+        .fetch_one(executor)
+        .await?;
+        Ok(row.try_get("event_id")?)
+    }
+
+    /// Locks and returns up to `limit` rows in id order that no other relay holds, without the
+    /// rows of builds whose older rows another relay holds (see the module's ordering note).
+    /// The locks last until the caller's transaction ends.
+    pub async fn claim<'c>(
+        executor: impl PgExecutor<'c>,
+        limit: i64,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        let rows = sqlx::query(CLAIM_SQL)
+            .bind(limit)
+            .fetch_all(executor)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(OutboxRow {
+                    id: r.try_get("id")?,
+                    event_id: r.try_get("event_id")?,
+                    build_id: r.try_get("build_id")?,
+                    status: r.try_get("status")?,
+                    occurred_at: r.try_get("occurred_at")?,
+                    facts: r.try_get("facts")?,
+                    created_at: r.try_get("created_at")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
+    /// Deletes published rows.
+    pub async fn delete<'c>(executor: impl PgExecutor<'c>, ids: &[i64]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query("DELETE FROM hookline_outbox WHERE id = ANY($1)")
+            .bind(ids)
+            .execute(executor)
+            .await?;
+        Ok(())
+    }
+
+    /// Moves a row that can never be published to `hookline_outbox_dead` with the reason.
+    pub async fn bury<'c>(
+        executor: impl PgExecutor<'c>,
+        id: i64,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "WITH gone AS (DELETE FROM hookline_outbox WHERE id = $1 RETURNING *)
+             INSERT INTO hookline_outbox_dead
+                 (id, event_id, build_id, status, occurred_at, facts, created_at, reason)
+             SELECT id, event_id, build_id, status, occurred_at, facts, created_at, $2 FROM gone",
+        )
+        .bind(id)
+        .bind(reason)
+        .execute(executor)
+        .await?;
+        Ok(())
+    }
+
+    /// Rows waiting, the oldest one's age, and the dead rows.
+    pub async fn depth<'c>(executor: impl PgExecutor<'c>) -> Result<Depth, StoreError> {
+        let row = sqlx::query(
+            "SELECT (SELECT count(*) FROM hookline_outbox) AS rows,
+                    COALESCE((SELECT EXTRACT(EPOCH FROM clock_timestamp() - min(created_at))::float8
+                              FROM hookline_outbox), 0) AS oldest,
+                    (SELECT count(*) FROM hookline_outbox_dead) AS dead",
+        )
+        .fetch_one(executor)
+        .await?;
+        Ok(Depth {
+            rows: row.try_get("rows")?,
+            oldest_age_secs: row.try_get("oldest")?,
+            dead: row.try_get("dead")?,
+        })
+    }
+}
