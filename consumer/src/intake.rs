@@ -199,6 +199,16 @@ impl<'a> Intake<'a> {
                 self.fatal = Some(error);
                 None
             }
+            // A broker going away reaches the stream too (the coordinator or a partition's
+            // leader lost): the client recovers by itself, so it is logged like librdkafka's own
+            // transport failures, once per interval.
+            Some(Err(error)) if hookline_shell::kafka_log::is_transient(&error) => {
+                self.consumer
+                    .context()
+                    .log
+                    .transient_error(self.path, &error);
+                None
+            }
             Some(Err(error)) => {
                 warn!(path = self.path, %error, "kafka consumer error");
                 None
