@@ -199,14 +199,11 @@ impl<'a> Intake<'a> {
                 self.fatal = Some(error);
                 None
             }
-            // A broker going away reaches the stream too (the coordinator or a partition's
-            // leader lost): the client recovers by itself, so it is logged like librdkafka's own
-            // transport failures, once per interval.
+            // A broker going away reaches the stream too, as a copy of the client's error event
+            // that the context has already logged (at WARN, once per broker per interval): the
+            // client recovers by itself.
             Some(Err(error)) if hookline_shell::kafka_log::is_transient(&error) => {
-                self.consumer
-                    .context()
-                    .log
-                    .transient_error(self.path, &error);
+                debug!(path = self.path, %error, "kafka consumer error (transient)");
                 None
             }
             Some(Err(error)) => {

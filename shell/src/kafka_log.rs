@@ -9,7 +9,7 @@
 //! a person (a fatal client error, anything librdkafka reports that is not a transport blip).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
@@ -93,6 +93,8 @@ fn transient(code: RDKafkaErrorCode) -> bool {
             | RDKafkaErrorCode::NotLeaderForPartition
             | RDKafkaErrorCode::NotEnoughReplicas
             | RDKafkaErrorCode::NotEnoughReplicasAfterAppend
+            // A topic created a moment ago, not yet in every broker's metadata.
+            | RDKafkaErrorCode::UnknownTopicOrPartition
     )
 }
 
@@ -101,20 +103,37 @@ pub fn is_transient(error: &KafkaError) -> bool {
     error.rdkafka_error_code().is_some_and(transient)
 }
 
-/// librdkafka names the broker a line is about at its start: `127.0.0.1:9092/2: Connect to ...`,
-/// `GroupCoordinator: ...`. That name keys the rate limit; lines without one share a key.
+/// librdkafka names the broker a line is about at its start, after the thread's name in log
+/// lines: `[thrd:127.0.0.1:9092/2]: 127.0.0.1:9092/2: Connect to ...`, `GroupCoordinator: ...`.
+/// That name keys the rate limit, so a log line and the error event of the same failure share
+/// one; lines without a name share the key `-`.
 fn broker_of(message: &str) -> &str {
+    let message = match message.strip_prefix("[thrd:") {
+        Some(rest) => rest.split_once("]: ").map_or(rest, |(_, after)| after),
+        None => message,
+    };
     match message.split_once(": ") {
         Some((head, _)) if !head.contains(' ') => head,
         _ => "-",
     }
 }
 
+/// One limiter for the whole process: a consumer runs several clients (main and retry
+/// consumers, the hand-off producer), and one dead broker is one line per interval, not one per
+/// client.
+static SHARED: LazyLock<RateLimiter> = LazyLock::new(RateLimiter::default);
+
 /// The logging half of a Kafka client context: what [`ClientContext::log`] and
 /// [`ClientContext::error`] do in every hookline client.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct KafkaLog {
-    limiter: RateLimiter,
+    limiter: &'static RateLimiter,
+}
+
+impl Default for KafkaLog {
+    fn default() -> Self {
+        KafkaLog { limiter: &SHARED }
+    }
 }
 
 impl KafkaLog {
@@ -149,21 +168,10 @@ impl KafkaLog {
     /// moves are WARN, rate-limited per broker; anything else, a fatal error above all, is ERROR.
     pub fn error(&self, error: &KafkaError, reason: &str) {
         if is_transient(error) {
-            let key = format!("{}/{}", broker_of(reason), error_name(error));
-            self.transient(&key, "ERROR", &format!("{error}: {reason}"));
+            self.transient(broker_of(reason), "ERROR", &format!("{error}: {reason}"));
         } else {
             tracing::error!(target: "librdkafka", %error, reason, "kafka client error");
         }
-    }
-
-    /// A transient client-level error seen by a caller (a consumer's stream), rate-limited per
-    /// `key` like the others. Returns whether it was logged.
-    pub fn transient_error(&self, key: &str, error: &KafkaError) -> bool {
-        self.transient(
-            &format!("{key}/{}", error_name(error)),
-            "consume",
-            &error.to_string(),
-        )
     }
 
     fn transient(&self, key: &str, facility: &str, message: &str) -> bool {
@@ -182,12 +190,6 @@ impl KafkaLog {
             None => false,
         }
     }
-}
-
-fn error_name(error: &KafkaError) -> String {
-    error
-        .rdkafka_error_code()
-        .map_or_else(|| "other".to_owned(), |code| format!("{code:?}"))
 }
 
 /// A client context that only logs, through [`KafkaLog`]: for producers, admin clients and
@@ -231,6 +233,16 @@ mod tests {
         assert_eq!(
             broker_of("127.0.0.1:39303/3: Connect to ipv4#127.0.0.1:39303 failed"),
             "127.0.0.1:39303/3"
+        );
+        assert_eq!(
+            broker_of(
+                "[thrd:127.0.0.1:39303/3]: 127.0.0.1:39303/3: Connect to ipv4#127.0.0.1:39303 failed"
+            ),
+            "127.0.0.1:39303/3"
+        );
+        assert_eq!(
+            broker_of("[thrd:GroupCoordinator]: GroupCoordinator: 127.0.0.1:39302: Connect to"),
+            "GroupCoordinator"
         );
         assert_eq!(
             broker_of("GroupCoordinator: 127.0.0.1:39303: Disconnected"),
