@@ -17,7 +17,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::OwnedMessage;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use rdkafka::util::Timeout;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
@@ -27,7 +27,7 @@ pub use crate::handoff::{
     H_BODY_BYTES, H_BODY_SHA256, H_DEAD_AT, H_DETAIL, H_IDEMPOTENCY_KEY, H_KIND, H_REASON,
     KIND_DELIVERY, KIND_RECORD, KIND_REFERENCE,
 };
-use crate::kafka::{client_config, producer_config};
+use crate::kafka::{HandoffProducer, client_config, producer_config};
 use crate::task::{DeliveryTask, header, headers};
 pub use crate::task::{H_ONLY_HOOK, H_SOURCE_OFFSET, H_SOURCE_PARTITION, H_SOURCE_TOPIC, Source};
 
@@ -293,7 +293,8 @@ pub async fn replay(
     filter: &ReplayFilter,
 ) -> Result<ReplaySummary, ConsumerError> {
     let letters = list(config).await?;
-    let producer: FutureProducer = producer_config(config).create()?;
+    let producer: HandoffProducer =
+        producer_config(config).create_with_context(Default::default())?;
     let mut summary = ReplaySummary::default();
     for letter in letters {
         if !filter.matches(&letter) {

@@ -21,12 +21,13 @@ use chrono::{DateTime, Utc};
 use hookline_cistate::Hook;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use rdkafka::util::Timeout;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
+use crate::kafka::HandoffProducer;
 use crate::metrics::{ConsumerMetrics, Stall};
 use crate::shutdown::{Abandoned, wait_out};
 use crate::task::{DeliveryTask, H_DUE_AT, Source, headers};
@@ -142,7 +143,7 @@ pub enum Landed {
 
 /// The writer of hand-offs: the idempotent producer and the topics it writes to.
 pub struct Handoff {
-    producer: FutureProducer,
+    producer: HandoffProducer,
     retry_topic: String,
     dlq_topic: String,
     metrics: Arc<ConsumerMetrics>,
@@ -153,7 +154,7 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Handoff {
     pub fn new(
-        producer: FutureProducer,
+        producer: HandoffProducer,
         retry_topic: String,
         dlq_topic: String,
         metrics: Arc<ConsumerMetrics>,
@@ -167,7 +168,7 @@ impl Handoff {
     }
 
     /// The producer, for readiness probes.
-    pub fn producer(&self) -> &FutureProducer {
+    pub fn producer(&self) -> &HandoffProducer {
         &self.producer
     }
 

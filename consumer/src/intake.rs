@@ -199,6 +199,13 @@ impl<'a> Intake<'a> {
                 self.fatal = Some(error);
                 None
             }
+            // A broker going away reaches the stream too, as a copy of the client's error event
+            // that the context has already logged (at WARN, once per broker per interval): the
+            // client recovers by itself.
+            Some(Err(error)) if hookline_shell::kafka_log::is_transient(&error) => {
+                debug!(path = self.path, %error, "kafka consumer error (transient)");
+                None
+            }
             Some(Err(error)) => {
                 warn!(path = self.path, %error, "kafka consumer error");
                 None

@@ -4,10 +4,12 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use hookline_shell::kafka_log::{KafkaLog, KafkaLogContext};
 use rdkafka::TopicPartitionList;
 use rdkafka::client::ClientContext;
-use rdkafka::config::ClientConfig;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::statistics::Statistics;
 use tracing::{debug, warn};
 
@@ -82,14 +84,24 @@ pub(crate) fn producer_config(config: &ConsumerConfig) -> ClientConfig {
     c
 }
 
-/// The consumer context: rebalances update the offset trackers; statistics feed the lag gauge.
+/// The consumer context: rebalances update the offset trackers; statistics feed the lag gauge;
+/// librdkafka's logs go through [`KafkaLog`] (transport failures at WARN, rate-limited).
 pub(crate) struct Ctx {
     offsets: Arc<Offsets>,
     metrics: Arc<ConsumerMetrics>,
     path: &'static str,
+    pub(crate) log: KafkaLog,
 }
 
 impl ClientContext for Ctx {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        self.log.log(level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.log.error(&error, reason);
+    }
+
     fn stats(&self, statistics: Statistics) {
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
@@ -142,6 +154,9 @@ impl ConsumerContext for Ctx {
 
 pub(crate) type KafkaConsumer = StreamConsumer<Ctx>;
 
+/// The hand-off producer (and the dead-letter tools' writer), logging like the consumers.
+pub type HandoffProducer = rdkafka::producer::FutureProducer<KafkaLogContext>;
+
 /// A path's consumer and the offset tracking its context feeds.
 pub(crate) struct Subscription {
     pub(crate) consumer: Arc<KafkaConsumer>,
@@ -162,6 +177,7 @@ pub(crate) fn subscribe(
         offsets: offsets.clone(),
         metrics: metrics.clone(),
         path,
+        log: KafkaLog::default(),
     })?;
     consumer.subscribe(&[topic])?;
     Ok(Subscription {

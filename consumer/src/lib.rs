@@ -71,6 +71,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::ConsumerConfig;
 pub use error::ConsumerError;
+pub use kafka::HandoffProducer;
 pub use metrics::{ConsumerMetrics, Outcome};
 pub use resolve::ResolvedPayload;
 pub use server::{ServeConfig, serve};
@@ -108,7 +109,7 @@ impl Consumer {
         let deliverer = Deliverer::new(config.deliver.clone())
             .map_err(|e| ConsumerError::Config(e.to_string()))?;
         let metrics = Arc::new(ConsumerMetrics::new());
-        let producer = kafka::producer_config(&config).create()?;
+        let producer = kafka::producer_config(&config).create_with_context(Default::default())?;
         let handoff = Handoff::new(
             producer,
             config.retry_topic.clone(),
@@ -140,7 +141,7 @@ impl Consumer {
     }
 
     /// A client of the consumer's Kafka cluster (its hand-off producer), for readiness probes.
-    pub fn kafka_client(&self) -> rdkafka::producer::FutureProducer {
+    pub fn kafka_client(&self) -> HandoffProducer {
         self.cx.handoff.producer().clone()
     }
 

@@ -12,11 +12,12 @@ use axum::routing::get;
 use hookline_cistate::{CiStore, MemoryStore, PgOptions, PgStore};
 use hookline_schemas::codec::REGISTRY_ATTEMPTS;
 use hookline_schemas::{Codec, CodecError, RegistryError, SchemaVersion};
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::producer::Producer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::kafka::HandoffProducer;
 use crate::{Consumer, ConsumerConfig, ConsumerError, ConsumerMetrics};
 
 /// What `serve` needs besides the consumer's own options.
@@ -75,7 +76,7 @@ pub async fn open_store(
 struct AppState {
     metrics: Arc<ConsumerMetrics>,
     store: Arc<dyn CiStore>,
-    kafka: FutureProducer,
+    kafka: HandoffProducer,
 }
 
 /// The operational endpoints, without a socket (tests call it directly). `kafka` is any client
@@ -83,7 +84,7 @@ struct AppState {
 pub fn app(
     metrics: Arc<ConsumerMetrics>,
     store: Arc<dyn CiStore>,
-    kafka: FutureProducer,
+    kafka: HandoffProducer,
 ) -> Router {
     Router::new()
         .route("/metrics", get(metrics_text))

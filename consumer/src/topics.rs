@@ -10,8 +10,8 @@
 
 use std::time::Duration;
 
+use hookline_shell::kafka_log::KafkaLogContext;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaErrorCode;
 use tracing::{info, warn};
@@ -26,9 +26,9 @@ fn partitions(
     config: &ConsumerConfig,
     topics: &[&str],
 ) -> Result<Vec<Option<usize>>, ConsumerError> {
-    let client: BaseConsumer = crate::kafka::base_config(config)
+    let client: BaseConsumer<KafkaLogContext> = crate::kafka::base_config(config)
         .set("allow.auto.create.topics", "false")
-        .create()?;
+        .create_with_context(KafkaLogContext::default())?;
     topics
         .iter()
         .map(|topic| {
@@ -99,8 +99,8 @@ pub async fn ensure(config: &ConsumerConfig) -> Result<(), EnsureError> {
             1
         }
     };
-    let admin: AdminClient<DefaultClientContext> = crate::kafka::base_config(config)
-        .create()
+    let admin: AdminClient<KafkaLogContext> = crate::kafka::base_config(config)
+        .create_with_context(KafkaLogContext::default())
         .map_err(|e| fatal(e.into()))?;
     // -1: the broker's default replication factor.
     let new: Vec<NewTopic<'_>> = missing

@@ -37,8 +37,10 @@ pub struct KafkaOptions {
     #[arg(long, env = "HOOKLINE_CREATE_TOPIC_PARTITIONS")]
     pub create_topic_partitions: Option<i32>,
     /// How long an event may wait for Kafka's acknowledgement before the transition is refused
-    /// (librdkafka `message.timeout.ms`), e.g. 10s, 500ms.
-    #[arg(long, env = "HOOKLINE_DELIVERY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    /// with 503, e.g. 30s, 500ms. The default outlasts a broker failover (session timeout plus
+    /// election); librdkafka keeps the record half as long again (`message.timeout.ms`) and a
+    /// later ack is counted in `hookline_producer_late_acks_total`.
+    #[arg(long, env = "HOOKLINE_DELIVERY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub delivery_timeout: Duration,
     /// Base URL of a Confluent-compatible schema registry: the writer schema is registered there
     /// at startup and its id written in every record. Unset: the embedded registry (ids fixed in
@@ -183,8 +185,9 @@ pub struct ServeConfig {
     #[arg(long, env = "HOOKLINE_RETRY_AFTER", default_value = "5s", value_parser = parse_duration)]
     pub retry_after: Duration,
     /// On shutdown, how long in-flight requests may take to be acknowledged (at least the
-    /// delivery timeout, so an accepted event is not abandoned while Kafka may still ack it).
-    #[arg(long, env = "HOOKLINE_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    /// delivery timeout, so an accepted event is not abandoned while Kafka may still ack it;
+    /// the default also leaves librdkafka's extra half for events already answered).
+    #[arg(long, env = "HOOKLINE_SHUTDOWN_TIMEOUT", default_value = "45s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
 }
 

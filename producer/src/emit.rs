@@ -35,11 +35,11 @@ use hookline_schemas::codec::REGISTRY_ATTEMPTS;
 use hookline_schemas::{
     BuildEvent, BuildStatus, Codec, PayloadTiming, SchemaVersion, TransitionFacts,
 };
+use hookline_shell::kafka_log::KafkaLogContext;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use uuid::Uuid;
 
@@ -51,6 +51,13 @@ use crate::metrics::ProducerMetrics;
 use crate::render;
 
 pub use crate::bounds::DEFAULT_MAX_EVENT_BYTES;
+
+/// How long a transition waits for Kafka's ack by default. With `acks=all`, a partition whose
+/// in-sync replicas include a broker that just died takes no write until the controller fences
+/// that broker (`broker.session.timeout.ms`, 9 s by default) and, when the dead broker was the
+/// active controller, a new one is elected: about 11 s on a three-node cluster. 30 s outlasts
+/// that with room, so a broker lost for good costs callers latency, not refusals.
+pub const DEFAULT_DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What a record adds around the encoded event when librdkafka sizes a request: the key (a
 /// build id, at most 20 digits), the record's and the batch's framing. librdkafka's
@@ -88,7 +95,9 @@ pub struct EmitterConfig {
     pub writer: SchemaVersion,
     /// Create the topic with this many partitions when missing (skipped when unsupported).
     pub create_topic_partitions: Option<i32>,
-    /// Longest wait for Kafka's acknowledgement (librdkafka `message.timeout.ms`).
+    /// Longest wait for Kafka's acknowledgement before the transition is refused. librdkafka
+    /// keeps the record for half as long again ([`EmitterConfig::kafka_message_timeout`]), so an
+    /// ack that comes after the refusal is seen and counted.
     pub delivery_timeout: Duration,
     /// Base URL of a Confluent-compatible schema registry, where the writer schema is registered
     /// at startup. `None`: the embedded registry (ids fixed in `schemas/avro/manifest.json`).
@@ -108,16 +117,30 @@ impl EmitterConfig {
             kafka: Vec::new(),
             writer: SchemaVersion::LATEST,
             create_topic_partitions: None,
-            delivery_timeout: Duration::from_secs(10),
+            delivery_timeout: DEFAULT_DELIVERY_TIMEOUT,
             schema_registry_url: None,
             max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
             event_ids: None,
         }
     }
 
+    /// librdkafka's `message.timeout.ms`: the delivery timeout and half as much again. A request
+    /// is answered once the delivery timeout is over; the record may still be in flight (the
+    /// broker may have appended it and its answer not have arrived), and an ack that comes in the
+    /// extra half is counted (`hookline_producer_late_acks_total`) and its event id recorded, so
+    /// the client's retry with the same `event_id` is answered from the first write.
+    pub fn kafka_message_timeout(&self) -> Duration {
+        self.delivery_timeout + self.delivery_timeout / 2
+    }
+
     /// librdkafka's `message.max.bytes` for this configuration.
     pub fn message_max_bytes(&self) -> usize {
         self.max_event_bytes + RECORD_OVERHEAD
+    }
+
+    fn admin(&self) -> Result<AdminClient<KafkaLogContext>, KafkaError> {
+        self.client_config()
+            .create_with_context(KafkaLogContext::default())
     }
 
     fn client_config(&self) -> ClientConfig {
@@ -149,7 +172,7 @@ impl EmitterConfig {
             .set("linger.ms", "5")
             .set(
                 "message.timeout.ms",
-                self.delivery_timeout.as_millis().max(1).to_string(),
+                self.kafka_message_timeout().as_millis().max(1).to_string(),
             );
         for (key, value) in &self.kafka {
             client.set(key, value);
@@ -308,7 +331,7 @@ pub struct Emitter {
 }
 
 struct Inner {
-    producer: FutureProducer,
+    producer: FutureProducer<KafkaLogContext>,
     topic: String,
     codec: Codec,
     store: Arc<dyn CiStore>,
@@ -344,9 +367,9 @@ impl Emitter {
         }
         config.check_kafka_options()?;
         let codec = writer_codec(config.schema_registry_url.as_deref(), config.writer).await?;
-        let producer: FutureProducer = config
+        let producer: FutureProducer<KafkaLogContext> = config
             .producer_config()
-            .create()
+            .create_with_context(KafkaLogContext::default())
             .map_err(|e| ProducerError::Kafka(format!("creating the producer: {e}")))?;
         if let Some(partitions) = config.create_topic_partitions {
             ensure_topic(&config, partitions).await;
@@ -621,6 +644,9 @@ impl Emitter {
         if let Err(over) = bounds::check(snapshot) {
             return Err(self.failed(EmitError::TooLarge(over.to_string())));
         }
+        // Only a client that named the event id can retry with it: only then is a late ack's id
+        // worth recording.
+        let digest = request.event_id.map(|_| request.digest());
         let (event, render_time) = self.prepare(snapshot, request);
         let bytes = self.inner.codec.encode(&event).map_err(|e| {
             self.failed(EmitError::Rejected(format!(
@@ -640,12 +666,31 @@ impl Emitter {
         let record = FutureRecord::to(&self.inner.topic)
             .key(&key)
             .payload(&bytes);
-        match self
-            .inner
-            .producer
-            .send(record, Timeout::After(self.inner.delivery_timeout))
-            .await
-        {
+        let deadline = tokio::time::Instant::now() + self.inner.delivery_timeout;
+        let mut pending = match self.enqueue(record, deadline).await {
+            Ok(pending) => pending,
+            Err(error) => {
+                tracing::warn!(build_id = event.build_id, event_id = %event.event_id, %error, "event not enqueued");
+                return Err(self.failed(classify(&error)));
+            }
+        };
+        let answer = match tokio::time::timeout_at(deadline, &mut pending).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_canceled)) => {
+                return Err(self.failed(EmitError::Unavailable(
+                    "kafka: the producer dropped the event unanswered".into(),
+                )));
+            }
+            Err(_) => {
+                self.watch_late_ack(pending, &event, digest, render_time);
+                tracing::warn!(build_id = event.build_id, event_id = %event.event_id, timeout = ?self.inner.delivery_timeout, "event not acknowledged within the delivery timeout; it may still be written");
+                return Err(self.failed(EmitError::Unavailable(format!(
+                    "kafka did not acknowledge the event within {:?} (--delivery-timeout); it may still be written: retry with the same event_id",
+                    self.inner.delivery_timeout
+                ))));
+            }
+        };
+        match answer {
             Ok(delivery) => {
                 self.inner
                     .metrics
@@ -674,6 +719,67 @@ impl Emitter {
                 Err(self.failed(classify(&error)))
             }
         }
+    }
+
+    /// Hands `record` to librdkafka, waiting (until `deadline`) while its queue is full.
+    async fn enqueue(
+        &self,
+        mut record: FutureRecord<'_, String, Vec<u8>>,
+        deadline: tokio::time::Instant,
+    ) -> Result<DeliveryFuture, KafkaError> {
+        loop {
+            match self.inner.producer.send_result(record) {
+                Ok(pending) => return Ok(pending),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err((error, _)) => return Err(error),
+            }
+        }
+    }
+
+    /// Follows an event whose request was answered before Kafka's ack (the delivery timeout
+    /// ran out while it was in flight) until librdkafka gives it up for good. An ack that comes
+    /// is counted (`hookline_producer_late_acks_total`): the client was told 503 and will send
+    /// the transition again, so it may be written twice; recording its event id answers a
+    /// retry that comes after this point from the first write instead.
+    fn watch_late_ack(
+        &self,
+        pending: DeliveryFuture,
+        event: &BuildEvent,
+        digest: Option<[u8; 32]>,
+        render_time: Option<Duration>,
+    ) {
+        let emitter = self.clone();
+        let (event_id, build_id, timing) = (event.event_id, event.build_id, event.payload_timing);
+        let payload_bytes = event.payload.as_ref().map_or(0, Vec::len);
+        tokio::spawn(async move {
+            match pending.await {
+                Ok(Ok(delivery)) => {
+                    emitter.inner.metrics.late_ack();
+                    tracing::warn!(%event_id, build_id, partition = delivery.partition, offset = delivery.offset, "event acknowledged after its request was refused: written, and the client's retry may write it again (receivers de-duplicate by Idempotency-Key)");
+                    if let Some(digest) = digest {
+                        let emitted = Emitted {
+                            event_id,
+                            timing,
+                            partition: delivery.partition,
+                            offset: delivery.offset,
+                            render_time,
+                            payload_bytes,
+                            repeated: false,
+                        };
+                        emitter.record_ids(&[emitted.recorded(digest)]).await;
+                    }
+                }
+                Ok(Err((error, _))) => {
+                    tracing::debug!(%event_id, build_id, %error, "event given up by librdkafka after its request was refused");
+                }
+                Err(_) => {}
+            }
+        });
     }
 
     /// Ready when the store answers and Kafka returns the topic's metadata.
@@ -712,7 +818,7 @@ impl Emitter {
     /// warning: producing then shows what the broker takes.
     pub async fn check_topic_limit(&self) -> Result<(), ProducerError> {
         let config = &self.inner.config;
-        let admin: AdminClient<DefaultClientContext> = match config.client_config().create() {
+        let admin = match config.admin() {
             Ok(admin) => admin,
             Err(error) => {
                 tracing::warn!(%error, "cannot create an admin client; topic size limit not checked");
@@ -813,7 +919,7 @@ pub(crate) fn classify(error: &KafkaError) -> EmitError {
 /// librdkafka mock cluster) or without permission gets a warning, and producing then shows
 /// whether the topic exists.
 async fn ensure_topic(config: &EmitterConfig, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = match config.client_config().create() {
+    let admin = match config.admin() {
         Ok(admin) => admin,
         Err(error) => {
             tracing::warn!(%error, "cannot create an admin client; topic creation skipped");

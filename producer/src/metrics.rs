@@ -44,6 +44,7 @@ pub struct ProducerMetrics {
     render_seconds: Histogram,
     payload_bytes: Histogram,
     produce_errors: Family<ErrorLabels, Counter>,
+    late_acks: Counter,
     events_skipped: Family<SkipLabels, Counter>,
     flag_evaluations: Family<FlagLabels, Counter>,
 }
@@ -89,6 +90,12 @@ impl ProducerMetrics {
             "Transitions that were not emitted, by reason",
             produce_errors.clone(),
         );
+        let late_acks = Counter::default();
+        registry.register(
+            "late_acks",
+            "Events Kafka acknowledged after their request was answered 503 (the delivery timeout ran out while they were in flight): written, and a client retry may write them again",
+            late_acks.clone(),
+        );
         let events_skipped = Family::<SkipLabels, Counter>::default();
         registry.register(
             "events_skipped",
@@ -108,9 +115,20 @@ impl ProducerMetrics {
             render_seconds,
             payload_bytes,
             produce_errors,
+            late_acks,
             events_skipped,
             flag_evaluations,
         }
+    }
+
+    /// An event acknowledged after its request was refused.
+    pub fn late_ack(&self) {
+        self.late_acks.inc();
+    }
+
+    /// Events acknowledged after their request was refused, so far.
+    pub fn late_acks(&self) -> u64 {
+        self.late_acks.get()
     }
 
     pub fn emitted(&self, timing: &str, took: Duration) {

@@ -7,9 +7,14 @@
 //!   `HOOKLINE_DELIVERY_TIMEOUT=10` means the same to both services);
 //!   [`refuse_fixed_kafka_options`]: the pass-through Kafka settings a binary does not let through.
 //! - [`LogArgs`], [`init_tracing`]: `--log-format text|json` and the `RUST_LOG` filter.
+//! - [`kafka_log`]: librdkafka's logs and error events, transient transport failures at WARN
+//!   and rate-limited, ERROR kept for what needs a person.
 //! - [`shutdown_signal`], [`cancel_on_signal`]: Ctrl-C or SIGTERM.
 //! - [`exit_code`]: an error as one line for a person, and the exit status.
 
+pub mod kafka_log;
+
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -92,12 +97,16 @@ pub struct LogArgs {
     pub log_format: LogFormat,
 }
 
-/// Logs to stderr in `format`, filtered by `RUST_LOG` or else by `default_filter`.
+/// Logs to stderr in `format`, filtered by `RUST_LOG` or else by `default_filter`. Text is
+/// coloured only on a terminal (and never with `NO_COLOR` set): colour codes in a file or a log
+/// pipeline are noise that breaks searching for `ERROR`.
 pub fn init_tracing(format: LogFormat, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

@@ -74,7 +74,7 @@ pub fn admin() -> AdminClient<DefaultClientContext> {
 pub async fn create_topic(name: &str, partitions: i32) {
     let results = admin()
         .create_topics(
-            &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+            &[NewTopic::new(name, partitions, TopicReplication::Fixed(-1))],
             &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
         )
         .await

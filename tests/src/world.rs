@@ -71,9 +71,9 @@ impl World {
             .expect("admin client");
         let (retry, dlq) = (format!("{topic}.retry"), format!("{topic}.dlq"));
         let topics = [
-            NewTopic::new(&topic, partitions, TopicReplication::Fixed(1)),
-            NewTopic::new(&retry, 2, TopicReplication::Fixed(1)),
-            NewTopic::new(&dlq, 1, TopicReplication::Fixed(1)),
+            NewTopic::new(&topic, partitions, TopicReplication::Fixed(-1)),
+            NewTopic::new(&retry, 2, TopicReplication::Fixed(-1)),
+            NewTopic::new(&dlq, 1, TopicReplication::Fixed(-1)),
         ];
         let results = admin
             .create_topics(

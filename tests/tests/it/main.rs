@@ -2,6 +2,7 @@
 //! `scripts/test`), in one test binary: one link step instead of one per file. Each module is
 //! one area; run one with `scripts/test -p hookline-tests -- <module>::`.
 
+mod cluster_failover;
 mod consumer_bench;
 mod consumer_delivery;
 mod consumer_liveness;

@@ -373,7 +373,7 @@ async fn a_used_event_id_answers_its_first_emission_or_409_for_another_transitio
 
 async fn create_topic_with_max_message_bytes(name: &str, max: usize) {
     let max = max.to_string();
-    let topic = NewTopic::new(name, 1, TopicReplication::Fixed(1)).set("max.message.bytes", &max);
+    let topic = NewTopic::new(name, 1, TopicReplication::Fixed(-1)).set("max.message.bytes", &max);
     let results = admin()
         .create_topics(
             &[topic],
