@@ -21,6 +21,9 @@ pub struct Context {
     pub deliverer: Deliverer,
     pub handoff: Handoff,
     pub metrics: Arc<ConsumerMetrics>,
+    /// Woken whenever a delivery of a (hook, build) order queue is settled here, so queued
+    /// records waiting for their turn look again (see `strict`).
+    pub turns: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Context {

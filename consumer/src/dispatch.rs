@@ -6,8 +6,9 @@
 //! chained: each waits for the previous event of the same (build, hook) to finish its main-path
 //! step, so a receiver sees one build's transitions in order (key = build id keeps them in one
 //! partition). Different builds, different hooks and different partitions run concurrently; a
-//! hanging receiver delays only its own hook's next events of the same build. Retries leave the
-//! order (they run on the retry topic while the build's later events go on).
+//! hanging receiver delays only its own hook's next events of the same build. Across retries the
+//! order is kept by `strict` (the default; see `order`): a build's later events queue behind its
+//! delivery waiting for a retry. With `--ordering relaxed` they go ahead of it.
 //!
 //! # Waits
 //!
@@ -37,7 +38,7 @@ use crate::metrics::Stall;
 use crate::path::Path;
 use crate::resolve::{self, ResolvedPayload};
 use crate::shutdown::{Abandoned, wait_out};
-use crate::step;
+use crate::strict;
 use crate::task::{DeliveryTask, H_ONLY_HOOK, Source, header};
 
 /// Links of the per-(build, hook) chains: the receiver of the latest delivery's "done" signal.
@@ -260,7 +261,7 @@ async fn dispatch(
                             // An error only means the previous delivery's task ended: go on.
                             let _ = previous.await;
                         }
-                        let result = step::run(cx, task, &hook, abandon).await;
+                        let result = strict::main_step(cx, task, &hook, abandon).await;
                         drop(done);
                         result
                     }

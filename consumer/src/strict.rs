@@ -1,0 +1,282 @@
+//! Strict ordering carried out on both paths: reading a (hook, build)'s order queue, asking
+//! `order::turn` what to do, and doing it (attempt, queue behind, wait for the turn, collapse,
+//! or leave a record read again).
+//!
+//! # The order of writes
+//!
+//! A delivery enters the queue (PostgreSQL) before its retry record is written (Kafka), and is
+//! marked settled only after its delivery or dead letter is done. A crash between the two
+//! leaves the delivery pending in the queue, so its record, read again, is attempted again (a
+//! duplicate, which at-least-once allows) and the build's later events keep waiting: never the
+//! other way round.
+//!
+//! # Waiting for a turn
+//!
+//! A queued record on the retry path that is due but not first waits in memory (within the
+//! retry hold, as a record due later does) and is woken when any delivery of the queue is
+//! settled on this instance, or polls the queue every [`TURN_POLL`] (the head may be settled by
+//! another instance). Past the hold it goes back to the end of the retry topic, due at once.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use hookline_cistate::{Hook, OrderEntry};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use crate::context::Context;
+use crate::handoff::Landed;
+use crate::metrics::Stall;
+use crate::order::{self, Ordering, Side, Turn};
+use crate::shutdown::{Abandoned, wait_out};
+use crate::step::{self, Settlement};
+use crate::task::DeliveryTask;
+
+/// How long settled queue entries are kept: long past any re-read of their records after a
+/// crash (bounded by the retry hold and the commit interval).
+pub const SETTLED_RETENTION: Duration = Duration::from_secs(24 * 3600);
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Forgets settled queue entries past [`SETTLED_RETENTION`] (and those of removed hooks),
+/// hourly, until `stop`. Under relaxed ordering nothing is written, so nothing is pruned.
+pub(crate) async fn prune(cx: std::sync::Arc<Context>, stop: CancellationToken) {
+    if cx.config.ordering == Ordering::Relaxed {
+        return;
+    }
+    let mut tick = tokio::time::interval(PRUNE_EVERY);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let before = Utc::now()
+            - chrono::Duration::from_std(SETTLED_RETENTION).unwrap_or(chrono::Duration::MAX);
+        match cx.store.order_prune(before).await {
+            Ok(pruned) => debug!(pruned, "settled order-queue entries pruned"),
+            // The next hour tries again; meanwhile the table only grows.
+            Err(error) => tracing::warn!(%error, "could not prune the order queue"),
+        }
+    }
+}
+
+/// How often a queued record waiting for its turn reads the queue again when nothing on this
+/// instance woke it.
+pub const TURN_POLL: Duration = Duration::from_millis(250);
+
+/// A new event's delivery on the main path.
+pub(crate) async fn main_step(
+    cx: &Context,
+    task: DeliveryTask,
+    hook: &Hook,
+    abandon: &CancellationToken,
+) -> Result<(), Abandoned> {
+    if cx.config.ordering == Ordering::Relaxed {
+        return step::run(cx, task, hook, abandon).await;
+    }
+    let entries = queue(cx, &task, abandon).await?;
+    match order::turn(
+        &entries,
+        task.event_id,
+        task.occurred_at,
+        hook.collapse,
+        Side::Main,
+    ) {
+        Turn::Go => go(cx, task, hook, &entries, abandon).await,
+        turn @ (Turn::Queue | Turn::Wait) => {
+            if turn == Turn::Queue {
+                cx.metrics.order_action("queued");
+                info!(event_id = %task.event_id, build_id = task.build_id, hook_id = hook.id, "an earlier event of this build waits for a retry; queued behind it");
+            }
+            enqueue(cx, task, hook, abandon).await
+        }
+        Turn::Collapse => collapse(cx, &task, abandon).await,
+        Turn::AlreadySettled => {
+            already_settled(cx, &task);
+            Ok(())
+        }
+    }
+}
+
+/// A due record of the retry topic; `hold_until` bounds how long it may wait for its turn.
+pub(crate) async fn retry_step(
+    cx: &Context,
+    task: DeliveryTask,
+    hook: &Hook,
+    hold_until: DateTime<Utc>,
+    abandon: &CancellationToken,
+) -> Result<(), Abandoned> {
+    if cx.config.ordering == Ordering::Relaxed {
+        return step::run(cx, task, hook, abandon).await;
+    }
+    loop {
+        // Registered before the queue is read, so a settlement in between still wakes it.
+        let woken = cx.turns.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        let entries = queue(cx, &task, abandon).await?;
+        match order::turn(
+            &entries,
+            task.event_id,
+            task.occurred_at,
+            hook.collapse,
+            Side::Retry,
+        ) {
+            Turn::Go => return go(cx, task, hook, &entries, abandon).await,
+            Turn::Collapse => return collapse(cx, &task, abandon).await,
+            Turn::AlreadySettled => {
+                already_settled(cx, &task);
+                return Ok(());
+            }
+            Turn::Queue | Turn::Wait => {
+                let now = Utc::now();
+                let Ok(left) = (hold_until - now).to_std() else {
+                    debug!(event_id = %task.event_id, build_id = task.build_id, hook_id = hook.id, "not its turn within the hold; back to the end of the retry topic");
+                    return enqueue(cx, task, hook, abandon).await;
+                };
+                tokio::select! {
+                    _ = abandon.cancelled() => return Err(Abandoned),
+                    _ = &mut woken => {}
+                    _ = tokio::time::sleep(left.min(TURN_POLL)) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Attempts a delivery whose turn it is, and keeps the queue in step with what follows.
+async fn go(
+    cx: &Context,
+    task: DeliveryTask,
+    hook: &Hook,
+    entries: &[OrderEntry],
+    abandon: &CancellationToken,
+) -> Result<(), Abandoned> {
+    let queued = entries.iter().any(|e| e.event_id == task.event_id);
+    let (task, settlement) = step::attempt(cx, task, hook, abandon).await?;
+    let settlement = match settlement {
+        Settlement::Retry { .. } | Settlement::Deferred { .. } => {
+            if !queued {
+                // In the queue before its retry record exists: see the module's doc.
+                hold(cx, &task, abandon).await?;
+                cx.metrics.order_action("held");
+            }
+            settlement
+        }
+        Settlement::DeadLetter { reason, detail } if queued => {
+            // The queue as it is now: events may have joined it during the attempt.
+            let followers = order::followers(&queue(cx, &task, abandon).await?, task.event_id);
+            let detail = if followers.is_empty() {
+                detail
+            } else {
+                let ids: Vec<String> = followers.iter().map(ToString::to_string).collect();
+                format!(
+                    "{detail}; strict ordering: {} later event(s) of this build were queued behind it and go out after it: {}",
+                    followers.len(),
+                    ids.join(", ")
+                )
+            };
+            Settlement::DeadLetter { reason, detail }
+        }
+        other => other,
+    };
+    let ends = matches!(
+        settlement,
+        Settlement::Delivered | Settlement::DeadLetter { .. }
+    );
+    let (hook_id, build_id, event_id) = (task.hook_id, task.build_id, task.event_id);
+    let in_queue = queued || !ends;
+    let landed = step::settle(cx, task, Some(hook), settlement, abandon).await?;
+    // A retry Kafka refused for good ended in a dead letter: the queue moves on too.
+    if in_queue && (ends || landed != Landed::AsIs) {
+        settle_entry(cx, hook_id, build_id, event_id, abandon).await?;
+    }
+    Ok(())
+}
+
+/// Puts a delivery in the queue (if it is not there) and its record at the end of the retry
+/// topic, due now: it is attempted when its turn comes.
+async fn enqueue(
+    cx: &Context,
+    task: DeliveryTask,
+    hook: &Hook,
+    abandon: &CancellationToken,
+) -> Result<(), Abandoned> {
+    hold(cx, &task, abandon).await?;
+    let landed = cx
+        .handoff
+        .to_retry(&task, Some(hook), Utc::now(), abandon)
+        .await?;
+    if landed != Landed::AsIs {
+        settle_entry(cx, task.hook_id, task.build_id, task.event_id, abandon).await?;
+    }
+    Ok(())
+}
+
+/// A queued delivery superseded by a later one on a hook that wants only the latest state.
+async fn collapse(
+    cx: &Context,
+    task: &DeliveryTask,
+    abandon: &CancellationToken,
+) -> Result<(), Abandoned> {
+    info!(event_id = %task.event_id, build_id = task.build_id, hook_id = task.hook_id, "collapsed: a later event of this build is queued behind it");
+    settle_entry(cx, task.hook_id, task.build_id, task.event_id, abandon).await?;
+    cx.metrics.order_action("collapsed");
+    Ok(())
+}
+
+fn already_settled(cx: &Context, task: &DeliveryTask) {
+    cx.metrics.order_action("already_settled");
+    debug!(event_id = %task.event_id, build_id = task.build_id, hook_id = task.hook_id, "delivery already settled (a record read again); not sent again");
+}
+
+async fn queue(
+    cx: &Context,
+    task: &DeliveryTask,
+    abandon: &CancellationToken,
+) -> Result<Vec<OrderEntry>, Abandoned> {
+    wait_out(
+        &cx.metrics,
+        Stall::Store,
+        "store unavailable; the order queue cannot be read",
+        abandon,
+        || cx.store.order_entries(task.hook_id, task.build_id),
+    )
+    .await
+}
+
+async fn hold(
+    cx: &Context,
+    task: &DeliveryTask,
+    abandon: &CancellationToken,
+) -> Result<(), Abandoned> {
+    wait_out(
+        &cx.metrics,
+        Stall::Store,
+        "store unavailable; the order queue cannot be written",
+        abandon,
+        || {
+            cx.store
+                .order_hold(task.hook_id, task.build_id, task.event_id, task.occurred_at)
+        },
+    )
+    .await
+}
+
+async fn settle_entry(
+    cx: &Context,
+    hook_id: i64,
+    build_id: i64,
+    event_id: uuid::Uuid,
+    abandon: &CancellationToken,
+) -> Result<(), Abandoned> {
+    wait_out(
+        &cx.metrics,
+        Stall::Store,
+        "store unavailable; the order queue cannot be moved on",
+        abandon,
+        || cx.store.order_settle(hook_id, build_id, event_id),
+    )
+    .await?;
+    cx.turns.notify_waiters();
+    Ok(())
+}
