@@ -12,10 +12,13 @@
 //! - [`process`]: `hookline-consumer serve` as a child process for a world.
 //! - [`producer`]: the producer's API in-process on a loopback port.
 //! - [`fake_registry`]: a Confluent-compatible schema registry stand-in on loopback.
+//! - [`ordering`]: a receiver that fails chosen (build, status) pairs and shows each build's
+//!   statuses in arrival order.
 //! - [`soak`]: the soak driver behind `scripts/soak` (binary `soak`): the real binaries, a private
 //!   broker and database, kills and restarts, every (event, hook) pair counted.
 
 pub mod fake_registry;
+pub mod ordering;
 pub mod process;
 pub mod producer;
 pub mod soak;

@@ -1,0 +1,209 @@
+//! Per-(hook, build) order across retries against the real broker and database: a receiver
+//! that fails a build's `running` once still sees created, pending, running, success in that
+//! order (strict, the default), while the same hook's other builds go on; relaxed ordering
+//! shows the regression strict mode removes; a collapsing hook gets only the latest queued
+//! state; and two instances in one group, joining and leaving mid-run, keep every build in
+//! order.
+
+use std::time::Duration;
+
+use hookline_cistate::{CiStore, NewHook, RenderSnapshot};
+use hookline_consumer::config::Ordering;
+use hookline_consumer::schedule::RetrySchedule;
+use hookline_schemas::{BuildStatus, SchemaVersion};
+use hookline_tests::ordering::{StatusReceiver, in_transition_order};
+use hookline_tests::poll_until;
+use hookline_tests::world::{World, inline_event};
+
+const TRANSITIONS: [BuildStatus; 4] = [
+    BuildStatus::Created,
+    BuildStatus::Pending,
+    BuildStatus::Running,
+    BuildStatus::Success,
+];
+
+fn every_status() -> Vec<String> {
+    ["created", "pending", "running", "success"]
+        .map(String::from)
+        .to_vec()
+}
+
+/// Retries `first` after a failure, then quickly.
+fn schedule(first: Duration) -> RetrySchedule {
+    RetrySchedule {
+        jitter: 0.0,
+        ..RetrySchedule::with_delays(
+            vec![first; 1]
+                .into_iter()
+                .chain([Duration::from_millis(100); 20])
+                .collect(),
+        )
+    }
+}
+
+async fn send_build(world: &World, build: &RenderSnapshot) {
+    for status in TRANSITIONS {
+        world
+            .send(&inline_event(build, status), SchemaVersion::V2)
+            .await;
+    }
+}
+
+async fn accepted_all(receiver: &StatusReceiver, builds: &[&RenderSnapshot]) {
+    poll_until("every build's success", Duration::from_secs(60), || {
+        let done = builds
+            .iter()
+            .all(|b| receiver.accepted_at(b.build.id, "success").is_some());
+        async move { done.then_some(()) }
+    })
+    .await;
+}
+
+/// Build A's `running` fails once and is retried after `first_retry`; A's and B's events go to
+/// one hook, A's first. Returns the receiver once both builds' `success` arrived.
+async fn one_failed_running(ordering: Ordering, collapse: bool) -> (StatusReceiver, [i64; 2], u64) {
+    let world = World::new(2).await;
+    let builds = world.builds(91_000, 2).await;
+    let (a, b) = (&builds[0], &builds[1]);
+    let receiver = StatusReceiver::start().await;
+    world
+        .store
+        .add_hook(&NewHook {
+            project_id: a.project.id,
+            url: receiver.url.clone(),
+            job_events: true,
+            collapse,
+            ..NewHook::default()
+        })
+        .await
+        .expect("add hook");
+    receiver.fail(a.build.id, "running", 1);
+    let mut config = world.config();
+    config.ordering = ordering;
+    // Long enough that B's four events, sent after A's, would visibly wait if they were held.
+    config.retry_schedule = schedule(Duration::from_secs(3));
+    let running = world.start(config).await;
+    send_build(&world, a).await;
+    send_build(&world, b).await;
+    accepted_all(&receiver, &[a, b]).await;
+    // The queue moves on right after A's success: give a stray out-of-order delivery (relaxed)
+    // a moment to show.
+    poll_until("A's running delivered", Duration::from_secs(30), || {
+        let r = receiver.accepted_at(a.build.id, "running").is_some() || collapse;
+        async move { r.then_some(()) }
+    })
+    .await;
+    let collapsed = running.metrics.ordering("collapsed");
+    running.stop().await;
+    (receiver, [a.build.id, b.build.id], collapsed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_a_failed_running_holds_its_builds_later_events_and_no_other_build() {
+    let (receiver, [a, b], _) = one_failed_running(Ordering::Strict, false).await;
+    let seen = receiver.seen();
+    assert_eq!(receiver.accepted(a), every_status(), "{seen:?}");
+    assert_eq!(receiver.accepted(b), every_status(), "{seen:?}");
+    // The failed attempt came first, and A's success only after its retried running.
+    let failed = seen
+        .iter()
+        .position(|s| !s.accepted)
+        .expect("a failed attempt");
+    assert_eq!(
+        (seen[failed].build_id, seen[failed].status.as_str()),
+        (a, "running")
+    );
+    // B was not held behind A: all of B arrived before A's running was retried (3 s later).
+    let a_running = receiver.accepted_at(a, "running").unwrap();
+    assert!(
+        receiver.accepted_at(b, "success").unwrap() < a_running,
+        "B waited behind A: {seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relaxed_a_retried_running_arrives_after_its_builds_success() {
+    let (receiver, [a, b], _) = one_failed_running(Ordering::Relaxed, false).await;
+    let seen = receiver.seen();
+    assert_eq!(
+        receiver.accepted(a),
+        ["created", "pending", "success", "running"].map(String::from),
+        "{seen:?}"
+    );
+    assert_eq!(receiver.accepted(b), every_status(), "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collapsing_hook_gets_only_the_latest_of_the_queued_events() {
+    let (receiver, [a, _], collapsed) = one_failed_running(Ordering::Strict, true).await;
+    assert_eq!(
+        receiver.accepted(a),
+        ["created", "pending", "success"].map(String::from),
+        "{:?}",
+        receiver.seen()
+    );
+    assert_eq!(collapsed, 1);
+}
+
+/// Two instances in one group: the second joins a third of the way in, the first leaves two
+/// thirds of the way in. Half the builds fail their `running` once. Every build still reaches
+/// its receiver in transition order, complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn instances_joining_and_leaving_keep_every_build_in_order() {
+    let world = World::new(4).await;
+    let builds = world.builds(92_000, 24).await;
+    let receiver = StatusReceiver::start().await;
+    world.hook(builds[0].project.id, &receiver.url, None).await;
+    for b in builds.iter().step_by(2) {
+        receiver.fail(b.build.id, "running", 1);
+    }
+    let mut config = world.config();
+    config.retry_schedule = schedule(Duration::from_millis(300));
+    let first = world.start(config.clone()).await;
+    let mut second = None;
+    // Round-robin over builds, one transition at a time, as a CI would interleave them.
+    for (n, status) in TRANSITIONS.iter().enumerate() {
+        for b in &builds {
+            world
+                .send(&inline_event(b, *status), SchemaVersion::V2)
+                .await;
+        }
+        if n == 1 {
+            second = Some(world.start(config.clone()).await);
+        }
+        if n == 2 {
+            poll_until(
+                "the second instance's assignment",
+                Duration::from_secs(30),
+                || {
+                    let assigned = second.as_ref().unwrap().metrics.assignments("main") > 0;
+                    async move { assigned.then_some(()) }
+                },
+            )
+            .await;
+        }
+    }
+    first.stop().await;
+    let refs: Vec<&RenderSnapshot> = builds.iter().collect();
+    accepted_all(&receiver, &refs).await;
+    poll_until("every running delivered", Duration::from_secs(30), || {
+        let done = builds
+            .iter()
+            .all(|b| receiver.accepted_at(b.build.id, "running").is_some());
+        async move { done.then_some(()) }
+    })
+    .await;
+    let seen = receiver.seen();
+    for b in &builds {
+        let accepted = receiver.accepted(b.build.id);
+        assert!(
+            in_transition_order(&accepted),
+            "build {}: {accepted:?}",
+            b.build.id
+        );
+        let mut distinct = accepted.clone();
+        distinct.dedup();
+        assert_eq!(distinct, every_status(), "build {}: {seen:?}", b.build.id);
+    }
+    second.unwrap().stop().await;
+}
