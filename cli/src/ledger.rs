@@ -159,7 +159,7 @@ impl Ledger {
     }
 
     /// Answers 500 to `percent` % of first attempts, picked by `seed` and the `Idempotency-Key`
-    /// (never more than [`MAX_FAILURES_IN_A_ROW`] in a row to one hook).
+    /// (never more than two in a row to one hook).
     pub fn fail_first_attempts(&self, percent: f64, seed: u64) {
         let mut inner = self.lock();
         inner.fail_percent = percent;
