@@ -185,7 +185,8 @@ async fn dispatch(
             }
         };
         let mut project_hooks = hooks.get(&event.project_id).cloned().unwrap_or_default();
-        if let Some(only) = header(msg.headers(), H_ONLY_HOOK) {
+        let only_hook = header(msg.headers(), H_ONLY_HOOK);
+        if let Some(only) = &only_hook {
             // A replay of one dead-lettered delivery: the other hooks already had this event.
             let only: Option<i64> = only.parse().ok();
             project_hooks = Arc::new(
@@ -248,6 +249,7 @@ async fn dispatch(
                     body: body.clone(),
                     last_error: None,
                     source: Some(source.clone()),
+                    replayed: only_hook.is_some(),
                 };
                 (previous, done, hook.clone(), task)
             })

@@ -111,8 +111,9 @@ pub fn turn(
         };
     }
     match side {
-        // Not queued: a retry written without strict ordering, or a replay from the dead-letter
-        // topic (an operator's deliberate re-send). Neither holds anything.
+        // Not queued: a retry written under relaxed ordering (or settled so long ago that its
+        // entry was pruned). It holds nothing. (Replays from the dead-letter topic never get
+        // here: they are outside the order.)
         Side::Retry => Turn::Go,
         Side::Main => {
             // The main path takes a build's events in transition order, and an event enters the
@@ -225,7 +226,7 @@ mod tests {
     }
 
     #[test]
-    fn retries_outside_the_queue_and_replays_are_not_held() {
+    fn retries_outside_the_queue_are_not_held() {
         let held = [entry(3, false)];
         assert_eq!(turn(&held, id(9), at(9), false, Side::Retry), Turn::Go);
     }

@@ -70,7 +70,7 @@ pub(crate) async fn main_step(
     hook: &Hook,
     abandon: &CancellationToken,
 ) -> Result<(), Abandoned> {
-    if cx.config.ordering == Ordering::Relaxed {
+    if outside_the_order(cx, &task) {
         return step::run(cx, task, hook, abandon).await;
     }
     let entries = queue(cx, &task, abandon).await?;
@@ -105,7 +105,7 @@ pub(crate) async fn retry_step(
     hold_until: DateTime<Utc>,
     abandon: &CancellationToken,
 ) -> Result<(), Abandoned> {
-    if cx.config.ordering == Ordering::Relaxed {
+    if outside_the_order(cx, &task) {
         return step::run(cx, task, hook, abandon).await;
     }
     loop {
@@ -141,6 +141,12 @@ pub(crate) async fn retry_step(
             }
         }
     }
+}
+
+/// Relaxed ordering, or a replay from the dead-letter topic: an operator's deliberate re-send of
+/// an old event, which neither waits for the build's queue nor holds it.
+fn outside_the_order(cx: &Context, task: &DeliveryTask) -> bool {
+    cx.config.ordering == Ordering::Relaxed || task.replayed
 }
 
 /// Attempts a delivery whose turn it is, and keeps the queue in step with what follows.

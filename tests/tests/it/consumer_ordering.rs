@@ -145,45 +145,57 @@ async fn a_collapsing_hook_gets_only_the_latest_of_the_queued_events() {
     assert_eq!(collapsed, 1);
 }
 
-/// Two instances in one group: the second joins a third of the way in, the first leaves two
-/// thirds of the way in. Half the builds fail their `running` once. Every build still reaches
-/// its receiver in transition order, complete.
+/// Two instances in one group: the second joins after the builds' `pending`, the first leaves
+/// right after their `running`, so their `success` (and the retries of the failed `running`,
+/// held by the first instance) are the second's. A quarter of the builds fail their `running`
+/// once. Every build still reaches its receiver complete and in transition order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn instances_joining_and_leaving_keep_every_build_in_order() {
     let world = World::new(4).await;
     let builds = world.builds(92_000, 24).await;
     let receiver = StatusReceiver::start().await;
     world.hook(builds[0].project.id, &receiver.url, None).await;
-    for b in builds.iter().step_by(2) {
+    // One build in four: more failures in a row would make the hook back off for a minute
+    // (GitLab's auto-disable rule) and the test wait for it.
+    for b in builds.iter().step_by(4) {
         receiver.fail(b.build.id, "running", 1);
     }
     let mut config = world.config();
-    config.retry_schedule = schedule(Duration::from_millis(300));
+    // Long enough that the failed deliveries are still held when the first instance leaves.
+    config.retry_schedule = schedule(Duration::from_secs(1));
     let first = world.start(config.clone()).await;
-    let mut second = None;
-    // Round-robin over builds, one transition at a time, as a CI would interleave them.
-    for (n, status) in TRANSITIONS.iter().enumerate() {
-        for b in &builds {
-            world
-                .send(&inline_event(b, *status), SchemaVersion::V2)
-                .await;
+    let send_round = |status: BuildStatus| {
+        let (world, builds) = (&world, &builds);
+        async move {
+            for b in builds {
+                world
+                    .send(&inline_event(b, status), SchemaVersion::V2)
+                    .await;
+            }
         }
-        if n == 1 {
-            second = Some(world.start(config.clone()).await);
-        }
-        if n == 2 {
-            poll_until(
-                "the second instance's assignment",
-                Duration::from_secs(30),
-                || {
-                    let assigned = second.as_ref().unwrap().metrics.assignments("main") > 0;
-                    async move { assigned.then_some(()) }
-                },
-            )
-            .await;
-        }
-    }
+    };
+    send_round(BuildStatus::Created).await;
+    send_round(BuildStatus::Pending).await;
+    let second = world.start(config.clone()).await;
+    poll_until(
+        "the second instance's assignment",
+        Duration::from_secs(30),
+        || {
+            let assigned = second.metrics.assignments("main") > 0;
+            async move { assigned.then_some(()) }
+        },
+    )
+    .await;
+    send_round(BuildStatus::Running).await;
+    let failing = builds.len().div_ceil(4);
+    poll_until("the failed runnings", Duration::from_secs(30), || {
+        let failed = receiver.seen().iter().filter(|s| !s.accepted).count();
+        async move { (failed == failing).then_some(()) }
+    })
+    .await;
+    let held_by_first = first.metrics.ordering("held");
     first.stop().await;
+    send_round(BuildStatus::Success).await;
     let refs: Vec<&RenderSnapshot> = builds.iter().collect();
     accepted_all(&receiver, &refs).await;
     poll_until("every running delivered", Duration::from_secs(30), || {
@@ -205,5 +217,21 @@ async fn instances_joining_and_leaving_keep_every_build_in_order() {
         distinct.dedup();
         assert_eq!(distinct, every_status(), "build {}: {seen:?}", b.build.id);
     }
-    second.unwrap().stop().await;
+    assert!(
+        held_by_first + second.metrics.ordering("held") > 0,
+        "no delivery was held"
+    );
+    assert!(
+        second
+            .metrics
+            .deliveries(hookline_consumer::Outcome::Delivered)
+            > 0,
+        "the second instance delivered nothing"
+    );
+    eprintln!(
+        "held by the first instance {held_by_first}, by the second {}; queued behind them: {}",
+        second.metrics.ordering("held"),
+        second.metrics.ordering("queued")
+    );
+    second.stop().await;
 }
