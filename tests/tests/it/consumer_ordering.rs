@@ -235,3 +235,63 @@ async fn instances_joining_and_leaving_keep_every_build_in_order() {
     );
     second.stop().await;
 }
+
+/// The order queue behaves the same in PostgreSQL and in memory: entries in transition order
+/// (ties by arrival), a hold written twice kept once, settling marks without removing, pruning
+/// forgets settled entries past the cut and entries of removed hooks.
+#[tokio::test]
+async fn the_order_queue_is_the_same_in_postgresql_and_in_memory() {
+    use chrono::{TimeZone, Utc};
+    use uuid::Uuid;
+    let pg = hookline_tests::pg_store().await;
+    let memory = hookline_cistate::MemoryStore::new();
+    let stores: [&dyn CiStore; 2] = [&pg, &memory];
+    for store in stores {
+        let hook = store
+            .add_hook(&NewHook {
+                project_id: 1,
+                url: "http://127.0.0.1:1/hook".into(),
+                job_events: true,
+                ..NewHook::default()
+            })
+            .await
+            .expect("add hook");
+        let at = |s: i64| Utc.timestamp_opt(1_800_000_000 + s, 0).unwrap();
+        let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        store.order_hold(hook.id, 7, b, at(2)).await.unwrap();
+        store.order_hold(hook.id, 7, a, at(1)).await.unwrap();
+        store.order_hold(hook.id, 7, c, at(2)).await.unwrap();
+        store.order_hold(hook.id, 7, a, at(1)).await.unwrap();
+        store.order_hold(hook.id, 8, a, at(1)).await.unwrap();
+        let ids = |entries: Vec<hookline_cistate::OrderEntry>| -> Vec<(Uuid, bool)> {
+            entries.iter().map(|e| (e.event_id, e.settled)).collect()
+        };
+        assert_eq!(
+            ids(store.order_entries(hook.id, 7).await.unwrap()),
+            [(a, false), (b, false), (c, false)],
+            "{store:?}"
+        );
+        store.order_settle(hook.id, 7, a).await.unwrap();
+        assert_eq!(
+            ids(store.order_entries(hook.id, 7).await.unwrap()),
+            [(a, true), (b, false), (c, false)]
+        );
+        // Nothing settled before a minute ago: the fresh settlement stays.
+        let cut = Utc::now() - chrono::Duration::minutes(1);
+        assert_eq!(store.order_prune(cut).await.unwrap(), 0);
+        assert_eq!(
+            store
+                .order_prune(Utc::now() + chrono::Duration::minutes(1))
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            ids(store.order_entries(hook.id, 7).await.unwrap()),
+            [(b, false), (c, false)]
+        );
+        store.remove_hook(hook.id).await.unwrap();
+        assert_eq!(store.order_prune(cut).await.unwrap(), 3);
+        assert!(store.order_entries(hook.id, 8).await.unwrap().is_empty());
+    }
+}
