@@ -14,4 +14,6 @@ CREATE TABLE delivery_order (
     settled_at  TIMESTAMPTZ,
     PRIMARY KEY (hook_id, build_id, event_id)
 );
+-- The main path asks, once per batch, which of the batch's builds have a queue at all.
+CREATE INDEX delivery_order_build_id ON delivery_order (build_id);
 CREATE INDEX delivery_order_settled_at ON delivery_order (settled_at) WHERE settled_at IS NOT NULL;

@@ -261,6 +261,16 @@ impl CiStore for MemoryStore {
         Ok(entries)
     }
 
+    async fn order_queued_pairs(&self, build_ids: &[i64]) -> Result<Vec<(i64, i64)>, StoreError> {
+        let state = self.state.read().unwrap();
+        Ok(state
+            .order
+            .keys()
+            .filter(|(_, build_id)| build_ids.contains(build_id))
+            .copied()
+            .collect())
+    }
+
     async fn order_hold(
         &self,
         hook_id: i64,

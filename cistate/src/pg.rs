@@ -615,6 +615,22 @@ impl CiStore for PgStore {
             .map_err(StoreError::from)
     }
 
+    async fn order_queued_pairs(&self, build_ids: &[i64]) -> Result<Vec<(i64, i64)>, StoreError> {
+        if build_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(
+            "SELECT DISTINCT hook_id, build_id FROM delivery_order WHERE build_id = ANY($1)",
+        )
+        .bind(build_ids)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get("hook_id")?, row.try_get("build_id")?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
     async fn order_hold(
         &self,
         hook_id: i64,

@@ -94,6 +94,9 @@ pub trait CiStore: Send + Sync + std::fmt::Debug {
         hook_id: i64,
         build_id: i64,
     ) -> Result<Vec<OrderEntry>, StoreError>;
+    /// The (hook, build) pairs among `build_ids` that have an order queue (pending or settled
+    /// entries): one query for a batch of events, so builds without one need no other read.
+    async fn order_queued_pairs(&self, build_ids: &[i64]) -> Result<Vec<(i64, i64)>, StoreError>;
     /// Puts a delivery in the (hook, build) order queue as pending; nothing if it is there
     /// already (pending or settled).
     async fn order_hold(

@@ -168,6 +168,15 @@ async fn dispatch(
     let cx = &path.cx;
     let decoded = decode_batch(cx, batch.iter().map(|(msg, _, _)| msg), shutdown).await?;
     let (hooks, snapshots) = lookup(cx, &decoded, shutdown).await?;
+    let queued = strict::queued_pairs(
+        cx,
+        decoded.iter().filter_map(|d| match d {
+            Read::Event(e) => Some(e.build_id),
+            Read::Undecodable(_) => None,
+        }),
+        shutdown,
+    )
+    .await?;
     for ((msg, ticket, permit), decoded) in batch.into_iter().zip(decoded) {
         let claim = (ticket, permit);
         let event = match decoded {
@@ -251,19 +260,20 @@ async fn dispatch(
                     source: Some(source.clone()),
                     replayed: only_hook.is_some(),
                 };
-                (previous, done, hook.clone(), task)
+                let queued = queued.contains(&(hook.id, event.build_id));
+                (previous, done, hook.clone(), task, queued)
             })
             .collect();
         path.spawn_record(claim, |cx, abandon| async move {
             let results = futures::future::join_all(deliveries.into_iter().map(
-                |(previous, done, hook, task)| {
+                |(previous, done, hook, task, queued)| {
                     let (cx, abandon) = (&cx, &abandon);
                     async move {
                         if let Some(previous) = previous {
                             // An error only means the previous delivery's task ended: go on.
                             let _ = previous.await;
                         }
-                        let result = strict::main_step(cx, task, &hook, abandon).await;
+                        let result = strict::main_step(cx, task, &hook, queued, abandon).await;
                         drop(done);
                         result
                     }

@@ -136,6 +136,7 @@ impl Consumer {
             handoff,
             metrics,
             turns: tokio::sync::Notify::new(),
+            held_here: Default::default(),
         });
         Ok(Self { cx, main, retry })
     }

@@ -10,6 +10,15 @@
 //! duplicate, which at-least-once allows) and the build's later events keep waiting: never the
 //! other way round.
 //!
+//! # Reading the queue on the main path
+//!
+//! Most builds never have a queue, so the main path does not read one per delivery: it asks once
+//! per batch which of the batch's builds have one ([`queued_pairs`]), and reads the queue only
+//! for those, and for pairs this instance put in a queue since (a batch's earlier event of the
+//! same build failing: `Context::held_here`). Only the main path starts queues (a retry outside
+//! the order that fails again is retried without holding anything), and a build's main-topic
+//! records are read by one instance at a time, so nothing else can start a queue unseen.
+//!
 //! # Waiting for a turn
 //!
 //! A queued record on the retry path that is due but not first waits in memory (within the
@@ -17,7 +26,8 @@
 //! settled on this instance, or polls the queue every [`TURN_POLL`] (the head may be settled by
 //! another instance). Past the hold it goes back to the end of the retry topic, due at once.
 
-use std::time::Duration;
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use hookline_cistate::{Hook, OrderEntry};
@@ -51,6 +61,8 @@ pub(crate) async fn prune(cx: std::sync::Arc<Context>, stop: CancellationToken) 
         }
         let before = Utc::now()
             - chrono::Duration::from_std(SETTLED_RETENTION).unwrap_or(chrono::Duration::MAX);
+        // Past an hour, every batch that could have missed a hold of this instance is long done.
+        held_here(&cx).retain(|_, at| at.elapsed() < PRUNE_EVERY);
         match cx.store.order_prune(before).await {
             Ok(pruned) => debug!(pruned, "settled order-queue entries pruned"),
             // The next hour tries again; meanwhile the table only grows.
@@ -63,17 +75,49 @@ pub(crate) async fn prune(cx: std::sync::Arc<Context>, stop: CancellationToken) 
 /// instance woke it.
 pub const TURN_POLL: Duration = Duration::from_millis(250);
 
-/// A new event's delivery on the main path.
+/// The (hook, build) pairs of a batch's builds that have an order queue: one read per batch
+/// (none under relaxed ordering).
+pub(crate) async fn queued_pairs(
+    cx: &Context,
+    build_ids: impl Iterator<Item = i64>,
+    abandon: &CancellationToken,
+) -> Result<HashSet<(i64, i64)>, Abandoned> {
+    if cx.config.ordering == Ordering::Relaxed {
+        return Ok(HashSet::new());
+    }
+    let mut build_ids: Vec<i64> = build_ids.collect();
+    build_ids.sort_unstable();
+    build_ids.dedup();
+    let pairs = wait_out(
+        &cx.metrics,
+        Stall::Store,
+        "store unavailable; the order queues cannot be read",
+        abandon,
+        || cx.store.order_queued_pairs(&build_ids),
+    )
+    .await?;
+    Ok(pairs.into_iter().collect())
+}
+
+/// A new event's delivery on the main path. `queued`: its (hook, build) had an order queue when
+/// its batch was read.
 pub(crate) async fn main_step(
     cx: &Context,
     task: DeliveryTask,
     hook: &Hook,
+    queued: bool,
     abandon: &CancellationToken,
 ) -> Result<(), Abandoned> {
     if outside_the_order(cx, &task) {
         return step::run(cx, task, hook, abandon).await;
     }
-    let entries = queue(cx, &task, abandon).await?;
+    let pair = (task.hook_id, task.build_id);
+    let held_here = held_here(cx).contains_key(&pair);
+    let entries = if queued || held_here {
+        queue(cx, &task, abandon).await?
+    } else {
+        Vec::new()
+    };
     match order::turn(
         &entries,
         task.event_id,
@@ -81,7 +125,7 @@ pub(crate) async fn main_step(
         hook.collapse,
         Side::Main,
     ) {
-        Turn::Go => go(cx, task, hook, &entries, abandon).await,
+        Turn::Go => go(cx, task, hook, &entries, Side::Main, abandon).await,
         turn @ (Turn::Queue | Turn::Wait) => {
             if turn == Turn::Queue {
                 cx.metrics.order_action("queued");
@@ -121,7 +165,7 @@ pub(crate) async fn retry_step(
             hook.collapse,
             Side::Retry,
         ) {
-            Turn::Go => return go(cx, task, hook, &entries, abandon).await,
+            Turn::Go => return go(cx, task, hook, &entries, Side::Retry, abandon).await,
             Turn::Collapse => return collapse(cx, &task, abandon).await,
             Turn::AlreadySettled => {
                 already_settled(cx, &task);
@@ -149,19 +193,23 @@ fn outside_the_order(cx: &Context, task: &DeliveryTask) -> bool {
     cx.config.ordering == Ordering::Relaxed || task.replayed
 }
 
-/// Attempts a delivery whose turn it is, and keeps the queue in step with what follows.
+/// Attempts a delivery whose turn it is, and keeps the queue in step with what follows. Only on
+/// the main path does a failure start a queue: a retry outside the order stays outside it.
 async fn go(
     cx: &Context,
     task: DeliveryTask,
     hook: &Hook,
     entries: &[OrderEntry],
+    side: Side,
     abandon: &CancellationToken,
 ) -> Result<(), Abandoned> {
     let queued = entries.iter().any(|e| e.event_id == task.event_id);
     let (task, settlement) = step::attempt(cx, task, hook, abandon).await?;
+    let mut holds = false;
     let settlement = match settlement {
         Settlement::Retry { .. } | Settlement::Deferred { .. } => {
-            if !queued {
+            if !queued && side == Side::Main {
+                holds = true;
                 // In the queue before its retry record exists: see the module's doc.
                 hold(cx, &task, abandon).await?;
                 cx.metrics.order_action("held");
@@ -190,7 +238,7 @@ async fn go(
         Settlement::Delivered | Settlement::DeadLetter { .. }
     );
     let (hook_id, build_id, event_id) = (task.hook_id, task.build_id, task.event_id);
-    let in_queue = queued || !ends;
+    let in_queue = queued || holds;
     let landed = step::settle(cx, task, Some(hook), settlement, abandon).await?;
     // A retry Kafka refused for good ended in a dead letter: the queue moves on too.
     if in_queue && (ends || landed != Landed::AsIs) {
@@ -250,11 +298,19 @@ async fn queue(
     .await
 }
 
+fn held_here(
+    cx: &Context,
+) -> std::sync::MutexGuard<'_, std::collections::HashMap<(i64, i64), Instant>> {
+    // A panic while holding it leaves at worst a stale entry, which only costs a read.
+    cx.held_here.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 async fn hold(
     cx: &Context,
     task: &DeliveryTask,
     abandon: &CancellationToken,
 ) -> Result<(), Abandoned> {
+    held_here(cx).insert((task.hook_id, task.build_id), Instant::now());
     wait_out(
         &cx.metrics,
         Stall::Store,
