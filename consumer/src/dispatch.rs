@@ -167,16 +167,19 @@ async fn dispatch(
 ) -> Result<(), Abandoned> {
     let cx = &path.cx;
     let decoded = decode_batch(cx, batch.iter().map(|(msg, _, _)| msg), shutdown).await?;
-    let (hooks, snapshots) = lookup(cx, &decoded, shutdown).await?;
-    let queued = strict::queued_pairs(
-        cx,
-        decoded.iter().filter_map(|d| match d {
-            Read::Event(e) => Some(e.build_id),
-            Read::Undecodable(_) => None,
-        }),
-        shutdown,
-    )
-    .await?;
+    // Which builds have an order queue (strict ordering) is read beside the hooks and
+    // snapshots, so it adds no round trip to the batch.
+    let ((hooks, snapshots), queued) = tokio::try_join!(
+        lookup(cx, &decoded, shutdown),
+        strict::queued_pairs(
+            cx,
+            decoded.iter().filter_map(|d| match d {
+                Read::Event(e) => Some(e.build_id),
+                Read::Undecodable(_) => None,
+            }),
+            shutdown,
+        )
+    )?;
     for ((msg, ticket, permit), decoded) in batch.into_iter().zip(decoded) {
         let claim = (ticket, permit);
         let event = match decoded {
