@@ -295,3 +295,47 @@ async fn the_order_queue_is_the_same_in_postgresql_and_in_memory() {
         assert!(store.order_entries(hook.id, 8).await.unwrap().is_empty());
     }
 }
+
+/// A held delivery that ends in a dead letter lets its queue move on, and its dead letter names
+/// the events that were queued behind it and went out after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_lettered_head_names_the_events_that_went_out_after_it() {
+    let world = World::new(1).await;
+    let a = world.build(93_000).await;
+    let receiver = StatusReceiver::start().await;
+    world.hook(a.project.id, &receiver.url, None).await;
+    // The first attempt and the one retry fail: retries exhausted.
+    receiver.fail(a.build.id, "running", 2);
+    let mut config = world.config();
+    config.retry_schedule = RetrySchedule {
+        jitter: 0.0,
+        ..RetrySchedule::with_delays(vec![Duration::from_millis(500)])
+    };
+    let running = world.start(config.clone()).await;
+    let events: Vec<_> = TRANSITIONS.iter().map(|s| inline_event(&a, *s)).collect();
+    for e in &events {
+        world.send(e, SchemaVersion::V2).await;
+    }
+    accepted_all(&receiver, &[&a]).await;
+    assert_eq!(
+        receiver.accepted(a.build.id),
+        ["created", "pending", "success"].map(String::from)
+    );
+    let letters = poll_until("the dead letter", Duration::from_secs(30), || {
+        let config = config.clone();
+        async move {
+            let letters = hookline_consumer::dead_letter::list(&config).await.ok()?;
+            (!letters.is_empty()).then_some(letters)
+        }
+    })
+    .await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].reason, "retries_exhausted");
+    let success = events[3].event_id.to_string();
+    assert!(
+        letters[0].detail.contains(&success),
+        "the dead letter does not name {success}: {}",
+        letters[0].detail
+    );
+    running.stop().await;
+}
