@@ -435,22 +435,35 @@ pub async fn run(options: DemoOptions) -> Result<DemoReport, CliError> {
     let progress = options.progress.then(|| {
         let ledger = ledger.clone();
         let stop = shutdown.clone();
+        // A live counter on a terminal, a line a second otherwise (logs, CI).
+        let bar = hookline_shell::progress_counter("transitions emitted");
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.tick().await;
             loop {
                 tokio::select! {
-                    _ = stop.cancelled() => return,
+                    _ = stop.cancelled() => {
+                        bar.finish_and_clear();
+                        return;
+                    }
                     _ = tick.tick() => {}
                 }
                 let r = ledger.report();
-                eprintln!(
-                    "[{:>5.1}s] {} transitions emitted, {} deliveries received, {} owed",
-                    started.elapsed().as_secs_f64(),
-                    r.events,
-                    r.deliveries,
-                    r.missing
-                );
+                if bar.is_hidden() {
+                    eprintln!(
+                        "[{:>5.1}s] {} transitions emitted, {} deliveries received, {} owed",
+                        started.elapsed().as_secs_f64(),
+                        r.events,
+                        r.deliveries,
+                        r.missing
+                    );
+                } else {
+                    bar.set_position(r.events as u64);
+                    bar.set_message(format!(
+                        "{} deliveries received, {} owed",
+                        r.deliveries, r.missing
+                    ));
+                }
             }
         })
     });

@@ -19,6 +19,9 @@ pub enum CliError {
     /// A guarantee was broken (missing or stale deliveries where there must be none): a bug.
     #[error("{0}")]
     Violated(String),
+    /// A file of the output (a chart, a report) could not be written: check the path.
+    #[error("cannot write output: {0}")]
+    Io(String),
     /// Something that cannot happen did: a bug in hookline.
     #[error("internal error: {0}")]
     Internal(String),

@@ -15,11 +15,14 @@
 //! - [`ledger`]: truth against deliveries: stale, duplicates, missing, signatures, latency.
 //! - [`receiver`]: the demo's receiver (feeds the ledger) and the sample receiver (logs).
 //! - [`demo`]: `hookline demo`, everything in one process on librdkafka's mock cluster.
+//! - [`experiment`]: `hookline experiment`, the demo over a grid of lags and inline percentages,
+//!   drawn as an SVG chart.
 //! - [`simulate`]: `hookline simulate`, the same CI against a real producer and PostgreSQL.
 //! - [`error`]: what can go wrong, by what the person running it does.
 
 pub mod demo;
 pub mod error;
+pub mod experiment;
 pub mod ledger;
 pub mod receiver;
 pub mod sim;

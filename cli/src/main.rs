@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use hookline::CliError;
 use hookline::demo::{self, DemoOptions};
+use hookline::experiment::{self, ExperimentOptions};
 use hookline::receiver::{self, SampleConfig};
 use hookline::simulate::{self, SimulateOptions};
 use tokio_util::sync::CancellationToken;
@@ -26,6 +27,9 @@ enum Command {
     /// Run the whole pipeline in this process (no services needed) and show how many delivered
     /// payloads were stale under each payload timing.
     Demo(DemoArgs),
+    /// Run the demo over a grid of consumer lags and inline percentages (one seed) and draw the
+    /// rollout chart: stale deliveries against lag, and the producer's render cost.
+    Experiment(ExperimentArgs),
     /// Feed a simulated CI to a running producer (HTTP API), writing its state to PostgreSQL.
     Simulate(SimulateArgs),
     /// A sample webhook receiver: logs every delivery and checks its signature.
@@ -136,6 +140,29 @@ struct SimulateArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(after_help = "\
+Each point of the grid is one `hookline demo` run (same projects, builds and seed; see `hookline \
+demo --help`). Writes <OUT>/rollout.svg (the chart) and <OUT>/rollout.json (every point's \
+figures) and prints one line per point. The default grid is 25 demo runs: a few minutes.")]
+struct ExperimentArgs {
+    /// Where the chart and the figures go.
+    #[arg(long, default_value = "docs")]
+    out: std::path::PathBuf,
+    /// Consumer lags to run, in milliseconds.
+    #[arg(long, value_delimiter = ',', default_value = "0,100,500,1500,5000")]
+    lags_ms: Vec<u64>,
+    /// Inline percentages (of projects) to run.
+    #[arg(long, value_delimiter = ',', default_value = "0,25,50,75,100", value_parser = parse_percent)]
+    inline_percents: Vec<f64>,
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    projects: u32,
+    #[arg(long, default_value_t = 400, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    builds: u32,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+#[derive(Debug, Args)]
 struct ReceiverArgs {
     /// Address to listen on.
     #[arg(long, env = "HOOKLINE_LISTEN", default_value = "127.0.0.1:8090")]
@@ -219,6 +246,51 @@ async fn main() -> ExitCode {
             }
             match demo::check(&report) {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            }
+        }
+        Command::Experiment(args) => {
+            hookline_shell::init_tracing(cli.log.log_format, "error");
+            let options = ExperimentOptions {
+                lags: args
+                    .lags_ms
+                    .iter()
+                    .map(|&ms| Duration::from_millis(ms))
+                    .collect(),
+                inline_percents: args.inline_percents,
+                projects: args.projects as usize,
+                builds: args.builds as usize,
+                seed: args.seed,
+                out: args.out,
+            };
+            let report = tokio::select! {
+                r = experiment::run(&options) => r,
+                _ = hookline_shell::shutdown_signal() => {
+                    eprintln!("hookline: interrupted");
+                    return ExitCode::from(130);
+                }
+            };
+            match report {
+                Ok(report) => {
+                    for p in &report.points {
+                        println!(
+                            "lag {:>5} ms  inline {:>5.1} %  stale {:>6.2} % ({}/{})  render {:.2} us/event  missing {}",
+                            p.consumer_lag_ms,
+                            p.inline_percent,
+                            p.stale_pct,
+                            p.stale,
+                            p.deliveries,
+                            p.render_us_per_event,
+                            p.missing
+                        );
+                    }
+                    println!(
+                        "chart: {}\nfigures: {}",
+                        report.svg.display(),
+                        report.json.display()
+                    );
+                    ExitCode::SUCCESS
+                }
                 Err(e) => fail(&e),
             }
         }

@@ -75,6 +75,8 @@ struct HttpSink {
     api_token: Option<String>,
     retry_for: Duration,
     verbose: bool,
+    /// Transitions accepted so far, on a terminal.
+    progress: hookline_shell::ProgressBar,
 }
 
 /// `Retry-After` in seconds (the producer sends whole seconds); 1 s when absent or unreadable.
@@ -118,6 +120,7 @@ impl Sink for HttpSink {
                                 "deferred" => Some(hookline_schemas::PayloadTiming::Deferred),
                                 _ => None,
                             });
+                    self.progress.inc(1);
                     if self.verbose {
                         println!(
                             "sent build {} {:<8} event {} -> {}",
@@ -226,7 +229,9 @@ pub async fn run(options: SimulateOptions) -> Result<SimulateReport, CliError> {
         api_token: options.api_token.clone(),
         retry_for: options.retry_for,
         verbose: options.verbose,
+        progress: hookline_shell::progress_counter("transitions accepted"),
     };
+    let progress = sink.progress.clone();
     let summary = sim::run(
         &plan,
         Runtime {
@@ -237,6 +242,7 @@ pub async fn run(options: SimulateOptions) -> Result<SimulateReport, CliError> {
         },
     )
     .await?;
+    progress.finish_and_clear();
     Ok(SimulateReport {
         projects: plan.projects.len(),
         hooks,

@@ -131,6 +131,45 @@ pub fn exit_code(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
+/// A progress bar of `len` steps on stderr when stderr is a terminal; hidden (every call a no-op)
+/// when it is not, so logs and CI output stay free of redraws.
+pub fn progress_bar(len: u64, label: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:>28} [{bar:30}] {pos}/{len} {per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_message(label.to_owned());
+    bar
+}
+
+/// A counter with no known end (transitions sent, say) on stderr when stderr is a terminal;
+/// hidden when it is not.
+pub fn progress_counter(label: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {prefix}: {pos} {per_sec} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    bar.set_prefix(label.to_owned());
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    bar
+}
+
+/// What [`progress_bar`] and [`progress_counter`] return.
+pub use indicatif::ProgressBar;
+
 #[cfg(test)]
 mod tests {
     use super::*;

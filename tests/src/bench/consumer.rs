@@ -1,0 +1,384 @@
+//! The consumer's figures: throughput against a bare consume-and-POST loop on the same records
+//! and receiver, latency under an open load, and peak memory while draining a backlog.
+//!
+//! hookline runs as the release `hookline-consumer serve` process (its default settings, loopback
+//! allowed); the bare loop, the producer of the records and the receiver run in this process.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use hookline_cistate::RenderSnapshot;
+use hookline_schemas::{BuildStatus, Codec};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+
+use super::receiver::{BenchReceiver, rate};
+use super::{Bench, progress, stop};
+use crate::process::ConsumerProcess;
+use crate::world::{World, inline_event};
+
+/// The consumer's default `--max-in-flight`: the bare loop gets the same concurrency.
+const CONCURRENCY: usize = 256;
+
+/// A world of `builds` builds of one project with one hook to the receiver.
+pub struct Fleet {
+    pub world: World,
+    pub schema: String,
+    pub builds: Vec<RenderSnapshot>,
+}
+
+impl Fleet {
+    pub async fn new(partitions: i32, builds: usize, hook_url: &str) -> Fleet {
+        let world = World::new(partitions).await;
+        let first = world.build(9_000_000).await;
+        let mut all = vec![first.clone()];
+        for i in 1..builds as i64 {
+            let mut b = first.clone();
+            b.build.id += i;
+            world.store_upsert_build(&b.build).await;
+            all.push(b);
+        }
+        world.hook(first.project.id, hook_url, None).await;
+        let schema = world.store_schema().await;
+        Fleet {
+            world,
+            schema,
+            builds: all,
+        }
+    }
+
+    /// `count` inline events, round robin over the builds, encoded as the producer writes them.
+    pub fn records(&self, count: usize, status: BuildStatus) -> Vec<(String, Uuid, Vec<u8>)> {
+        let codec = Codec::embedded();
+        (0..count)
+            .map(|i| {
+                let b = &self.builds[i % self.builds.len()];
+                let event = inline_event(b, status);
+                let bytes = codec.encode(&event).expect("encode");
+                (event.build_id.to_string(), event.event_id, bytes)
+            })
+            .collect()
+    }
+
+    /// A `hookline-consumer serve` process in a new group (so it reads the topic from the start).
+    pub fn consumer(&self, bench: &Bench) -> ConsumerProcess {
+        let bin = bench.bin_dir.join("hookline-consumer");
+        ConsumerProcess::new(
+            bin.to_str().expect("utf-8 path"),
+            &self.world,
+            &crate::unique_name("bench"),
+            &self.schema,
+        )
+    }
+}
+
+/// The bench's producer: hookline-producer's compression and batching, so the consumer
+/// decompresses what it would in production.
+pub fn producer(brokers: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("compression.type", "zstd")
+        .set("linger.ms", "5")
+        .set("enable.idempotence", "true")
+        .set("queue.buffering.max.messages", "200000")
+        .create()
+        .expect("producer")
+}
+
+/// Produces every record and waits for every ack.
+pub async fn produce_all(
+    producer: &FutureProducer,
+    topic: &str,
+    records: impl Iterator<Item = (String, Vec<u8>)>,
+) -> anyhow::Result<()> {
+    let mut acks = futures::stream::FuturesUnordered::new();
+    for (key, bytes) in records {
+        loop {
+            match producer.send_result(FutureRecord::to(topic).key(&key).payload(&bytes)) {
+                Ok(ack) => {
+                    acks.push(ack);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    // Wait for some acks to make room.
+                    if let Some(ack) = acks.next().await {
+                        ack?.map_err(|(e, _)| e)?;
+                    }
+                }
+                Err((e, _)) => return Err(e.into()),
+            }
+        }
+        if acks.len() >= 50_000
+            && let Some(ack) = acks.next().await
+        {
+            ack?.map_err(|(e, _)| e)?;
+        }
+    }
+    while let Some(ack) = acks.next().await {
+        ack?.map_err(|(e, _)| e)?;
+    }
+    Ok(())
+}
+
+/// Waits until the receiver holds `count` requests; fails after `limit` without progress.
+async fn wait_for(receiver: &BenchReceiver, count: usize, limit: Duration) -> anyhow::Result<()> {
+    let mut last = (receiver.count(), Instant::now());
+    loop {
+        let now = receiver.count();
+        if now >= count {
+            return Ok(());
+        }
+        if now != last.0 {
+            last = (now, Instant::now());
+        } else if last.1.elapsed() > limit {
+            bail!("stuck at {now} of {count} requests for {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// hookline against the bare loop on one workload.
+#[derive(Debug, Clone, Copy)]
+pub struct Throughput {
+    pub hookline_per_s: f64,
+    pub bare_per_s: f64,
+}
+
+/// Drains `events` records over `builds` builds (4 partitions, 1 hook) with hookline, then with
+/// the bare loop, `runs` times on the same records.
+pub async fn throughput(
+    bench: &Bench,
+    receiver: &BenchReceiver,
+    events: usize,
+    builds: usize,
+    runs: usize,
+) -> anyhow::Result<Vec<Throughput>> {
+    let fleet = Fleet::new(4, builds, &receiver.url).await;
+    let records = fleet.records(events, BuildStatus::Running);
+    produce_all(
+        &producer(&fleet.world.brokers),
+        &fleet.world.topic,
+        records.into_iter().map(|(k, _, b)| (k, b)),
+    )
+    .await?;
+    let mut out = Vec::new();
+    for _ in 0..runs {
+        receiver.clear();
+        let child = fleet.consumer(bench).spawn();
+        wait_for(receiver, events, Duration::from_secs(60))
+            .await
+            .context("hookline drain")?;
+        let hookline_per_s = rate(&receiver.since(0));
+        stop(child).await;
+
+        receiver.clear();
+        bare_loop(
+            &fleet.world.brokers,
+            &fleet.world.topic,
+            &receiver.url,
+            events,
+        )
+        .await?;
+        let bare_per_s = rate(&receiver.since(0));
+        out.push(Throughput {
+            hookline_per_s,
+            bare_per_s,
+        });
+    }
+    receiver.clear();
+    Ok(out)
+}
+
+/// Reads `count` records of `topic` from the start and POSTs each record's bytes to `url` with
+/// the consumer's concurrency: no decode, no hooks, no signing, no offset discipline. What is
+/// left is the cost of Kafka and HTTP alone.
+async fn bare_loop(brokers: &str, topic: &str, url: &str, count: usize) -> anyhow::Result<()> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", crate::unique_name("bare"))
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let http = reqwest::Client::new();
+    let permits = Arc::new(Semaphore::new(CONCURRENCY));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut stream = consumer.stream();
+    for _ in 0..count {
+        let message = stream.next().await.context("stream ended")??;
+        let body = message.payload().unwrap_or_default().to_vec();
+        drop(message);
+        let permit = permits.clone().acquire_owned().await?;
+        let (http, url) = (http.clone(), url.to_owned());
+        tasks.spawn(async move {
+            let sent = http.post(url).body(body).send().await;
+            drop(permit);
+            sent.map(drop)
+        });
+        while let Some(done) = tasks.try_join_next() {
+            done??;
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    Ok(())
+}
+
+/// Latency at one offered rate.
+#[derive(Debug, Clone)]
+pub struct Latency {
+    pub rate: u64,
+    pub sent: usize,
+    pub delivered: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Latency {
+    /// Every event delivered and the tail within a second: the consumer kept up with the rate.
+    pub fn sustained(&self) -> bool {
+        self.delivered >= self.sent && self.p99_ms < 1_000.0
+    }
+}
+
+/// Open load: `rate` events/s for `secs`, each produced at its scheduled moment whatever came
+/// back before (no coordinated omission: a late send is measured from when it was due). Latency
+/// is from the scheduled moment to the receiver's arrival.
+pub async fn latency(
+    bench: &Bench,
+    receiver: &BenchReceiver,
+    rate: u64,
+    secs: u64,
+) -> anyhow::Result<Latency> {
+    let fleet = Fleet::new(4, 2_000, &receiver.url).await;
+    let total = (rate * secs) as usize;
+    let records = fleet.records(total, BuildStatus::Success);
+    let producer = producer(&fleet.world.brokers);
+    receiver.clear();
+    let child = fleet.consumer(bench).spawn();
+    // Warm-up: the group joined and every partition fetching (one event per build reaches all
+    // partitions), so the measurement starts on a running consumer.
+    let warm = fleet.records(fleet.builds.len(), BuildStatus::Created);
+    let warm_n = warm.len();
+    produce_all(
+        &producer,
+        &fleet.world.topic,
+        warm.into_iter().map(|(k, _, b)| (k, b)),
+    )
+    .await?;
+    wait_for(receiver, warm_n, Duration::from_secs(60))
+        .await
+        .context("latency warm-up")?;
+    receiver.clear();
+
+    let bar = progress(total as u64, &format!("latency at {rate}/s"));
+    let start = Instant::now();
+    let mut due = HashMap::with_capacity(total);
+    let mut acks = futures::stream::FuturesUnordered::new();
+    for (i, (key, id, bytes)) in records.iter().enumerate() {
+        let at = start + Duration::from_nanos(i as u64 * 1_000_000_000 / rate);
+        if at > Instant::now() {
+            tokio::time::sleep_until(at.into()).await;
+        }
+        due.insert(*id, at);
+        match producer.send_result(FutureRecord::to(&fleet.world.topic).key(key).payload(bytes)) {
+            Ok(ack) => acks.push(ack),
+            Err((e, _)) => bail!("produce at {rate}/s: {e}"),
+        }
+        while let Some(Some(ack)) = futures::FutureExt::now_or_never(acks.next()) {
+            ack?.map_err(|(e, _)| e)?;
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    while let Some(ack) = acks.next().await {
+        ack?.map_err(|(e, _)| e)?;
+    }
+    // What has not arrived 10 s after the last send is counted as not delivered.
+    let _ = wait_for(receiver, total, Duration::from_secs(10)).await;
+    let arrivals = receiver.since(0);
+    stop(child).await;
+    receiver.clear();
+
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    let mut delivered = 0;
+    for a in &arrivals {
+        if let Some(due) = a.event.and_then(|e| due.get(&e)) {
+            delivered += 1;
+            let us = a.at.saturating_duration_since(*due).as_micros() as u64;
+            histogram.saturating_record(us.max(1));
+        }
+    }
+    let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1_000.0;
+    Ok(Latency {
+        rate,
+        sent: total,
+        delivered,
+        p50_ms: ms(0.50),
+        p99_ms: ms(0.99),
+        p999_ms: ms(0.999),
+        max_ms: histogram.max() as f64 / 1_000.0,
+    })
+}
+
+/// Peak RSS (VmHWM, MB) of a consumer that drains a backlog of `events` records.
+pub async fn backlog_rss(
+    bench: &Bench,
+    receiver: &BenchReceiver,
+    events: usize,
+) -> anyhow::Result<f64> {
+    let fleet = Fleet::new(4, 5_000, &receiver.url).await;
+    let producer = producer(&fleet.world.brokers);
+    // Produced in slices, so the bench itself never holds a million encoded records.
+    let bar = progress(events as u64, &format!("backlog of {events}: producing"));
+    let mut done = 0;
+    while done < events {
+        let n = (events - done).min(20_000);
+        let records = fleet.records(n, BuildStatus::Running);
+        produce_all(
+            &producer,
+            &fleet.world.topic,
+            records.into_iter().map(|(k, _, b)| (k, b)),
+        )
+        .await?;
+        done += n;
+        bar.inc(n as u64);
+    }
+    bar.finish_and_clear();
+    receiver.clear();
+    let child = fleet.consumer(bench).spawn();
+    let pid = child.id().context("consumer pid")?;
+    let bar = progress(events as u64, &format!("backlog of {events}: draining"));
+    let mut peak_kb = 0;
+    let mut last = (0, Instant::now());
+    loop {
+        peak_kb = peak_kb.max(crate::soak::services::vm_hwm_kb(pid).unwrap_or(0));
+        let n = receiver.count();
+        bar.set_position(n as u64);
+        if n >= events {
+            break;
+        }
+        if n != last.0 {
+            last = (n, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(60) {
+            bail!("backlog of {events}: stuck at {n} deliveries for a minute");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bar.finish_and_clear();
+    peak_kb = peak_kb.max(crate::soak::services::vm_hwm_kb(pid).unwrap_or(0));
+    stop(child).await;
+    receiver.clear();
+    Ok(peak_kb as f64 / 1024.0)
+}

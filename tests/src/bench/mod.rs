@@ -1,0 +1,259 @@
+//! The benchmark behind `scripts/bench` (binary `bench`): every speed and memory figure hookline
+//! publishes, measured against the real broker, the real database and a receiver on loopback,
+//! each throughput against a baseline measured in the same run (this machine is shared and
+//! noisy, so ratios are what compare across runs).
+//!
+//! - `consumer.many_builds` / `consumer.hot_builds`: `hookline-consumer serve` draining a backlog
+//!   of inline events against a bare consume-and-POST loop on the same records and receiver.
+//! - `latency.<rate>`: an open load at a fixed schedule, scheduled moment to arrival.
+//! - `memory`: the consumer's peak RSS while draining a small and a large backlog.
+//! - `producer`: CPU per event of `hookline-producer serve` through `POST /v1/transitions` with
+//!   the flag off and on.
+//!
+//! Nothing here asserts a timing: a benchmark reports, the reader judges.
+
+pub mod consumer;
+pub mod producer;
+pub mod receiver;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::process::Child;
+
+use receiver::BenchReceiver;
+
+/// Where the binaries are and where logs go, and how much to measure.
+#[derive(Debug, Clone)]
+pub struct Bench {
+    pub bin_dir: PathBuf,
+    pub work_dir: PathBuf,
+    pub sizes: Sizes,
+}
+
+/// How much each measurement does.
+#[derive(Debug, Clone)]
+pub struct Sizes {
+    /// Events per throughput workload, and runs of each (the ratio is their median).
+    pub throughput_events: usize,
+    pub runs: usize,
+    /// Seconds of open load at each rate.
+    pub latency_secs: u64,
+    pub rates: Vec<u64>,
+    /// The two backlogs whose peak RSS is compared.
+    pub backlogs: [usize; 2],
+    /// Transitions posted per producer run.
+    pub producer_events: usize,
+}
+
+impl Sizes {
+    pub fn full() -> Sizes {
+        Sizes {
+            throughput_events: 10_000,
+            runs: 3,
+            latency_secs: 30,
+            rates: vec![500, 2_000, 8_000],
+            backlogs: [10_000, 1_000_000],
+            producer_events: 20_000,
+        }
+    }
+
+    /// Under 3 minutes: every measurement, smaller.
+    pub fn quick() -> Sizes {
+        Sizes {
+            throughput_events: 4_000,
+            runs: 1,
+            latency_secs: 5,
+            rates: vec![500, 2_000, 8_000],
+            backlogs: [10_000, 100_000],
+            producer_events: 3_000,
+        }
+    }
+}
+
+/// A progress bar on stderr when it is a terminal.
+pub use hookline_shell::progress_bar as progress;
+
+/// SIGTERM (the drain), SIGKILL after 30 s.
+pub(crate) async fn stop(mut child: Child) {
+    if let Some(pid) = child.id() {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+    }
+    if tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
+    }
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    match xs.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => xs[n / 2],
+        n => (xs[n / 2 - 1] + xs[n / 2]) / 2.0,
+    }
+}
+
+fn round(x: f64, places: i32) -> f64 {
+    let f = 10f64.powi(places);
+    (x * f).round() / f
+}
+
+fn label(n: usize) -> String {
+    match n {
+        n if n >= 1_000_000 && n % 1_000_000 == 0 => format!("{}m", n / 1_000_000),
+        n if n >= 1_000 && n % 1_000 == 0 => format!("{}k", n / 1_000),
+        n => n.to_string(),
+    }
+}
+
+/// Runs every measurement and returns the report (see the module docs for its keys).
+pub async fn run(bench: &Bench) -> anyhow::Result<Value> {
+    let s = &bench.sizes;
+    let receiver = BenchReceiver::start().await?;
+    let mut report = json!({
+        "settings": {
+            "throughput_events": s.throughput_events,
+            "runs": s.runs,
+            "latency_secs": s.latency_secs,
+            "compression": "zstd",
+            "consumer": "hookline-consumer serve, default settings",
+            "bare_concurrency": 256,
+            "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        }
+    });
+
+    for (name, builds) in [
+        ("many_builds", s.throughput_events / 2),
+        ("hot_builds", 100),
+    ] {
+        eprintln!(
+            "bench: consumer throughput, {name} ({} events over {builds} builds)",
+            s.throughput_events
+        );
+        let runs =
+            consumer::throughput(bench, &receiver, s.throughput_events, builds, s.runs).await?;
+        let ratios: Vec<f64> = runs
+            .iter()
+            .map(|r| r.hookline_per_s / r.bare_per_s)
+            .collect();
+        report["consumer"][name] = json!({
+            "events": s.throughput_events,
+            "builds": builds,
+            "hookline_per_s": round(median(runs.iter().map(|r| r.hookline_per_s).collect()), 0),
+            "bare_per_s": round(median(runs.iter().map(|r| r.bare_per_s).collect()), 0),
+            "ratio": round(median(ratios.clone()), 3),
+            "ratios": ratios.iter().map(|r| round(*r, 3)).collect::<Vec<_>>(),
+        });
+    }
+
+    for &rate in &s.rates {
+        eprintln!("bench: latency at {rate} events/s for {} s", s.latency_secs);
+        let l = consumer::latency(bench, &receiver, rate, s.latency_secs).await?;
+        report["latency"][rate.to_string()] = json!({
+            "p50_ms": round(l.p50_ms, 2),
+            "p99_ms": round(l.p99_ms, 2),
+            "p999_ms": round(l.p999_ms, 2),
+            "max_ms": round(l.max_ms, 2),
+            "sent": l.sent,
+            "delivered": l.delivered,
+            "sustained": l.sustained(),
+        });
+    }
+
+    let mut rss = Vec::new();
+    for backlog in s.backlogs {
+        eprintln!("bench: consumer memory draining a backlog of {backlog}");
+        let mb = consumer::backlog_rss(bench, &receiver, backlog).await?;
+        report["memory"][format!("backlog_{}_rss_mb", label(backlog))] = json!(round(mb, 1));
+        rss.push(mb);
+    }
+    report["memory"]["ratio"] = json!(round(rss[1] / rss[0], 3));
+
+    eprintln!(
+        "bench: producer cost, {} transitions flag off then on",
+        s.producer_events
+    );
+    let (deferred, inline) = producer::cost(bench, &receiver, s.producer_events).await?;
+    report["producer"] = json!({
+        "events": s.producer_events,
+        "inline_cpu_us_per_event": round(inline.cpu_us_per_event, 1),
+        "deferred_cpu_us_per_event": round(deferred.cpu_us_per_event, 1),
+        "cpu_ratio": round(inline.cpu_us_per_event / deferred.cpu_us_per_event, 3),
+        "inline_per_s": round(inline.per_s, 0),
+        "deferred_per_s": round(deferred.per_s, 0),
+        "render_us_p50": round(inline.render_us_p50, 1),
+        "payload_bytes_mean": round(inline.payload_bytes_mean, 0),
+    });
+    Ok(report)
+}
+
+/// The report as a table for people.
+pub fn table(report: &Value) -> String {
+    let mut out = String::new();
+    let mut row = |k: &str, v: String| out.push_str(&format!("{k:<44} {v}\n"));
+    for name in ["many_builds", "hot_builds"] {
+        let c = &report["consumer"][name];
+        row(
+            &format!(
+                "consumer {name} ({} events, {} builds)",
+                c["events"], c["builds"]
+            ),
+            format!(
+                "hookline {}/s, bare {}/s, ratio {} (runs {})",
+                c["hookline_per_s"], c["bare_per_s"], c["ratio"], c["ratios"]
+            ),
+        );
+    }
+    if let Some(rates) = report["latency"].as_object() {
+        for (rate, l) in rates {
+            row(
+                &format!("latency at {rate}/s"),
+                format!(
+                    "p50 {} ms, p99 {} ms, p99.9 {} ms, max {} ms, {}/{} delivered{}",
+                    l["p50_ms"],
+                    l["p99_ms"],
+                    l["p999_ms"],
+                    l["max_ms"],
+                    l["delivered"],
+                    l["sent"],
+                    if l["sustained"] == true {
+                        ""
+                    } else {
+                        " (NOT sustained)"
+                    }
+                ),
+            );
+        }
+    }
+    if let Some(memory) = report["memory"].as_object() {
+        for (k, v) in memory {
+            row(&format!("memory {k}"), v.to_string());
+        }
+    }
+    let p = &report["producer"];
+    row(
+        "producer CPU per event (inline / deferred)",
+        format!(
+            "{} us / {} us, ratio {}",
+            p["inline_cpu_us_per_event"], p["deferred_cpu_us_per_event"], p["cpu_ratio"]
+        ),
+    );
+    row(
+        "producer events/s (inline / deferred)",
+        format!("{} / {}", p["inline_per_s"], p["deferred_per_s"]),
+    );
+    row(
+        "producer render p50, payload mean",
+        format!(
+            "{} us, {} bytes",
+            p["render_us_p50"], p["payload_bytes_mean"]
+        ),
+    );
+    out
+}
