@@ -16,7 +16,7 @@
 //!   statuses in arrival order.
 //! - [`soak`]: the soak driver behind `scripts/soak` (binary `soak`): the real binaries, a private
 //!   broker and database, kills and restarts, every (event, hook) pair counted.
-//! - [`bench`]: the benchmark behind `scripts/bench` (binary `bench`).
+//! - [`mod@bench`]: the benchmark behind `scripts/bench` (binary `bench`).
 
 pub mod bench;
 pub mod fake_registry;
