@@ -8,7 +8,8 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::model::{
-    Build, Hook, HookFailure, Namespace, NewHook, Pipeline, Project, RenderSnapshot, Runner, User,
+    Build, Hook, HookFailure, Namespace, NewHook, OrderEntry, Pipeline, Project, RenderSnapshot,
+    Runner, User,
 };
 use crate::render::truncate_to_micros;
 use crate::store::{CiStore, StoreError};
@@ -23,7 +24,13 @@ struct State {
     builds: HashMap<i64, Build>,
     hooks: BTreeMap<i64, Hook>,
     next_hook_id: i64,
+    /// (hook, build) -> its order queue, with the time each entry was settled.
+    order: HashMap<(i64, i64), Vec<QueuedEntry>>,
+    next_order_seq: i64,
 }
+
+/// An entry of an order queue and when it was settled.
+type QueuedEntry = (OrderEntry, Option<DateTime<Utc>>);
 
 #[derive(Debug, Default)]
 pub struct MemoryStore {
@@ -159,6 +166,7 @@ impl CiStore for MemoryStore {
             job_events: hook.job_events,
             recent_failures: 0,
             disabled_until: None,
+            collapse: hook.collapse,
         };
         state.hooks.insert(hook.id, hook.clone());
         Ok(hook)
@@ -236,6 +244,88 @@ impl CiStore for MemoryStore {
 
     async fn record_hook_success(&self, id: i64) -> Result<(), StoreError> {
         self.enable_hook(id).await.map(|_| ())
+    }
+
+    async fn order_entries(
+        &self,
+        hook_id: i64,
+        build_id: i64,
+    ) -> Result<Vec<OrderEntry>, StoreError> {
+        let state = self.state.read().unwrap();
+        let mut entries: Vec<OrderEntry> = state
+            .order
+            .get(&(hook_id, build_id))
+            .map(|q| q.iter().map(|(e, _)| e.clone()).collect())
+            .unwrap_or_default();
+        entries.sort_by_key(|e| (e.occurred_at, e.seq));
+        Ok(entries)
+    }
+
+    async fn order_queued_pairs(&self, build_ids: &[i64]) -> Result<Vec<(i64, i64)>, StoreError> {
+        let state = self.state.read().unwrap();
+        Ok(state
+            .order
+            .keys()
+            .filter(|(_, build_id)| build_ids.contains(build_id))
+            .copied()
+            .collect())
+    }
+
+    async fn order_hold(
+        &self,
+        hook_id: i64,
+        build_id: i64,
+        event_id: Uuid,
+        occurred_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let mut state = self.state.write().unwrap();
+        state.next_order_seq += 1;
+        let seq = state.next_order_seq;
+        let queue = state.order.entry((hook_id, build_id)).or_default();
+        if !queue.iter().any(|(e, _)| e.event_id == event_id) {
+            queue.push((
+                OrderEntry {
+                    event_id,
+                    occurred_at: truncate_to_micros(occurred_at),
+                    seq,
+                    settled: false,
+                },
+                None,
+            ));
+        }
+        Ok(())
+    }
+
+    async fn order_settle(
+        &self,
+        hook_id: i64,
+        build_id: i64,
+        event_id: Uuid,
+    ) -> Result<(), StoreError> {
+        let mut state = self.state.write().unwrap();
+        if let Some(queue) = state.order.get_mut(&(hook_id, build_id)) {
+            for (entry, at) in queue.iter_mut() {
+                if entry.event_id == event_id && !entry.settled {
+                    entry.settled = true;
+                    *at = Some(Utc::now());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn order_prune(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        let mut state = self.state.write().unwrap();
+        let state = &mut *state;
+        let mut pruned = 0;
+        for ((hook_id, _), queue) in state.order.iter_mut() {
+            let hook_exists = state.hooks.contains_key(hook_id);
+            let before_len = queue.len();
+            queue.retain(|(_, at)| hook_exists && at.is_none_or(|at| at >= before));
+            pruned += (before_len - queue.len()) as u64;
+        }
+        state.order.retain(|_, q| !q.is_empty());
+        Ok(pruned)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

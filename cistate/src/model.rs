@@ -141,6 +141,10 @@ pub struct Hook {
     pub job_events: bool,
     pub recent_failures: i32,
     pub disabled_until: Option<DateTime<Utc>>,
+    /// Under strict ordering, when several of a build's events wait behind a failing delivery,
+    /// send only the latest (for receivers that only want the current state).
+    #[serde(default)]
+    pub collapse: bool,
 }
 
 /// A hook to create.
@@ -151,6 +155,21 @@ pub struct NewHook {
     pub token: Option<String>,
     pub signing_secret: Option<String>,
     pub job_events: bool,
+    /// See [`Hook::collapse`].
+    pub collapse: bool,
+}
+
+/// One delivery of the per-(hook, build) order queue (strict ordering): a delivery that waits
+/// for a retry, or a later event of the same build queued behind it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OrderEntry {
+    pub event_id: Uuid,
+    /// The transition's time: the queue's order (ties broken by `seq`, the order of arrival).
+    pub occurred_at: DateTime<Utc>,
+    pub seq: i64,
+    /// Delivered, dead-lettered or collapsed: kept a while so a record read again after a crash
+    /// is known as done and not sent behind later events.
+    pub settled: bool,
 }
 
 /// Whether a hook may be called now.
@@ -240,6 +259,7 @@ mod tests {
             job_events: true,
             recent_failures: failures,
             disabled_until: None,
+            collapse: false,
         };
         assert_eq!(hook.state(now), HookState::PermanentlyDisabled);
     }

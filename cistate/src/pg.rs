@@ -11,8 +11,8 @@ use sqlx::{Executor, PgPool, Row};
 use uuid::Uuid;
 
 use crate::model::{
-    Build, Environment, Hook, HookFailure, Namespace, NewHook, Pipeline, Project, RenderSnapshot,
-    Runner, SourcePipeline, User,
+    Build, Environment, Hook, HookFailure, Namespace, NewHook, OrderEntry, Pipeline, Project,
+    RenderSnapshot, Runner, SourcePipeline, User,
 };
 use crate::store::{CiStore, StoreError};
 
@@ -246,8 +246,8 @@ fn snapshot_from_row(row: &PgRow) -> Result<RenderSnapshot, sqlx::Error> {
     })
 }
 
-const HOOK_COLUMNS: &str =
-    "id, uuid, project_id, url, token, signing_secret, job_events, recent_failures, disabled_until";
+const HOOK_COLUMNS: &str = "id, uuid, project_id, url, token, signing_secret, job_events, \
+     recent_failures, disabled_until, collapse";
 
 fn hook_from_row(row: &PgRow) -> Result<Hook, sqlx::Error> {
     Ok(Hook {
@@ -260,6 +260,7 @@ fn hook_from_row(row: &PgRow) -> Result<Hook, sqlx::Error> {
         job_events: row.try_get("job_events")?,
         recent_failures: row.try_get("recent_failures")?,
         disabled_until: row.try_get("disabled_until")?,
+        collapse: row.try_get("collapse")?,
     })
 }
 
@@ -374,8 +375,8 @@ impl CiStore for PgStore {
 
     async fn add_hook(&self, h: &NewHook) -> Result<Hook, StoreError> {
         let row = sqlx::query(&format!(
-            "INSERT INTO web_hooks (uuid, project_id, url, token, signing_secret, job_events)
-             VALUES ($1, $2, $3, $4, $5, $6) RETURNING {HOOK_COLUMNS}"
+            "INSERT INTO web_hooks (uuid, project_id, url, token, signing_secret, job_events, collapse)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {HOOK_COLUMNS}"
         ))
         .bind(Uuid::new_v4())
         .bind(h.project_id)
@@ -383,6 +384,7 @@ impl CiStore for PgStore {
         .bind(&h.token)
         .bind(&h.signing_secret)
         .bind(h.job_events)
+        .bind(h.collapse)
         .fetch_one(&self.pool)
         .await?;
         Ok(hook_from_row(&row)?)
@@ -497,6 +499,99 @@ impl CiStore for PgStore {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    async fn order_entries(
+        &self,
+        hook_id: i64,
+        build_id: i64,
+    ) -> Result<Vec<OrderEntry>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT event_id, occurred_at, seq, settled_at IS NOT NULL AS settled
+             FROM delivery_order WHERE hook_id = $1 AND build_id = $2
+             ORDER BY occurred_at, seq",
+        )
+        .bind(hook_id)
+        .bind(build_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(OrderEntry {
+                    event_id: row.try_get("event_id")?,
+                    occurred_at: row.try_get("occurred_at")?,
+                    seq: row.try_get("seq")?,
+                    settled: row.try_get("settled")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
+    async fn order_queued_pairs(&self, build_ids: &[i64]) -> Result<Vec<(i64, i64)>, StoreError> {
+        if build_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(
+            "SELECT DISTINCT hook_id, build_id FROM delivery_order WHERE build_id = ANY($1)",
+        )
+        .bind(build_ids)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get("hook_id")?, row.try_get("build_id")?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
+    async fn order_hold(
+        &self,
+        hook_id: i64,
+        build_id: i64,
+        event_id: Uuid,
+        occurred_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO delivery_order (hook_id, build_id, event_id, occurred_at)
+             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+        )
+        .bind(hook_id)
+        .bind(build_id)
+        .bind(event_id)
+        .bind(occurred_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn order_settle(
+        &self,
+        hook_id: i64,
+        build_id: i64,
+        event_id: Uuid,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE delivery_order SET settled_at = now()
+             WHERE hook_id = $1 AND build_id = $2 AND event_id = $3 AND settled_at IS NULL",
+        )
+        .bind(hook_id)
+        .bind(build_id)
+        .bind(event_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn order_prune(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM delivery_order
+             WHERE settled_at < $1
+                OR NOT EXISTS (SELECT 1 FROM web_hooks h WHERE h.id = delivery_order.hook_id)",
+        )
+        .bind(before)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -10,8 +10,11 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+use uuid::Uuid;
+
 use crate::model::{
-    Build, Hook, HookFailure, Namespace, NewHook, Pipeline, Project, RenderSnapshot, Runner, User,
+    Build, Hook, HookFailure, Namespace, NewHook, OrderEntry, Pipeline, Project, RenderSnapshot,
+    Runner, User,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +86,36 @@ pub trait CiStore: Send + Sync + std::fmt::Debug {
     async fn disable_hook(&self, id: i64) -> Result<bool, StoreError>;
     /// Records a successful delivery: resets the failure count and any back-off.
     async fn record_hook_success(&self, id: i64) -> Result<(), StoreError>;
+
+    /// The order queue of one (hook, build), pending and settled entries, in order
+    /// (`occurred_at`, then `seq`).
+    async fn order_entries(
+        &self,
+        hook_id: i64,
+        build_id: i64,
+    ) -> Result<Vec<OrderEntry>, StoreError>;
+    /// The (hook, build) pairs among `build_ids` that have an order queue (pending or settled
+    /// entries): one query for a batch of events, so builds without one need no other read.
+    async fn order_queued_pairs(&self, build_ids: &[i64]) -> Result<Vec<(i64, i64)>, StoreError>;
+    /// Puts a delivery in the (hook, build) order queue as pending; nothing if it is there
+    /// already (pending or settled).
+    async fn order_hold(
+        &self,
+        hook_id: i64,
+        build_id: i64,
+        event_id: Uuid,
+        occurred_at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+    /// Marks a delivery of the queue settled (delivered, dead-lettered, collapsed); nothing if
+    /// it is not in the queue.
+    async fn order_settle(
+        &self,
+        hook_id: i64,
+        build_id: i64,
+        event_id: Uuid,
+    ) -> Result<(), StoreError>;
+    /// Forgets settled entries older than `before`, and entries of hooks that no longer exist.
+    async fn order_prune(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
 
     /// Cheap liveness check for readiness probes.
     async fn ping(&self) -> Result<(), StoreError>;

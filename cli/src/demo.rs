@@ -24,6 +24,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use hookline_cistate::{CiStore, MemoryStore, NewHook};
 use hookline_consumer::ConsumerConfig;
+use hookline_consumer::config::Ordering as DeliveryOrdering;
 use hookline_consumer::sign::SigningSecret;
 use hookline_producer::flags::Change;
 use hookline_producer::{
@@ -70,6 +71,10 @@ pub struct DemoOptions {
     pub wait: Duration,
     /// Progress lines on stderr.
     pub progress: bool,
+    /// Percentage of first delivery attempts the receiver answers 500 (seeded).
+    pub receiver_failure_percent: f64,
+    /// The consumer's per-(hook, build) ordering across retries.
+    pub ordering: DeliveryOrdering,
 }
 
 /// The demo's result: the ledger's figures plus what the run looked like.
@@ -84,6 +89,13 @@ pub struct DemoReport {
     pub inline_percent: f64,
     pub consumer_lag_ms: u64,
     pub seed: u64,
+    pub receiver_failure_percent: f64,
+    /// `strict` or `relaxed`.
+    pub ordering: String,
+    /// The consumer's strict-ordering counts: deliveries held for a retry, events queued
+    /// behind them.
+    pub consumer_ordering_held: u64,
+    pub consumer_ordering_queued: u64,
     pub elapsed_ms: u64,
     /// The consumer's own count of deferred renders of builds that had moved on.
     pub consumer_stale_renders: u64,
@@ -296,6 +308,7 @@ pub async fn run(options: DemoOptions) -> Result<DemoReport, CliError> {
         .map(|p| (p.id, secret_for(&mut rng)))
         .collect();
     let ledger = Arc::new(Ledger::new());
+    ledger.fail_first_attempts(options.receiver_failure_percent, options.seed);
     let keys = secrets
         .iter()
         .map(|(id, s)| SigningSecret::parse(s).map(|k| (*id, k)))
@@ -310,6 +323,7 @@ pub async fn run(options: DemoOptions) -> Result<DemoReport, CliError> {
         token: Some(format!("demo-token-{}", p.id)),
         signing_secret: secrets.get(&p.id).cloned(),
         job_events: true,
+        collapse: false,
     })
     .await?;
     for p in &plan.projects {
@@ -366,7 +380,9 @@ pub async fn run(options: DemoOptions) -> Result<DemoReport, CliError> {
     config.deliver.allow_cidrs = vec!["127.0.0.0/8".to_owned()];
     config.kafka = vec![("fetch.wait.max.ms".to_owned(), FETCH_WAIT_MS.to_owned())];
     config.deliver.instance_url = "https://ci.example.com".to_owned();
-    // The receiver always answers 200; should anything fail anyway, retry within the demo's wait.
+    // Short, so that deliveries the receiver refuses (--receiver-failure-percent) are retried
+    // within the demo's wait.
+    config.ordering = options.ordering;
     config.retry_schedule = "1s,2s,4s"
         .parse()
         .map_err(|e| CliError::Internal(format!("demo retry schedule: {e}")))?;
@@ -505,6 +521,10 @@ pub async fn run(options: DemoOptions) -> Result<DemoReport, CliError> {
         inline_percent: options.inline_percent,
         consumer_lag_ms: options.consumer_lag.as_millis() as u64,
         seed: options.seed,
+        receiver_failure_percent: options.receiver_failure_percent,
+        ordering: options.ordering.to_string(),
+        consumer_ordering_held: consumer_metrics.ordering("held"),
+        consumer_ordering_queued: consumer_metrics.ordering("queued"),
         elapsed_ms: started.elapsed().as_millis() as u64,
         consumer_stale_renders: consumer_metrics.stale_renders(),
         delay_line_errors: delay_errors.load(Ordering::Relaxed),
@@ -530,16 +550,27 @@ pub fn table(r: &DemoReport) -> String {
         r.seed,
         r.elapsed_ms as f64 / 1e3
     );
+    let _ = writeln!(
+        out,
+        "ordering {}, receiver refuses {} % of first attempts ({} refused; {} deliveries held for a retry, {} events queued behind them)",
+        r.ordering,
+        r.receiver_failure_percent,
+        r.ledger.receiver_failures,
+        r.consumer_ordering_held,
+        r.consumer_ordering_queued
+    );
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{:<9} {:>7} {:>10} {:>15} {:>8} {:>10} {:>14} {:>12} {:>12}",
+        "{:<9} {:>7} {:>10} {:>15} {:>8} {:>10} {:>11} {:>10} {:>14} {:>12} {:>12}",
         "timing",
         "events",
         "deliveries",
         "stale",
         "missing",
         "duplicates",
+        "regressions",
+        "final view",
         "render/event",
         "latency p50",
         "latency p99"
@@ -553,13 +584,15 @@ pub fn table(r: &DemoReport) -> String {
     {
         let _ = writeln!(
             out,
-            "{:<9} {:>7} {:>10} {:>15} {:>8} {:>10} {:>14} {:>12} {:>12}",
+            "{:<9} {:>7} {:>10} {:>15} {:>8} {:>10} {:>11} {:>10} {:>14} {:>12} {:>12}",
             name,
             t.events,
             t.deliveries,
             format!("{} ({:.1} %)", t.stale, t.stale_pct),
             t.missing,
             t.duplicates,
+            t.regressions,
+            format!("{} wrong", t.final_view_wrong),
             opt(t.render_us_mean, "us"),
             opt(t.latency_ms_p50, "ms"),
             opt(t.latency_ms_p99, "ms"),
@@ -584,6 +617,11 @@ pub fn table(r: &DemoReport) -> String {
          ({} ms later here), so builds that moved on meanwhile show later data; inline payloads were \
          rendered by the producer at the transition.",
         r.consumer_lag_ms
+    );
+    let _ = writeln!(
+        out,
+        "regressions: (hook, build) pairs whose accepted deliveries did not arrive in transition order; \
+         final view wrong: pairs whose last accepted body is not the truth of the build's last transition."
     );
     out
 }

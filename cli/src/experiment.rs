@@ -75,6 +75,9 @@ pub async fn run(options: &ExperimentOptions) -> Result<ExperimentReport, CliErr
                 seed: options.seed,
                 wait: Duration::from_secs(30),
                 progress: false,
+                // The chart is about staleness: receivers that always answer 200.
+                receiver_failure_percent: 0.0,
+                ordering: hookline_consumer::config::Ordering::Strict,
             })
             .await?;
             let l = &report.ledger;

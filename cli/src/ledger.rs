@@ -6,8 +6,16 @@
 //! *stale* when its body differs from the truth by even one byte; a *duplicate* when its
 //! `Idempotency-Key` was seen before (at-least-once allows them; they are counted, not hidden);
 //! an (event, hook) pair the producer accepted that never arrives is *missing*.
+//!
+//! Per (hook, build) the ledger also reads what the receiver's view of the build went through:
+//! a *regression* is a pair whose accepted deliveries did not arrive in transition order (an
+//! older state after a newer one), and its *final view is wrong* when the last body the
+//! receiver accepted is not the truth of the build's last transition. With
+//! [`Ledger::fail_first_attempts`] the receiver answers 500 to a seeded share of first attempts,
+//! so that retries happen.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -63,6 +71,7 @@ enum Answer {
 #[derive(Debug)]
 struct Expected {
     project_id: i64,
+    build_id: i64,
     truth: Vec<u8>,
     occurred_at: DateTime<Utc>,
     answer: Answer,
@@ -71,6 +80,7 @@ struct Expected {
 #[derive(Debug, Clone)]
 struct Arrived {
     event_id: Uuid,
+    hook_id: i64,
     stale: bool,
     duplicate: bool,
     latency: Duration,
@@ -88,7 +98,19 @@ struct Inner {
     unexpected: usize,
     bad_signatures: usize,
     unsigned: usize,
+    /// Percentage of first attempts answered 500, and the seed that picks them.
+    fail_percent: f64,
+    fail_seed: u64,
+    /// `Idempotency-Key`s that had their first attempt.
+    attempted: HashSet<String>,
+    /// hook -> consecutive 500s answered (kept under GitLab's auto-disable threshold).
+    failures_in_a_row: HashMap<i64, u32>,
+    receiver_failures: usize,
 }
+
+/// The most 500s in a row the receiver answers one hook: the consumer disables a hook on its
+/// 4th consecutive failure (GitLab's rule) for a minute, which would outlast the demo's wait.
+const MAX_FAILURES_IN_A_ROW: u32 = 2;
 
 /// Thread-safe; shared by the simulator and the receiver.
 #[derive(Debug, Default)]
@@ -118,6 +140,7 @@ impl Ledger {
             sent.event_id,
             Expected {
                 project_id: sent.project_id,
+                build_id: sent.build_id,
                 truth,
                 occurred_at: sent.occurred_at,
                 answer: Answer::Waiting,
@@ -132,6 +155,39 @@ impl Ledger {
                 Ok(accepted) => Answer::Accepted(accepted.clone()),
                 Err(_) => Answer::Refused,
             };
+        }
+    }
+
+    /// Answers 500 to `percent` % of first attempts, picked by `seed` and the `Idempotency-Key`
+    /// (never more than two in a row to one hook).
+    pub fn fail_first_attempts(&self, percent: f64, seed: u64) {
+        let mut inner = self.lock();
+        inner.fail_percent = percent;
+        inner.fail_seed = seed;
+    }
+
+    /// Whether the receiver answers this request 500: only a first attempt can be refused.
+    pub fn refuses(&self, hook_id: i64, idempotency_key: Option<&str>) -> bool {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        let Some(key) = idempotency_key else {
+            return false;
+        };
+        if inner.fail_percent <= 0.0 || !inner.attempted.insert(key.to_owned()) {
+            return false;
+        }
+        // SipHash with fixed keys: the same key and seed always draw the same number.
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (inner.fail_seed, key).hash(&mut hasher);
+        let draw = (hasher.finish() % 100_000) as f64 / 1000.0;
+        let in_a_row = inner.failures_in_a_row.entry(hook_id).or_default();
+        if draw < inner.fail_percent && *in_a_row < MAX_FAILURES_IN_A_ROW {
+            *in_a_row += 1;
+            inner.receiver_failures += 1;
+            true
+        } else {
+            *in_a_row = 0;
+            false
         }
     }
 
@@ -163,8 +219,10 @@ impl Ledger {
         let latency = (delivery.received_at - expected.occurred_at)
             .to_std()
             .unwrap_or_default();
+        inner.failures_in_a_row.insert(delivery.hook_id, 0);
         inner.arrived.push(Arrived {
             event_id,
+            hook_id: delivery.hook_id,
             stale,
             duplicate,
             latency,
@@ -249,6 +307,11 @@ impl Ledger {
             t.duplicates += usize::from(a.duplicate);
             t.latencies.push(a.latency);
         }
+        for (timing, view) in views(&inner) {
+            let t = by_timing.entry(timing).or_default();
+            t.regressions += usize::from(view.regressed);
+            t.final_view_wrong += usize::from(view.final_wrong);
+        }
         let summary = |name: &str| {
             by_timing
                 .get(name)
@@ -259,6 +322,13 @@ impl Ledger {
         let deferred = summary("deferred");
         let unknown = by_timing.get("unknown").map(TimingReport::summary);
         LedgerReport {
+            regressions: inline.regressions
+                + deferred.regressions
+                + unknown.as_ref().map_or(0, |u| u.regressions),
+            final_view_wrong: inline.final_view_wrong
+                + deferred.final_view_wrong
+                + unknown.as_ref().map_or(0, |u| u.final_view_wrong),
+            receiver_failures: inner.receiver_failures,
             events: inline.events + deferred.events + unknown.as_ref().map_or(0, |u| u.events),
             deliveries: inner.arrived.len(),
             missing: owed(&inner).filter(|p| !inner.pairs.contains(p)).count(),
@@ -290,6 +360,69 @@ fn timing_name(t: Option<PayloadTiming>) -> &'static str {
     }
 }
 
+/// What one hook's receiver saw of one build.
+struct View {
+    /// A delivery arrived after one of a later transition.
+    regressed: bool,
+    /// The last accepted body is not the truth of the build's last transition (or nothing
+    /// arrived).
+    final_wrong: bool,
+}
+
+/// The view of every (hook, build) owed something, with its timing.
+fn views(inner: &Inner) -> Vec<(&'static str, View)> {
+    let accepted = |e: &Expected| match &e.answer {
+        Answer::Accepted(a) => Some(a.timing),
+        _ => None,
+    };
+    // The build's last accepted transition: (occurred_at, event) per build.
+    let mut last: HashMap<i64, (DateTime<Utc>, Uuid)> = HashMap::new();
+    for (id, e) in &inner.events {
+        if accepted(e).is_some() {
+            let entry = last.entry(e.build_id).or_insert((e.occurred_at, *id));
+            if e.occurred_at > entry.0 {
+                *entry = (e.occurred_at, *id);
+            }
+        }
+    }
+    // Arrivals per (hook, build), in arrival order.
+    let mut seen: HashMap<(i64, i64), Vec<&Arrived>> = HashMap::new();
+    for a in &inner.arrived {
+        if let Some(e) = inner.events.get(&a.event_id) {
+            seen.entry((a.hook_id, e.build_id)).or_default().push(a);
+        }
+    }
+    let mut out = Vec::new();
+    for (build_id, (_, final_event)) in &last {
+        let e = &inner.events[final_event];
+        let timing = timing_name(accepted(e).flatten());
+        for hook_id in inner
+            .hooks_by_project
+            .get(&e.project_id)
+            .into_iter()
+            .flatten()
+        {
+            let arrivals = seen.get(&(*hook_id, *build_id)).map_or(&[][..], |a| &a[..]);
+            let times: Vec<DateTime<Utc>> = arrivals
+                .iter()
+                .map(|a| inner.events[&a.event_id].occurred_at)
+                .collect();
+            let regressed = times.windows(2).any(|w| w[1] < w[0]);
+            let final_wrong = arrivals
+                .last()
+                .is_none_or(|a| a.event_id != *final_event || a.stale);
+            out.push((
+                timing,
+                View {
+                    regressed,
+                    final_wrong,
+                },
+            ));
+        }
+    }
+    out
+}
+
 /// Every (event, hook) pair owed: accepted events times their project's hooks.
 fn owed(inner: &Inner) -> impl Iterator<Item = (Uuid, i64)> + '_ {
     inner
@@ -313,6 +446,8 @@ struct TimingReport {
     stale: usize,
     missing: usize,
     duplicates: usize,
+    regressions: usize,
+    final_view_wrong: usize,
     render_times: Vec<Duration>,
     payload_bytes: Vec<usize>,
     latencies: Vec<Duration>,
@@ -333,6 +468,8 @@ impl TimingReport {
             stale_pct: percent(self.stale, self.deliveries),
             missing: self.missing,
             duplicates: self.duplicates,
+            regressions: self.regressions,
+            final_view_wrong: self.final_view_wrong,
             render_us_p50: quantile(&renders, 0.5).map(us),
             render_us_mean: (!renders.is_empty())
                 .then(|| us(renders.iter().sum::<Duration>()) / renders.len() as f64),
@@ -374,6 +511,11 @@ pub struct TimingSummary {
     pub stale_pct: f64,
     pub missing: usize,
     pub duplicates: usize,
+    /// (hook, build) pairs whose accepted deliveries did not arrive in transition order.
+    pub regressions: usize,
+    /// (hook, build) pairs whose last accepted body is not the truth of the build's last
+    /// transition (or that got nothing).
+    pub final_view_wrong: usize,
     /// The producer's render time per event (inline only), microseconds.
     pub render_us_p50: Option<f64>,
     pub render_us_mean: Option<f64>,
@@ -408,6 +550,12 @@ pub struct LedgerReport {
     pub unsigned: usize,
     /// Transitions the producer refused (logged with the error at the time).
     pub refused: usize,
+    /// (hook, build) pairs whose accepted deliveries did not arrive in transition order.
+    pub regressions: usize,
+    /// (hook, build) pairs whose last accepted body is not the build's final state.
+    pub final_view_wrong: usize,
+    /// First attempts the receiver answered 500 (`--receiver-failure-percent`).
+    pub receiver_failures: usize,
     pub by_timing: ByTiming,
 }
 
@@ -527,6 +675,62 @@ mod tests {
         d.signature = SignatureCheck::Invalid;
         ledger.record(d);
         assert_eq!(ledger.report().bad_signatures, 1);
+    }
+
+    #[test]
+    fn a_build_seen_going_backwards_is_a_regression_and_a_stale_last_state_a_wrong_view() {
+        let ledger = Ledger::new();
+        ledger.add_hook(10, 1);
+        let t0 = Utc::now();
+        let transitions: Vec<TransitionSent> = (0..3)
+            .map(|i| TransitionSent {
+                occurred_at: t0 + chrono::Duration::milliseconds(i),
+                ..sent(1)
+            })
+            .collect();
+        for (i, t) in transitions.iter().enumerate() {
+            ledger.expect(t, format!("truth-{i}").into_bytes());
+            ledger.answered(t.event_id, &accepted(PayloadTiming::Inline));
+        }
+        let deliver = |i: usize| {
+            let t = &transitions[i];
+            ledger.record(delivery(
+                10,
+                t.event_id,
+                &format!("k{i}"),
+                format!("truth-{i}").as_bytes(),
+            ));
+        };
+        // 0, 2, then the retried 1: the receiver's view went back, and ended on 1, not 2.
+        deliver(0);
+        deliver(2);
+        deliver(1);
+        let report = ledger.report();
+        assert_eq!(report.regressions, 1);
+        assert_eq!(report.final_view_wrong, 1);
+        assert_eq!(report.by_timing.inline.regressions, 1);
+        assert_eq!(report.by_timing.inline.final_view_wrong, 1);
+        // The last state delivered again (a duplicate) makes the final view right; the
+        // regression stays.
+        deliver(2);
+        let report = ledger.report();
+        assert_eq!((report.regressions, report.final_view_wrong), (1, 0));
+    }
+
+    #[test]
+    fn a_seeded_share_of_first_attempts_is_refused_and_never_a_retry() {
+        let ledger = Ledger::new();
+        ledger.fail_first_attempts(20.0, 1);
+        let refused = (0..1000)
+            .filter(|i| {
+                let key = format!("key-{i}");
+                let first = ledger.refuses(i % 50, Some(&key));
+                assert!(!ledger.refuses(i % 50, Some(&key)), "a retry was refused");
+                first
+            })
+            .count();
+        assert!((120..=280).contains(&refused), "{refused} of 1000 refused");
+        assert_eq!(ledger.report().receiver_failures, refused);
     }
 
     #[test]

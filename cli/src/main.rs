@@ -79,6 +79,15 @@ struct DemoArgs {
     /// No progress lines on stderr.
     #[arg(long, short)]
     quiet: bool,
+    /// Percentage of first delivery attempts the receiver answers 500 (picked by the seed; never
+    /// more than two in a row to one hook, below the consumer's auto-disable threshold), 0 to
+    /// 100. They are retried on the demo's short schedule (1 s, 2 s, 4 s).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_percent)]
+    receiver_failure_percent: f64,
+    /// The consumer's per-(hook, build) order across retries: strict (a build's later events
+    /// wait behind its delivery waiting for a retry) or relaxed (they go ahead).
+    #[arg(long, default_value = "strict")]
+    ordering: hookline_consumer::config::Ordering,
 }
 
 #[derive(Debug, Args)]
@@ -218,6 +227,8 @@ async fn main() -> ExitCode {
                 seed: args.seed,
                 wait: Duration::from_secs(args.wait_secs),
                 progress: !args.quiet,
+                receiver_failure_percent: args.receiver_failure_percent,
+                ordering: args.ordering,
             };
             let report = tokio::select! {
                 r = demo::run(options) => r,

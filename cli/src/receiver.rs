@@ -79,6 +79,13 @@ async fn receive_for_ledger(
     headers: HeaderMap,
     body: Bytes,
 ) -> StatusCode {
+    if state
+        .ledger
+        .refuses(endpoint, header(&headers, "idempotency-key"))
+    {
+        // A first attempt picked to fail (`--receiver-failure-percent`): not a delivery.
+        return StatusCode::INTERNAL_SERVER_ERROR;
+    }
     let signature = check_signature(state.secrets.get(&endpoint), &headers, &body);
     let event_id = header(&headers, "x-gitlab-event-uuid").and_then(|v| Uuid::parse_str(v).ok());
     let verdict = state.ledger.record(Delivery {
@@ -92,7 +99,6 @@ async fn receive_for_ledger(
     if verdict == Verdict::Unexpected {
         tracing::warn!(endpoint, event_id = ?event_id, "delivery for no known event and hook");
     }
-    // Always 2xx: the demo measures what arrives, not the retry path.
     StatusCode::OK
 }
 

@@ -225,6 +225,7 @@ pub async fn run(options: SimulateOptions) -> Result<SimulateReport, CliError> {
         token: None,
         signing_secret: options.signing_secret.clone(),
         job_events: true,
+        collapse: false,
     };
     let hooks = sim::write_world(store.as_ref(), &plan, &hook_for)
         .await?

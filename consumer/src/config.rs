@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::ConsumerError;
 use crate::deliver::DeliverConfig;
+pub use crate::order::Ordering;
 use crate::schedule::RetrySchedule;
 
 pub use crate::schedule::DEFAULT_RETRY_SCHEDULE;
@@ -34,6 +35,9 @@ pub struct ConsumerConfig {
     /// The longest a retry record is held in memory waiting to be due; a record due later is put
     /// back at the end of the retry topic, so the retry topic's offsets keep moving.
     pub retry_hold: Duration,
+    /// Per-(hook, build) order across retries: `Strict` (the default) queues a build's later
+    /// events behind its delivery waiting for a retry; `Relaxed` lets them go ahead.
+    pub ordering: Ordering,
     /// The HTTP stage.
     pub deliver: DeliverConfig,
     /// How long a project's hook list is reused before it is read again.
@@ -108,6 +112,7 @@ impl ConsumerConfig {
             poll_batch: 128,
             retry_schedule: RetrySchedule::default(),
             retry_hold: Duration::from_secs(30),
+            ordering: Ordering::Strict,
             deliver: DeliverConfig::default(),
             hook_cache_ttl: Duration::from_secs(5),
             commit_interval: Duration::ZERO,

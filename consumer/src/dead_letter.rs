@@ -306,6 +306,7 @@ pub async fn replay(
                 let fresh = DeliveryTask {
                     attempts: 0,
                     last_error: None,
+                    replayed: true,
                     ..task.clone()
                 };
                 summary.deliveries += 1;

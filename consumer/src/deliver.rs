@@ -501,6 +501,7 @@ mod tests {
             job_events: true,
             recent_failures: 0,
             disabled_until: None,
+            collapse: false,
         }
     }
 

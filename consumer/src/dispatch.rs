@@ -6,8 +6,9 @@
 //! chained: each waits for the previous event of the same (build, hook) to finish its main-path
 //! step, so a receiver sees one build's transitions in order (key = build id keeps them in one
 //! partition). Different builds, different hooks and different partitions run concurrently; a
-//! hanging receiver delays only its own hook's next events of the same build. Retries leave the
-//! order (they run on the retry topic while the build's later events go on).
+//! hanging receiver delays only its own hook's next events of the same build. Across retries the
+//! order is kept by `strict` (the default; see `order`): a build's later events queue behind its
+//! delivery waiting for a retry. With `--ordering relaxed` they go ahead of it.
 //!
 //! # Waits
 //!
@@ -37,7 +38,7 @@ use crate::metrics::Stall;
 use crate::path::Path;
 use crate::resolve::{self, ResolvedPayload};
 use crate::shutdown::{Abandoned, wait_out};
-use crate::step;
+use crate::strict;
 use crate::task::{DeliveryTask, H_ONLY_HOOK, Source, header};
 
 /// Links of the per-(build, hook) chains: the receiver of the latest delivery's "done" signal.
@@ -166,7 +167,19 @@ async fn dispatch(
 ) -> Result<(), Abandoned> {
     let cx = &path.cx;
     let decoded = decode_batch(cx, batch.iter().map(|(msg, _, _)| msg), shutdown).await?;
-    let (hooks, snapshots) = lookup(cx, &decoded, shutdown).await?;
+    // Which builds have an order queue (strict ordering) is read beside the hooks and
+    // snapshots, so it adds no round trip to the batch.
+    let ((hooks, snapshots), queued) = tokio::try_join!(
+        lookup(cx, &decoded, shutdown),
+        strict::queued_pairs(
+            cx,
+            decoded.iter().filter_map(|d| match d {
+                Read::Event(e) => Some(e.build_id),
+                Read::Undecodable(_) => None,
+            }),
+            shutdown,
+        )
+    )?;
     for ((msg, ticket, permit), decoded) in batch.into_iter().zip(decoded) {
         let claim = (ticket, permit);
         let event = match decoded {
@@ -184,7 +197,8 @@ async fn dispatch(
             }
         };
         let mut project_hooks = hooks.get(&event.project_id).cloned().unwrap_or_default();
-        if let Some(only) = header(msg.headers(), H_ONLY_HOOK) {
+        let only_hook = header(msg.headers(), H_ONLY_HOOK);
+        if let Some(only) = &only_hook {
             // A replay of one dead-lettered delivery: the other hooks already had this event.
             let only: Option<i64> = only.parse().ok();
             project_hooks = Arc::new(
@@ -247,20 +261,22 @@ async fn dispatch(
                     body: body.clone(),
                     last_error: None,
                     source: Some(source.clone()),
+                    replayed: only_hook.is_some(),
                 };
-                (previous, done, hook.clone(), task)
+                let queued = queued.contains(&(hook.id, event.build_id));
+                (previous, done, hook.clone(), task, queued)
             })
             .collect();
         path.spawn_record(claim, |cx, abandon| async move {
             let results = futures::future::join_all(deliveries.into_iter().map(
-                |(previous, done, hook, task)| {
+                |(previous, done, hook, task, queued)| {
                     let (cx, abandon) = (&cx, &abandon);
                     async move {
                         if let Some(previous) = previous {
                             // An error only means the previous delivery's task ended: go on.
                             let _ = previous.await;
                         }
-                        let result = step::run(cx, task, &hook, abandon).await;
+                        let result = strict::main_step(cx, task, &hook, queued, abandon).await;
                         drop(done);
                         result
                     }

@@ -32,6 +32,8 @@
 //! - [`step`]: one attempt of a delivery task and its settlement (decided by a pure function).
 //! - `intake`: records taken only when there is in-flight room, while serving the group.
 //! - `path`: a path's subscription, committer, spawned work and drain.
+//! - [`order`]: per-(hook, build) order across retries, the pure rules; `strict`: carrying
+//!   them out on both paths (the queue in the store, turns, collapse).
 //! - `dispatch`: the main path (ordering per (build, hook)). [`retry`]: the retry path.
 //! - [`dead_letter`]: the dead-letter topic, the operator's side: listing and replaying it.
 //! - [`server`]: `/metrics`, `/healthz`, `/readyz` and [`serve`].
@@ -50,6 +52,7 @@ mod intake;
 mod kafka;
 pub mod metrics;
 mod offsets;
+pub mod order;
 mod path;
 pub mod resolve;
 pub mod retry;
@@ -59,6 +62,7 @@ pub mod shutdown;
 pub mod sign;
 pub mod ssrf;
 pub mod step;
+mod strict;
 pub mod task;
 pub mod topics;
 
@@ -132,6 +136,8 @@ impl Consumer {
             deliverer,
             handoff,
             metrics,
+            turns: tokio::sync::Notify::new(),
+            held_here: Default::default(),
         });
         Ok(Self { cx, main, retry })
     }
@@ -180,6 +186,7 @@ impl Consumer {
         // fenced by the broker never consumes again). The process then exits with the error,
         // for its supervisor to start it again, rather than run on consuming nothing.
         let stop = shutdown.child_token();
+        let pruner = tokio::spawn(strict::prune(self.cx.clone(), stop.clone()));
         let main = Path::start("main", self.cx.clone(), self.main, abandon.clone());
         let retry = Path::start("retry", self.cx.clone(), self.retry, abandon);
         let path = |run: tokio::task::JoinHandle<Option<KafkaError>>, stop: CancellationToken| async move {
@@ -196,6 +203,8 @@ impl Consumer {
             ),
             path(tokio::spawn(retry::run(retry, stop.clone())), stop.clone()),
         );
+        stop.cancel();
+        let _ = pruner.await;
         let mut fatal = None;
         for ended in [a, b] {
             match ended {

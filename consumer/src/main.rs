@@ -98,6 +98,10 @@ struct ServeArgs {
     /// Longest a retry record is held in memory before it is re-queued.
     #[arg(long, env = "HOOKLINE_RETRY_HOLD", default_value = "30s", value_parser = parse_duration)]
     retry_hold: Duration,
+    /// Per-(hook, build) order across retries: strict (later events of a build wait behind its
+    /// delivery waiting for a retry) or relaxed (they go ahead).
+    #[arg(long, env = "HOOKLINE_ORDERING", default_value = "strict")]
+    ordering: hookline_consumer::config::Ordering,
     /// Whole-request timeout of one delivery.
     #[arg(long, env = "HOOKLINE_DELIVERY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     delivery_timeout: Duration,
@@ -180,6 +184,10 @@ enum HooksCommand {
         /// Add the hook even though the project is not in the store (yet).
         #[arg(long)]
         force: bool,
+        /// Under strict ordering, when several events of one build wait behind a failing
+        /// delivery, send only the latest (for receivers that only want the current state).
+        #[arg(long)]
+        collapse: bool,
     },
     /// List hooks, all or a project's.
     List {
@@ -253,6 +261,7 @@ async fn run() -> anyhow::Result<()> {
             consumer.poll_batch = args.poll_batch;
             consumer.retry_schedule = args.retry_schedule;
             consumer.retry_hold = args.retry_hold;
+            consumer.ordering = args.ordering;
             consumer.hook_cache_ttl = args.hook_cache_ttl;
             consumer.drain_timeout = args.drain_timeout;
             consumer.instance_id = args.instance_id;
@@ -378,6 +387,7 @@ async fn hooks(cmd: HooksCommand) -> anyhow::Result<()> {
             token,
             signing_secret,
             force,
+            collapse,
             ..
         } => {
             if !force && !store.project_exists(project).await? {
@@ -392,6 +402,7 @@ async fn hooks(cmd: HooksCommand) -> anyhow::Result<()> {
                     token,
                     signing_secret,
                     job_events: true,
+                    collapse,
                 })
                 .await?;
             println!("{}\t{}", hook.id, hook.uuid);
@@ -406,13 +417,14 @@ async fn hooks(cmd: HooksCommand) -> anyhow::Result<()> {
                     hookline_cistate::HookState::PermanentlyDisabled => "disabled".to_owned(),
                 };
                 println!(
-                    "{}\tproject={}\t{}\t{state}\tfailures={}\ttoken={}\tsigned={}",
+                    "{}\tproject={}\t{}\t{state}\tfailures={}\ttoken={}\tsigned={}{}",
                     h.id,
                     h.project_id,
                     masked_url(&h.url),
                     h.recent_failures,
                     if h.token.is_some() { "[set]" } else { "-" },
-                    h.signing_secret.is_some()
+                    h.signing_secret.is_some(),
+                    if h.collapse { "\tcollapse" } else { "" }
                 );
             }
         }

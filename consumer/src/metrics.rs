@@ -91,6 +91,12 @@ pub struct ConsumerMetrics {
     stalls: Mutex<Vec<(u64, Stall, tokio::time::Instant)>>,
     stall_ids: std::sync::atomic::AtomicU64,
     handoffs_lost: Counter,
+    ordering: Family<ActionLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabels {
+    action: &'static str,
 }
 
 /// A wait that can outlast a dependency's outage; its label on `stalled_seconds`.
@@ -207,6 +213,12 @@ impl ConsumerMetrics {
             });
         }
         let handoffs_lost = Counter::default();
+        let ordering = Family::<ActionLabels, Counter>::default();
+        registry.register(
+            "ordering",
+            "Strict ordering per (hook, build), by action: held (a delivery waits for a retry and holds its build's later events), queued (an event queued behind one), collapsed (a queued event not sent: a later one of its build supersedes it, on a --collapse hook), already_settled (a record read again whose delivery was already settled)",
+            ordering.clone(),
+        );
         registry.register(
             "deliveries",
             "Delivery attempts and tasks by outcome",
@@ -295,7 +307,17 @@ impl ConsumerMetrics {
             stalls: Mutex::new(Vec::new()),
             stall_ids: std::sync::atomic::AtomicU64::new(0),
             handoffs_lost,
+            ordering,
         }
+    }
+
+    pub(crate) fn order_action(&self, action: &'static str) {
+        self.ordering.get_or_create(&ActionLabels { action }).inc();
+    }
+
+    /// Strict-ordering actions counted so far (`held`, `queued`, `collapsed`, `already_settled`).
+    pub fn ordering(&self, action: &'static str) -> u64 {
+        self.ordering.get_or_create(&ActionLabels { action }).get()
     }
 
     /// Starts counting a wait for `reason`; it ends when the guard is dropped.

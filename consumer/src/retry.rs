@@ -29,6 +29,7 @@ use crate::metrics::Stall;
 use crate::path::Path;
 use crate::shutdown::{Abandoned, pause, wait_out};
 use crate::step::{self, Settlement};
+use crate::strict;
 use crate::task::{DeliveryTask, H_DUE_AT, header};
 
 /// The retry path: due delivery tasks from the retry topic, until `shutdown` (or a fatal error
@@ -78,7 +79,8 @@ async fn process(
     };
     let due = due_at(msg);
     let hold = chrono::Duration::from_std(p.config.retry_hold).unwrap_or(chrono::Duration::MAX);
-    let wake = due.min(Utc::now() + hold);
+    let hold_until = Utc::now() + hold;
+    let wake = due.min(hold_until);
     if let Ok(wait) = (wake - Utc::now()).to_std() {
         pause(wait, abandon).await?;
     }
@@ -102,7 +104,17 @@ async fn process(
             reason: DeadLetterReason::HookRemoved,
             detail: "the hook no longer exists".into(),
         };
-        return step::settle(p, task, None, removed, abandon).await;
+        let (hook_id, build_id, event_id) = (task.hook_id, task.build_id, task.event_id);
+        step::settle(p, task, None, removed, abandon).await?;
+        // Its place in an order queue, if it had one, goes with it.
+        return wait_out(
+            &p.metrics,
+            Stall::Store,
+            "store unavailable; the order queue cannot be moved on",
+            abandon,
+            || p.store.order_settle(hook_id, build_id, event_id),
+        )
+        .await;
     };
-    step::run(p, task, &hook, abandon).await
+    strict::retry_step(p, task, &hook, hold_until, abandon).await
 }

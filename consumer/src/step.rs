@@ -112,11 +112,26 @@ pub(crate) async fn run(
     hook: &Hook,
     abandon: &CancellationToken,
 ) -> Result<(), Abandoned> {
+    let (task, settlement) = attempt(cx, task, hook, abandon).await?;
+    settle(cx, task, Some(hook), settlement, abandon)
+        .await
+        .map(drop)
+}
+
+/// Makes the next attempt of `task` to `hook` (or not, when the hook may not be called) and
+/// decides what follows, without carrying it out: the task as it should be handed on, and its
+/// settlement.
+pub(crate) async fn attempt(
+    cx: &Context,
+    task: DeliveryTask,
+    hook: &Hook,
+    abandon: &CancellationToken,
+) -> Result<(DeliveryTask, Settlement), Abandoned> {
     if let Some(settlement) = before_attempt(hook, Utc::now()) {
         if let Settlement::Deferred { until } = &settlement {
             debug!(hook_id = hook.id, event_id = %task.event_id, %until, "hook backing off; delivery deferred");
         }
-        return settle(cx, task, Some(hook), settlement, abandon).await;
+        return Ok((task, settlement));
     }
     let attempt = task.attempts + 1;
     let request = DeliveryRequest {
@@ -184,18 +199,18 @@ pub(crate) async fn run(
             }
         }
     };
-    settle(cx, task, Some(hook), settlement, abandon).await
+    Ok((task, settlement))
 }
 
 /// Carries out a settlement: the hand-off it needs (acked), and its count. `hook` is `None`
-/// when the hook is gone (removed before a retry).
+/// when the hook is gone (removed before a retry). Returns where the hand-off landed.
 pub(crate) async fn settle(
     cx: &Context,
     task: DeliveryTask,
     hook: Option<&Hook>,
     settlement: Settlement,
     abandon: &CancellationToken,
-) -> Result<(), Abandoned> {
+) -> Result<Landed, Abandoned> {
     let landed = match &settlement {
         Settlement::Delivered => Landed::AsIs,
         Settlement::Retry { due, .. } => {
@@ -216,7 +231,7 @@ pub(crate) async fn settle(
         Landed::AsIs => settlement.outcome(),
         Landed::AsReference(_) | Landed::Lost => Outcome::HandoffRefused,
     });
-    Ok(())
+    Ok(landed)
 }
 
 /// GitLab's auto-disable bookkeeping; a store failure here must not stop the delivery's own
@@ -346,6 +361,7 @@ mod tests {
             job_events: true,
             recent_failures: 4,
             disabled_until: Some(now() + chrono::Duration::minutes(1)),
+            collapse: false,
         };
         assert_eq!(
             before_attempt(&hook, now()),

@@ -22,6 +22,9 @@ pub const H_SOURCE_PARTITION: &str = "hookline-source-partition";
 pub const H_SOURCE_OFFSET: &str = "hookline-source-offset";
 /// A replay of one delivery through the main topic: only this hook gets the event.
 pub const H_ONLY_HOOK: &str = "hookline-only-hook";
+/// A delivery re-driven from the dead-letter topic by an operator (`dlq replay`): a deliberate
+/// re-send of an old event, outside the per-(hook, build) order.
+pub const H_REPLAYED: &str = "hookline-replayed";
 
 /// A record's place in Kafka.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +79,8 @@ pub struct DeliveryTask {
     pub last_error: Option<String>,
     /// The main-topic record of the event (absent in tasks written before it was carried).
     pub source: Option<Source>,
+    /// Re-driven from the dead-letter topic: not held by, nor holding, the build's order.
+    pub replayed: bool,
 }
 
 /// Builds Kafka headers from string pairs.
@@ -120,6 +125,9 @@ impl DeliveryTask {
         if let Some(source) = &self.source {
             pairs.extend(source.header_pairs());
         }
+        if self.replayed {
+            pairs.push((H_REPLAYED, "1".to_owned()));
+        }
         pairs
     }
 
@@ -147,6 +155,7 @@ impl DeliveryTask {
             body: Bytes::copy_from_slice(body),
             last_error: header(headers, H_LAST_ERROR),
             source: Source::from_headers(headers),
+            replayed: header(headers, H_REPLAYED).is_some(),
         })
     }
 }
@@ -171,6 +180,7 @@ mod tests {
                 partition: 3,
                 offset: 41,
             }),
+            replayed: true,
         };
         let h = headers(task.header_pairs());
         assert_eq!(

@@ -1,10 +1,13 @@
 //! SIGKILL the real `hookline-consumer serve` mid-run and start it again: every (event, hook)
-//! pair still reaches its receiver, and the duplicates stay within the in-flight bound.
+//! pair still reaches its receiver, and the duplicates stay within the in-flight bound; and a
+//! kill while a build's events are queued behind its failing delivery (strict ordering) loses
+//! none of them and keeps their order.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use hookline_schemas::{BuildStatus, SchemaVersion};
+use hookline_tests::ordering::{StatusReceiver, in_transition_order};
 use hookline_tests::process::ConsumerProcess;
 use hookline_tests::world::{World, inline_event};
 use hookline_tests::{Receiver, poll_until, unique_name};
@@ -107,4 +110,104 @@ async fn sigkill_mid_run_loses_nothing_and_duplicates_stay_within_the_in_flight_
         duplicates <= bound,
         "{duplicates} duplicates exceed the in-flight bound {bound}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_while_a_build_is_held_loses_nothing_and_keeps_its_order() {
+    let world = World::new(2).await;
+    let schema = world.store_schema().await;
+    let receiver = StatusReceiver::start().await;
+    let builds = world.builds(7_000, 2).await;
+    let (a, b) = (&builds[0], &builds[1]);
+    world.hook(a.project.id, &receiver.url, None).await;
+    // A's running fails until the receiver recovers: A's success stays queued behind it. Retries
+    // a second apart keep the failures under four, GitLab's auto-disable threshold (the hook
+    // would then back off for a minute).
+    receiver.fail(a.build.id, "running", u32::MAX);
+    let group = unique_name("held");
+    let start = || {
+        ConsumerProcess::new(
+            env!("CARGO_BIN_EXE_hookline-consumer"),
+            &world,
+            &group,
+            &schema,
+        )
+        .args([
+            "--retry-schedule",
+            &["200ms"; 100].join(","),
+            "--retry-hold",
+            "1s",
+        ])
+        .args(["--kafka-option", "session.timeout.ms=6000"])
+        .spawn()
+    };
+    let mut consumer = start();
+    for build in [a, b] {
+        for status in [
+            BuildStatus::Created,
+            BuildStatus::Pending,
+            BuildStatus::Running,
+            BuildStatus::Success,
+        ] {
+            world
+                .send(&inline_event(build, status), SchemaVersion::V2)
+                .await;
+        }
+    }
+    let failures = |r: &StatusReceiver| {
+        r.seen()
+            .iter()
+            .filter(|s| s.build_id == a.build.id && !s.accepted)
+            .count()
+    };
+    poll_until(
+        "B delivered and A's running failing",
+        Duration::from_secs(60),
+        || async {
+            (receiver.accepted_at(b.build.id, "success").is_some() && failures(&receiver) >= 1)
+                .then_some(())
+        },
+    )
+    .await;
+    consumer.kill().await.expect("SIGKILL");
+    assert_eq!(
+        receiver.accepted_at(a.build.id, "success"),
+        None,
+        "A's success went out while its running was failing"
+    );
+    let before_restart = failures(&receiver);
+    let mut consumer = start();
+    // The restarted instance picks the held delivery up and A's success still waits.
+    poll_until(
+        "A's running retried after the restart",
+        Duration::from_secs(60),
+        || async { (failures(&receiver) > before_restart).then_some(()) },
+    )
+    .await;
+    assert_eq!(receiver.accepted_at(a.build.id, "success"), None);
+    receiver.recover();
+    poll_until("A's success", Duration::from_secs(60), || async {
+        receiver.accepted_at(a.build.id, "success").map(drop)
+    })
+    .await;
+    consumer.kill().await.ok();
+    let accepted = receiver.accepted(a.build.id);
+    assert!(in_transition_order(&accepted), "{accepted:?}");
+    let mut distinct = accepted.clone();
+    distinct.dedup();
+    assert_eq!(
+        distinct,
+        ["created", "pending", "running", "success"].map(String::from),
+        "{:?}",
+        receiver.seen()
+    );
+    // B never failed, so nothing of it is queued: records whose offsets the kill left
+    // uncommitted are delivered again, in order (at-least-once), and B ends on its last state.
+    let b_accepted = receiver.accepted(b.build.id);
+    assert_eq!(
+        b_accepted[..4],
+        ["created", "pending", "running", "success"].map(String::from),
+        "{b_accepted:?}"
+    );
+    assert_eq!(b_accepted.last().map(String::as_str), Some("success"));
 }

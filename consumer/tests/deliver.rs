@@ -123,6 +123,7 @@ fn hook(url: &str) -> Hook {
         job_events: true,
         recent_failures: 0,
         disabled_until: None,
+        collapse: false,
     }
 }
 

@@ -13,13 +13,16 @@
 //! - [`producer`]: the producer's API in-process on a loopback port.
 //! - [`fake_registry`]: a Confluent-compatible schema registry stand-in on loopback.
 //! - [`pg_gate`]: a gate in front of the shared PostgreSQL that a test closes to act an outage.
+//! - [`ordering`]: a receiver that fails chosen (build, status) pairs and shows each build's
+//!   statuses in arrival order.
 //! - [`soak`]: the soak driver behind `scripts/soak` (binary `soak`): the real binaries, a private
 //!   broker and database, kills and restarts, every (event, hook) pair counted.
-//! - [`bench`]: the benchmark behind `scripts/bench` (binary `bench`).
+//! - [`mod@bench`]: the benchmark behind `scripts/bench` (binary `bench`).
 
 pub mod bench;
 pub mod fake_registry;
 pub mod pg_gate;
+pub mod ordering;
 pub mod process;
 pub mod producer;
 pub mod soak;

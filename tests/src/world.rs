@@ -150,6 +150,7 @@ impl World {
                 token: Some("s3cret-token".into()),
                 signing_secret: secret.map(str::to_owned),
                 job_events: true,
+                collapse: false,
             })
             .await
             .expect("add hook")

@@ -68,6 +68,7 @@ pub async fn write_world(config: &SoakConfig, receiver: &SoakReceiver) -> anyhow
                     token: None,
                     signing_secret: None,
                     job_events: true,
+                    collapse: false,
                 })
                 .await?;
         }

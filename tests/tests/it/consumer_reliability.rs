@@ -376,10 +376,17 @@ async fn deliveries_to_a_temporarily_disabled_hook_are_deferred_not_dropped() {
         (n, 0),
         "each event arrives once"
     );
+    // Under strict ordering (the default) a build's first deferred delivery holds the build's
+    // later events, which queue behind it rather than being deferred each on their own.
     assert_eq!(
-        running.metrics.deliveries(Outcome::Deferred),
+        running.metrics.deliveries(Outcome::Deferred) + running.metrics.ordering("queued"),
         n as u64,
-        "every event for the disabled hook was deferred (not attempted, not dropped)"
+        "every event for the disabled hook was deferred or queued behind a deferred one (not attempted, not dropped)"
+    );
+    assert_eq!(
+        running.metrics.ordering("held"),
+        builds.len() as u64,
+        "one held delivery per build"
     );
     assert_eq!(
         running.metrics.dead_letters(None),

@@ -1,0 +1,344 @@
+//! Strict ordering carried out on both paths: reading a (hook, build)'s order queue, asking
+//! `order::turn` what to do, and doing it (attempt, queue behind, wait for the turn, collapse,
+//! or leave a record read again).
+//!
+//! # The order of writes
+//!
+//! A delivery enters the queue (PostgreSQL) before its retry record is written (Kafka), and is
+//! marked settled only after its delivery or dead letter is done. A crash between the two
+//! leaves the delivery pending in the queue, so its record, read again, is attempted again (a
+//! duplicate, which at-least-once allows) and the build's later events keep waiting: never the
+//! other way round.
+//!
+//! # Reading the queue on the main path
+//!
+//! Most builds never have a queue, so the main path does not read one per delivery: it asks once
+//! per batch which of the batch's builds have one ([`queued_pairs`]), and reads the queue only
+//! for those, and for pairs this instance put in a queue since (a batch's earlier event of the
+//! same build failing: `Context::held_here`). Only the main path starts queues (a retry outside
+//! the order that fails again is retried without holding anything), and a build's main-topic
+//! records are read by one instance at a time, so nothing else can start a queue unseen.
+//!
+//! # Waiting for a turn
+//!
+//! A queued record on the retry path that is due but not first waits in memory (within the
+//! retry hold, as a record due later does) and is woken when any delivery of the queue is
+//! settled on this instance, or polls the queue every [`TURN_POLL`] (the head may be settled by
+//! another instance). Past the hold it goes back to the end of the retry topic, due at once.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use hookline_cistate::{Hook, OrderEntry};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use crate::context::Context;
+use crate::handoff::Landed;
+use crate::metrics::Stall;
+use crate::order::{self, Ordering, Side, Turn};
+use crate::shutdown::{Abandoned, wait_out};
+use crate::step::{self, Settlement};
+use crate::task::DeliveryTask;
+
+/// How long settled queue entries are kept: long past any re-read of their records after a
+/// crash (bounded by the retry hold and the commit interval).
+pub const SETTLED_RETENTION: Duration = Duration::from_secs(24 * 3600);
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Forgets settled queue entries past [`SETTLED_RETENTION`] (and those of removed hooks),
+/// hourly, until `stop`. Under relaxed ordering nothing is written, so nothing is pruned.
+pub(crate) async fn prune(cx: std::sync::Arc<Context>, stop: CancellationToken) {
+    if cx.config.ordering == Ordering::Relaxed {
+        return;
+    }
+    let mut tick = tokio::time::interval(PRUNE_EVERY);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let before = Utc::now()
+            - chrono::Duration::from_std(SETTLED_RETENTION).unwrap_or(chrono::Duration::MAX);
+        // Past an hour, every batch that could have missed a hold of this instance is long done.
+        held_here(&cx).retain(|_, at| at.elapsed() < PRUNE_EVERY);
+        match cx.store.order_prune(before).await {
+            Ok(pruned) => debug!(pruned, "settled order-queue entries pruned"),
+            // The next hour tries again; meanwhile the table only grows.
+            Err(error) => tracing::warn!(%error, "could not prune the order queue"),
+        }
+    }
+}
+
+/// How often a queued record waiting for its turn reads the queue again when nothing on this
+/// instance woke it.
+pub const TURN_POLL: Duration = Duration::from_millis(250);
+
+/// The (hook, build) pairs of a batch's builds that have an order queue: one read per batch
+/// (none under relaxed ordering).
+pub(crate) async fn queued_pairs(
+    cx: &Context,
+    build_ids: impl Iterator<Item = i64>,
+    abandon: &CancellationToken,
+) -> Result<HashSet<(i64, i64)>, Abandoned> {
+    if cx.config.ordering == Ordering::Relaxed {
+        return Ok(HashSet::new());
+    }
+    let mut build_ids: Vec<i64> = build_ids.collect();
+    build_ids.sort_unstable();
+    build_ids.dedup();
+    let pairs = wait_out(
+        &cx.metrics,
+        Stall::Store,
+        "store unavailable; the order queues cannot be read",
+        abandon,
+        || cx.store.order_queued_pairs(&build_ids),
+    )
+    .await?;
+    Ok(pairs.into_iter().collect())
+}
+
+/// A new event's delivery on the main path. `queued`: its (hook, build) had an order queue when
+/// its batch was read.
+pub(crate) async fn main_step(
+    cx: &Context,
+    task: DeliveryTask,
+    hook: &Hook,
+    queued: bool,
+    abandon: &CancellationToken,
+) -> Result<(), Abandoned> {
+    if outside_the_order(cx, &task) {
+        return step::run(cx, task, hook, abandon).await;
+    }
+    let pair = (task.hook_id, task.build_id);
+    let held_here = held_here(cx).contains_key(&pair);
+    let entries = if queued || held_here {
+        queue(cx, &task, abandon).await?
+    } else {
+        Vec::new()
+    };
+    match order::turn(
+        &entries,
+        task.event_id,
+        task.occurred_at,
+        hook.collapse,
+        Side::Main,
+    ) {
+        Turn::Go => go(cx, task, hook, &entries, Side::Main, abandon).await,
+        turn @ (Turn::Queue | Turn::Wait) => {
+            if turn == Turn::Queue {
+                cx.metrics.order_action("queued");
+                info!(event_id = %task.event_id, build_id = task.build_id, hook_id = hook.id, "an earlier event of this build waits for a retry; queued behind it");
+            }
+            enqueue(cx, task, hook, abandon).await
+        }
+        Turn::Collapse => collapse(cx, &task, abandon).await,
+        Turn::AlreadySettled => {
+            already_settled(cx, &task);
+            Ok(())
+        }
+    }
+}
+
+/// A due record of the retry topic; `hold_until` bounds how long it may wait for its turn.
+pub(crate) async fn retry_step(
+    cx: &Context,
+    task: DeliveryTask,
+    hook: &Hook,
+    hold_until: DateTime<Utc>,
+    abandon: &CancellationToken,
+) -> Result<(), Abandoned> {
+    if outside_the_order(cx, &task) {
+        return step::run(cx, task, hook, abandon).await;
+    }
+    loop {
+        // Registered before the queue is read, so a settlement in between still wakes it.
+        let woken = cx.turns.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        let entries = queue(cx, &task, abandon).await?;
+        match order::turn(
+            &entries,
+            task.event_id,
+            task.occurred_at,
+            hook.collapse,
+            Side::Retry,
+        ) {
+            Turn::Go => return go(cx, task, hook, &entries, Side::Retry, abandon).await,
+            Turn::Collapse => return collapse(cx, &task, abandon).await,
+            Turn::AlreadySettled => {
+                already_settled(cx, &task);
+                return Ok(());
+            }
+            Turn::Queue | Turn::Wait => {
+                let now = Utc::now();
+                let Ok(left) = (hold_until - now).to_std() else {
+                    debug!(event_id = %task.event_id, build_id = task.build_id, hook_id = hook.id, "not its turn within the hold; back to the end of the retry topic");
+                    return enqueue(cx, task, hook, abandon).await;
+                };
+                tokio::select! {
+                    _ = abandon.cancelled() => return Err(Abandoned),
+                    _ = &mut woken => {}
+                    _ = tokio::time::sleep(left.min(TURN_POLL)) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Relaxed ordering, or a replay from the dead-letter topic: an operator's deliberate re-send of
+/// an old event, which neither waits for the build's queue nor holds it.
+fn outside_the_order(cx: &Context, task: &DeliveryTask) -> bool {
+    cx.config.ordering == Ordering::Relaxed || task.replayed
+}
+
+/// Attempts a delivery whose turn it is, and keeps the queue in step with what follows. Only on
+/// the main path does a failure start a queue: a retry outside the order stays outside it.
+async fn go(
+    cx: &Context,
+    task: DeliveryTask,
+    hook: &Hook,
+    entries: &[OrderEntry],
+    side: Side,
+    abandon: &CancellationToken,
+) -> Result<(), Abandoned> {
+    let queued = entries.iter().any(|e| e.event_id == task.event_id);
+    let (task, settlement) = step::attempt(cx, task, hook, abandon).await?;
+    let mut holds = false;
+    let settlement = match settlement {
+        Settlement::Retry { .. } | Settlement::Deferred { .. } => {
+            if !queued && side == Side::Main {
+                holds = true;
+                // In the queue before its retry record exists: see the module's doc.
+                hold(cx, &task, abandon).await?;
+                cx.metrics.order_action("held");
+            }
+            settlement
+        }
+        Settlement::DeadLetter { reason, detail } if queued => {
+            // The queue as it is now: events may have joined it during the attempt.
+            let followers = order::followers(&queue(cx, &task, abandon).await?, task.event_id);
+            let detail = if followers.is_empty() {
+                detail
+            } else {
+                let ids: Vec<String> = followers.iter().map(ToString::to_string).collect();
+                format!(
+                    "{detail}; strict ordering: {} later event(s) of this build were queued behind it and go out after it: {}",
+                    followers.len(),
+                    ids.join(", ")
+                )
+            };
+            Settlement::DeadLetter { reason, detail }
+        }
+        other => other,
+    };
+    let ends = matches!(
+        settlement,
+        Settlement::Delivered | Settlement::DeadLetter { .. }
+    );
+    let (hook_id, build_id, event_id) = (task.hook_id, task.build_id, task.event_id);
+    let in_queue = queued || holds;
+    let landed = step::settle(cx, task, Some(hook), settlement, abandon).await?;
+    // A retry Kafka refused for good ended in a dead letter: the queue moves on too.
+    if in_queue && (ends || landed != Landed::AsIs) {
+        settle_entry(cx, hook_id, build_id, event_id, abandon).await?;
+    }
+    Ok(())
+}
+
+/// Puts a delivery in the queue (if it is not there) and its record at the end of the retry
+/// topic, due now: it is attempted when its turn comes.
+async fn enqueue(
+    cx: &Context,
+    task: DeliveryTask,
+    hook: &Hook,
+    abandon: &CancellationToken,
+) -> Result<(), Abandoned> {
+    hold(cx, &task, abandon).await?;
+    let landed = cx
+        .handoff
+        .to_retry(&task, Some(hook), Utc::now(), abandon)
+        .await?;
+    if landed != Landed::AsIs {
+        settle_entry(cx, task.hook_id, task.build_id, task.event_id, abandon).await?;
+    }
+    Ok(())
+}
+
+/// A queued delivery superseded by a later one on a hook that wants only the latest state.
+async fn collapse(
+    cx: &Context,
+    task: &DeliveryTask,
+    abandon: &CancellationToken,
+) -> Result<(), Abandoned> {
+    info!(event_id = %task.event_id, build_id = task.build_id, hook_id = task.hook_id, "collapsed: a later event of this build is queued behind it");
+    settle_entry(cx, task.hook_id, task.build_id, task.event_id, abandon).await?;
+    cx.metrics.order_action("collapsed");
+    Ok(())
+}
+
+fn already_settled(cx: &Context, task: &DeliveryTask) {
+    cx.metrics.order_action("already_settled");
+    debug!(event_id = %task.event_id, build_id = task.build_id, hook_id = task.hook_id, "delivery already settled (a record read again); not sent again");
+}
+
+async fn queue(
+    cx: &Context,
+    task: &DeliveryTask,
+    abandon: &CancellationToken,
+) -> Result<Vec<OrderEntry>, Abandoned> {
+    wait_out(
+        &cx.metrics,
+        Stall::Store,
+        "store unavailable; the order queue cannot be read",
+        abandon,
+        || cx.store.order_entries(task.hook_id, task.build_id),
+    )
+    .await
+}
+
+fn held_here(
+    cx: &Context,
+) -> std::sync::MutexGuard<'_, std::collections::HashMap<(i64, i64), Instant>> {
+    // A panic while holding it leaves at worst a stale entry, which only costs a read.
+    cx.held_here.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn hold(
+    cx: &Context,
+    task: &DeliveryTask,
+    abandon: &CancellationToken,
+) -> Result<(), Abandoned> {
+    held_here(cx).insert((task.hook_id, task.build_id), Instant::now());
+    wait_out(
+        &cx.metrics,
+        Stall::Store,
+        "store unavailable; the order queue cannot be written",
+        abandon,
+        || {
+            cx.store
+                .order_hold(task.hook_id, task.build_id, task.event_id, task.occurred_at)
+        },
+    )
+    .await
+}
+
+async fn settle_entry(
+    cx: &Context,
+    hook_id: i64,
+    build_id: i64,
+    event_id: uuid::Uuid,
+    abandon: &CancellationToken,
+) -> Result<(), Abandoned> {
+    wait_out(
+        &cx.metrics,
+        Stall::Store,
+        "store unavailable; the order queue cannot be moved on",
+        abandon,
+        || cx.store.order_settle(hook_id, build_id, event_id),
+    )
+    .await?;
+    cx.turns.notify_waiters();
+    Ok(())
+}

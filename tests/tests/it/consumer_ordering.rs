@@ -1,0 +1,341 @@
+//! Per-(hook, build) order across retries against the real broker and database: a receiver
+//! that fails a build's `running` once still sees created, pending, running, success in that
+//! order (strict, the default), while the same hook's other builds go on; relaxed ordering
+//! shows the regression strict mode removes; a collapsing hook gets only the latest queued
+//! state; and two instances in one group, joining and leaving mid-run, keep every build in
+//! order.
+
+use std::time::Duration;
+
+use hookline_cistate::{CiStore, NewHook, RenderSnapshot};
+use hookline_consumer::config::Ordering;
+use hookline_consumer::schedule::RetrySchedule;
+use hookline_schemas::{BuildStatus, SchemaVersion};
+use hookline_tests::ordering::{StatusReceiver, in_transition_order};
+use hookline_tests::poll_until;
+use hookline_tests::world::{World, inline_event};
+
+const TRANSITIONS: [BuildStatus; 4] = [
+    BuildStatus::Created,
+    BuildStatus::Pending,
+    BuildStatus::Running,
+    BuildStatus::Success,
+];
+
+fn every_status() -> Vec<String> {
+    ["created", "pending", "running", "success"]
+        .map(String::from)
+        .to_vec()
+}
+
+/// Retries `first` after a failure, then quickly.
+fn schedule(first: Duration) -> RetrySchedule {
+    RetrySchedule {
+        jitter: 0.0,
+        ..RetrySchedule::with_delays(
+            vec![first; 1]
+                .into_iter()
+                .chain([Duration::from_millis(100); 20])
+                .collect(),
+        )
+    }
+}
+
+async fn send_build(world: &World, build: &RenderSnapshot) {
+    for status in TRANSITIONS {
+        world
+            .send(&inline_event(build, status), SchemaVersion::V2)
+            .await;
+    }
+}
+
+async fn accepted_all(receiver: &StatusReceiver, builds: &[&RenderSnapshot]) {
+    poll_until("every build's success", Duration::from_secs(60), || {
+        let done = builds
+            .iter()
+            .all(|b| receiver.accepted_at(b.build.id, "success").is_some());
+        async move { done.then_some(()) }
+    })
+    .await;
+}
+
+/// Build A's `running` fails once and is retried after `first_retry`; A's and B's events go to
+/// one hook, A's first. Returns the receiver once both builds' `success` arrived.
+async fn one_failed_running(ordering: Ordering, collapse: bool) -> (StatusReceiver, [i64; 2], u64) {
+    let world = World::new(2).await;
+    let builds = world.builds(91_000, 2).await;
+    let (a, b) = (&builds[0], &builds[1]);
+    let receiver = StatusReceiver::start().await;
+    world
+        .store
+        .add_hook(&NewHook {
+            project_id: a.project.id,
+            url: receiver.url.clone(),
+            job_events: true,
+            collapse,
+            ..NewHook::default()
+        })
+        .await
+        .expect("add hook");
+    receiver.fail(a.build.id, "running", 1);
+    let mut config = world.config();
+    config.ordering = ordering;
+    // Long enough that B's four events, sent after A's, would visibly wait if they were held.
+    config.retry_schedule = schedule(Duration::from_secs(3));
+    let running = world.start(config).await;
+    send_build(&world, a).await;
+    send_build(&world, b).await;
+    accepted_all(&receiver, &[a, b]).await;
+    // The queue moves on right after A's success: give a stray out-of-order delivery (relaxed)
+    // a moment to show.
+    poll_until("A's running delivered", Duration::from_secs(30), || {
+        let r = receiver.accepted_at(a.build.id, "running").is_some() || collapse;
+        async move { r.then_some(()) }
+    })
+    .await;
+    let collapsed = running.metrics.ordering("collapsed");
+    running.stop().await;
+    (receiver, [a.build.id, b.build.id], collapsed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_a_failed_running_holds_its_builds_later_events_and_no_other_build() {
+    let (receiver, [a, b], _) = one_failed_running(Ordering::Strict, false).await;
+    let seen = receiver.seen();
+    assert_eq!(receiver.accepted(a), every_status(), "{seen:?}");
+    assert_eq!(receiver.accepted(b), every_status(), "{seen:?}");
+    // The failed attempt came first, and A's success only after its retried running.
+    let failed = seen
+        .iter()
+        .position(|s| !s.accepted)
+        .expect("a failed attempt");
+    assert_eq!(
+        (seen[failed].build_id, seen[failed].status.as_str()),
+        (a, "running")
+    );
+    // B was not held behind A: all of B arrived before A's running was retried (3 s later).
+    let a_running = receiver.accepted_at(a, "running").unwrap();
+    assert!(
+        receiver.accepted_at(b, "success").unwrap() < a_running,
+        "B waited behind A: {seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relaxed_a_retried_running_arrives_after_its_builds_success() {
+    let (receiver, [a, b], _) = one_failed_running(Ordering::Relaxed, false).await;
+    let seen = receiver.seen();
+    assert_eq!(
+        receiver.accepted(a),
+        ["created", "pending", "success", "running"].map(String::from),
+        "{seen:?}"
+    );
+    assert_eq!(receiver.accepted(b), every_status(), "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collapsing_hook_gets_only_the_latest_of_the_queued_events() {
+    let (receiver, [a, _], collapsed) = one_failed_running(Ordering::Strict, true).await;
+    assert_eq!(
+        receiver.accepted(a),
+        ["created", "pending", "success"].map(String::from),
+        "{:?}",
+        receiver.seen()
+    );
+    assert_eq!(collapsed, 1);
+}
+
+/// Two instances in one group: the second joins after the builds' `pending`, the first leaves
+/// right after their `running`, so their `success` (and the retries of the failed `running`,
+/// held by the first instance) are the second's. A quarter of the builds fail their `running`
+/// once. Every build still reaches its receiver complete and in transition order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn instances_joining_and_leaving_keep_every_build_in_order() {
+    let world = World::new(4).await;
+    let builds = world.builds(92_000, 24).await;
+    let receiver = StatusReceiver::start().await;
+    world.hook(builds[0].project.id, &receiver.url, None).await;
+    // One build in four: more failures in a row would make the hook back off for a minute
+    // (GitLab's auto-disable rule) and the test wait for it.
+    for b in builds.iter().step_by(4) {
+        receiver.fail(b.build.id, "running", 1);
+    }
+    let mut config = world.config();
+    // Long enough that the failed deliveries are still held when the first instance leaves.
+    config.retry_schedule = schedule(Duration::from_secs(1));
+    let first = world.start(config.clone()).await;
+    let send_round = |status: BuildStatus| {
+        let (world, builds) = (&world, &builds);
+        async move {
+            for b in builds {
+                world
+                    .send(&inline_event(b, status), SchemaVersion::V2)
+                    .await;
+            }
+        }
+    };
+    send_round(BuildStatus::Created).await;
+    send_round(BuildStatus::Pending).await;
+    let second = world.start(config.clone()).await;
+    poll_until(
+        "the second instance's assignment",
+        Duration::from_secs(30),
+        || {
+            let assigned = second.metrics.assignments("main") > 0;
+            async move { assigned.then_some(()) }
+        },
+    )
+    .await;
+    send_round(BuildStatus::Running).await;
+    let failing = builds.len().div_ceil(4);
+    poll_until("the failed runnings", Duration::from_secs(30), || {
+        let failed = receiver.seen().iter().filter(|s| !s.accepted).count();
+        async move { (failed == failing).then_some(()) }
+    })
+    .await;
+    let held_by_first = first.metrics.ordering("held");
+    first.stop().await;
+    send_round(BuildStatus::Success).await;
+    let refs: Vec<&RenderSnapshot> = builds.iter().collect();
+    accepted_all(&receiver, &refs).await;
+    poll_until("every running delivered", Duration::from_secs(30), || {
+        let done = builds
+            .iter()
+            .all(|b| receiver.accepted_at(b.build.id, "running").is_some());
+        async move { done.then_some(()) }
+    })
+    .await;
+    let seen = receiver.seen();
+    for b in &builds {
+        let accepted = receiver.accepted(b.build.id);
+        assert!(
+            in_transition_order(&accepted),
+            "build {}: {accepted:?}",
+            b.build.id
+        );
+        let mut distinct = accepted.clone();
+        distinct.dedup();
+        assert_eq!(distinct, every_status(), "build {}: {seen:?}", b.build.id);
+    }
+    assert!(
+        held_by_first + second.metrics.ordering("held") > 0,
+        "no delivery was held"
+    );
+    assert!(
+        second
+            .metrics
+            .deliveries(hookline_consumer::Outcome::Delivered)
+            > 0,
+        "the second instance delivered nothing"
+    );
+    eprintln!(
+        "held by the first instance {held_by_first}, by the second {}; queued behind them: {}",
+        second.metrics.ordering("held"),
+        second.metrics.ordering("queued")
+    );
+    second.stop().await;
+}
+
+/// The order queue behaves the same in PostgreSQL and in memory: entries in transition order
+/// (ties by arrival), a hold written twice kept once, settling marks without removing, pruning
+/// forgets settled entries past the cut and entries of removed hooks.
+#[tokio::test]
+async fn the_order_queue_is_the_same_in_postgresql_and_in_memory() {
+    use chrono::{TimeZone, Utc};
+    use uuid::Uuid;
+    let pg = hookline_tests::pg_store().await;
+    let memory = hookline_cistate::MemoryStore::new();
+    let stores: [&dyn CiStore; 2] = [&pg, &memory];
+    for store in stores {
+        let hook = store
+            .add_hook(&NewHook {
+                project_id: 1,
+                url: "http://127.0.0.1:1/hook".into(),
+                job_events: true,
+                ..NewHook::default()
+            })
+            .await
+            .expect("add hook");
+        let at = |s: i64| Utc.timestamp_opt(1_800_000_000 + s, 0).unwrap();
+        let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        store.order_hold(hook.id, 7, b, at(2)).await.unwrap();
+        store.order_hold(hook.id, 7, a, at(1)).await.unwrap();
+        store.order_hold(hook.id, 7, c, at(2)).await.unwrap();
+        store.order_hold(hook.id, 7, a, at(1)).await.unwrap();
+        store.order_hold(hook.id, 8, a, at(1)).await.unwrap();
+        let ids = |entries: Vec<hookline_cistate::OrderEntry>| -> Vec<(Uuid, bool)> {
+            entries.iter().map(|e| (e.event_id, e.settled)).collect()
+        };
+        assert_eq!(
+            ids(store.order_entries(hook.id, 7).await.unwrap()),
+            [(a, false), (b, false), (c, false)],
+            "{store:?}"
+        );
+        store.order_settle(hook.id, 7, a).await.unwrap();
+        assert_eq!(
+            ids(store.order_entries(hook.id, 7).await.unwrap()),
+            [(a, true), (b, false), (c, false)]
+        );
+        // Nothing settled before a minute ago: the fresh settlement stays.
+        let cut = Utc::now() - chrono::Duration::minutes(1);
+        assert_eq!(store.order_prune(cut).await.unwrap(), 0);
+        assert_eq!(
+            store
+                .order_prune(Utc::now() + chrono::Duration::minutes(1))
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            ids(store.order_entries(hook.id, 7).await.unwrap()),
+            [(b, false), (c, false)]
+        );
+        store.remove_hook(hook.id).await.unwrap();
+        assert_eq!(store.order_prune(cut).await.unwrap(), 3);
+        assert!(store.order_entries(hook.id, 8).await.unwrap().is_empty());
+    }
+}
+
+/// A held delivery that ends in a dead letter lets its queue move on, and its dead letter names
+/// the events that were queued behind it and went out after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_lettered_head_names_the_events_that_went_out_after_it() {
+    let world = World::new(1).await;
+    let a = world.build(93_000).await;
+    let receiver = StatusReceiver::start().await;
+    world.hook(a.project.id, &receiver.url, None).await;
+    // The first attempt and the one retry fail: retries exhausted.
+    receiver.fail(a.build.id, "running", 2);
+    let mut config = world.config();
+    config.retry_schedule = RetrySchedule {
+        jitter: 0.0,
+        ..RetrySchedule::with_delays(vec![Duration::from_millis(500)])
+    };
+    let running = world.start(config.clone()).await;
+    let events: Vec<_> = TRANSITIONS.iter().map(|s| inline_event(&a, *s)).collect();
+    for e in &events {
+        world.send(e, SchemaVersion::V2).await;
+    }
+    accepted_all(&receiver, &[&a]).await;
+    assert_eq!(
+        receiver.accepted(a.build.id),
+        ["created", "pending", "success"].map(String::from)
+    );
+    let letters = poll_until("the dead letter", Duration::from_secs(30), || {
+        let config = config.clone();
+        async move {
+            let letters = hookline_consumer::dead_letter::list(&config).await.ok()?;
+            (!letters.is_empty()).then_some(letters)
+        }
+    })
+    .await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].reason, "retries_exhausted");
+    let success = events[3].event_id.to_string();
+    assert!(
+        letters[0].detail.contains(&success),
+        "the dead letter does not name {success}: {}",
+        letters[0].detail
+    );
+    running.stop().await;
+}
