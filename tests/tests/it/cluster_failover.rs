@@ -275,6 +275,7 @@ async fn a_lost_controller_costs_no_refusal_no_duplicate_and_no_error_line() {
                     token: None,
                     signing_secret: Some(WHSEC.into()),
                     job_events: true,
+                    collapse: false,
                 })
                 .await
                 .unwrap();
