@@ -27,16 +27,19 @@ mod tests {
     use super::*;
     use hookline_cistate::fixtures::sample;
 
+    /// The producer renders the moment of the transition, not the build's row as stored: a
+    /// transition to `success` over a row still saying `running` is a `success` hook with the
+    /// transition's own duration.
     #[test]
-    fn inline_render_is_the_shared_renderer_output() {
+    fn an_inline_render_describes_the_transition_not_the_stored_row() {
         let snapshot = sample(0);
-        let transition = Transition::of_current(&snapshot.build).unwrap();
+        assert_eq!(snapshot.build.status, "running");
+        let mut transition = Transition::of_current(&snapshot.build).unwrap();
+        transition.status = hookline_schemas::BuildStatus::Success;
+        transition.facts.duration = Some(12.5);
         let rendered = inline(&snapshot, &transition);
-        assert_eq!(
-            rendered.payload,
-            hookline_cistate::render(&snapshot, &transition)
-        );
         let json: serde_json::Value = serde_json::from_slice(&rendered.payload).unwrap();
-        assert_eq!(json["build_status"], "running");
+        assert_eq!(json["build_status"], "success");
+        assert_eq!(json["build_duration"], 12.5);
     }
 }
