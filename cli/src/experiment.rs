@@ -77,7 +77,7 @@ pub async fn run(options: &ExperimentOptions) -> Result<ExperimentReport, CliErr
                 progress: false,
                 // The chart is about staleness: receivers that always answer 200.
                 receiver_failure_percent: 0.0,
-                ordering: hookline_consumer::config::Ordering::Strict,
+                ordering: hookline_consumer::config::Ordering::default(),
             })
             .await?;
             let l = &report.ledger;

@@ -29,9 +29,11 @@ use uuid::Uuid;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Ordering {
     /// Later events queue behind a delivery waiting for a retry (per hook and build).
-    #[default]
     Strict,
-    /// Retries leave the order: later events go ahead of a delivery waiting for a retry.
+    /// Retries leave the order: later events go ahead of a delivery waiting for a retry. The
+    /// default: under a mass failure strict ordering's waiting events fill the retry path's
+    /// in-flight slots and delivery slows to a crawl (see the README's ordering section).
+    #[default]
     Relaxed,
 }
 

@@ -21,8 +21,8 @@
 
 pub mod bench;
 pub mod fake_registry;
-pub mod pg_gate;
 pub mod ordering;
+pub mod pg_gate;
 pub mod process;
 pub mod producer;
 pub mod soak;

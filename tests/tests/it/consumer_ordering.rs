@@ -161,6 +161,7 @@ async fn instances_joining_and_leaving_keep_every_build_in_order() {
         receiver.fail(b.build.id, "running", 1);
     }
     let mut config = world.config();
+    config.ordering = Ordering::Strict;
     // Long enough that the failed deliveries are still held when the first instance leaves.
     config.retry_schedule = schedule(Duration::from_secs(1));
     let first = world.start(config.clone()).await;
@@ -307,6 +308,7 @@ async fn a_dead_lettered_head_names_the_events_that_went_out_after_it() {
     // The first attempt and the one retry fail: retries exhausted.
     receiver.fail(a.build.id, "running", 2);
     let mut config = world.config();
+    config.ordering = Ordering::Strict;
     config.retry_schedule = RetrySchedule {
         jitter: 0.0,
         ..RetrySchedule::with_delays(vec![Duration::from_millis(500)])
