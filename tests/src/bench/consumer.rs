@@ -253,9 +253,15 @@ impl Latency {
     }
 }
 
-/// Open load: `rate` events/s for `secs`, each produced at its scheduled moment whatever came
-/// back before (no coordinated omission: a late send is measured from when it was due). Latency
-/// is from the scheduled moment to the receiver's arrival.
+/// Seconds of load at the rate before the measured window: the first second after an idle
+/// warm-up showed 0.8 s latencies in every run (the consumer's fetches and the producer's
+/// batches settling to the rate), then nothing above tens of milliseconds.
+const RAMP_SECS: u64 = 2;
+
+/// Open load: `rate` events/s for `secs` (after [`RAMP_SECS`] at the same rate, not measured),
+/// each produced at its scheduled moment whatever came back before (no coordinated omission: a
+/// late send is measured from when it was due). Latency is from the scheduled moment to the
+/// receiver's arrival.
 pub async fn latency(
     bench: &Bench,
     receiver: &BenchReceiver,
@@ -263,8 +269,9 @@ pub async fn latency(
     secs: u64,
 ) -> anyhow::Result<Latency> {
     let fleet = Fleet::new(4, 2_000, &receiver.url).await;
+    let ramp = (rate * RAMP_SECS) as usize;
     let total = (rate * secs) as usize;
-    let records = fleet.records(total, BuildStatus::Success);
+    let records = fleet.records(ramp + total, BuildStatus::Success);
     let producer = producer(&fleet.world.brokers);
     receiver.clear();
     let child = fleet.consumer(bench).spawn();
@@ -283,7 +290,7 @@ pub async fn latency(
         .context("latency warm-up")?;
     receiver.clear();
 
-    let bar = progress(total as u64, &format!("latency at {rate}/s"));
+    let bar = progress((ramp + total) as u64, &format!("latency at {rate}/s"));
     let start = Instant::now();
     let mut due = HashMap::with_capacity(total);
     let mut acks = futures::stream::FuturesUnordered::new();
@@ -292,7 +299,9 @@ pub async fn latency(
         if at > Instant::now() {
             tokio::time::sleep_until(at.into()).await;
         }
-        due.insert(*id, at);
+        if i >= ramp {
+            due.insert(*id, at);
+        }
         match producer.send_result(FutureRecord::to(&fleet.world.topic).key(key).payload(bytes)) {
             Ok(ack) => acks.push(ack),
             Err((e, _)) => bail!("produce at {rate}/s: {e}"),
@@ -307,7 +316,7 @@ pub async fn latency(
         ack?.map_err(|(e, _)| e)?;
     }
     // What has not arrived 10 s after the last send is counted as not delivered.
-    let _ = wait_for(receiver, total, Duration::from_secs(10)).await;
+    let _ = wait_for(receiver, ramp + total, Duration::from_secs(10)).await;
     let arrivals = receiver.since(0);
     stop(child).await;
     receiver.clear();
@@ -323,7 +332,7 @@ pub async fn latency(
             histogram.saturating_record((latency.as_micros() as u64).max(1));
             csv.push_str(&format!(
                 "{:.3},{:.3}\n",
-                due.duration_since(start).as_secs_f64() * 1e3,
+                due.duration_since(start).as_secs_f64() * 1e3 - (RAMP_SECS * 1_000) as f64,
                 latency.as_secs_f64() * 1e3
             ));
         }

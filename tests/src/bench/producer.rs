@@ -132,11 +132,14 @@ async fn set_flag(bench: &Bench, schema: &str, on: bool) -> anyhow::Result<()> {
             "execute_build_hooks_inline",
             if on { "true" } else { "false" },
         ])
-        .stdout(Stdio::null())
-        .status()
+        .output()
         .await?;
-    if !status.success() {
-        bail!("hookline-producer feature set failed: {status}");
+    if !status.status.success() {
+        bail!(
+            "hookline-producer feature set failed: {}: {}",
+            status.status,
+            String::from_utf8_lossy(&status.stderr)
+        );
     }
     Ok(())
 }
