@@ -256,7 +256,7 @@ impl Latency {
 /// Seconds of load at the rate before the measured window: the first second after an idle
 /// warm-up showed 0.8 s latencies in every run (the consumer's fetches and the producer's
 /// batches settling to the rate), then nothing above tens of milliseconds.
-const RAMP_SECS: u64 = 2;
+pub const RAMP_SECS: u64 = 2;
 
 /// Open load: `rate` events/s for `secs` (after [`RAMP_SECS`] at the same rate, not measured),
 /// each produced at its scheduled moment whatever came back before (no coordinated omission: a
