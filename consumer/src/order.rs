@@ -262,6 +262,7 @@ mod tests {
         assert_eq!("strict".parse::<Ordering>(), Ok(Ordering::Strict));
         assert_eq!("relaxed".parse::<Ordering>(), Ok(Ordering::Relaxed));
         assert!("loose".parse::<Ordering>().is_err());
-        assert_eq!(Ordering::default().to_string(), "strict");
+        // Relaxed until strict keeps up under a mass failure (the README's ordering section).
+        assert_eq!(Ordering::default().to_string(), "relaxed");
     }
 }
