@@ -88,17 +88,7 @@ pub use hookline_shell::progress_bar as progress;
 
 /// SIGTERM (the drain), SIGKILL after 30 s.
 pub(crate) async fn stop(mut child: Child) {
-    if let Some(pid) = child.id() {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status();
-    }
-    if tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .is_err()
-    {
-        let _ = child.kill().await;
-    }
+    crate::soak::services::terminate(&mut child, Duration::from_secs(30)).await;
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {

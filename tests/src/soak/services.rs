@@ -180,7 +180,7 @@ fn spawn_consumer(config: &SoakConfig, identity: &str) -> anyhow::Result<(Child,
 }
 
 /// SIGTERM, then SIGKILL if the process outlives `grace`.
-async fn terminate(child: &mut Child, grace: Duration) {
+pub async fn terminate(child: &mut Child, grace: Duration) {
     let Some(pid) = child.id() else { return };
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &pid.to_string()])
