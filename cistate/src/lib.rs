@@ -15,8 +15,10 @@
 //! - [`outbox`]: the transactional outbox: the CI records a transition in its own transaction,
 //!   the producer's relay claims, publishes and deletes it.
 //! - [`render`](mod@render): the pure renderer, shared by producer (inline) and consumer (deferred).
+//! - [`delivery_log`]: one row per attempt to deliver to a hook, for the operator.
 //! - [`fixtures`]: a realistic build, for tests and examples.
 
+pub mod delivery_log;
 pub mod fixtures;
 pub mod memory;
 pub mod model;
