@@ -74,6 +74,19 @@ pub enum DeadLetterReason {
 }
 
 impl DeadLetterReason {
+    /// Every reason but the decoder's (those are named by the decoder when they happen).
+    pub const KNOWN: [DeadLetterReason; 9] = [
+        DeadLetterReason::BuildNotFound,
+        DeadLetterReason::BadRetryRecord,
+        DeadLetterReason::HookDisabled,
+        DeadLetterReason::HookRemoved,
+        DeadLetterReason::RetriesExhausted,
+        DeadLetterReason::FinalResponse,
+        DeadLetterReason::Gone,
+        DeadLetterReason::HandoffTooLarge,
+        DeadLetterReason::HandoffRefused,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             DeadLetterReason::Undecodable(reason) => reason,

@@ -76,6 +76,16 @@ pub enum EmitError {
 }
 
 impl EmitError {
+    /// Every [`EmitError::kind`], so the metrics present each label at 0 from the start.
+    pub const KINDS: [&'static str; 6] = [
+        "unknown_build",
+        "unavailable",
+        "rejected",
+        "too_large",
+        "refused",
+        "conflict",
+    ];
+
     /// A short stable name for metrics labels.
     pub fn kind(&self) -> &'static str {
         match self {
