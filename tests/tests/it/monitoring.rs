@@ -361,7 +361,7 @@ async fn prometheus_scrapes_every_documented_metric_and_loads_the_rules_and_dash
     };
     let producer_listen = format!("127.0.0.1:{producer_port}");
     let _producer = spawn(
-        &mut service(
+        service(
             "hookline-producer",
             &["serve", "--no-auth", "--listen", &producer_listen],
         )
@@ -383,7 +383,7 @@ async fn prometheus_scrapes_every_documented_metric_and_loads_the_rules_and_dash
     let consumer_listen = format!("127.0.0.1:{consumer_port}");
     let group = unique_name("group");
     let _consumer = spawn(
-        &mut service(
+        service(
             "hookline-consumer",
             &["serve", "--listen", &consumer_listen, "--group-id", &group],
         )
