@@ -113,6 +113,7 @@ impl Consumer {
         let deliverer = Deliverer::new(config.deliver.clone())
             .map_err(|e| ConsumerError::Config(e.to_string()))?;
         let metrics = Arc::new(ConsumerMetrics::new());
+        metrics.preset_dead_letters(handoff::DeadLetterReason::KNOWN.map(|r| r.as_str()));
         let producer = kafka::producer_config(&config).create_with_context(Default::default())?;
         let handoff = Handoff::new(
             producer,

@@ -48,6 +48,17 @@ impl Outcome {
             Outcome::HandoffRefused => "handoff_refused",
         }
     }
+
+    const ALL: [Outcome; 8] = [
+        Outcome::Delivered,
+        Outcome::Retried,
+        Outcome::Final,
+        Outcome::Exhausted,
+        Outcome::Deferred,
+        Outcome::HookDisabled,
+        Outcome::HookRemoved,
+        Outcome::HandoffRefused,
+    ];
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -214,6 +225,25 @@ impl ConsumerMetrics {
         }
         let handoffs_lost = Counter::default();
         let ordering = Family::<ActionLabels, Counter>::default();
+        // Every series with a known label value is present at 0 from the start too: an alert's
+        // `increase()` sees the first event, and the README's tables are checked against a live
+        // scrape (tests/tests/it/monitoring.rs). Dead-letter reasons are preset by the consumer
+        // (`preset_dead_letters`); lag appears per assigned partition.
+        for outcome in Outcome::ALL {
+            let _ = deliveries.get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str(),
+            });
+        }
+        let _ = events_skipped.get_or_create(&ReasonLabels {
+            reason: "user_blocked".to_owned(),
+        });
+        for path in ["main", "retry"] {
+            let _ = assignments.get_or_create(&PathLabels { path });
+            let _ = fetch_pauses.get_or_create(&PathLabels { path });
+        }
+        for action in ["held", "queued", "collapsed", "already_settled"] {
+            let _ = ordering.get_or_create(&ActionLabels { action });
+        }
         registry.register(
             "ordering",
             "Strict ordering per (hook, build), by action: held (a delivery waits for a retry and holds its build's later events), queued (an event queued behind one), collapsed (a queued event not sent: a later one of its build supersedes it, on a --collapse hook), already_settled (a record read again whose delivery was already settled)",
@@ -467,6 +497,15 @@ impl ConsumerMetrics {
 
     pub(crate) fn retry_scheduled(&self) {
         self.retries_scheduled.inc();
+    }
+
+    /// Presents the dead-letter series of `reasons` at 0 (those known before any record is read).
+    pub(crate) fn preset_dead_letters<'a>(&self, reasons: impl IntoIterator<Item = &'a str>) {
+        for reason in reasons {
+            let _ = self.dead_letters.get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            });
+        }
     }
 
     pub(crate) fn dead_letter(&self, reason: &str) {

@@ -9,6 +9,7 @@ mod consumer_liveness;
 mod consumer_ordering;
 mod consumer_reliability;
 mod foundation;
+mod monitoring;
 mod producer_emit;
 mod producer_http;
 mod producer_outbox;
