@@ -92,6 +92,8 @@ pub struct ConsumerMetrics {
     stall_ids: std::sync::atomic::AtomicU64,
     handoffs_lost: Counter,
     ordering: Family<ActionLabels, Counter>,
+    deferred: Family<ReasonLabels, Counter>,
+    retries_dropped: Family<ReasonLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -214,6 +216,18 @@ impl ConsumerMetrics {
         }
         let handoffs_lost = Counter::default();
         let ordering = Family::<ActionLabels, Counter>::default();
+        let deferred = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "deferred",
+            "Deliveries not attempted yet and handed to the retry topic for later, by reason: rate_limit (the root namespace's bucket is empty: due when its token comes), hook_backoff (the hook is temporarily disabled). Neither is a failure",
+            deferred.clone(),
+        );
+        let retries_dropped = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "retries_dropped",
+            "Retries not sent and not dead-lettered, by reason: user_blocked (the build's user was blocked after the first attempt)",
+            retries_dropped.clone(),
+        );
         registry.register(
             "ordering",
             "Strict ordering per (hook, build), by action: held (a delivery waits for a retry and holds its build's later events), queued (an event queued behind one), collapsed (a queued event not sent: a later one of its build supersedes it, on a --collapse hook), already_settled (a record read again whose delivery was already settled)",
@@ -308,7 +322,43 @@ impl ConsumerMetrics {
             stall_ids: std::sync::atomic::AtomicU64::new(0),
             handoffs_lost,
             ordering,
+            deferred,
+            retries_dropped,
         }
+    }
+
+    pub(crate) fn defer(&self, reason: &str) {
+        self.deferred
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Deferrals counted so far for `reason` (`rate_limit`, `hook_backoff`).
+    pub fn deferred(&self, reason: &str) -> u64 {
+        self.deferred
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .get()
+    }
+
+    pub(crate) fn retry_dropped(&self, reason: &str) {
+        self.retries_dropped
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Retries dropped so far for `reason` (`user_blocked`).
+    pub fn retries_dropped(&self, reason: &str) -> u64 {
+        self.retries_dropped
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .get()
     }
 
     pub(crate) fn order_action(&self, action: &'static str) {
