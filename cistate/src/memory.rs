@@ -30,14 +30,22 @@ struct State {
     next_order_seq: i64,
 }
 
+/// Per-namespace limits and buckets, by namespace id.
+#[derive(Debug, Default)]
+struct RateLimits {
+    /// Its own limit (`None`: no limit).
+    overrides: HashMap<i64, Option<u32>>,
+    /// Its bucket's theoretical arrival time.
+    buckets: HashMap<i64, DateTime<Utc>>,
+}
+
 /// An entry of an order queue and when it was settled.
 type QueuedEntry = (OrderEntry, Option<DateTime<Utc>>);
 
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     state: RwLock<State>,
-    /// Namespace id -> its own limit, and its bucket's theoretical arrival time.
-    rate_limits: std::sync::Mutex<(HashMap<i64, Option<u32>>, HashMap<i64, DateTime<Utc>>)>,
+    rate_limits: std::sync::Mutex<RateLimits>,
 }
 
 impl MemoryStore {
@@ -352,7 +360,7 @@ impl CiStore for MemoryStore {
     async fn rate_limit_overrides(&self) -> Result<Vec<RateLimitOverride>, StoreError> {
         let limits = self.rate_limits.lock().unwrap();
         let mut out: Vec<_> = limits
-            .0
+            .overrides
             .iter()
             .map(|(&namespace_id, &per_minute)| RateLimitOverride {
                 namespace_id,
@@ -374,7 +382,7 @@ impl CiStore for MemoryStore {
         self.rate_limits
             .lock()
             .unwrap()
-            .0
+            .overrides
             .insert(namespace_id, per_minute);
         Ok(())
     }
@@ -384,7 +392,7 @@ impl CiStore for MemoryStore {
             .rate_limits
             .lock()
             .unwrap()
-            .0
+            .overrides
             .remove(&namespace_id)
             .is_some())
     }
@@ -395,9 +403,9 @@ impl CiStore for MemoryStore {
         bucket: Bucket,
     ) -> Result<std::time::Duration, StoreError> {
         let mut limits = self.rate_limits.lock().unwrap();
-        let tat = limits.1.get(&namespace_id).copied();
+        let tat = limits.buckets.get(&namespace_id).copied();
         let (next, wait) = gcra(tat, Utc::now(), bucket);
-        limits.1.insert(namespace_id, next);
+        limits.buckets.insert(namespace_id, next);
         Ok(wait)
     }
 }

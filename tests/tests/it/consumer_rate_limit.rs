@@ -79,6 +79,7 @@ async fn a_flooding_namespace_is_spread_over_time_and_fully_delivered_while_anot
     // bucket's worth of slack for deferred deliveries that left the retry path late and bunched.
     let window = Duration::from_secs(1);
     let bound = CAPACITY + (window.as_millis() / INTERVAL.as_millis()) as usize + CAPACITY;
+    let mut busiest = 0;
     for (i, start) in flooded.iter().enumerate() {
         let in_window = flooded[i..]
             .iter()
@@ -88,12 +89,21 @@ async fn a_flooding_namespace_is_spread_over_time_and_fully_delivered_while_anot
             in_window <= bound,
             "{in_window} deliveries within {window:?} of arrival {i}; the limit allows {bound}"
         );
+        busiest = busiest.max(in_window);
     }
     // ... which spread the flood over time (150 at 10/s after a bucket of 10).
     let spread = flooded.last().unwrap().duration_since(flooded[0]);
     assert!(
         spread >= INTERVAL * (flood.len() - 3 * CAPACITY) as u32,
         "the flood drained in {spread:?}"
+    );
+    eprintln!(
+        "flood: {} events over {spread:?}, at most {busiest} in any {window:?}; quiet namespace's last {:?} after the flood's first",
+        flooded.len(),
+        quiet_at
+            .last()
+            .unwrap()
+            .saturating_duration_since(flooded[0])
     );
     // The quiet namespace's bucket is its own: all of it arrived long before the flood drained.
     let sixtieth = flooded[59];
