@@ -23,7 +23,8 @@ pub enum Outcome {
     Final,
     /// Failed after the last retry and dead-lettered.
     Exhausted,
-    /// Not attempted: the hook is backing off; rescheduled to when it may be called again.
+    /// Not attempted: the hook is backing off, or its root namespace is over its rate limit;
+    /// rescheduled to when it may be called again (the reason counted in `deferred`).
     Deferred,
     /// Not attempted: the hook is permanently disabled; dead-lettered.
     HookDisabled,
