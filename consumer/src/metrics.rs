@@ -224,6 +224,15 @@ impl ConsumerMetrics {
             deferred.clone(),
         );
         let retries_dropped = Family::<ReasonLabels, Counter>::default();
+        // Present at 0 from the start, so an alert on them has a series to watch.
+        for reason in ["rate_limit", "hook_backoff"] {
+            let _ = deferred.get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            });
+        }
+        let _ = retries_dropped.get_or_create(&ReasonLabels {
+            reason: "user_blocked".to_owned(),
+        });
         registry.register(
             "retries_dropped",
             "Retries not sent and not dead-lettered, by reason: user_blocked (the build's user was blocked after the first attempt)",
@@ -562,5 +571,25 @@ impl ConsumerMetrics {
                 partition: partition.to_string(),
             })
             .set(lag);
+    }
+}
+
+#[cfg(test)]
+mod rate_limit_series_tests {
+    use super::*;
+
+    #[test]
+    fn deferral_and_dropped_retry_series_are_there_at_zero_from_the_start() {
+        let text = ConsumerMetrics::new().encode();
+        for series in [
+            r#"hookline_consumer_deferred_total{reason="rate_limit"} 0"#,
+            r#"hookline_consumer_deferred_total{reason="hook_backoff"} 0"#,
+            r#"hookline_consumer_retries_dropped_total{reason="user_blocked"} 0"#,
+        ] {
+            assert!(
+                text.lines().any(|l| l == series),
+                "{series} missing:\n{text}"
+            );
+        }
     }
 }
