@@ -6,6 +6,7 @@ use std::time::Duration;
 use crate::ConsumerError;
 use crate::deliver::DeliverConfig;
 pub use crate::order::Ordering;
+pub use crate::rate_limit::RateLimitConfig;
 use crate::schedule::RetrySchedule;
 
 pub use crate::schedule::DEFAULT_RETRY_SCHEDULE;
@@ -61,6 +62,9 @@ pub struct ConsumerConfig {
     /// Partitions of the retry and dead-letter topics when they are created; `None`: as many as
     /// the main topic.
     pub retry_partitions: Option<i32>,
+    /// The default rate limit per root namespace and the buckets' depth (overrides per namespace
+    /// live in the store).
+    pub rate_limit: RateLimitConfig,
 }
 
 /// The default session timeout: a killed instance without a stable identity has its partitions
@@ -121,6 +125,7 @@ impl ConsumerConfig {
             session_timeout: DEFAULT_SESSION_TIMEOUT,
             create_topics: true,
             retry_partitions: None,
+            rate_limit: RateLimitConfig::default(),
         }
     }
 
@@ -190,6 +195,14 @@ impl ConsumerConfig {
                 "session timeout {:?} is below the brokers' default minimum of 6 s",
                 self.session_timeout
             ));
+        }
+        if self.rate_limit.per_minute == Some(0) {
+            return bad(
+                "rate limit per minute must be at least 1 (leave it unset for none)".into(),
+            );
+        }
+        if self.rate_limit.burst.is_zero() {
+            return bad("rate limit burst must be above zero".into());
         }
         if self.deliver.timeout.is_zero() {
             return bad("delivery timeout must be above zero".into());

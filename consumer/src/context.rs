@@ -11,6 +11,7 @@ use crate::deliver::Deliverer;
 use crate::handoff::Handoff;
 use crate::hooks::HookRegistry;
 use crate::metrics::ConsumerMetrics;
+use crate::rate_limit::RateLimiter;
 
 /// Everything both paths share.
 pub struct Context {
@@ -21,6 +22,8 @@ pub struct Context {
     pub deliverer: Deliverer,
     pub handoff: Handoff,
     pub metrics: Arc<ConsumerMetrics>,
+    /// The per-root-namespace rate limits (see `rate_limit`).
+    pub rate_limits: RateLimiter,
     /// Woken whenever a delivery of a (hook, build) order queue is settled here, so queued
     /// records waiting for their turn look again (see `strict`).
     pub turns: tokio::sync::Notify,

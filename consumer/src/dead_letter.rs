@@ -307,6 +307,7 @@ pub async fn replay(
                     attempts: 0,
                     last_error: None,
                     replayed: true,
+                    rate_token_for: None,
                     ..task.clone()
                 };
                 summary.deliveries += 1;

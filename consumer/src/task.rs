@@ -25,6 +25,9 @@ pub const H_ONLY_HOOK: &str = "hookline-only-hook";
 /// A delivery re-driven from the dead-letter topic by an operator (`dlq replay`): a deliberate
 /// re-send of an old event, outside the per-(hook, build) order.
 pub const H_REPLAYED: &str = "hookline-replayed";
+/// The attempt whose rate-limit token was reserved when the namespace's limit deferred it (see
+/// `rate_limit`): that attempt goes out when due without taking another.
+pub const H_RATE_TOKEN_FOR: &str = "hookline-rate-token-for";
 
 /// A record's place in Kafka.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +84,9 @@ pub struct DeliveryTask {
     pub source: Option<Source>,
     /// Re-driven from the dead-letter topic: not held by, nor holding, the build's order.
     pub replayed: bool,
+    /// The attempt (1-based) whose rate-limit token is already reserved: set when the root
+    /// namespace's limit deferred the task, so it does not pay twice.
+    pub rate_token_for: Option<u32>,
 }
 
 /// Builds Kafka headers from string pairs.
@@ -128,6 +134,9 @@ impl DeliveryTask {
         if self.replayed {
             pairs.push((H_REPLAYED, "1".to_owned()));
         }
+        if let Some(attempt) = self.rate_token_for {
+            pairs.push((H_RATE_TOKEN_FOR, attempt.to_string()));
+        }
         pairs
     }
 
@@ -156,6 +165,7 @@ impl DeliveryTask {
             last_error: header(headers, H_LAST_ERROR),
             source: Source::from_headers(headers),
             replayed: header(headers, H_REPLAYED).is_some(),
+            rate_token_for: header(headers, H_RATE_TOKEN_FOR).and_then(|a| a.parse().ok()),
         })
     }
 }
@@ -181,6 +191,7 @@ mod tests {
                 offset: 41,
             }),
             replayed: true,
+            rate_token_for: Some(3),
         };
         let h = headers(task.header_pairs());
         assert_eq!(

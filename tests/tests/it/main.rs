@@ -7,6 +7,7 @@ mod consumer_bench;
 mod consumer_delivery;
 mod consumer_liveness;
 mod consumer_ordering;
+mod consumer_rate_limit;
 mod consumer_reliability;
 mod foundation;
 mod monitoring;
