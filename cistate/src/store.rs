@@ -13,8 +13,8 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::model::{
-    Build, Hook, HookFailure, Namespace, NewHook, OrderEntry, Pipeline, Project, RenderSnapshot,
-    Runner, User,
+    Build, Hook, HookEdit, HookFailure, Namespace, NewHook, OrderEntry, Pipeline, Project,
+    RenderSnapshot, Runner, User,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +69,8 @@ pub trait CiStore: Send + Sync + std::fmt::Debug {
     async fn list_hooks(&self, project_id: Option<i64>) -> Result<Vec<Hook>, StoreError>;
     /// The hooks of a project subscribed to job events, whatever their health.
     async fn job_hooks(&self, project_id: i64) -> Result<Vec<Hook>, StoreError>;
+    /// Applies `edit` to the hook's settings; `None` when there is no such hook.
+    async fn update_hook(&self, id: i64, edit: &HookEdit) -> Result<Option<Hook>, StoreError>;
     async fn remove_hook(&self, id: i64) -> Result<bool, StoreError>;
     /// Clears the hook's failures (re-enables it). False when there is no such hook.
     async fn enable_hook(&self, id: i64) -> Result<bool, StoreError>;

@@ -502,6 +502,7 @@ mod tests {
             recent_failures: 0,
             disabled_until: None,
             collapse: false,
+            created_at: None,
         }
     }
 

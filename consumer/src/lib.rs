@@ -36,8 +36,13 @@
 //!   them out on both paths (the queue in the store, turns, collapse).
 //! - `dispatch`: the main path (ordering per (build, hook)). [`retry`]: the retry path.
 //! - [`dead_letter`]: the dead-letter topic, the operator's side: listing and replaying it.
+//! - [`hook_admin`]: managing hooks (checks, add, edit, list, remove, enable), the one
+//!   implementation behind the `hooks` commands and the hooks API.
+//! - [`api`]: the hooks API (GitLab's project hooks routes, behind an admin token) and its
+//!   OpenAPI document.
 //! - [`server`]: `/metrics`, `/healthz`, `/readyz` and [`serve`].
 
+pub mod api;
 mod commit;
 pub mod config;
 pub mod context;
@@ -47,6 +52,7 @@ pub mod deliver;
 mod dispatch;
 pub mod error;
 pub mod handoff;
+pub mod hook_admin;
 pub mod hooks;
 mod intake;
 mod kafka;

@@ -3,13 +3,14 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use hookline_cistate::NewHook;
+use hookline_consumer::api::AdminToken;
 use hookline_consumer::config::ConsumerConfig;
 use hookline_consumer::dead_letter::{self, DeadLetterKind, ReplayFilter};
 use hookline_consumer::deliver::DeliverConfig;
-use hookline_consumer::hooks::{masked_url, validate_token, validate_url};
+use hookline_consumer::hook_admin::{self, HookAdmin, HookSpec};
+use hookline_consumer::hooks::masked_url;
 use hookline_consumer::schedule::{DEFAULT_RETRY_SCHEDULE, RetrySchedule};
 use hookline_consumer::server::{ServeConfig, open_store};
 use hookline_shell::{
@@ -32,7 +33,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Consume BuildEvents and deliver Job Hooks; serve /metrics, /healthz, /readyz.
+    /// Consume BuildEvents and deliver Job Hooks; serve /metrics, /healthz, /readyz and, with
+    /// --admin-token-file, the hooks API.
     Serve(Box<ServeArgs>),
     /// Manage project webhooks.
     #[command(subcommand)]
@@ -75,7 +77,11 @@ struct ServeArgs {
     /// PostgreSQL schema of the store [default: public].
     #[arg(long, env = "HOOKLINE_DATABASE_SCHEMA")]
     database_schema: Option<String>,
-    /// Address of /metrics, /healthz and /readyz.
+    /// A file holding the hooks API's token (trimmed; refused if empty or readable by every
+    /// user). Without it the API under /api/v4 is not served.
+    #[arg(long, env = "HOOKLINE_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<std::path::PathBuf>,
+    /// Address of /metrics, /healthz, /readyz, /openapi.json and the hooks API.
     #[arg(long, env = "HOOKLINE_LISTEN", default_value = "127.0.0.1:9464")]
     listen: SocketAddr,
     /// Base URL of a Confluent-compatible schema registry to fetch writer schemas from by id
@@ -276,6 +282,11 @@ async fn run() -> anyhow::Result<()> {
                 ssrf_guard: !args.no_ssrf_guard,
                 allow_ports: args.allow_port,
             };
+            let admin_token = args
+                .admin_token_file
+                .as_deref()
+                .map(AdminToken::read)
+                .transpose()?;
             let token = CancellationToken::new();
             cancel_on_signal(token.clone());
             hookline_consumer::serve(
@@ -285,6 +296,7 @@ async fn run() -> anyhow::Result<()> {
                     database_schema: args.database_schema,
                     listen: args.listen,
                     schema_registry_url: args.schema_registry_url,
+                    admin_token,
                 },
                 token,
             )
@@ -365,21 +377,12 @@ async fn hooks(cmd: HooksCommand) -> anyhow::Result<()> {
         ..
     } = &cmd
     {
-        if let Err(message) = validate_url(url) {
-            bail!("hook refused: {message}");
-        }
-        if let Some(Err(message)) = token.as_deref().map(validate_token) {
-            bail!("hook refused: {message}");
-        }
-        if let Some(secret) = signing_secret
-            && !secret.starts_with("whsec_")
-        {
-            bail!("hook refused: a signing secret must look like whsec_<base64>");
-        }
+        hook_admin::check(Some(url), token.as_deref(), signing_secret.as_deref())?;
     }
     let store = open_store(&url, schema.as_deref())
         .await
         .context("opening the store")?;
+    let admin = HookAdmin::new(store);
     match cmd {
         HooksCommand::Add {
             project,
@@ -390,25 +393,18 @@ async fn hooks(cmd: HooksCommand) -> anyhow::Result<()> {
             collapse,
             ..
         } => {
-            if !force && !store.project_exists(project).await? {
-                bail!(
-                    "hook refused: project {project} is not in the CI state store (add it first, or pass --force if the store is filled later)"
-                );
-            }
-            let hook = store
-                .add_hook(&NewHook {
-                    project_id: project,
-                    url,
-                    token,
-                    signing_secret,
-                    job_events: true,
-                    collapse,
-                })
-                .await?;
+            let spec = HookSpec {
+                url,
+                token,
+                signing_secret,
+                job_events: true,
+                collapse,
+            };
+            let hook = admin.add(project, spec, force).await?;
             println!("{}\t{}", hook.id, hook.uuid);
         }
         HooksCommand::List { project, .. } => {
-            for h in store.list_hooks(project).await? {
+            for h in admin.list(project).await? {
                 let state = match h.state(chrono::Utc::now()) {
                     hookline_cistate::HookState::Executable => "active".to_owned(),
                     hookline_cistate::HookState::TemporarilyDisabled(until) => {
@@ -429,15 +425,11 @@ async fn hooks(cmd: HooksCommand) -> anyhow::Result<()> {
             }
         }
         HooksCommand::Remove { id, .. } => {
-            if !store.remove_hook(id).await? {
-                bail!("no hook {id}");
-            }
+            admin.remove(None, id).await?;
             println!("removed hook {id}");
         }
         HooksCommand::Enable { id, .. } => {
-            if !store.enable_hook(id).await? {
-                bail!("no hook {id}");
-            }
+            admin.enable(id).await?;
             println!("enabled hook {id}");
         }
     }

@@ -362,6 +362,7 @@ mod tests {
             recent_failures: 4,
             disabled_until: Some(now() + chrono::Duration::minutes(1)),
             collapse: false,
+            created_at: None,
         };
         assert_eq!(
             before_attempt(&hook, now()),
