@@ -3,6 +3,7 @@
 //! one area; run one with `scripts/test -p hookline-tests -- <module>::`.
 
 mod cluster_failover;
+mod consumer_api;
 mod consumer_bench;
 mod consumer_delivery;
 mod consumer_liveness;
