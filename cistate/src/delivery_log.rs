@@ -121,6 +121,26 @@ pub async fn append<'e>(
     Ok(q.build().execute(db).await?.rows_affected())
 }
 
+/// [`append`] in a transaction whose statements the server cancels after `timeout` (waiting
+/// for a lock included): the batch is then not written, and the caller counts it dropped.
+pub async fn append_within(
+    db: &PgPool,
+    entries: &[DeliveryLogEntry],
+    timeout: std::time::Duration,
+) -> Result<u64, StoreError> {
+    let mut tx = db.begin().await?;
+    // SET takes no bind parameters; the value is a number formatted here.
+    sqlx::query(&format!(
+        "SET LOCAL statement_timeout = {}",
+        timeout.as_millis().max(1)
+    ))
+    .execute(&mut *tx)
+    .await?;
+    let written = append(&mut *tx, entries).await?;
+    tx.commit().await?;
+    Ok(written)
+}
+
 /// Writes one entry and returns its id (an operator's test or resend, whose caller shows it).
 pub async fn insert<'e>(
     db: impl PgExecutor<'e>,
@@ -317,6 +337,10 @@ pub async fn create_partition(db: &PgPool, day: NaiveDate) -> Result<bool, Store
     let from = day.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc();
     let to = from + chrono::Duration::days(1);
     let mut tx = db.begin().await?;
+    // Never queue long behind other locks: inserts would queue behind this DDL in turn.
+    sqlx::query("SET LOCAL lock_timeout = '5s'")
+        .execute(&mut *tx)
+        .await?;
     // Keyed by the day (and the schema, through current_schema) so other days go on at once.
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext(current_schema() || $1))")
         .bind(&name)
@@ -400,9 +424,15 @@ pub async fn prune(db: &PgPool, keep_from: NaiveDate) -> Result<Pruned, StoreErr
             continue;
         };
         if day < keep_from {
-            sqlx::query(&format!("DROP TABLE IF EXISTS {child}"))
-                .execute(db)
+            // Dropping a partition locks the whole table briefly; wait for it 5 s at most.
+            let mut tx = db.begin().await?;
+            sqlx::query("SET LOCAL lock_timeout = '5s'")
+                .execute(&mut *tx)
                 .await?;
+            sqlx::query(&format!("DROP TABLE IF EXISTS {child}"))
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
             pruned.partitions += 1;
         }
     }

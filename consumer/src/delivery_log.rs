@@ -200,7 +200,12 @@ async fn flush(
         return;
     }
     let n = rows.len() as u64;
-    match tokio::time::timeout(config.write_timeout, delivery_log::append(pool, rows)).await {
+    // The server gives up on the statement itself (a row dropped is then not written later
+    // behind the client's back); the client's own bound, a little longer, covers a database
+    // that does not answer at all.
+    let bound = config.write_timeout + Duration::from_secs(1);
+    let write = delivery_log::append_within(pool, rows, config.write_timeout);
+    match tokio::time::timeout(bound, write).await {
         Ok(Ok(written)) => {
             metrics.delivery_log_wrote(written);
             if std::mem::take(failing) {
