@@ -356,6 +356,16 @@ impl CiStore for MemoryStore {
         Ok(())
     }
 
+    async fn latest_build(&self, project_id: i64) -> Result<Option<i64>, StoreError> {
+        let state = self.state.read().unwrap();
+        Ok(state
+            .builds
+            .values()
+            .filter(|b| b.project_id == project_id)
+            .map(|b| b.id)
+            .max())
+    }
+
     async fn project_exists(&self, project_id: i64) -> Result<bool, StoreError> {
         Ok(self
             .state

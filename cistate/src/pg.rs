@@ -625,6 +625,19 @@ impl CiStore for PgStore {
         Ok(())
     }
 
+    async fn latest_build(&self, project_id: i64) -> Result<Option<i64>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT max(id) FROM builds WHERE project_id = $1")
+                .bind(project_id)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    fn pg_pool(&self) -> Option<&PgPool> {
+        Some(&self.pool)
+    }
+
     async fn project_exists(&self, project_id: i64) -> Result<bool, StoreError> {
         Ok(
             sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM projects WHERE id = $1)")

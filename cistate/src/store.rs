@@ -124,4 +124,13 @@ pub trait CiStore: Send + Sync + std::fmt::Debug {
 
     /// Whether the project is in the store (`hooks add` refuses unknown projects).
     async fn project_exists(&self, project_id: i64) -> Result<bool, StoreError>;
+
+    /// The project's most recent build (highest id), for a hook's test delivery.
+    async fn latest_build(&self, project_id: i64) -> Result<Option<i64>, StoreError>;
+
+    /// The PostgreSQL pool behind the store, for the services' own tables (the delivery log);
+    /// `None` for a store without one (the in-memory store).
+    fn pg_pool(&self) -> Option<&sqlx::PgPool> {
+        None
+    }
 }

@@ -9,7 +9,11 @@
 //! - [`HookView`], [`HookInput`]: a hook as GitLab names its fields, out and in. The secrets
 //!   (`token`, `signing_secret`) are write-only: no response carries them.
 //! - The handlers: thin, over [`HookAdmin`] (the implementation the `hooks` commands use too),
-//!   so the API refuses what the CLI refuses, with the same reasons.
+//!   so the API refuses what the CLI refuses, with the same reasons; the events listing reads
+//!   the delivery log ([`hookline_cistate::delivery_log::recent`]); test and resend call
+//!   [`HookOps`] (as `hooks test|resend` do).
+//! - [`HookEventView`], [`TestAnswer`], [`ResendAnswer`]: a logged attempt as GitLab's events
+//!   API shows it, and what test and resend answer.
 //! - [`router`]: the routes and the document, built from one list so they cannot drift apart;
 //!   without a token only the document is served (never an open admin API).
 //!
@@ -25,6 +29,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use chrono::{DateTime, Utc};
+use hookline_cistate::delivery_log::{self, DeliveryLogEntry, DeliveryLogQuery, StatusFilter};
 use hookline_cistate::{Hook, HookEdit, HookState};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -39,6 +44,7 @@ use utoipa_axum::routes;
 
 use crate::ConsumerError;
 use crate::hook_admin::{AdminError, HookAdmin, HookSpec};
+use crate::hook_ops::{HookOpError, HookOps};
 use crate::hooks::masked_url;
 
 /// The admin token, kept only as its SHA-256 digest: comparing digests in constant time
@@ -101,6 +107,9 @@ impl AdminToken {
 #[derive(Clone)]
 pub struct ApiState {
     pub admin: HookAdmin,
+    /// Test and resend: the consumer's store, HTTP stage and retry topic
+    /// ([`crate::Consumer::hook_ops`]).
+    pub ops: HookOps,
     pub token: AdminToken,
 }
 
@@ -214,6 +223,8 @@ pub enum ApiError {
     Unprocessable(String),
     /// 500; the cause is logged, not shown.
     Internal,
+    /// 503 `{"message": ...}`: the store or Kafka did not answer; try again.
+    Unavailable(String),
 }
 
 impl IntoResponse for ApiError {
@@ -234,6 +245,7 @@ impl IntoResponse for ApiError {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "500 Internal Server Error".into(),
             ),
+            ApiError::Unavailable(m) => message(StatusCode::SERVICE_UNAVAILABLE, m),
         }
     }
 }
@@ -247,6 +259,22 @@ impl From<AdminError> for ApiError {
             AdminError::Store(error) => {
                 warn!(%error, "hooks API: store error");
                 ApiError::Internal
+            }
+        }
+    }
+}
+
+impl From<HookOpError> for ApiError {
+    fn from(e: HookOpError) -> Self {
+        match e {
+            HookOpError::NoHook(_) => ApiError::NotFound("Hook"),
+            HookOpError::NoEntry(_) => ApiError::NotFound("Hook Log"),
+            HookOpError::BodyNotKept { .. } | HookOpError::BodyMismatch(_) | HookOpError::NoLog => {
+                ApiError::Unprocessable(e.to_string())
+            }
+            HookOpError::Store(_) | HookOpError::Kafka(_) => {
+                warn!(error = %e, "hooks API: hook operation failed");
+                ApiError::Unavailable(e.to_string())
             }
         }
     }
@@ -476,11 +504,341 @@ async fn delete_hook(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// One logged attempt, as GitLab's "List project webhook events" shows it, with hookline's
+/// own fields after GitLab's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HookEventView {
+    /// The log entry's id (`hook_log_id` of resend).
+    pub id: i64,
+    /// The URL called, credentials masked.
+    pub url: String,
+    /// Always `job_hooks` (GitLab's name of the trigger of Job Hooks).
+    pub trigger: String,
+    /// Secrets redacted.
+    #[schema(value_type = Object)]
+    pub request_headers: serde_json::Value,
+    /// The body sent (parsed JSON); `null` past the size the log keeps.
+    #[schema(value_type = Option<Object>)]
+    pub request_data: Option<serde_json::Value>,
+    #[schema(value_type = Option<Object>)]
+    pub response_headers: Option<serde_json::Value>,
+    pub response_body: Option<String>,
+    /// Seconds, as GitLab gives it.
+    pub execution_duration: f64,
+    /// The status as a string, or `internal error` when no answer came (as GitLab).
+    pub response_status: String,
+    pub internal_error_message: Option<String>,
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: DateTime<Utc>,
+    /// hookline's: `delivery`, `test` or `resend`.
+    pub hookline_trigger: String,
+    pub event_id: uuid::Uuid,
+    pub idempotency_key: String,
+    /// 1 for an event's first attempt.
+    pub attempt: i32,
+    pub build_id: Option<i64>,
+}
+
+impl HookEventView {
+    fn of(e: DeliveryLogEntry) -> Self {
+        Self {
+            id: e.id,
+            url: e.url,
+            trigger: "job_hooks".into(),
+            request_headers: e.request_headers,
+            request_data: e
+                .request_body
+                .map(|b| serde_json::from_str(&b).unwrap_or(serde_json::Value::String(b))),
+            response_headers: e.response_headers,
+            response_body: e.response_body,
+            execution_duration: f64::from(e.duration_ms) / 1000.0,
+            response_status: e
+                .response_status
+                .map_or_else(|| "internal error".to_owned(), |s| s.to_string()),
+            internal_error_message: e.internal_error,
+            created_at: e.attempted_at,
+            hookline_trigger: e.trigger.as_str().into(),
+            event_id: e.event_id,
+            idempotency_key: e.idempotency_key,
+            attempt: e.attempt,
+            build_id: e.build_id,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct EventsQuery {
+    /// Response statuses: codes (`200`, `500`) or one of `successful` (2xx), `client_failure`
+    /// (4xx), `server_failure` (5xx); repeat it (`status[]=...`) or separate with commas.
+    #[param(value_type = Option<String>)]
+    pub status: Option<String>,
+    /// Entries per page (default 20, at most 100).
+    pub per_page: Option<u32>,
+    /// 1-based page, newest first.
+    pub page: Option<u32>,
+}
+
+/// GitLab's `status` filter: codes, or one category.
+fn status_filter(query: Option<&str>) -> Result<Option<StatusFilter>, ApiError> {
+    let values: Vec<String> = query
+        .map(|q| {
+            url_pairs(q)
+                .filter(|(k, _)| k == "status" || k == "status[]")
+                .flat_map(|(_, v)| {
+                    v.split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_owned)
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if values.is_empty() {
+        return Ok(None);
+    }
+    let invalid = || ApiError::BadRequest("status does not have a valid value".into());
+    if let [one] = values.as_slice() {
+        match one.as_str() {
+            "successful" => return Ok(Some(StatusFilter::Successful)),
+            "client_failure" => return Ok(Some(StatusFilter::ClientFailure)),
+            "server_failure" => return Ok(Some(StatusFilter::ServerFailure)),
+            _ => {}
+        }
+    }
+    let codes = values
+        .iter()
+        .map(|v| v.parse::<i32>().ok().filter(|c| (100..600).contains(c)))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(invalid)?;
+    Ok(Some(StatusFilter::Codes(codes)))
+}
+
+/// The decoded `key=value` pairs of a query string.
+fn url_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
+    query.split('&').filter(|p| !p.is_empty()).map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let decode = |s: &str| {
+            reqwest::Url::parse(&format!("http://x/?a={s}"))
+                .ok()
+                .and_then(|u| u.query_pairs().next().map(|(_, v)| v.into_owned()))
+                .unwrap_or_default()
+        };
+        (decode(k), decode(v))
+    })
+}
+
+/// List a hook's recent events (delivery log entries), newest first.
+#[utoipa::path(
+    get,
+    path = "/api/v4/projects/{id}/hooks/{hook_id}/events",
+    tag = "hooks",
+    params(HookPath, EventsQuery),
+    responses(
+        (status = 200, description = "A page of the hook's logged attempts, newest first", body = [HookEventView]),
+        (status = 400, description = "An invalid `status`, `page` or `per_page`", body = ApiErrorBody),
+        (status = 401, description = "No or a wrong token", body = ApiMessage),
+        (status = 404, description = "No such hook in this project", body = ApiMessage),
+        (status = 422, description = "The store is not PostgreSQL: there is no delivery log", body = ApiMessage),
+        (status = 503, description = "The store did not answer", body = ApiMessage),
+    ),
+    security(("bearer" = []), ("private_token" = []))
+)]
+async fn list_events(
+    State(state): State<ApiState>,
+    Path(path): Path<HookPath>,
+    uri: axum::http::Uri,
+) -> Result<Response, ApiError> {
+    let Query(query) = Query::<EventsQuery>::try_from_uri(&uri)
+        .map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let status = status_filter(uri.query())?;
+    let hook = state
+        .admin
+        .get(Some(project_id(&path.id)?), path.hook_id)
+        .await?;
+    let pool = state
+        .ops
+        .store
+        .pg_pool()
+        .ok_or_else(|| ApiError::from(HookOpError::NoLog))?;
+    let per_page = query
+        .per_page
+        .unwrap_or(delivery_log::DEFAULT_LIMIT)
+        .clamp(1, delivery_log::MAX_LIMIT);
+    let page = query.page.unwrap_or(1).max(1);
+    let entries = delivery_log::recent(
+        pool,
+        &DeliveryLogQuery {
+            hook_id: hook.id,
+            status,
+            page,
+            limit: per_page,
+            ..DeliveryLogQuery::default()
+        },
+    )
+    .await
+    .map_err(|e| ApiError::from(HookOpError::Store(e)))?;
+    let events: Vec<HookEventView> = entries.into_iter().map(HookEventView::of).collect();
+    Ok((
+        [
+            ("x-page", page.to_string()),
+            ("x-per-page", per_page.to_string()),
+        ],
+        Json(events),
+    )
+        .into_response())
+}
+
+/// What a test answers: the receiver's answer to a sample Job Hook sent now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TestAnswer {
+    /// `201 Created`, as GitLab answers a test it ran (whatever the receiver said).
+    pub message: String,
+    /// The receiver's status; `null` when no answer came.
+    pub response_status: Option<u16>,
+    /// The receiver's body, its first 8 KB.
+    pub response_body: Option<String>,
+    /// Why no answer came, or why the attempt counts as failed.
+    pub internal_error_message: Option<String>,
+    /// Seconds.
+    pub execution_duration: f64,
+    /// The test's delivery log entry (`null` when it could not be written).
+    pub hook_log_id: Option<i64>,
+    /// The project has no build: the sample build was sent.
+    pub synthetic: bool,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct TestPath {
+    /// The project's numeric id.
+    pub id: String,
+    /// The hook's id.
+    pub hook_id: i64,
+    /// GitLab's trigger name; only `job_events` is known here.
+    pub trigger: String,
+}
+
+/// Send the hook a Job Hook for the project's most recent build now (GitLab's "Test").
+#[utoipa::path(
+    post,
+    path = "/api/v4/projects/{id}/hooks/{hook_id}/test/{trigger}",
+    tag = "hooks",
+    params(TestPath),
+    responses(
+        (status = 201, description = "The test ran; the receiver's answer", body = TestAnswer),
+        (status = 401, description = "No or a wrong token", body = ApiMessage),
+        (status = 404, description = "No such hook in this project", body = ApiMessage),
+        (status = 422, description = "A trigger other than `job_events`", body = ApiMessage),
+        (status = 503, description = "The store did not answer", body = ApiMessage),
+    ),
+    security(("bearer" = []), ("private_token" = []))
+)]
+async fn test_hook(
+    State(state): State<ApiState>,
+    Path(path): Path<TestPath>,
+) -> Result<(StatusCode, Json<TestAnswer>), ApiError> {
+    let hook = state
+        .admin
+        .get(Some(project_id(&path.id)?), path.hook_id)
+        .await?;
+    if path.trigger != "job_events" {
+        return Err(ApiError::Unprocessable(format!(
+            "trigger {} is not supported: hookline sends Job Hooks only (job_events)",
+            path.trigger
+        )));
+    }
+    let tested = state.ops.test(hook.id).await?;
+    let internal_error_message = match &tested.outcome {
+        crate::deliver::AttemptOutcome::Delivered { .. } => None,
+        _ => tested.entry.internal_error.clone().or_else(|| {
+            tested
+                .status
+                .is_none()
+                .then(|| tested.outcome.label().to_owned())
+        }),
+    };
+    Ok((
+        StatusCode::CREATED,
+        Json(TestAnswer {
+            message: "201 Created".into(),
+            response_status: tested.status,
+            response_body: tested.body,
+            internal_error_message,
+            execution_duration: tested.duration.as_secs_f64(),
+            hook_log_id: (tested.entry.id != 0).then_some(tested.entry.id),
+            synthetic: tested.synthetic,
+        }),
+    ))
+}
+
+/// What a resend answers: the logged delivery is on the retry topic, due now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ResendAnswer {
+    /// `202 Accepted`: the delivery goes out through the retry path (logged with the trigger
+    /// `resend`), not within this request.
+    pub message: String,
+    pub hook_log_id: i64,
+    pub event_id: uuid::Uuid,
+    /// The same as the logged attempt's: receivers deduplicate on it.
+    pub idempotency_key: String,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct EventPath {
+    /// The project's numeric id.
+    pub id: String,
+    /// The hook's id.
+    pub hook_id: i64,
+    /// The delivery log entry's id (an event's `id`).
+    pub hook_log_id: i64,
+}
+
+/// Resend one logged event through the retry path, with its `Idempotency-Key`.
+#[utoipa::path(
+    post,
+    path = "/api/v4/projects/{id}/hooks/{hook_id}/events/{hook_log_id}/resend",
+    tag = "hooks",
+    params(EventPath),
+    responses(
+        (status = 202, description = "Queued on the retry topic, due now", body = ResendAnswer),
+        (status = 401, description = "No or a wrong token", body = ApiMessage),
+        (status = 404, description = "No such hook in this project, or no such event of it", body = ApiMessage),
+        (status = 422, description = "The log kept no body for this event (too large), or no log", body = ApiMessage),
+        (status = 503, description = "The store or Kafka did not answer", body = ApiMessage),
+    ),
+    security(("bearer" = []), ("private_token" = []))
+)]
+async fn resend_event(
+    State(state): State<ApiState>,
+    Path(path): Path<EventPath>,
+) -> Result<(StatusCode, Json<ResendAnswer>), ApiError> {
+    let hook = state
+        .admin
+        .get(Some(project_id(&path.id)?), path.hook_id)
+        .await?;
+    let resent = state.ops.resend(Some(hook.id), path.hook_log_id).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(ResendAnswer {
+            message: "202 Accepted".into(),
+            hook_log_id: resent.log_id,
+            event_id: resent.event_id,
+            idempotency_key: resent.idempotency_key,
+        }),
+    ))
+}
+
 /// The API's routes and their document, from one list.
 fn routes() -> OpenApiRouter<ApiState> {
     OpenApiRouter::new()
         .routes(routes!(list_hooks, add_hook))
         .routes(routes!(get_hook, edit_hook, delete_hook))
+        .routes(routes!(list_events))
+        .routes(routes!(test_hook))
+        .routes(routes!(resend_event))
 }
 
 /// The OpenAPI 3.1 document of the hooks API, as `/openapi.json` serves it.

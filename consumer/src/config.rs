@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::ConsumerError;
 use crate::deliver::DeliverConfig;
+pub use crate::delivery_log::DeliveryLogConfig;
 pub use crate::order::Ordering;
 use crate::schedule::RetrySchedule;
 
@@ -61,6 +62,8 @@ pub struct ConsumerConfig {
     /// Partitions of the retry and dead-letter topics when they are created; `None`: as many as
     /// the main topic.
     pub retry_partitions: Option<i32>,
+    /// The delivery log: on by default, written only with a PostgreSQL store.
+    pub delivery_log: DeliveryLogConfig,
 }
 
 /// The default session timeout: a killed instance without a stable identity has its partitions
@@ -121,6 +124,7 @@ impl ConsumerConfig {
             session_timeout: DEFAULT_SESSION_TIMEOUT,
             create_topics: true,
             retry_partitions: None,
+            delivery_log: DeliveryLogConfig::default(),
         }
     }
 
@@ -189,6 +193,12 @@ impl ConsumerConfig {
             return bad(format!(
                 "session timeout {:?} is below the brokers' default minimum of 6 s",
                 self.session_timeout
+            ));
+        }
+        if self.delivery_log.enabled && self.delivery_log.retention < Duration::from_secs(86_400) {
+            return bad(format!(
+                "delivery log retention {:?} must be at least a day (partitions are daily)",
+                self.delivery_log.retention
             ));
         }
         if self.deliver.timeout.is_zero() {

@@ -307,6 +307,7 @@ pub async fn replay(
                     attempts: 0,
                     last_error: None,
                     replayed: true,
+                    resend: false,
                     ..task.clone()
                 };
                 summary.deliveries += 1;

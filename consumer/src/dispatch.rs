@@ -262,6 +262,7 @@ async fn dispatch(
                     last_error: None,
                     source: Some(source.clone()),
                     replayed: only_hook.is_some(),
+                    resend: false,
                 };
                 let queued = queued.contains(&(hook.id, event.build_id));
                 (previous, done, hook.clone(), task, queued)

@@ -144,6 +144,7 @@ pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> Result<(
     let listen = listener.local_addr()?;
     let api_state = config.admin_token.map(|token| ApiState {
         admin: HookAdmin::new(store.clone()),
+        ops: consumer.hook_ops(),
         token,
     });
     if api_state.is_some() {

@@ -6,6 +6,7 @@
 //! since only then may the offset of the record that carried the task be stored.
 
 use chrono::{DateTime, Utc};
+use hookline_cistate::delivery_log::LogTrigger;
 use hookline_cistate::{Hook, HookFailure};
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
@@ -140,9 +141,23 @@ pub(crate) async fn attempt(
         body: task.body.clone(),
         attempt,
     };
+    let trigger = if task.resend {
+        LogTrigger::Resend
+    } else {
+        LogTrigger::Delivery
+    };
+    let attempted = async {
+        if !cx.log.is_on() {
+            return cx.deliverer.attempt(&request).await;
+        }
+        let (outcome, exchange) = cx.deliverer.attempt_captured(&request).await;
+        cx.log
+            .record(exchange.log_entry(&request, Some(task.build_id), trigger, &outcome));
+        outcome
+    };
     let outcome = tokio::select! {
         _ = abandon.cancelled() => return Err(Abandoned),
-        outcome = cx.deliverer.attempt(&request) => outcome,
+        outcome = attempted => outcome,
     };
     let settlement = decide(
         &outcome,

@@ -25,6 +25,9 @@ pub const H_ONLY_HOOK: &str = "hookline-only-hook";
 /// A delivery re-driven from the dead-letter topic by an operator (`dlq replay`): a deliberate
 /// re-send of an old event, outside the per-(hook, build) order.
 pub const H_REPLAYED: &str = "hookline-replayed";
+/// A delivery re-sent by an operator from the delivery log (`hooks resend`): logged with the
+/// trigger `resend`.
+pub const H_RESEND: &str = "hookline-resend";
 
 /// A record's place in Kafka.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +84,8 @@ pub struct DeliveryTask {
     pub source: Option<Source>,
     /// Re-driven from the dead-letter topic: not held by, nor holding, the build's order.
     pub replayed: bool,
+    /// Re-sent from the delivery log (also `replayed`): its attempts are logged as `resend`.
+    pub resend: bool,
 }
 
 /// Builds Kafka headers from string pairs.
@@ -128,6 +133,9 @@ impl DeliveryTask {
         if self.replayed {
             pairs.push((H_REPLAYED, "1".to_owned()));
         }
+        if self.resend {
+            pairs.push((H_RESEND, "1".to_owned()));
+        }
         pairs
     }
 
@@ -156,6 +164,7 @@ impl DeliveryTask {
             last_error: header(headers, H_LAST_ERROR),
             source: Source::from_headers(headers),
             replayed: header(headers, H_REPLAYED).is_some(),
+            resend: header(headers, H_RESEND).is_some(),
         })
     }
 }
@@ -181,6 +190,7 @@ mod tests {
                 offset: 41,
             }),
             replayed: true,
+            resend: true,
         };
         let h = headers(task.header_pairs());
         assert_eq!(

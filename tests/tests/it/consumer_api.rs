@@ -1,20 +1,24 @@
 //! The hooks API (`/api/v4/projects/{id}/hooks...`) on a loopback listener, over the real
-//! PostgreSQL store, with the real consumer delivering to a loopback receiver: its token, its
-//! GitLab field names, its refusals (the CLI's), and its OpenAPI document against what it serves.
+//! PostgreSQL store, with the real consumer delivering to loopback receivers: its token, its
+//! GitLab field names, its refusals (the CLI's), the delivery log's events, test and resend, and
+//! its OpenAPI document against what it serves.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use hookline_cistate::CiStore;
+use hookline_consumer::Consumer;
 use hookline_consumer::api::{self, AdminToken, ApiState};
 use hookline_consumer::hook_admin::{self, HookAdmin};
 use hookline_consumer::sign::{SigningSecret, verify};
+use hookline_schemas::Codec;
 use hookline_schemas::{BuildStatus, SchemaVersion};
-use hookline_tests::world::{WHSEC, World, inline_event};
-use hookline_tests::{Receiver, poll_until};
+use hookline_tests::world::{Running, WHSEC, World, inline_event};
+use hookline_tests::{Answer, Receiver, poll_until};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(30);
 const TOKEN: &str = "admin-s3cret";
@@ -28,11 +32,26 @@ struct Api {
 }
 
 impl Api {
-    async fn start(store: Arc<dyn CiStore>, with_token: bool) -> Api {
+    /// The world's consumer (running) and, as `serve` builds it, the API over its store and
+    /// its hook operations; without `with_token` only the document is served.
+    async fn start(world: &World, with_token: bool) -> (Api, Running) {
+        let consumer = Consumer::new(world.config(), world.store.clone(), Codec::embedded())
+            .await
+            .expect("consumer");
+        let store: Arc<dyn CiStore> = world.store.clone();
         let state = with_token.then(|| ApiState {
             admin: HookAdmin::new(store),
+            ops: consumer.hook_ops(),
             token: AdminToken::new(TOKEN).unwrap(),
         });
+        let metrics = consumer.metrics();
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(consumer.run(shutdown.clone()));
+        let running = Running {
+            metrics,
+            shutdown,
+            handle,
+        };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, api::router(state)).await.ok() });
@@ -45,7 +64,7 @@ impl Api {
             .json()
             .await
             .unwrap();
-        Api { base, http, doc }
+        (Api { base, http, doc }, running)
     }
 
     /// Sends a request with the token; `template` is the route as the document names it,
@@ -132,7 +151,7 @@ fn check_required(doc: &Value, schema: &Value, body: &Value, what: &str) {
 async fn without_the_token_the_api_answers_401_and_without_the_option_it_is_not_served() {
     let world = World::new(1).await;
     let snapshot = world.build(61_000).await;
-    let api = Api::start(world.store.clone(), true).await;
+    let (api, running) = Api::start(&world, true).await;
     let hooks = format!("/api/v4/projects/{}/hooks", snapshot.project.id);
     let template = "/api/v4/projects/{id}/hooks";
     let url = format!("{}{hooks}", api.base);
@@ -165,7 +184,7 @@ async fn without_the_token_the_api_answers_401_and_without_the_option_it_is_not_
     assert_eq!(status, StatusCode::OK);
 
     // No token configured: the document is there, the API is not.
-    let closed = Api::start(world.store.clone(), false).await;
+    let (closed, closed_running) = Api::start(&world, false).await;
     let answer = closed
         .http
         .get(format!("{}{hooks}", closed.base))
@@ -175,6 +194,8 @@ async fn without_the_token_the_api_answers_401_and_without_the_option_it_is_not_
         .unwrap();
     assert_eq!(answer.status(), StatusCode::NOT_FOUND);
     assert_eq!(closed.doc, api.doc);
+    closed_running.stop().await;
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,7 +203,7 @@ async fn hooks_round_trip_with_gitlab_field_names_and_the_secrets_never_come_bac
     let world = World::new(1).await;
     let snapshot = world.build(62_000).await;
     let project = snapshot.project.id;
-    let api = Api::start(world.store.clone(), true).await;
+    let (api, running) = Api::start(&world, true).await;
     let list = "/api/v4/projects/{id}/hooks";
     let one = "/api/v4/projects/{id}/hooks/{hook_id}";
     let hooks = format!("/api/v4/projects/{project}/hooks");
@@ -358,13 +379,14 @@ async fn hooks_round_trip_with_gitlab_field_names_and_the_secrets_never_come_bac
     let (status, _, _) = api.call(Method::DELETE, one, &path, None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(world.store.hook(id).await.unwrap().is_none());
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_urls_and_tokens_get_the_same_reasons_as_the_cli() {
     let world = World::new(1).await;
     let snapshot = world.build(63_000).await;
-    let api = Api::start(world.store.clone(), true).await;
+    let (api, running) = Api::start(&world, true).await;
     let hooks = format!("/api/v4/projects/{}/hooks", snapshot.project.id);
     let template = "/api/v4/projects/{id}/hooks";
     let cases = [
@@ -410,7 +432,7 @@ async fn a_hook_added_through_the_api_receives_signed_deliveries() {
     let world = World::new(1).await;
     let snapshot = world.build(64_000).await;
     let receiver = Receiver::start().await;
-    let api = Api::start(world.store.clone(), true).await;
+    let (api, running) = Api::start(&world, true).await;
     let hooks = format!("/api/v4/projects/{}/hooks", snapshot.project.id);
     let (status, created, _) = api
         .call(
@@ -421,7 +443,6 @@ async fn a_hook_added_through_the_api_receives_signed_deliveries() {
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{created}");
-    let running = world.start(world.config()).await;
     let event = inline_event(&snapshot, BuildStatus::Running);
     world.send(&event, SchemaVersion::V2).await;
     poll_until("the delivery", WAIT, || async {
@@ -447,7 +468,7 @@ async fn a_hook_added_through_the_api_receives_signed_deliveries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_route_served_is_documented_and_every_documented_route_is_served() {
     let world = World::new(1).await;
-    let api = Api::start(world.store.clone(), true).await;
+    let (api, running) = Api::start(&world, true).await;
     let methods = [Method::GET, Method::POST, Method::PUT, Method::DELETE];
     // GitLab's project hooks routes this API implements.
     let expected = [
@@ -458,6 +479,18 @@ async fn every_route_served_is_documented_and_every_documented_route_is_served()
         (
             "/api/v4/projects/{id}/hooks/{hook_id}",
             vec![Method::GET, Method::PUT, Method::DELETE],
+        ),
+        (
+            "/api/v4/projects/{id}/hooks/{hook_id}/events",
+            vec![Method::GET],
+        ),
+        (
+            "/api/v4/projects/{id}/hooks/{hook_id}/test/{trigger}",
+            vec![Method::POST],
+        ),
+        (
+            "/api/v4/projects/{id}/hooks/{hook_id}/events/{hook_log_id}/resend",
+            vec![Method::POST],
         ),
     ];
     let paths = api.doc["paths"].as_object().unwrap();
@@ -483,7 +516,11 @@ async fn every_route_served_is_documented_and_every_documented_route_is_served()
     // Every documented path answers its methods from a handler (a handler's 404 names what is
     // missing; the router's own would be empty), and no other method.
     for (template, item) in paths {
-        let concrete = template.replace("{id}", "1").replace("{hook_id}", "1");
+        let concrete = template
+            .replace("{id}", "1")
+            .replace("{hook_id}", "1")
+            .replace("{hook_log_id}", "1")
+            .replace("{trigger}", "job_events");
         for method in &methods {
             let response = api
                 .http
@@ -519,4 +556,212 @@ async fn every_route_served_is_documented_and_every_documented_route_is_served()
         .unwrap();
     assert_eq!(stray.status(), StatusCode::NOT_FOUND);
     assert!(stray.text().await.unwrap().is_empty());
+    running.stop().await;
+}
+
+/// A receiver that answers every request with 202 and a body of its own, and counts them.
+async fn talking_receiver() -> (String, Arc<std::sync::Mutex<Vec<axum::http::HeaderMap>>>) {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let app = axum::Router::new().fallback(move |headers: axum::http::HeaderMap| {
+        let record = record.clone();
+        async move {
+            record.lock().unwrap().push(headers);
+            (axum::http::StatusCode::ACCEPTED, "queued by the receiver")
+        }
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/talk", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.ok() });
+    (url, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn events_list_the_delivery_log_and_test_and_resend_go_through_the_real_paths() {
+    let world = World::new(1).await;
+    let snapshot = world.build(65_000).await;
+    let receiver = Receiver::start().await;
+    receiver.script([Answer::Status(500), Answer::Status(200)]);
+    let (api, running) = Api::start(&world, true).await;
+    let project = snapshot.project.id;
+    let hooks = format!("/api/v4/projects/{project}/hooks");
+    let (_, created, _) = api
+        .call(
+            Method::POST,
+            "/api/v4/projects/{id}/hooks",
+            &hooks,
+            Some(json!({"url": receiver.url, "token": "evt-s3cret"})),
+        )
+        .await;
+    let id = created["id"].as_i64().unwrap();
+    let events_template = "/api/v4/projects/{id}/hooks/{hook_id}/events";
+    let events = format!("{hooks}/{id}/events");
+
+    // One event: a 500, then the retry's 200; both attempts are listed, newest first.
+    let event = inline_event(&snapshot, BuildStatus::Running);
+    world.send(&event, SchemaVersion::V2).await;
+    let listed = poll_until("two logged attempts", WAIT, || async {
+        let (_, body, _) = api.call(Method::GET, events_template, &events, None).await;
+        (body.as_array().map_or(0, Vec::len) >= 2).then_some(body)
+    })
+    .await;
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!(listed[0]["response_status"], "200");
+    assert_eq!(listed[1]["response_status"], "500");
+    assert_eq!(
+        (listed[0]["attempt"].clone(), listed[1]["attempt"].clone()),
+        (json!(2), json!(1))
+    );
+    for e in listed {
+        assert_eq!(e["trigger"], "job_hooks");
+        assert_eq!(e["hookline_trigger"], "delivery");
+        assert_eq!(e["event_id"], event.event_id.to_string());
+        assert!(
+            !e.to_string().contains("evt-s3cret"),
+            "a secret in the log: {e}"
+        );
+    }
+    assert_eq!(
+        listed[0]["request_data"],
+        serde_json::from_slice::<Value>(event.payload.as_deref().unwrap()).unwrap()
+    );
+    // GitLab's filters and pages.
+    for (query, statuses) in [
+        ("?status=server_failure", vec!["500"]),
+        ("?status=successful", vec!["200"]),
+        ("?status=200,500", vec!["200", "500"]),
+        ("?status[]=500", vec!["500"]),
+        ("?status=client_failure", vec![]),
+        ("?per_page=1&page=2", vec!["500"]),
+        ("?per_page=1&page=3", vec![]),
+    ] {
+        let (status, body, _) = api
+            .call(
+                Method::GET,
+                events_template,
+                &format!("{events}{query}"),
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{query}: {body}");
+        let got: Vec<_> = body
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["response_status"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(got, statuses, "{query}");
+    }
+    let (status, body, _) = api
+        .call(
+            Method::GET,
+            events_template,
+            &format!("{events}?status=teapots"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+
+    // Resend the first attempt: the retry path delivers it again with the same key.
+    let first_attempt = listed[1]["id"].as_i64().unwrap();
+    let resend_template = "/api/v4/projects/{id}/hooks/{hook_id}/events/{hook_log_id}/resend";
+    let (status, resent, _) = api
+        .call(
+            Method::POST,
+            resend_template,
+            &format!("{events}/{first_attempt}/resend"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{resent}");
+    poll_until("the resent delivery", WAIT, || async {
+        (receiver.count() >= 3).then_some(())
+    })
+    .await;
+    let got = receiver.received();
+    assert_eq!(
+        got[2].header("idempotency-key"),
+        got[0].header("idempotency-key")
+    );
+    assert_eq!(
+        got[2].header("idempotency-key"),
+        resent["idempotency_key"].as_str()
+    );
+    assert_eq!(got[2].body, got[0].body);
+    let (status, _, _) = api
+        .call(
+            Method::POST,
+            resend_template,
+            &format!("{events}/{}/resend", i64::MAX),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Test: a receiver with something to say; its status and body come back, and the test is
+    // logged like any attempt.
+    let (talker, seen) = talking_receiver().await;
+    let (_, tested_hook, _) = api
+        .call(
+            Method::POST,
+            "/api/v4/projects/{id}/hooks",
+            &hooks,
+            Some(json!({"url": talker})),
+        )
+        .await;
+    let tested_id = tested_hook["id"].as_i64().unwrap();
+    let test_template = "/api/v4/projects/{id}/hooks/{hook_id}/test/{trigger}";
+    let (status, answer, _) = api
+        .call(
+            Method::POST,
+            test_template,
+            &format!("{hooks}/{tested_id}/test/job_events"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    assert_eq!(answer["response_status"], 202);
+    assert_eq!(answer["response_body"], "queued by the receiver");
+    assert_eq!(answer["synthetic"], false, "the project has a build");
+    assert_eq!(seen.lock().unwrap().len(), 1);
+    let (_, logged, _) = api
+        .call(
+            Method::GET,
+            events_template,
+            &format!("{hooks}/{tested_id}/events"),
+            None,
+        )
+        .await;
+    assert_eq!(logged[0]["id"], answer["hook_log_id"]);
+    assert_eq!(logged[0]["hookline_trigger"], "test");
+    assert_eq!(logged[0]["response_body"], "queued by the receiver");
+    let (status, body, _) = api
+        .call(
+            Method::POST,
+            test_template,
+            &format!("{hooks}/{tested_id}/test/push_events"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        1,
+        "an unknown trigger sends nothing"
+    );
+    // Another project's hook is not found through this project.
+    let (status, _, _) = api
+        .call(
+            Method::POST,
+            test_template,
+            &format!(
+                "/api/v4/projects/{}/hooks/{tested_id}/test/job_events",
+                project + 1
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    running.stop().await;
 }

@@ -9,6 +9,7 @@ mod consumer_delivery;
 mod consumer_liveness;
 mod consumer_ordering;
 mod consumer_reliability;
+mod delivery_log;
 mod foundation;
 mod producer_emit;
 mod producer_http;
