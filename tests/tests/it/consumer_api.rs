@@ -425,6 +425,7 @@ async fn refused_urls_and_tokens_get_the_same_reasons_as_the_cli() {
             .unwrap()
             .is_empty()
     );
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
