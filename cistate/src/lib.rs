@@ -35,4 +35,6 @@ pub use outbox::{Outbox, OutboxRow, OutboxTransition};
 pub use pg::{PgOptions, PgStore, write_build, write_pipeline};
 pub use rate_limit::{Bucket, RateLimitOverride};
 pub use render::{NoHook, Transition, is_stale, job_hook, no_hook, render};
+/// The pool type of [`PgStore::pool`] and [`CiStore::pg_pool`], for crates without `sqlx`.
+pub use sqlx::PgPool;
 pub use store::{CiStore, StoreError};

@@ -8,8 +8,8 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::model::{
-    Build, Hook, HookFailure, Namespace, NewHook, OrderEntry, Pipeline, Project, RenderSnapshot,
-    Runner, User,
+    Build, Hook, HookEdit, HookFailure, Namespace, NewHook, OrderEntry, Pipeline, Project,
+    RenderSnapshot, Runner, User,
 };
 use crate::rate_limit::{Bucket, RateLimitOverride, gcra};
 use crate::render::truncate_to_micros;
@@ -178,6 +178,7 @@ impl CiStore for MemoryStore {
             recent_failures: 0,
             disabled_until: None,
             collapse: hook.collapse,
+            created_at: Some(Utc::now()),
         };
         state.hooks.insert(hook.id, hook.clone());
         Ok(hook)
@@ -205,6 +206,29 @@ impl CiStore for MemoryStore {
             .filter(|h| h.project_id == project_id && h.job_events)
             .cloned()
             .collect())
+    }
+
+    async fn update_hook(&self, id: i64, edit: &HookEdit) -> Result<Option<Hook>, StoreError> {
+        let mut state = self.state.write().unwrap();
+        let Some(h) = state.hooks.get_mut(&id) else {
+            return Ok(None);
+        };
+        if let Some(url) = &edit.url {
+            h.url = url.clone();
+        }
+        if let Some(token) = &edit.token {
+            h.token = token.clone();
+        }
+        if let Some(secret) = &edit.signing_secret {
+            h.signing_secret = secret.clone();
+        }
+        if let Some(job_events) = edit.job_events {
+            h.job_events = job_events;
+        }
+        if let Some(collapse) = edit.collapse {
+            h.collapse = collapse;
+        }
+        Ok(Some(h.clone()))
     }
 
     async fn remove_hook(&self, id: i64) -> Result<bool, StoreError> {
@@ -341,6 +365,16 @@ impl CiStore for MemoryStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    async fn latest_build(&self, project_id: i64) -> Result<Option<i64>, StoreError> {
+        let state = self.state.read().unwrap();
+        Ok(state
+            .builds
+            .values()
+            .filter(|b| b.project_id == project_id)
+            .map(|b| b.id)
+            .max())
     }
 
     async fn project_exists(&self, project_id: i64) -> Result<bool, StoreError> {

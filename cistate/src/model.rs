@@ -145,6 +145,10 @@ pub struct Hook {
     /// send only the latest (for receivers that only want the current state).
     #[serde(default)]
     pub collapse: bool,
+    /// When the hook was added (the hooks API's `created_at`); `None` on a hook built in memory
+    /// that no store has seen.
+    #[serde(default)]
+    pub created_at: Option<DateTime<Utc>>,
 }
 
 /// A hook to create.
@@ -157,6 +161,17 @@ pub struct NewHook {
     pub job_events: bool,
     /// See [`Hook::collapse`].
     pub collapse: bool,
+}
+
+/// Changes to a stored hook: `None` leaves a setting as it is; for the secrets, `Some(None)`
+/// clears one. Its health is not a setting (see [`crate::CiStore::enable_hook`]).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HookEdit {
+    pub url: Option<String>,
+    pub token: Option<Option<String>>,
+    pub signing_secret: Option<Option<String>>,
+    pub job_events: Option<bool>,
+    pub collapse: Option<bool>,
 }
 
 /// One delivery of the per-(hook, build) order queue (strict ordering): a delivery that waits
@@ -260,6 +275,7 @@ mod tests {
             recent_failures: failures,
             disabled_until: None,
             collapse: false,
+            created_at: None,
         };
         assert_eq!(hook.state(now), HookState::PermanentlyDisabled);
     }

@@ -11,8 +11,8 @@ use sqlx::{Executor, PgPool, Row};
 use uuid::Uuid;
 
 use crate::model::{
-    Build, Environment, Hook, HookFailure, Namespace, NewHook, OrderEntry, Pipeline, Project,
-    RenderSnapshot, Runner, SourcePipeline, User,
+    Build, Environment, Hook, HookEdit, HookFailure, Namespace, NewHook, OrderEntry, Pipeline,
+    Project, RenderSnapshot, Runner, SourcePipeline, User,
 };
 use crate::rate_limit::{Bucket, RateLimitOverride};
 use crate::store::{CiStore, StoreError};
@@ -248,7 +248,7 @@ fn snapshot_from_row(row: &PgRow) -> Result<RenderSnapshot, sqlx::Error> {
 }
 
 const HOOK_COLUMNS: &str = "id, uuid, project_id, url, token, signing_secret, job_events, \
-     recent_failures, disabled_until, collapse";
+     recent_failures, disabled_until, collapse, created_at";
 
 fn hook_from_row(row: &PgRow) -> Result<Hook, sqlx::Error> {
     Ok(Hook {
@@ -262,6 +262,7 @@ fn hook_from_row(row: &PgRow) -> Result<Hook, sqlx::Error> {
         recent_failures: row.try_get("recent_failures")?,
         disabled_until: row.try_get("disabled_until")?,
         collapse: row.try_get("collapse")?,
+        created_at: Some(row.try_get("created_at")?),
     })
 }
 
@@ -420,6 +421,31 @@ impl CiStore for PgStore {
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.iter().map(hook_from_row).collect::<Result<_, _>>()?)
+    }
+
+    async fn update_hook(&self, id: i64, edit: &HookEdit) -> Result<Option<Hook>, StoreError> {
+        // One statement: a setting left out keeps its stored value; a secret given as
+        // `Some(None)` is cleared (the flag says whether to touch the column at all).
+        let row = sqlx::query(&format!(
+            "UPDATE web_hooks SET
+                url = COALESCE($2, url),
+                token = CASE WHEN $3 THEN $4 ELSE token END,
+                signing_secret = CASE WHEN $5 THEN $6 ELSE signing_secret END,
+                job_events = COALESCE($7, job_events),
+                collapse = COALESCE($8, collapse)
+             WHERE id = $1 RETURNING {HOOK_COLUMNS}"
+        ))
+        .bind(id)
+        .bind(&edit.url)
+        .bind(edit.token.is_some())
+        .bind(edit.token.clone().flatten())
+        .bind(edit.signing_secret.is_some())
+        .bind(edit.signing_secret.clone().flatten())
+        .bind(edit.job_events)
+        .bind(edit.collapse)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(hook_from_row).transpose()?)
     }
 
     async fn remove_hook(&self, id: i64) -> Result<bool, StoreError> {
@@ -598,6 +624,19 @@ impl CiStore for PgStore {
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    async fn latest_build(&self, project_id: i64) -> Result<Option<i64>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT max(id) FROM builds WHERE project_id = $1")
+                .bind(project_id)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    fn pg_pool(&self) -> Option<&PgPool> {
+        Some(&self.pool)
     }
 
     async fn project_exists(&self, project_id: i64) -> Result<bool, StoreError> {

@@ -13,8 +13,8 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::model::{
-    Build, Hook, HookFailure, Namespace, NewHook, OrderEntry, Pipeline, Project, RenderSnapshot,
-    Runner, User,
+    Build, Hook, HookEdit, HookFailure, Namespace, NewHook, OrderEntry, Pipeline, Project,
+    RenderSnapshot, Runner, User,
 };
 use crate::rate_limit::{Bucket, RateLimitOverride};
 
@@ -70,6 +70,8 @@ pub trait CiStore: Send + Sync + std::fmt::Debug {
     async fn list_hooks(&self, project_id: Option<i64>) -> Result<Vec<Hook>, StoreError>;
     /// The hooks of a project subscribed to job events, whatever their health.
     async fn job_hooks(&self, project_id: i64) -> Result<Vec<Hook>, StoreError>;
+    /// Applies `edit` to the hook's settings; `None` when there is no such hook.
+    async fn update_hook(&self, id: i64, edit: &HookEdit) -> Result<Option<Hook>, StoreError>;
     async fn remove_hook(&self, id: i64) -> Result<bool, StoreError>;
     /// Clears the hook's failures (re-enables it). False when there is no such hook.
     async fn enable_hook(&self, id: i64) -> Result<bool, StoreError>;
@@ -145,4 +147,12 @@ pub trait CiStore: Send + Sync + std::fmt::Debug {
         namespace_id: i64,
         bucket: Bucket,
     ) -> Result<std::time::Duration, StoreError>;
+    /// The project's most recent build (highest id), for a hook's test delivery.
+    async fn latest_build(&self, project_id: i64) -> Result<Option<i64>, StoreError>;
+
+    /// The PostgreSQL pool behind the store, for the services' own tables (the delivery log);
+    /// `None` for a store without one (the in-memory store).
+    fn pg_pool(&self) -> Option<&sqlx::PgPool> {
+        None
+    }
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::ConsumerError;
 use crate::deliver::DeliverConfig;
+pub use crate::delivery_log::DeliveryLogConfig;
 pub use crate::order::Ordering;
 pub use crate::rate_limit::RateLimitConfig;
 use crate::schedule::RetrySchedule;
@@ -65,6 +66,8 @@ pub struct ConsumerConfig {
     /// The default rate limit per root namespace and the buckets' depth (overrides per namespace
     /// live in the store).
     pub rate_limit: RateLimitConfig,
+    /// The delivery log: on by default, written only with a PostgreSQL store.
+    pub delivery_log: DeliveryLogConfig,
 }
 
 /// The default session timeout: a killed instance without a stable identity has its partitions
@@ -126,6 +129,7 @@ impl ConsumerConfig {
             create_topics: true,
             retry_partitions: None,
             rate_limit: RateLimitConfig::default(),
+            delivery_log: DeliveryLogConfig::default(),
         }
     }
 
@@ -203,6 +207,12 @@ impl ConsumerConfig {
         }
         if self.rate_limit.burst.is_zero() {
             return bad("rate limit burst must be above zero".into());
+        }
+        if self.delivery_log.enabled && self.delivery_log.retention < Duration::from_secs(86_400) {
+            return bad(format!(
+                "delivery log retention {:?} must be at least a day (partitions are daily)",
+                self.delivery_log.retention
+            ));
         }
         if self.deliver.timeout.is_zero() {
             return bad("delivery timeout must be above zero".into());

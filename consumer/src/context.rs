@@ -8,6 +8,7 @@ use hookline_schemas::Codec;
 
 use crate::config::ConsumerConfig;
 use crate::deliver::Deliverer;
+use crate::delivery_log::DeliveryLog;
 use crate::handoff::Handoff;
 use crate::hooks::HookRegistry;
 use crate::metrics::ConsumerMetrics;
@@ -20,6 +21,8 @@ pub struct Context {
     pub codec: Codec,
     pub hooks: HookRegistry,
     pub deliverer: Deliverer,
+    /// Where each attempt is recorded (off: nothing is).
+    pub log: DeliveryLog,
     pub handoff: Handoff,
     pub metrics: Arc<ConsumerMetrics>,
     /// The per-root-namespace rate limits (see `rate_limit`).

@@ -308,6 +308,7 @@ pub async fn replay(
                     last_error: None,
                     replayed: true,
                     rate_token_for: None,
+                    resend: false,
                     ..task.clone()
                 };
                 summary.deliveries += 1;

@@ -11,14 +11,23 @@
 //! An attempt never fails as a Rust error: everything that can happen to it (an answer, a timeout,
 //! a refused URL, a malformed secret) is an [`AttemptOutcome`] that says what to do next. The
 //! retry delay itself is [`crate::schedule::RetrySchedule`]'s business.
+//!
+//! With the delivery log on, [`Deliverer::attempt_captured`] also returns the [`Exchange`]: the
+//! request as sent (URL credentials masked, secrets redacted) and the answer cut to GitLab's log
+//! limits, which [`Exchange::log_entry`] turns into a delivery-log row.
 
 use std::error::Error as _;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use hookline_cistate::Hook;
-use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER, USER_AGENT};
+use hookline_cistate::delivery_log::{DeliveryLogEntry, LogTrigger};
+use reqwest::header::{
+    AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER, USER_AGENT,
+};
 use reqwest::{Client, StatusCode, Url, redirect};
+use sha2::{Digest, Sha256};
 use tracing::{debug, warn};
 use uuid::Uuid;
 
@@ -63,6 +72,165 @@ pub struct DeliveryRequest<'a> {
     pub body: Bytes,
     /// 1 for the first attempt.
     pub attempt: u32,
+}
+
+/// What the delivery log keeps of one attempt: the request as sent, redacted, and the answer cut
+/// to GitLab's limits ([`RESPONSE_BODY_LIMIT`], [`RESPONSE_HEADERS_LIMIT`],
+/// [`HEADER_VALUE_LIMIT`]); the request body only up to [`REQUEST_BODY_LIMIT`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Exchange {
+    pub attempted_at: DateTime<Utc>,
+    /// The hook's URL with a Basic-auth password masked.
+    pub url: String,
+    /// Header name to value; `X-Gitlab-Token`, `Authorization` and `webhook-signature` redacted.
+    /// Empty when the request was refused before its headers were made.
+    pub request_headers: serde_json::Value,
+    /// `None` past [`REQUEST_BODY_LIMIT`] (or not UTF-8): only the digest and size are kept.
+    pub request_body: Option<String>,
+    /// Lower-case hex SHA-256 of the whole body.
+    pub request_body_sha256: String,
+    pub request_body_size: usize,
+    /// `None` when no answer came.
+    pub response_status: Option<u16>,
+    pub response_headers: Option<serde_json::Value>,
+    pub response_body: Option<String>,
+    /// From the start of the request to the end of reading the kept part of the answer.
+    pub duration: Duration,
+}
+
+/// GitLab's `WebHookService` keeps the first 8 KB of a response body in its log.
+pub const RESPONSE_BODY_LIMIT: usize = 8 * 1024;
+/// GitLab keeps the first 50 response headers...
+pub const RESPONSE_HEADERS_LIMIT: usize = 50;
+/// ...each value cut at 1 KB.
+pub const HEADER_VALUE_LIMIT: usize = 1024;
+/// Request bodies up to this size are kept whole (and can be resent from the log); past it only
+/// their SHA-256 and size. GitLab keeps up to 25 MB; a Job Hook is a few KB, so 16 KB keeps
+/// every ordinary one while bounding a row.
+pub const REQUEST_BODY_LIMIT: usize = 16 * 1024;
+/// What redacted values read as.
+pub const REDACTED: &str = "[REDACTED]";
+
+impl Exchange {
+    fn start(request: &DeliveryRequest<'_>) -> Exchange {
+        let body = &request.body;
+        Exchange {
+            attempted_at: Utc::now(),
+            url: crate::hooks::masked_url(&request.hook.url),
+            request_headers: serde_json::Value::Object(Default::default()),
+            request_body: std::str::from_utf8(body)
+                .ok()
+                .filter(|_| body.len() <= REQUEST_BODY_LIMIT)
+                .map(str::to_owned),
+            request_body_sha256: sha256_hex(body),
+            request_body_size: body.len(),
+            response_status: None,
+            response_headers: None,
+            response_body: None,
+            duration: Duration::ZERO,
+        }
+    }
+
+    /// The delivery-log row of this exchange: `request` made it, `outcome` is what it came to
+    /// (its reason is the row's internal error when no answer came).
+    pub fn log_entry(
+        &self,
+        request: &DeliveryRequest<'_>,
+        build_id: Option<i64>,
+        trigger: LogTrigger,
+        outcome: &AttemptOutcome,
+    ) -> DeliveryLogEntry {
+        let internal_error = match (self.response_status, outcome) {
+            (Some(_), _) | (None, AttemptOutcome::Delivered { .. }) => None,
+            (None, AttemptOutcome::Retry { reason, .. } | AttemptOutcome::Final { reason, .. }) => {
+                Some(reason.clone())
+            }
+        };
+        DeliveryLogEntry {
+            id: 0,
+            attempted_at: self.attempted_at,
+            hook_id: request.hook.id,
+            project_id: request.hook.project_id,
+            build_id,
+            event_id: request.event_id,
+            idempotency_key: idempotency_key(request.event_id, request.hook),
+            trigger,
+            attempt: i32::try_from(request.attempt).unwrap_or(i32::MAX),
+            url: self.url.clone(),
+            request_headers: self.request_headers.clone(),
+            request_body: self.request_body.clone(),
+            request_body_sha256: self.request_body_sha256.clone(),
+            request_body_size: i32::try_from(self.request_body_size).unwrap_or(i32::MAX),
+            response_status: self.response_status.map(i32::from),
+            internal_error,
+            response_headers: self.response_headers.clone(),
+            response_body: self.response_body.clone(),
+            duration_ms: i32::try_from(self.duration.as_millis()).unwrap_or(i32::MAX),
+        }
+    }
+}
+
+/// Lower-case hex SHA-256.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The request headers as the log keeps them: secrets replaced by [`REDACTED`]; Basic auth
+/// (from URL credentials, added by the client) shown as a redacted `authorization`.
+fn logged_request_headers(headers: &HeaderMap, basic_auth: bool) -> serde_json::Value {
+    let mut map = serde_json::Map::new();
+    for (name, value) in headers {
+        let shown = if [X_GITLAB_TOKEN, AUTHORIZATION, WEBHOOK_SIGNATURE].contains(name) {
+            REDACTED.to_owned()
+        } else {
+            String::from_utf8_lossy(value.as_bytes()).into_owned()
+        };
+        map.insert(name.as_str().to_owned(), serde_json::Value::String(shown));
+    }
+    if basic_auth {
+        map.insert(
+            AUTHORIZATION.as_str().to_owned(),
+            serde_json::Value::String(REDACTED.to_owned()),
+        );
+    }
+    serde_json::Value::Object(map)
+}
+
+/// The first [`RESPONSE_HEADERS_LIMIT`] response headers, each value cut at
+/// [`HEADER_VALUE_LIMIT`]; a repeated name keeps its values joined by `, `.
+fn logged_response_headers(headers: &HeaderMap) -> serde_json::Value {
+    let mut map = serde_json::Map::new();
+    for (name, value) in headers.iter().take(RESPONSE_HEADERS_LIMIT) {
+        let value = cut(
+            &String::from_utf8_lossy(value.as_bytes()),
+            HEADER_VALUE_LIMIT,
+        );
+        match map.get_mut(name.as_str()) {
+            Some(serde_json::Value::String(seen)) => {
+                seen.push_str(", ");
+                seen.push_str(&value);
+            }
+            _ => {
+                map.insert(name.as_str().to_owned(), serde_json::Value::String(value));
+            }
+        }
+    }
+    serde_json::Value::Object(map)
+}
+
+/// `text` cut to at most `limit` bytes, on a character boundary.
+fn cut(text: &str, limit: usize) -> String {
+    if text.len() <= limit {
+        return text.to_owned();
+    }
+    let mut end = limit;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
 }
 
 /// What one attempt came to.
@@ -180,8 +348,27 @@ impl Deliverer {
 
     /// Makes one attempt and says what it came to.
     pub async fn attempt(&self, request: &DeliveryRequest<'_>) -> AttemptOutcome {
+        self.attempt_inner(request, None).await
+    }
+
+    /// Makes one attempt, and also says what was sent and what came back (for the delivery
+    /// log). Costs a digest of the body and keeping up to 8 KB of the answer.
+    pub async fn attempt_captured(
+        &self,
+        request: &DeliveryRequest<'_>,
+    ) -> (AttemptOutcome, Exchange) {
+        let mut exchange = Exchange::start(request);
+        let outcome = self.attempt_inner(request, Some(&mut exchange)).await;
+        (outcome, exchange)
+    }
+
+    async fn attempt_inner(
+        &self,
+        request: &DeliveryRequest<'_>,
+        capture: Option<&mut Exchange>,
+    ) -> AttemptOutcome {
         let hook = request.hook;
-        let outcome = self.send(request).await;
+        let outcome = self.send(request, capture).await;
         match &outcome {
             AttemptOutcome::Delivered { status, latency } => debug!(
                 hook_id = hook.id,
@@ -221,8 +408,13 @@ impl Deliverer {
         outcome
     }
 
-    async fn send(&self, request: &DeliveryRequest<'_>) -> AttemptOutcome {
+    async fn send(
+        &self,
+        request: &DeliveryRequest<'_>,
+        mut capture: Option<&mut Exchange>,
+    ) -> AttemptOutcome {
         let hook = request.hook;
+        let started = Instant::now();
         let checked = match &self.guard {
             Some(guard) => guard.check_url(&hook.url),
             None => ssrf::parse_hook_url(&hook.url),
@@ -236,6 +428,9 @@ impl Deliverer {
             Ok(headers) => headers,
             Err(reason) => return AttemptOutcome::refused(reason),
         };
+        if let Some(exchange) = capture.as_deref_mut() {
+            exchange.request_headers = logged_request_headers(&headers, credentials.is_some());
+        }
 
         let mut builder = self
             .client
@@ -245,10 +440,14 @@ impl Deliverer {
         if let Some((user, password)) = credentials {
             builder = builder.basic_auth(user, password);
         }
-        let started = Instant::now();
         let response = match builder.send().await {
             Ok(response) => response,
-            Err(error) => return self.classify_error(error),
+            Err(error) => {
+                if let Some(exchange) = capture {
+                    exchange.duration = started.elapsed();
+                }
+                return self.classify_error(error);
+            }
         };
         let latency = started.elapsed();
         let status = response.status();
@@ -257,7 +456,19 @@ impl Deliverer {
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, SystemTime::now()));
-        drain(response).await;
+        match capture {
+            None => {
+                drain(response, 0).await;
+            }
+            Some(exchange) => {
+                exchange.response_status = Some(status.as_u16());
+                exchange.response_headers = Some(logged_response_headers(response.headers()));
+                let kept = drain(response, RESPONSE_BODY_LIMIT).await;
+                exchange.response_body =
+                    Some(cut(&String::from_utf8_lossy(&kept), RESPONSE_BODY_LIMIT));
+                exchange.duration = started.elapsed();
+            }
+        }
         classify_status(status, retry_after, latency)
     }
 
@@ -443,16 +654,25 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Reads a little of the body so the kept-alive connection can be reused; errors here do not
-/// change the outcome (the status already decided it).
-async fn drain(mut response: reqwest::Response) {
+/// Reads a little of the body so the kept-alive connection can be reused, and returns its first
+/// `keep` bytes (the delivery log's part); errors here do not change the outcome (the status
+/// already decided it). The log being on reads no more of the body than it being off.
+async fn drain(mut response: reqwest::Response, keep: usize) -> Vec<u8> {
+    let mut kept = Vec::new();
     let mut read = 0;
     while read < DRAIN_LIMIT {
         match response.chunk().await {
-            Ok(Some(chunk)) => read += chunk.len(),
+            Ok(Some(chunk)) => {
+                read += chunk.len();
+                if kept.len() < keep {
+                    let room = keep - kept.len();
+                    kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                }
+            }
             Ok(None) | Err(_) => break,
         }
     }
+    kept
 }
 
 fn uuid_value(id: Uuid) -> HeaderValue {
@@ -502,6 +722,7 @@ mod tests {
             recent_failures: 0,
             disabled_until: None,
             collapse: false,
+            created_at: None,
         }
     }
 

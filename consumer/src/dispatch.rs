@@ -263,6 +263,7 @@ async fn dispatch(
                     source: Some(source.clone()),
                     replayed: only_hook.is_some(),
                     rate_token_for: None,
+                    resend: false,
                 };
                 let queued = queued.contains(&(hook.id, event.build_id));
                 (previous, done, hook.clone(), task, queued)

@@ -39,17 +39,29 @@
 //! - `dispatch`: the main path (ordering per (build, hook)). [`retry`]: the retry path.
 //! - `recheck`: what a retry checks again before it is sent (the build's user blocked meanwhile).
 //! - [`dead_letter`]: the dead-letter topic, the operator's side: listing and replaying it.
+//! - [`hook_admin`]: managing hooks (checks, add, edit, list, remove, enable), the one
+//!   implementation behind the `hooks` commands and the hooks API.
+//! - [`api`]: the hooks API (GitLab's project hooks routes, behind an admin token) and its
+//!   OpenAPI document.
+//! - [`delivery_log`]: every attempt recorded off the delivery path (batched writer, dropped
+//!   rows counted), daily partitions created ahead and dropped past the retention.
+//! - [`hook_ops`]: an operator's test of a hook and resend of a logged delivery (the CLI's
+//!   `hooks test|resend`, and the hooks API's routes).
 //! - [`server`]: `/metrics`, `/healthz`, `/readyz` and [`serve`].
 
+pub mod api;
 mod commit;
 pub mod config;
 pub mod context;
 pub mod dead_letter;
 pub mod decode;
 pub mod deliver;
+pub mod delivery_log;
 mod dispatch;
 pub mod error;
 pub mod handoff;
+pub mod hook_admin;
+pub mod hook_ops;
 pub mod hooks;
 mod intake;
 mod kafka;
@@ -87,6 +99,7 @@ pub use server::{ServeConfig, serve};
 
 use crate::context::Context;
 use crate::deliver::Deliverer;
+use crate::delivery_log::{DeliveryLog, DeliveryLogTasks};
 use crate::handoff::Handoff;
 use crate::hooks::HookRegistry;
 use crate::kafka::Subscription;
@@ -98,6 +111,8 @@ pub struct Consumer {
     cx: Arc<Context>,
     main: Subscription,
     retry: Subscription,
+    /// The delivery log's writer and keeper, when the log is on.
+    log_tasks: Option<DeliveryLogTasks>,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -135,6 +150,18 @@ impl Consumer {
             "retry",
             &metrics,
         )?;
+        let (log, log_tasks) = match (config.delivery_log.enabled, store.pg_pool()) {
+            (true, Some(pool)) => {
+                let (log, tasks) =
+                    DeliveryLog::start(pool.clone(), &config.delivery_log, metrics.clone());
+                (log, Some(tasks))
+            }
+            (true, None) => {
+                tracing::info!("the delivery log needs a PostgreSQL store; it is off");
+                (DeliveryLog::off(metrics.clone()), None)
+            }
+            (false, _) => (DeliveryLog::off(metrics.clone()), None),
+        };
         let cx = Arc::new(Context {
             hooks: HookRegistry::new(store.clone(), config.hook_cache_ttl),
             rate_limits: RateLimiter::new(config.rate_limit, store.clone()),
@@ -142,12 +169,29 @@ impl Consumer {
             store,
             codec,
             deliverer,
+            log,
             handoff,
             metrics,
             turns: tokio::sync::Notify::new(),
             held_here: Default::default(),
         });
-        Ok(Self { cx, main, retry })
+        Ok(Self {
+            cx,
+            main,
+            retry,
+            log_tasks,
+        })
+    }
+
+    /// The operator's hook operations (test, resend) with this consumer's store, HTTP stage,
+    /// hand-off producer and retry topic: what the hooks API's routes call.
+    pub fn hook_ops(&self) -> hook_ops::HookOps {
+        hook_ops::HookOps::new(
+            self.cx.store.clone(),
+            self.cx.deliverer.clone(),
+            self.cx.handoff.producer().clone(),
+            self.cx.config.retry_topic.clone(),
+        )
     }
 
     pub fn metrics(&self) -> Arc<ConsumerMetrics> {
@@ -166,7 +210,17 @@ impl Consumer {
     /// answer yet (a `topics` stall); missing topics that may not be created end it with an
     /// error. A fatal error of a Kafka client (this instance fenced as a static member, say)
     /// stops both paths, drains, and is returned.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ConsumerError> {
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), ConsumerError> {
+        let log_tasks = self.log_tasks.take();
+        let result = self.run_paths(shutdown).await;
+        // After the paths drained, so the last attempts' rows are written too.
+        if let Some(tasks) = log_tasks {
+            tasks.stop().await;
+        }
+        result
+    }
+
+    async fn run_paths(self, shutdown: CancellationToken) -> Result<(), ConsumerError> {
         let config = &self.cx.config;
         let ensured = shutdown::wait_out(
             &self.cx.metrics,

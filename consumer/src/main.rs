@@ -5,11 +5,14 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use hookline_cistate::NewHook;
 use hookline_consumer::config::{ConsumerConfig, RateLimitConfig};
+use hookline_cistate::delivery_log::{self, DeliveryLogQuery};
+use hookline_consumer::api::AdminToken;
 use hookline_consumer::dead_letter::{self, DeadLetterKind, ReplayFilter};
-use hookline_consumer::deliver::DeliverConfig;
-use hookline_consumer::hooks::{masked_url, validate_token, validate_url};
+use hookline_consumer::deliver::{AttemptOutcome, DeliverConfig, Deliverer};
+use hookline_consumer::hook_admin::{self, HookAdmin, HookSpec};
+use hookline_consumer::hook_ops;
+use hookline_consumer::hooks::masked_url;
 use hookline_consumer::schedule::{DEFAULT_RETRY_SCHEDULE, RetrySchedule};
 use hookline_consumer::server::{ServeConfig, open_store};
 use hookline_shell::{
@@ -32,7 +35,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Consume BuildEvents and deliver Job Hooks; serve /metrics, /healthz, /readyz.
+    /// Consume BuildEvents and deliver Job Hooks; serve /metrics, /healthz, /readyz and, with
+    /// --admin-token-file, the hooks API.
     Serve(Box<ServeArgs>),
     /// Manage project webhooks.
     #[command(subcommand)]
@@ -78,7 +82,11 @@ struct ServeArgs {
     /// PostgreSQL schema of the store [default: public].
     #[arg(long, env = "HOOKLINE_DATABASE_SCHEMA")]
     database_schema: Option<String>,
-    /// Address of /metrics, /healthz and /readyz.
+    /// A file holding the hooks API's token (trimmed; refused if empty or readable by every
+    /// user). Without it the API under /api/v4 is not served.
+    #[arg(long, env = "HOOKLINE_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<std::path::PathBuf>,
+    /// Address of /metrics, /healthz, /readyz, /openapi.json and the hooks API.
     #[arg(long, env = "HOOKLINE_LISTEN", default_value = "127.0.0.1:9464")]
     listen: SocketAddr,
     /// Base URL of a Confluent-compatible schema registry to fetch writer schemas from by id
@@ -105,30 +113,15 @@ struct ServeArgs {
     /// delivery waiting for a retry) or relaxed (they go ahead).
     #[arg(long, env = "HOOKLINE_ORDERING", default_value = "relaxed")]
     ordering: hookline_consumer::config::Ordering,
-    /// Whole-request timeout of one delivery.
-    #[arg(long, env = "HOOKLINE_DELIVERY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-    delivery_timeout: Duration,
-    /// `X-Gitlab-Instance`: the CI instance's base URL.
-    #[arg(
-        long,
-        env = "HOOKLINE_INSTANCE_URL",
-        default_value = "http://localhost"
-    )]
-    instance_url: String,
-    /// CIDRs the SSRF guard lets through (comma-separated), e.g. 127.0.0.0/8 for local receivers.
-    #[arg(long, env = "HOOKLINE_ALLOW_CIDRS", value_delimiter = ',')]
-    allow_cidr: Vec<String>,
-    /// Turn the SSRF guard off (never in production).
-    #[arg(long, env = "HOOKLINE_NO_SSRF_GUARD")]
-    no_ssrf_guard: bool,
-    /// Ports below 1024 a hook URL may use (comma-separated); 1024 and above always may.
-    #[arg(
-        long,
-        env = "HOOKLINE_ALLOW_PORTS",
-        value_delimiter = ',',
-        default_value = "80,443"
-    )]
-    allow_port: Vec<u16>,
+    #[command(flatten)]
+    deliver: DeliverArgs,
+    /// The delivery log (one row per attempt, in PostgreSQL): on or off. With the in-memory
+    /// store there is none.
+    #[arg(long, env = "HOOKLINE_DELIVERY_LOG", default_value = "on")]
+    delivery_log: Switch,
+    /// How long the delivery log keeps rows (whole days: daily partitions are dropped).
+    #[arg(long, env = "HOOKLINE_DELIVERY_LOG_RETENTION", default_value = "14d", value_parser = parse_duration)]
+    delivery_log_retention: Duration,
     /// How long a project's hook list is cached.
     #[arg(long, env = "HOOKLINE_HOOK_CACHE_TTL", default_value = "5s", value_parser = parse_duration)]
     hook_cache_ttl: Duration,
@@ -163,6 +156,53 @@ struct ServeArgs {
     /// send at once (the default lets a minute's allowance out at once, like GitLab's window).
     #[arg(long, env = "HOOKLINE_RATE_LIMIT_BURST", default_value = "60s", value_parser = parse_duration)]
     rate_limit_burst: Duration,
+}
+
+/// The HTTP stage's options, shared by `serve` and `hooks test`.
+#[derive(Args)]
+struct DeliverArgs {
+    /// Whole-request timeout of one delivery.
+    #[arg(long, env = "HOOKLINE_DELIVERY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    delivery_timeout: Duration,
+    /// `X-Gitlab-Instance`: the CI instance's base URL.
+    #[arg(
+        long,
+        env = "HOOKLINE_INSTANCE_URL",
+        default_value = "http://localhost"
+    )]
+    instance_url: String,
+    /// CIDRs the SSRF guard lets through (comma-separated), e.g. 127.0.0.0/8 for local receivers.
+    #[arg(long, env = "HOOKLINE_ALLOW_CIDRS", value_delimiter = ',')]
+    allow_cidr: Vec<String>,
+    /// Turn the SSRF guard off (never in production).
+    #[arg(long, env = "HOOKLINE_NO_SSRF_GUARD")]
+    no_ssrf_guard: bool,
+    /// Ports below 1024 a hook URL may use (comma-separated); 1024 and above always may.
+    #[arg(
+        long,
+        env = "HOOKLINE_ALLOW_PORTS",
+        value_delimiter = ',',
+        default_value = "80,443"
+    )]
+    allow_port: Vec<u16>,
+}
+
+impl DeliverArgs {
+    fn config(self) -> DeliverConfig {
+        DeliverConfig {
+            timeout: self.delivery_timeout,
+            instance_url: self.instance_url,
+            allow_cidrs: self.allow_cidr,
+            ssrf_guard: !self.no_ssrf_guard,
+            allow_ports: self.allow_port,
+        }
+    }
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Switch {
+    On,
+    Off,
 }
 
 #[derive(Args)]
@@ -218,6 +258,40 @@ enum HooksCommand {
         #[command(flatten)]
         store: StoreArgs,
         id: i64,
+    },
+    /// Show a hook's delivery log, newest first.
+    Log {
+        #[command(flatten)]
+        store: StoreArgs,
+        id: i64,
+        /// Only attempts that got no 2xx answer.
+        #[arg(long)]
+        failed: bool,
+        /// Only attempts of this event (its X-Gitlab-Event-UUID).
+        #[arg(long)]
+        event: Option<uuid::Uuid>,
+        /// How many entries (at most 100).
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// One JSON object per line, every field (request and response headers and bodies).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send the hook a Job Hook for its project's latest build now, and show the answer.
+    Test {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(flatten)]
+        deliver: DeliverArgs,
+        id: i64,
+    },
+    /// Re-send a logged delivery through the retry topic (same event, same Idempotency-Key).
+    Resend {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        log_id: i64,
     },
 }
 
@@ -324,13 +398,14 @@ async fn run() -> anyhow::Result<()> {
                 per_minute: args.rate_limit_per_minute,
                 burst: args.rate_limit_burst,
             };
-            consumer.deliver = DeliverConfig {
-                timeout: args.delivery_timeout,
-                instance_url: args.instance_url,
-                allow_cidrs: args.allow_cidr,
-                ssrf_guard: !args.no_ssrf_guard,
-                allow_ports: args.allow_port,
-            };
+            consumer.deliver = args.deliver.config();
+            consumer.delivery_log.enabled = matches!(args.delivery_log, Switch::On);
+            consumer.delivery_log.retention = args.delivery_log_retention;
+            let admin_token = args
+                .admin_token_file
+                .as_deref()
+                .map(AdminToken::read)
+                .transpose()?;
             let token = CancellationToken::new();
             cancel_on_signal(token.clone());
             hookline_consumer::serve(
@@ -340,6 +415,7 @@ async fn run() -> anyhow::Result<()> {
                     database_schema: args.database_schema,
                     listen: args.listen,
                     schema_registry_url: args.schema_registry_url,
+                    admin_token,
                 },
                 token,
             )
@@ -444,7 +520,10 @@ async fn hooks(cmd: HooksCommand) -> anyhow::Result<()> {
         HooksCommand::Add { store, .. }
         | HooksCommand::List { store, .. }
         | HooksCommand::Remove { store, .. }
-        | HooksCommand::Enable { store, .. } => {
+        | HooksCommand::Enable { store, .. }
+        | HooksCommand::Log { store, .. }
+        | HooksCommand::Test { store, .. }
+        | HooksCommand::Resend { store, .. } => {
             (store.database_url.clone(), store.database_schema.clone())
         }
     };
@@ -456,21 +535,12 @@ async fn hooks(cmd: HooksCommand) -> anyhow::Result<()> {
         ..
     } = &cmd
     {
-        if let Err(message) = validate_url(url) {
-            bail!("hook refused: {message}");
-        }
-        if let Some(Err(message)) = token.as_deref().map(validate_token) {
-            bail!("hook refused: {message}");
-        }
-        if let Some(secret) = signing_secret
-            && !secret.starts_with("whsec_")
-        {
-            bail!("hook refused: a signing secret must look like whsec_<base64>");
-        }
+        hook_admin::check(Some(url), token.as_deref(), signing_secret.as_deref())?;
     }
     let store = open_store(&url, schema.as_deref())
         .await
         .context("opening the store")?;
+    let admin = HookAdmin::new(store.clone());
     match cmd {
         HooksCommand::Add {
             project,
@@ -481,25 +551,18 @@ async fn hooks(cmd: HooksCommand) -> anyhow::Result<()> {
             collapse,
             ..
         } => {
-            if !force && !store.project_exists(project).await? {
-                bail!(
-                    "hook refused: project {project} is not in the CI state store (add it first, or pass --force if the store is filled later)"
-                );
-            }
-            let hook = store
-                .add_hook(&NewHook {
-                    project_id: project,
-                    url,
-                    token,
-                    signing_secret,
-                    job_events: true,
-                    collapse,
-                })
-                .await?;
+            let spec = HookSpec {
+                url,
+                token,
+                signing_secret,
+                job_events: true,
+                collapse,
+            };
+            let hook = admin.add(project, spec, force).await?;
             println!("{}\t{}", hook.id, hook.uuid);
         }
         HooksCommand::List { project, .. } => {
-            for h in store.list_hooks(project).await? {
+            for h in admin.list(project).await? {
                 let state = match h.state(chrono::Utc::now()) {
                     hookline_cistate::HookState::Executable => "active".to_owned(),
                     hookline_cistate::HookState::TemporarilyDisabled(until) => {
@@ -520,17 +583,105 @@ async fn hooks(cmd: HooksCommand) -> anyhow::Result<()> {
             }
         }
         HooksCommand::Remove { id, .. } => {
-            if !store.remove_hook(id).await? {
-                bail!("no hook {id}");
-            }
+            admin.remove(None, id).await?;
             println!("removed hook {id}");
         }
         HooksCommand::Enable { id, .. } => {
-            if !store.enable_hook(id).await? {
+            admin.enable(id).await?;
+            println!("enabled hook {id}");
+        }
+        HooksCommand::Log {
+            id,
+            failed,
+            event,
+            limit,
+            json,
+            ..
+        } => {
+            let Some(pool) = store.pg_pool() else {
+                bail!("the delivery log needs a PostgreSQL store");
+            };
+            if store.hook(id).await?.is_none() {
                 bail!("no hook {id}");
             }
-            println!("enabled hook {id}");
+            let entries = delivery_log::recent(
+                pool,
+                &DeliveryLogQuery {
+                    hook_id: id,
+                    failed_only: failed,
+                    event_id: event,
+                    limit,
+                    ..DeliveryLogQuery::default()
+                },
+            )
+            .await?;
+            for e in entries {
+                if json {
+                    println!("{}", serde_json::to_string(&e)?);
+                    continue;
+                }
+                let answer = match (e.response_status, &e.internal_error) {
+                    (Some(status), _) => status.to_string(),
+                    (None, Some(error)) => format!("error: {error}"),
+                    (None, None) => "-".to_owned(),
+                };
+                println!(
+                    "{}\t{}\t{}\tattempt={}\tevent={}\t{}ms\t{answer}",
+                    e.id,
+                    e.attempted_at.to_rfc3339(),
+                    e.trigger.as_str(),
+                    e.attempt,
+                    e.event_id,
+                    e.duration_ms
+                );
+            }
+        }
+        HooksCommand::Test { id, deliver, .. } => {
+            let deliverer = Deliverer::new(deliver.config())?;
+            let tested = hook_ops::test(store.as_ref(), &deliverer, id).await?;
+            let answer = match tested.status {
+                Some(status) => status.to_string(),
+                None => format!("no answer: {}", outcome_reason(&tested.outcome)),
+            };
+            println!(
+                "{answer}\t{}ms\tlog={}{}",
+                tested.duration.as_millis(),
+                tested.entry.id,
+                if tested.synthetic {
+                    "\tsample build (the project has none)"
+                } else {
+                    ""
+                }
+            );
+            if let Some(body) = tested.body.filter(|b| !b.is_empty()) {
+                println!("{body}");
+            }
+            if !matches!(tested.outcome, AttemptOutcome::Delivered { .. }) {
+                bail!(
+                    "the test delivery failed: {}",
+                    outcome_reason(&tested.outcome)
+                );
+            }
+        }
+        HooksCommand::Resend { log_id, kafka, .. } => {
+            let config = kafka.config();
+            config.check_kafka_options()?;
+            let resent =
+                hook_ops::resend_with_config(&config, store.as_ref(), None, log_id).await?;
+            println!(
+                "resent log entry {} to hook {}: event {} idempotency_key {}",
+                resent.log_id, resent.hook_id, resent.event_id, resent.idempotency_key
+            );
         }
     }
     Ok(())
+}
+
+fn outcome_reason(outcome: &AttemptOutcome) -> String {
+    match outcome {
+        AttemptOutcome::Delivered { status, .. } => format!("delivered ({status})"),
+        AttemptOutcome::Retry { reason, .. } | AttemptOutcome::Final { reason, .. } => {
+            reason.clone()
+        }
+    }
 }

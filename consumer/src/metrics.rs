@@ -103,6 +103,8 @@ pub struct ConsumerMetrics {
     stalls: Mutex<Vec<(u64, Stall, tokio::time::Instant)>>,
     stall_ids: std::sync::atomic::AtomicU64,
     handoffs_lost: Counter,
+    delivery_log_written: Counter,
+    delivery_log_dropped: Counter,
     ordering: Family<ActionLabels, Counter>,
     deferred: Family<ReasonLabels, Counter>,
     retries_dropped: Family<ReasonLabels, Counter>,
@@ -227,6 +229,8 @@ impl ConsumerMetrics {
             });
         }
         let handoffs_lost = Counter::default();
+        let delivery_log_written = Counter::default();
+        let delivery_log_dropped = Counter::default();
         let ordering = Family::<ActionLabels, Counter>::default();
         // Every series with a known label value is present at 0 from the start too: an alert's
         // `increase()` sees the first event, and the README's tables are checked against a live
@@ -343,8 +347,20 @@ impl ConsumerMetrics {
             "Hand-offs Kafka refused for good whose compact dead letter was refused too (logged with every identifier)",
             handoffs_lost.clone(),
         );
+        registry.register(
+            "delivery_log_written",
+            "Delivery-log rows written to the database",
+            delivery_log_written.clone(),
+        );
+        registry.register(
+            "delivery_log_dropped",
+            "Delivery-log rows dropped: the writer's buffer was full, or the database failed or was too slow to take a batch (deliveries are never held up for the log)",
+            delivery_log_dropped.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
+            delivery_log_written,
+            delivery_log_dropped,
             deliveries,
             attempt_seconds,
             event_to_delivery_seconds,
@@ -399,6 +415,24 @@ impl ConsumerMetrics {
                 reason: reason.to_owned(),
             })
             .get()
+    }
+
+    /// Delivery-log rows written so far.
+    pub fn delivery_log_written(&self) -> u64 {
+        self.delivery_log_written.get()
+    }
+
+    /// Delivery-log rows dropped so far.
+    pub fn delivery_log_dropped(&self) -> u64 {
+        self.delivery_log_dropped.get()
+    }
+
+    pub(crate) fn delivery_log_wrote(&self, rows: u64) {
+        self.delivery_log_written.inc_by(rows);
+    }
+
+    pub(crate) fn delivery_log_dropped_rows(&self, rows: u64) {
+        self.delivery_log_dropped.inc_by(rows);
     }
 
     pub(crate) fn order_action(&self, action: &'static str) {

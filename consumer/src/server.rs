@@ -1,4 +1,5 @@
-//! `hookline-consumer serve`: the consumer plus `/metrics`, `/healthz` and `/readyz`.
+//! `hookline-consumer serve`: the consumer plus `/metrics`, `/healthz` and `/readyz`, and the
+//! hooks API ([`crate::api`]) when an admin token is configured.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,6 +18,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::api::{self, AdminToken, ApiState};
+use crate::hook_admin::HookAdmin;
 use crate::kafka::HandoffProducer;
 use crate::{Consumer, ConsumerConfig, ConsumerError, ConsumerMetrics};
 
@@ -33,6 +36,8 @@ pub struct ServeConfig {
     /// Base URL of a Confluent-compatible schema registry to fetch writer schemas from, by the
     /// id in each record (cached). `None`: the embedded registry (`schemas/avro/manifest.json`).
     pub schema_registry_url: Option<String>,
+    /// The hooks API's token (`--admin-token-file`). `None`: the API is not served.
+    pub admin_token: Option<AdminToken>,
 }
 
 /// The consumer's codec: the embedded registry's without a URL; with one, a client of that
@@ -136,15 +141,24 @@ pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> Result<(
     let store = open_store(&config.database_url, config.database_schema.as_deref()).await?;
     let consumer = Consumer::new(config.consumer, store.clone(), codec).await?;
     let listener = TcpListener::bind(config.listen).await?;
-    info!(listen = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
+    let listen = listener.local_addr()?;
+    let api_state = config.admin_token.map(|token| ApiState {
+        admin: HookAdmin::new(store.clone()),
+        ops: consumer.hook_ops(),
+        token,
+    });
+    if api_state.is_some() {
+        info!(%listen, "serving /metrics, /healthz, /readyz, /openapi.json and the hooks API under /api/v4");
+    } else {
+        info!(%listen, "serving /metrics, /healthz, /readyz, /openapi.json; the hooks API is off (no --admin-token-file)");
+    }
     let http_stop = shutdown.clone();
+    let routes =
+        app(consumer.metrics(), store, consumer.kafka_client()).merge(api::router(api_state));
     let http = tokio::spawn(
-        axum::serve(
-            listener,
-            app(consumer.metrics(), store, consumer.kafka_client()),
-        )
-        .with_graceful_shutdown(async move { http_stop.cancelled().await })
-        .into_future(),
+        axum::serve(listener, routes)
+            .with_graceful_shutdown(async move { http_stop.cancelled().await })
+            .into_future(),
     );
     let result = consumer.run(shutdown).await;
     http.abort();

@@ -6,6 +6,7 @@
 //! since only then may the offset of the record that carried the task be stored.
 
 use chrono::{DateTime, Utc};
+use hookline_cistate::delivery_log::LogTrigger;
 use hookline_cistate::{Hook, HookFailure};
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
@@ -152,9 +153,23 @@ pub(crate) async fn attempt(
         body: task.body.clone(),
         attempt,
     };
+    let trigger = if task.resend {
+        LogTrigger::Resend
+    } else {
+        LogTrigger::Delivery
+    };
+    let attempted = async {
+        if !cx.log.is_on() {
+            return cx.deliverer.attempt(&request).await;
+        }
+        let (outcome, exchange) = cx.deliverer.attempt_captured(&request).await;
+        cx.log
+            .record(exchange.log_entry(&request, Some(task.build_id), trigger, &outcome));
+        outcome
+    };
     let outcome = tokio::select! {
         _ = abandon.cancelled() => return Err(Abandoned),
-        outcome = cx.deliverer.attempt(&request) => outcome,
+        outcome = attempted => outcome,
     };
     let settlement = decide(
         &outcome,
@@ -376,6 +391,7 @@ mod tests {
             recent_failures: 4,
             disabled_until: Some(now() + chrono::Duration::minutes(1)),
             collapse: false,
+            created_at: None,
         };
         assert_eq!(
             before_attempt(&hook, now()),

@@ -28,6 +28,9 @@ pub const H_REPLAYED: &str = "hookline-replayed";
 /// The attempt whose rate-limit token was reserved when the namespace's limit deferred it (see
 /// `rate_limit`): that attempt goes out when due without taking another.
 pub const H_RATE_TOKEN_FOR: &str = "hookline-rate-token-for";
+/// A delivery re-sent by an operator from the delivery log (`hooks resend`): logged with the
+/// trigger `resend`.
+pub const H_RESEND: &str = "hookline-resend";
 
 /// A record's place in Kafka.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +90,8 @@ pub struct DeliveryTask {
     /// The attempt (1-based) whose rate-limit token is already reserved: set when the root
     /// namespace's limit deferred the task, so it does not pay twice.
     pub rate_token_for: Option<u32>,
+    /// Re-sent from the delivery log (also `replayed`): its attempts are logged as `resend`.
+    pub resend: bool,
 }
 
 /// Builds Kafka headers from string pairs.
@@ -137,6 +142,9 @@ impl DeliveryTask {
         if let Some(attempt) = self.rate_token_for {
             pairs.push((H_RATE_TOKEN_FOR, attempt.to_string()));
         }
+        if self.resend {
+            pairs.push((H_RESEND, "1".to_owned()));
+        }
         pairs
     }
 
@@ -166,6 +174,7 @@ impl DeliveryTask {
             source: Source::from_headers(headers),
             replayed: header(headers, H_REPLAYED).is_some(),
             rate_token_for: header(headers, H_RATE_TOKEN_FOR).and_then(|a| a.parse().ok()),
+            resend: header(headers, H_RESEND).is_some(),
         })
     }
 }
@@ -192,6 +201,7 @@ mod tests {
             }),
             replayed: true,
             rate_token_for: Some(3),
+            resend: true,
         };
         let h = headers(task.header_pairs());
         assert_eq!(

@@ -124,6 +124,7 @@ fn hook(url: &str) -> Hook {
         recent_failures: 0,
         disabled_until: None,
         collapse: false,
+        created_at: None,
     }
 }
 

@@ -3,12 +3,14 @@
 //! one area; run one with `scripts/test -p hookline-tests -- <module>::`.
 
 mod cluster_failover;
+mod consumer_api;
 mod consumer_bench;
 mod consumer_delivery;
 mod consumer_liveness;
 mod consumer_ordering;
 mod consumer_rate_limit;
 mod consumer_reliability;
+mod delivery_log;
 mod foundation;
 mod monitoring;
 mod producer_emit;

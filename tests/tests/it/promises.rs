@@ -343,6 +343,7 @@ async fn both_services_answer_503_while_postgresql_is_away_and_recover() {
             database_schema: Some(schema),
             listen: format!("127.0.0.1:{port}").parse().unwrap(),
             schema_registry_url: None,
+            admin_token: None,
         },
         shutdown.clone(),
     ));
