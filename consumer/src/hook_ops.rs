@@ -1,7 +1,7 @@
 //! An operator's hook operations, shared by the CLI (`hooks test`, `hooks resend`) and the
 //! hooks API's routes:
 //!
-//! - [`test`]: a Job Hook for the project's most recent build (or, without one, the sample
+//! - [`test()`]: a Job Hook for the project's most recent build (or, without one, the sample
 //!   build of `hookline_cistate::fixtures` moved into the project) sent now, through the same
 //!   [`Deliverer`] and SSRF guard as every delivery, logged with the trigger `test`, answered
 //!   with the receiver's status, headers and body (GitLab's "Test" button). A success
@@ -124,7 +124,7 @@ impl HookOps {
         }
     }
 
-    /// [`test`] with these parts.
+    /// [`test()`] with these parts.
     pub async fn test(&self, hook_id: i64) -> Result<TestOutcome, HookOpError> {
         test(self.store.as_ref(), &self.deliverer, hook_id).await
     }
