@@ -16,6 +16,7 @@
 //!   the producer's relay claims, publishes and deletes it.
 //! - [`render`](mod@render): the pure renderer, shared by producer (inline) and consumer (deferred).
 //! - [`delivery_log`]: one row per attempt to deliver to a hook, for the operator.
+//! - [`rate_limit`]: per-root-namespace limit overrides and the shared token buckets (GCRA).
 //! - [`fixtures`]: a realistic build, for tests and examples.
 
 pub mod delivery_log;
@@ -24,6 +25,7 @@ pub mod memory;
 pub mod model;
 pub mod outbox;
 pub mod pg;
+pub mod rate_limit;
 pub mod render;
 pub mod store;
 
@@ -31,6 +33,7 @@ pub use memory::MemoryStore;
 pub use model::*;
 pub use outbox::{Outbox, OutboxRow, OutboxTransition};
 pub use pg::{PgOptions, PgStore, write_build, write_pipeline};
+pub use rate_limit::{Bucket, RateLimitOverride};
 pub use render::{NoHook, Transition, is_stale, job_hook, no_hook, render};
 /// The pool type of [`PgStore::pool`] and [`CiStore::pg_pool`], for crates without `sqlx`.
 pub use sqlx::PgPool;

@@ -11,6 +11,7 @@ use crate::model::{
     Build, Hook, HookFailure, Namespace, NewHook, OrderEntry, Pipeline, Project, RenderSnapshot,
     Runner, User,
 };
+use crate::rate_limit::{Bucket, RateLimitOverride, gcra};
 use crate::render::truncate_to_micros;
 use crate::store::{CiStore, StoreError};
 
@@ -29,12 +30,22 @@ struct State {
     next_order_seq: i64,
 }
 
+/// Per-namespace limits and buckets, by namespace id.
+#[derive(Debug, Default)]
+struct RateLimits {
+    /// Its own limit (`None`: no limit).
+    overrides: HashMap<i64, Option<u32>>,
+    /// Its bucket's theoretical arrival time.
+    buckets: HashMap<i64, DateTime<Utc>>,
+}
+
 /// An entry of an order queue and when it was settled.
 type QueuedEntry = (OrderEntry, Option<DateTime<Utc>>);
 
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     state: RwLock<State>,
+    rate_limits: std::sync::Mutex<RateLimits>,
 }
 
 impl MemoryStore {
@@ -349,5 +360,62 @@ impl CiStore for MemoryStore {
             .unwrap()
             .projects
             .contains_key(&project_id))
+    }
+
+    async fn project_namespace(&self, project_id: i64) -> Result<Option<i64>, StoreError> {
+        let state = self.state.read().unwrap();
+        Ok(state.projects.get(&project_id).map(|p| p.namespace_id))
+    }
+
+    async fn rate_limit_overrides(&self) -> Result<Vec<RateLimitOverride>, StoreError> {
+        let limits = self.rate_limits.lock().unwrap();
+        let mut out: Vec<_> = limits
+            .overrides
+            .iter()
+            .map(|(&namespace_id, &per_minute)| RateLimitOverride {
+                namespace_id,
+                per_minute,
+            })
+            .collect();
+        out.sort_by_key(|o| o.namespace_id);
+        Ok(out)
+    }
+
+    async fn set_rate_limit(
+        &self,
+        namespace_id: i64,
+        per_minute: Option<u32>,
+    ) -> Result<(), StoreError> {
+        if per_minute == Some(0) {
+            return Err(StoreError::Invalid("a rate limit is at least 1".into()));
+        }
+        self.rate_limits
+            .lock()
+            .unwrap()
+            .overrides
+            .insert(namespace_id, per_minute);
+        Ok(())
+    }
+
+    async fn clear_rate_limit(&self, namespace_id: i64) -> Result<bool, StoreError> {
+        Ok(self
+            .rate_limits
+            .lock()
+            .unwrap()
+            .overrides
+            .remove(&namespace_id)
+            .is_some())
+    }
+
+    async fn take_rate_token(
+        &self,
+        namespace_id: i64,
+        bucket: Bucket,
+    ) -> Result<std::time::Duration, StoreError> {
+        let mut limits = self.rate_limits.lock().unwrap();
+        let tat = limits.buckets.get(&namespace_id).copied();
+        let (next, wait) = gcra(tat, Utc::now(), bucket);
+        limits.buckets.insert(namespace_id, next);
+        Ok(wait)
     }
 }

@@ -14,6 +14,7 @@ use crate::model::{
     Build, Environment, Hook, HookFailure, Namespace, NewHook, OrderEntry, Pipeline, Project,
     RenderSnapshot, Runner, SourcePipeline, User,
 };
+use crate::rate_limit::{Bucket, RateLimitOverride};
 use crate::store::{CiStore, StoreError};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -619,6 +620,79 @@ impl CiStore for PgStore {
                 .fetch_one(&self.pool)
                 .await?,
         )
+    }
+    async fn project_namespace(&self, project_id: i64) -> Result<Option<i64>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT namespace_id FROM projects WHERE id = $1")
+                .bind(project_id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn rate_limit_overrides(&self) -> Result<Vec<RateLimitOverride>, StoreError> {
+        let rows: Vec<(i64, Option<i32>)> = sqlx::query_as(
+            "SELECT namespace_id, per_minute FROM namespace_rate_limits ORDER BY namespace_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(namespace_id, per_minute)| RateLimitOverride {
+                namespace_id,
+                per_minute: per_minute.map(|n| n.max(1) as u32),
+            })
+            .collect())
+    }
+
+    async fn set_rate_limit(
+        &self,
+        namespace_id: i64,
+        per_minute: Option<u32>,
+    ) -> Result<(), StoreError> {
+        let per_minute = per_minute
+            .map(|n| i32::try_from(n).map_err(|_| StoreError::Invalid(format!("{n} is too large"))))
+            .transpose()?;
+        sqlx::query(
+            "INSERT INTO namespace_rate_limits (namespace_id, per_minute) VALUES ($1, $2) \
+             ON CONFLICT (namespace_id) DO UPDATE \
+             SET per_minute = EXCLUDED.per_minute, updated_at = now()",
+        )
+        .bind(namespace_id)
+        .bind(per_minute)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn clear_rate_limit(&self, namespace_id: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM namespace_rate_limits WHERE namespace_id = $1")
+            .bind(namespace_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn take_rate_token(
+        &self,
+        namespace_id: i64,
+        bucket: Bucket,
+    ) -> Result<Duration, StoreError> {
+        // `rate_limit::gcra` in one statement, on the database's clock (one clock for every
+        // instance); the row lock serialises the instances taking from one namespace.
+        let wait: f64 = sqlx::query_scalar(
+            "INSERT INTO rate_limit_buckets AS b (namespace_id, tat) \
+             VALUES ($1, now() + make_interval(secs => $2)) \
+             ON CONFLICT (namespace_id) DO UPDATE \
+             SET tat = GREATEST(b.tat, now()) + make_interval(secs => $2) \
+             RETURNING GREATEST(EXTRACT(EPOCH FROM (b.tat - now())) - $3, 0)::float8",
+        )
+        .bind(namespace_id)
+        .bind(bucket.interval.as_secs_f64())
+        .bind(bucket.depth.as_secs_f64())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Duration::from_secs_f64(wait.max(0.0)))
     }
 }
 

@@ -16,6 +16,7 @@ use crate::model::{
     Build, Hook, HookFailure, Namespace, NewHook, OrderEntry, Pipeline, Project, RenderSnapshot,
     Runner, User,
 };
+use crate::rate_limit::{Bucket, RateLimitOverride};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -131,4 +132,25 @@ pub trait CiStore: Send + Sync + std::fmt::Debug {
     fn pg_pool(&self) -> Option<&sqlx::PgPool> {
         None
     }
+    // Rate limits per root namespace: see `crate::rate_limit`.
+
+    /// The root namespace of a project; `None` when the project is not in the store.
+    async fn project_namespace(&self, project_id: i64) -> Result<Option<i64>, StoreError>;
+    /// Every namespace's own limit, by namespace id.
+    async fn rate_limit_overrides(&self) -> Result<Vec<RateLimitOverride>, StoreError>;
+    /// Sets a namespace's own limit (`None`: no limit for it).
+    async fn set_rate_limit(
+        &self,
+        namespace_id: i64,
+        per_minute: Option<u32>,
+    ) -> Result<(), StoreError>;
+    /// Forgets a namespace's own limit (the default applies again). False when it had none.
+    async fn clear_rate_limit(&self, namespace_id: i64) -> Result<bool, StoreError>;
+    /// Takes, or reserves, one token of the namespace's bucket ([`crate::rate_limit::gcra`]):
+    /// how long to wait for it (zero: now). Atomic across every consumer sharing the store.
+    async fn take_rate_token(
+        &self,
+        namespace_id: i64,
+        bucket: Bucket,
+    ) -> Result<std::time::Duration, StoreError>;
 }

@@ -7,6 +7,7 @@ use crate::ConsumerError;
 use crate::deliver::DeliverConfig;
 pub use crate::delivery_log::DeliveryLogConfig;
 pub use crate::order::Ordering;
+pub use crate::rate_limit::RateLimitConfig;
 use crate::schedule::RetrySchedule;
 
 pub use crate::schedule::DEFAULT_RETRY_SCHEDULE;
@@ -64,6 +65,9 @@ pub struct ConsumerConfig {
     pub retry_partitions: Option<i32>,
     /// The delivery log: on by default, written only with a PostgreSQL store.
     pub delivery_log: DeliveryLogConfig,
+    /// The default rate limit per root namespace and the buckets' depth (overrides per namespace
+    /// live in the store).
+    pub rate_limit: RateLimitConfig,
 }
 
 /// The default session timeout: a killed instance without a stable identity has its partitions
@@ -125,6 +129,7 @@ impl ConsumerConfig {
             create_topics: true,
             retry_partitions: None,
             delivery_log: DeliveryLogConfig::default(),
+            rate_limit: RateLimitConfig::default(),
         }
     }
 
@@ -200,6 +205,14 @@ impl ConsumerConfig {
                 "delivery log retention {:?} must be at least a day (partitions are daily)",
                 self.delivery_log.retention
             ));
+        }
+        if self.rate_limit.per_minute == Some(0) {
+            return bad(
+                "rate limit per minute must be at least 1 (leave it unset for none)".into(),
+            );
+        }
+        if self.rate_limit.burst.is_zero() {
+            return bad("rate limit burst must be above zero".into());
         }
         if self.deliver.timeout.is_zero() {
             return bad("delivery timeout must be above zero".into());

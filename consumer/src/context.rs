@@ -12,6 +12,7 @@ use crate::delivery_log::DeliveryLog;
 use crate::handoff::Handoff;
 use crate::hooks::HookRegistry;
 use crate::metrics::ConsumerMetrics;
+use crate::rate_limit::RateLimiter;
 
 /// Everything both paths share.
 pub struct Context {
@@ -24,6 +25,8 @@ pub struct Context {
     pub log: DeliveryLog,
     pub handoff: Handoff,
     pub metrics: Arc<ConsumerMetrics>,
+    /// The per-root-namespace rate limits (see `rate_limit`).
+    pub rate_limits: RateLimiter,
     /// Woken whenever a delivery of a (hook, build) order queue is settled here, so queued
     /// records waiting for their turn look again (see `strict`).
     pub turns: tokio::sync::Notify,

@@ -308,6 +308,7 @@ pub async fn replay(
                     last_error: None,
                     replayed: true,
                     resend: false,
+                    rate_token_for: None,
                     ..task.clone()
                 };
                 summary.deliveries += 1;

@@ -263,6 +263,7 @@ async fn dispatch(
                     source: Some(source.clone()),
                     replayed: only_hook.is_some(),
                     resend: false,
+                    rate_token_for: None,
                 };
                 let queued = queued.contains(&(hook.id, event.build_id));
                 (previous, done, hook.clone(), task, queued)

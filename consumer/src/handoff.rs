@@ -74,6 +74,19 @@ pub enum DeadLetterReason {
 }
 
 impl DeadLetterReason {
+    /// Every reason but the decoder's (those are named by the decoder when they happen).
+    pub const KNOWN: [DeadLetterReason; 9] = [
+        DeadLetterReason::BuildNotFound,
+        DeadLetterReason::BadRetryRecord,
+        DeadLetterReason::HookDisabled,
+        DeadLetterReason::HookRemoved,
+        DeadLetterReason::RetriesExhausted,
+        DeadLetterReason::FinalResponse,
+        DeadLetterReason::Gone,
+        DeadLetterReason::HandoffTooLarge,
+        DeadLetterReason::HandoffRefused,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             DeadLetterReason::Undecodable(reason) => reason,
@@ -401,6 +414,27 @@ mod tests {
     use rdkafka::error::KafkaError;
 
     use super::*;
+
+    #[test]
+    fn known_reasons_are_every_reason_but_the_decoders() {
+        // An exhaustive match: a new variant fails to compile here until it is placed.
+        let known = |r: DeadLetterReason| match r {
+            DeadLetterReason::Undecodable(_) => false,
+            DeadLetterReason::BuildNotFound
+            | DeadLetterReason::BadRetryRecord
+            | DeadLetterReason::HookDisabled
+            | DeadLetterReason::HookRemoved
+            | DeadLetterReason::RetriesExhausted
+            | DeadLetterReason::FinalResponse
+            | DeadLetterReason::Gone
+            | DeadLetterReason::HandoffTooLarge
+            | DeadLetterReason::HandoffRefused => true,
+        };
+        assert!(DeadLetterReason::KNOWN.into_iter().all(known));
+        let names: std::collections::HashSet<&str> =
+            DeadLetterReason::KNOWN.map(|r| r.as_str()).into();
+        assert_eq!(names.len(), 9, "{names:?}");
+    }
 
     #[test]
     fn size_and_permission_errors_are_permanent_and_outages_are_not() {

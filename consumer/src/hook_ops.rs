@@ -250,6 +250,7 @@ pub async fn resend(
         // Outside the build's order, as a dead-letter replay is.
         replayed: true,
         resend: true,
+        rate_token_for: None,
     };
     let (key, headers) = retry_record(&task, Utc::now());
     producer

@@ -25,6 +25,8 @@
 //! - [`resolve`]: the body: embedded bytes, or a render from current state (batched snapshots).
 //! - [`hooks`]: each project's job hooks (cached briefly), hook health and auto-disable.
 //! - [`deliver`]: one HTTP attempt: headers, signing ([`sign`]), SSRF guard ([`ssrf`]).
+//! - [`rate_limit`]: a token bucket per root namespace, shared in PostgreSQL; the excess is
+//!   deferred to the retry topic, never dropped.
 //! - [`schedule`]: the retry delays (pure).
 //! - [`handoff`]: writing to the retry and dead-letter topics; which Kafka errors are waited out
 //!   and which end in a compact dead letter; the dead-letter reasons.
@@ -35,6 +37,7 @@
 //! - [`order`]: per-(hook, build) order across retries, the pure rules; `strict`: carrying
 //!   them out on both paths (the queue in the store, turns, collapse).
 //! - `dispatch`: the main path (ordering per (build, hook)). [`retry`]: the retry path.
+//! - `recheck`: what a retry checks again before it is sent (the build's user blocked meanwhile).
 //! - [`dead_letter`]: the dead-letter topic, the operator's side: listing and replaying it.
 //! - [`delivery_log`]: every attempt recorded off the delivery path (batched writer, dropped
 //!   rows counted), daily partitions created ahead and dropped past the retention.
@@ -60,6 +63,8 @@ pub mod metrics;
 mod offsets;
 pub mod order;
 mod path;
+pub mod rate_limit;
+mod recheck;
 pub mod resolve;
 pub mod retry;
 pub mod schedule;
@@ -93,6 +98,7 @@ use crate::handoff::Handoff;
 use crate::hooks::HookRegistry;
 use crate::kafka::Subscription;
 use crate::path::Path;
+use crate::rate_limit::RateLimiter;
 
 /// A running consumer: the main path and the retry path, sharing one context.
 pub struct Consumer {
@@ -122,6 +128,7 @@ impl Consumer {
         let deliverer = Deliverer::new(config.deliver.clone())
             .map_err(|e| ConsumerError::Config(e.to_string()))?;
         let metrics = Arc::new(ConsumerMetrics::new());
+        metrics.preset_dead_letters(handoff::DeadLetterReason::KNOWN.map(|r| r.as_str()));
         let producer = kafka::producer_config(&config).create_with_context(Default::default())?;
         let handoff = Handoff::new(
             producer,
@@ -151,6 +158,7 @@ impl Consumer {
         };
         let cx = Arc::new(Context {
             hooks: HookRegistry::new(store.clone(), config.hook_cache_ttl),
+            rate_limits: RateLimiter::new(config.rate_limit, store.clone()),
             config,
             store,
             codec,

@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use hookline_cistate::NewHook;
 use hookline_cistate::delivery_log::{self, DeliveryLogQuery};
-use hookline_consumer::config::ConsumerConfig;
+use hookline_consumer::config::{ConsumerConfig, RateLimitConfig};
 use hookline_consumer::dead_letter::{self, DeadLetterKind, ReplayFilter};
 use hookline_consumer::deliver::{AttemptOutcome, DeliverConfig, Deliverer};
 use hookline_consumer::hook_ops;
@@ -42,6 +42,9 @@ enum Command {
     /// Inspect and re-drive the dead-letter topic.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Per-root-namespace rate limits, over `serve --rate-limit-per-minute`.
+    #[command(subcommand)]
+    RateLimits(RateLimitsCommand),
 }
 
 #[derive(Args, Clone)]
@@ -139,6 +142,14 @@ struct ServeArgs {
     /// as many as the main topic).
     #[arg(long, env = "HOOKLINE_RETRY_PARTITIONS")]
     retry_partitions: Option<i32>,
+    /// Deliveries per minute per root namespace without an override (`rate-limits set`); the
+    /// excess is deferred to the retry topic, never dropped [default: no limit].
+    #[arg(long, env = "HOOKLINE_RATE_LIMIT_PER_MINUTE", value_parser = clap::value_parser!(u32).range(1..))]
+    rate_limit_per_minute: Option<u32>,
+    /// How much time's worth of tokens a namespace's bucket holds: what a quiet namespace may
+    /// send at once (the default lets a minute's allowance out at once, like GitLab's window).
+    #[arg(long, env = "HOOKLINE_RATE_LIMIT_BURST", default_value = "60s", value_parser = parse_duration)]
+    rate_limit_burst: Duration,
 }
 
 /// The HTTP stage's options, shared by `serve` and `hooks test`.
@@ -279,6 +290,46 @@ enum HooksCommand {
 }
 
 #[derive(Subcommand)]
+enum RateLimitsCommand {
+    /// Set a root namespace's own limit: deliveries per minute, or `off` for none.
+    Set {
+        #[command(flatten)]
+        store: StoreArgs,
+        namespace: i64,
+        /// N (per minute) or `off`.
+        #[arg(value_parser = parse_limit)]
+        limit: Limit,
+    },
+    /// Forget a namespace's own limit: the default applies again.
+    Clear {
+        #[command(flatten)]
+        store: StoreArgs,
+        namespace: i64,
+    },
+    /// List the namespaces with a limit of their own.
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+/// A namespace's own limit as typed: `None` is `off`.
+#[derive(Clone, Copy)]
+struct Limit(Option<u32>);
+
+fn parse_limit(s: &str) -> Result<Limit, String> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(Limit(None));
+    }
+    match s.parse::<u32>() {
+        Ok(n) if n > 0 => Ok(Limit(Some(n))),
+        _ => Err(format!(
+            "{s:?}: expected a number of deliveries per minute (1 or more) or `off`"
+        )),
+    }
+}
+
+#[derive(Subcommand)]
 enum DlqCommand {
     /// Print every dead letter.
     List {
@@ -340,6 +391,10 @@ async fn run() -> anyhow::Result<()> {
             consumer.deliver = args.deliver.config();
             consumer.delivery_log.enabled = matches!(args.delivery_log, Switch::On);
             consumer.delivery_log.retention = args.delivery_log_retention;
+            consumer.rate_limit = RateLimitConfig {
+                per_minute: args.rate_limit_per_minute,
+                burst: args.rate_limit_burst,
+            };
             let token = CancellationToken::new();
             cancel_on_signal(token.clone());
             hookline_consumer::serve(
@@ -355,6 +410,7 @@ async fn run() -> anyhow::Result<()> {
             .await?;
         }
         Command::Hooks(cmd) => hooks(cmd).await?,
+        Command::RateLimits(cmd) => rate_limits(cmd).await?,
         Command::Dlq(DlqCommand::List { kafka }) => {
             for letter in dead_letter::list(&kafka.config()).await? {
                 let at = letter.timestamp.map(|t| t.to_rfc3339()).unwrap_or_default();
@@ -407,6 +463,41 @@ async fn run() -> anyhow::Result<()> {
                 summary.unreplayable,
                 summary.skipped
             );
+        }
+    }
+    Ok(())
+}
+
+async fn rate_limits(cmd: RateLimitsCommand) -> anyhow::Result<()> {
+    let (RateLimitsCommand::Set { store, .. }
+    | RateLimitsCommand::Clear { store, .. }
+    | RateLimitsCommand::List { store }) = &cmd;
+    let store = open_store(&store.database_url, store.database_schema.as_deref())
+        .await
+        .context("opening the store")?;
+    match cmd {
+        RateLimitsCommand::Set {
+            namespace, limit, ..
+        } => {
+            store.set_rate_limit(namespace, limit.0).await?;
+            match limit.0 {
+                Some(n) => println!("namespace {namespace}: {n} per minute"),
+                None => println!("namespace {namespace}: no limit"),
+            }
+        }
+        RateLimitsCommand::Clear { namespace, .. } => {
+            if !store.clear_rate_limit(namespace).await? {
+                bail!("namespace {namespace} has no limit of its own");
+            }
+            println!("namespace {namespace}: the default applies");
+        }
+        RateLimitsCommand::List { .. } => {
+            for o in store.rate_limit_overrides().await? {
+                match o.per_minute {
+                    Some(n) => println!("{}\t{n}/min", o.namespace_id),
+                    None => println!("{}\toff", o.namespace_id),
+                }
+            }
         }
     }
     Ok(())

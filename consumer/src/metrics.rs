@@ -23,7 +23,8 @@ pub enum Outcome {
     Final,
     /// Failed after the last retry and dead-lettered.
     Exhausted,
-    /// Not attempted: the hook is backing off; rescheduled to when it may be called again.
+    /// Not attempted: the hook is backing off, or its root namespace is over its rate limit;
+    /// rescheduled to when it may be called again (the reason counted in `deferred`).
     Deferred,
     /// Not attempted: the hook is permanently disabled; dead-lettered.
     HookDisabled,
@@ -48,6 +49,17 @@ impl Outcome {
             Outcome::HandoffRefused => "handoff_refused",
         }
     }
+
+    const ALL: [Outcome; 8] = [
+        Outcome::Delivered,
+        Outcome::Retried,
+        Outcome::Final,
+        Outcome::Exhausted,
+        Outcome::Deferred,
+        Outcome::HookDisabled,
+        Outcome::HookRemoved,
+        Outcome::HandoffRefused,
+    ];
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -94,6 +106,8 @@ pub struct ConsumerMetrics {
     delivery_log_written: Counter,
     delivery_log_dropped: Counter,
     ordering: Family<ActionLabels, Counter>,
+    deferred: Family<ReasonLabels, Counter>,
+    retries_dropped: Family<ReasonLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -218,6 +232,46 @@ impl ConsumerMetrics {
         let delivery_log_written = Counter::default();
         let delivery_log_dropped = Counter::default();
         let ordering = Family::<ActionLabels, Counter>::default();
+        // Every series with a known label value is present at 0 from the start too: an alert's
+        // `increase()` sees the first event, and the README's tables are checked against a live
+        // scrape (tests/tests/it/monitoring.rs). Dead-letter reasons are preset by the consumer
+        // (`preset_dead_letters`); lag appears per assigned partition.
+        for outcome in Outcome::ALL {
+            let _ = deliveries.get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str(),
+            });
+        }
+        let _ = events_skipped.get_or_create(&ReasonLabels {
+            reason: "user_blocked".to_owned(),
+        });
+        for path in ["main", "retry"] {
+            let _ = assignments.get_or_create(&PathLabels { path });
+            let _ = fetch_pauses.get_or_create(&PathLabels { path });
+        }
+        for action in ["held", "queued", "collapsed", "already_settled"] {
+            let _ = ordering.get_or_create(&ActionLabels { action });
+        }
+        let deferred = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "deferred",
+            "Deliveries not attempted yet and handed to the retry topic for later, by reason: rate_limit (the root namespace's bucket is empty: due when its token comes), hook_backoff (the hook is temporarily disabled). Neither is a failure",
+            deferred.clone(),
+        );
+        let retries_dropped = Family::<ReasonLabels, Counter>::default();
+        // Present at 0 from the start, so an alert on them has a series to watch.
+        for reason in ["rate_limit", "hook_backoff"] {
+            let _ = deferred.get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            });
+        }
+        let _ = retries_dropped.get_or_create(&ReasonLabels {
+            reason: "user_blocked".to_owned(),
+        });
+        registry.register(
+            "retries_dropped",
+            "Retries not sent and not dead-lettered, by reason: user_blocked (the build's user was blocked after the first attempt)",
+            retries_dropped.clone(),
+        );
         registry.register(
             "ordering",
             "Strict ordering per (hook, build), by action: held (a delivery waits for a retry and holds its build's later events), queued (an event queued behind one), collapsed (a queued event not sent: a later one of its build supersedes it, on a --collapse hook), already_settled (a record read again whose delivery was already settled)",
@@ -324,6 +378,8 @@ impl ConsumerMetrics {
             stall_ids: std::sync::atomic::AtomicU64::new(0),
             handoffs_lost,
             ordering,
+            deferred,
+            retries_dropped,
         }
     }
 
@@ -343,6 +399,40 @@ impl ConsumerMetrics {
 
     pub(crate) fn delivery_log_dropped_rows(&self, rows: u64) {
         self.delivery_log_dropped.inc_by(rows);
+    }
+
+    pub(crate) fn defer(&self, reason: &str) {
+        self.deferred
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Deferrals counted so far for `reason` (`rate_limit`, `hook_backoff`).
+    pub fn deferred(&self, reason: &str) -> u64 {
+        self.deferred
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .get()
+    }
+
+    pub(crate) fn retry_dropped(&self, reason: &str) {
+        self.retries_dropped
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Retries dropped so far for `reason` (`user_blocked`).
+    pub fn retries_dropped(&self, reason: &str) -> u64 {
+        self.retries_dropped
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .get()
     }
 
     pub(crate) fn order_action(&self, action: &'static str) {
@@ -503,6 +593,15 @@ impl ConsumerMetrics {
         self.retries_scheduled.inc();
     }
 
+    /// Presents the dead-letter series of `reasons` at 0 (those known before any record is read).
+    pub(crate) fn preset_dead_letters<'a>(&self, reasons: impl IntoIterator<Item = &'a str>) {
+        for reason in reasons {
+            let _ = self.dead_letters.get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            });
+        }
+    }
+
     pub(crate) fn dead_letter(&self, reason: &str) {
         self.dead_letters
             .get_or_create(&ReasonLabels {
@@ -545,5 +644,25 @@ impl ConsumerMetrics {
                 partition: partition.to_string(),
             })
             .set(lag);
+    }
+}
+
+#[cfg(test)]
+mod rate_limit_series_tests {
+    use super::*;
+
+    #[test]
+    fn deferral_and_dropped_retry_series_are_there_at_zero_from_the_start() {
+        let text = ConsumerMetrics::new().encode();
+        for series in [
+            r#"hookline_consumer_deferred_total{reason="rate_limit"} 0"#,
+            r#"hookline_consumer_deferred_total{reason="hook_backoff"} 0"#,
+            r#"hookline_consumer_retries_dropped_total{reason="user_blocked"} 0"#,
+        ] {
+            assert!(
+                text.lines().any(|l| l == series),
+                "{series} missing:\n{text}"
+            );
+        }
     }
 }

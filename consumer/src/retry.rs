@@ -27,6 +27,7 @@ use crate::context::Context;
 use crate::handoff::DeadLetterReason;
 use crate::metrics::Stall;
 use crate::path::Path;
+use crate::recheck;
 use crate::shutdown::{Abandoned, pause, wait_out};
 use crate::step::{self, Settlement};
 use crate::strict;
@@ -87,6 +88,10 @@ async fn process(
     if Utc::now() < due {
         debug!(event_id = %task.event_id, hook_id = task.hook_id, %due, "not due yet; back to the end of the retry topic");
         p.handoff.to_retry(&task, None, due, abandon).await?;
+        return Ok(());
+    }
+    // A build's user blocked since the first attempt sends nothing more (see `recheck`).
+    if recheck::drop_if_user_blocked(p, &task, abandon).await? {
         return Ok(());
     }
     // Retries must see the hook's current health and settings: read it fresh.

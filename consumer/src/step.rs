@@ -1,5 +1,5 @@
 //! One step of a delivery task, the same on the main and the retry path: check the hook's
-//! health, make one HTTP attempt, and settle what follows. What follows is decided by a pure
+//! health and the root namespace's rate limit, make one HTTP attempt, and settle what follows. What follows is decided by a pure
 //! function, [`decide`], from the attempt's outcome and the retry schedule: a [`Settlement`]
 //! (delivered, retry at a due time, deferred, or a dead letter with its reason). The step then
 //! carries it out: every hand-off waits for the broker's ack before the step counts as finished,
@@ -17,6 +17,7 @@ use crate::deliver::{AttemptOutcome, DeliveryRequest};
 use crate::handoff::{DeadLetterReason, Landed};
 use crate::hooks::{Gate, gate};
 use crate::metrics::Outcome;
+use crate::rate_limit::Admission;
 use crate::schedule::RetrySchedule;
 use crate::shutdown::Abandoned;
 use crate::task::DeliveryTask;
@@ -130,11 +131,22 @@ pub(crate) async fn attempt(
 ) -> Result<(DeliveryTask, Settlement), Abandoned> {
     if let Some(settlement) = before_attempt(hook, Utc::now()) {
         if let Settlement::Deferred { until } = &settlement {
+            cx.metrics.defer("hook_backoff");
             debug!(hook_id = hook.id, event_id = %task.event_id, %until, "hook backing off; delivery deferred");
         }
         return Ok((task, settlement));
     }
     let attempt = task.attempts + 1;
+    // After the hook's health, so a backing-off hook spends no token.
+    if let Admission::DeferUntil(until) = cx.rate_limits.admit(&cx.metrics, &task, abandon).await? {
+        cx.metrics.defer("rate_limit");
+        debug!(hook_id = hook.id, project_id = task.project_id, event_id = %task.event_id, %until, "namespace over its rate limit; delivery deferred");
+        let task = DeliveryTask {
+            rate_token_for: Some(attempt),
+            ..task
+        };
+        return Ok((task, Settlement::Deferred { until }));
+    }
     let request = DeliveryRequest {
         hook,
         event_id: task.event_id,
@@ -210,6 +222,8 @@ pub(crate) async fn attempt(
             DeliveryTask {
                 attempts: attempt,
                 last_error: Some(reason.clone()),
+                // Spent on this attempt; the next one takes its own.
+                rate_token_for: None,
                 ..task
             }
         }

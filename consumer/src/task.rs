@@ -28,6 +28,9 @@ pub const H_REPLAYED: &str = "hookline-replayed";
 /// A delivery re-sent by an operator from the delivery log (`hooks resend`): logged with the
 /// trigger `resend`.
 pub const H_RESEND: &str = "hookline-resend";
+/// The attempt whose rate-limit token was reserved when the namespace's limit deferred it (see
+/// `rate_limit`): that attempt goes out when due without taking another.
+pub const H_RATE_TOKEN_FOR: &str = "hookline-rate-token-for";
 
 /// A record's place in Kafka.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +89,9 @@ pub struct DeliveryTask {
     pub replayed: bool,
     /// Re-sent from the delivery log (also `replayed`): its attempts are logged as `resend`.
     pub resend: bool,
+    /// The attempt (1-based) whose rate-limit token is already reserved: set when the root
+    /// namespace's limit deferred the task, so it does not pay twice.
+    pub rate_token_for: Option<u32>,
 }
 
 /// Builds Kafka headers from string pairs.
@@ -136,6 +142,9 @@ impl DeliveryTask {
         if self.resend {
             pairs.push((H_RESEND, "1".to_owned()));
         }
+        if let Some(attempt) = self.rate_token_for {
+            pairs.push((H_RATE_TOKEN_FOR, attempt.to_string()));
+        }
         pairs
     }
 
@@ -165,6 +174,7 @@ impl DeliveryTask {
             source: Source::from_headers(headers),
             replayed: header(headers, H_REPLAYED).is_some(),
             resend: header(headers, H_RESEND).is_some(),
+            rate_token_for: header(headers, H_RATE_TOKEN_FOR).and_then(|a| a.parse().ok()),
         })
     }
 }
@@ -191,6 +201,7 @@ mod tests {
             }),
             replayed: true,
             resend: true,
+            rate_token_for: Some(3),
         };
         let h = headers(task.header_pairs());
         assert_eq!(

@@ -76,6 +76,16 @@ pub enum EmitError {
 }
 
 impl EmitError {
+    /// Every [`EmitError::kind`], so the metrics present each label at 0 from the start.
+    pub const KINDS: [&'static str; 6] = [
+        "unknown_build",
+        "unavailable",
+        "rejected",
+        "too_large",
+        "refused",
+        "conflict",
+    ];
+
     /// A short stable name for metrics labels.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -86,5 +96,39 @@ impl EmitError {
             EmitError::Refused(_) => "refused",
             EmitError::Conflict(_) => "conflict",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EmitError;
+
+    #[test]
+    fn kinds_lists_every_kind_once() {
+        // An exhaustive match: a new variant fails to compile here until it is listed.
+        let every = |e: &EmitError| match e {
+            EmitError::UnknownBuild(_)
+            | EmitError::Unavailable(_)
+            | EmitError::Rejected(_)
+            | EmitError::TooLarge(_)
+            | EmitError::Conflict(_)
+            | EmitError::Refused(_) => e.kind(),
+        };
+        let kinds: Vec<&str> = [
+            EmitError::UnknownBuild(1),
+            EmitError::Unavailable(String::new()),
+            EmitError::Rejected(String::new()),
+            EmitError::TooLarge(String::new()),
+            EmitError::Conflict(uuid::Uuid::nil()),
+            EmitError::Refused(String::new()),
+        ]
+        .iter()
+        .map(every)
+        .collect();
+        let mut sorted = kinds.clone();
+        sorted.sort_unstable();
+        let mut listed = EmitError::KINDS.to_vec();
+        listed.sort_unstable();
+        assert_eq!(sorted, listed, "{kinds:?}");
     }
 }

@@ -10,6 +10,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::error::EmitError;
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TimingLabels {
     pub timing: String,
@@ -108,6 +110,25 @@ impl ProducerMetrics {
             "Feature flag evaluations by flag and result (on or off)",
             flag_evaluations.clone(),
         );
+        // Every series with a known label value is present at 0 from the start: an alert's
+        // `increase()` sees the first event, and the README's tables are checked against a live
+        // scrape (tests/tests/it/monitoring.rs). Flag names come from the flag store: they
+        // appear with the first evaluation.
+        for timing in ["inline", "deferred"] {
+            let labels = TimingLabels {
+                timing: timing.to_owned(),
+            };
+            let _ = events_emitted.get_or_create(&labels);
+            let _ = emit_seconds.get_or_create(&labels);
+        }
+        for kind in EmitError::KINDS {
+            let _ = produce_errors.get_or_create(&ErrorLabels {
+                kind: kind.to_owned(),
+            });
+        }
+        let _ = events_skipped.get_or_create(&SkipLabels {
+            reason: "user_blocked".to_owned(),
+        });
         Self {
             registry,
             events_emitted,

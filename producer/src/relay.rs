@@ -203,6 +203,25 @@ impl RelayMetrics {
             "From the row's insert (clock_timestamp(), database clock) to Kafka's acknowledgement",
             commit_to_ack.clone(),
         );
+        // Present at 0 from the start, so `increase()` in an alert sees the first one. The dead
+        // kinds: a row that does not parse, and every emit error that is not transient.
+        for kind in [
+            "invalid",
+            "unknown_build",
+            "too_large",
+            "refused",
+            "rejected",
+            "conflict",
+        ] {
+            let _ = dead.get_or_create(&KindLabels {
+                kind: kind.to_owned(),
+            });
+        }
+        for kind in ["kafka", "store"] {
+            let _ = errors.get_or_create(&KindLabels {
+                kind: kind.to_owned(),
+            });
+        }
         Self {
             registry,
             relayed,

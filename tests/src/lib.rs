@@ -98,6 +98,27 @@ pub async fn pg_store() -> PgStore {
         .expect("connect to the test database")
 }
 
+/// Where the service binaries are: `HOOKLINE_TEST_BIN_DIR`, else the profile directory this
+/// test binary was built in (`target/<profile>/deps/it-*` -> `target/<profile>/`).
+pub fn service_bin(name: &str) -> std::path::PathBuf {
+    let dir = std::env::var_os("HOOKLINE_TEST_BIN_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            let exe = std::env::current_exe().expect("test binary path");
+            exe.parent()
+                .and_then(|deps| deps.parent())
+                .expect("target/<profile>")
+                .to_path_buf()
+        });
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build it (cargo build -p hookline-producer -p hookline-consumer) or set HOOKLINE_TEST_BIN_DIR",
+        path.display()
+    );
+    path
+}
+
 /// Waits until `check` returns `Some`, polling every 20 ms, and panics with `what` after
 /// `timeout`.
 pub async fn poll_until<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T

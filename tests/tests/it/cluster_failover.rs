@@ -22,7 +22,7 @@ use hookline_cistate::fixtures::{sample, write_snapshot};
 use hookline_cistate::{CiStore, NewHook};
 use hookline_consumer::sign::{SigningSecret, verify};
 use hookline_tests::world::WHSEC;
-use hookline_tests::{Answer, Receiver, free_port, pg_store, poll_until, unique_name};
+use hookline_tests::{Answer, Receiver, free_port, pg_store, poll_until, service_bin, unique_name};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
@@ -119,27 +119,6 @@ impl Drop for Cluster {
             .output();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// Where the service binaries are: `HOOKLINE_TEST_BIN_DIR`, else the profile directory this
-/// test binary was built in (`target/<profile>/deps/it-*` -> `target/<profile>/`).
-fn bin(name: &str) -> PathBuf {
-    let dir = std::env::var_os("HOOKLINE_TEST_BIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let exe = std::env::current_exe().expect("test binary path");
-            exe.parent()
-                .and_then(|deps| deps.parent())
-                .expect("target/<profile>")
-                .to_path_buf()
-        });
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build it (cargo build -p hookline-producer -p hookline-consumer) or set HOOKLINE_TEST_BIN_DIR",
-        path.display()
-    );
-    path
 }
 
 /// Lines a child wrote to stderr.
@@ -289,7 +268,7 @@ async fn a_lost_controller_costs_no_refusal_no_duplicate_and_no_error_line() {
     // The services, at their defaults but for what a test must set.
     let producer_port = free_port();
     let producer_url = format!("http://127.0.0.1:{producer_port}");
-    let mut command = Command::new(bin("hookline-producer"));
+    let mut command = Command::new(service_bin("hookline-producer"));
     command
         .args([
             "serve",
@@ -305,7 +284,7 @@ async fn a_lost_controller_costs_no_refusal_no_duplicate_and_no_error_line() {
     let (mut producer, producer_log) = spawn_logged(command);
     let consumer_port = free_port();
     let consumer_metrics = format!("http://127.0.0.1:{consumer_port}/metrics");
-    let mut command = Command::new(bin("hookline-consumer"));
+    let mut command = Command::new(service_bin("hookline-consumer"));
     command
         .args(["serve", "--listen", &format!("127.0.0.1:{consumer_port}")])
         .args(["--brokers", &cluster.bootstrap, "--topic", &topic])
