@@ -219,7 +219,7 @@ const COLUMNS: &str = "id, attempted_at, hook_id, project_id, build_id, event_id
      request_body_size, response_status, internal_error, response_headers, response_body, \
      duration_ms";
 
-/// One hook's entries matching `query`, newest first (by id).
+/// One hook's entries matching `query`, newest first.
 pub async fn recent<'e>(
     db: impl PgExecutor<'e>,
     query: &DeliveryLogQuery,
@@ -258,7 +258,9 @@ pub async fn recent<'e>(
     if let Some(before) = query.before_id {
         q.push(" AND id < ").push_bind(before);
     }
-    q.push(" ORDER BY id DESC LIMIT ")
+    // The (hook_id, attempted_at DESC) index serves this order; ids grow with time within a
+    // writer, so `before_id` pages follow it.
+    q.push(" ORDER BY attempted_at DESC, id DESC LIMIT ")
         .push_bind(i64::from(limit));
     if query.page > 1 {
         q.push(" OFFSET ")

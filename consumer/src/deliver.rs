@@ -836,6 +836,39 @@ mod tests {
     }
 
     #[test]
+    fn logged_headers_hide_secrets_and_keep_gitlabs_limits() {
+        let mut sent = HeaderMap::new();
+        sent.insert(X_GITLAB_TOKEN, HeaderValue::from_static("t0ken"));
+        sent.insert(WEBHOOK_SIGNATURE, HeaderValue::from_static("v1,c2ln"));
+        sent.insert(X_GITLAB_EVENT, HeaderValue::from_static("Job Hook"));
+        let logged = logged_request_headers(&sent, true);
+        assert_eq!(logged["x-gitlab-token"], REDACTED);
+        assert_eq!(logged["webhook-signature"], REDACTED);
+        assert_eq!(logged["authorization"], REDACTED);
+        assert_eq!(logged["x-gitlab-event"], "Job Hook");
+        assert!(
+            logged_request_headers(&sent, false)
+                .get("authorization")
+                .is_none()
+        );
+
+        let mut answer = HeaderMap::new();
+        for n in 0..60 {
+            let name = HeaderName::try_from(format!("x-h{n:02}")).unwrap();
+            answer.insert(name, HeaderValue::try_from("é".repeat(700)).unwrap());
+        }
+        let logged = logged_response_headers(&answer);
+        let logged = logged.as_object().unwrap();
+        assert_eq!(logged.len(), RESPONSE_HEADERS_LIMIT);
+        for value in logged.values() {
+            // 1400 bytes of two-byte characters, cut on a boundary below 1 KB.
+            assert_eq!(value.as_str().unwrap().len(), 1024);
+        }
+        assert_eq!(cut("aé", 2), "a");
+        assert_eq!(cut("abc", 8), "abc");
+    }
+
+    #[test]
     fn userinfo_becomes_credentials_and_leaves_the_url() {
         let mut url = Url::parse("https://al%40ice:p%3Ass@example.com/hook?x=1").unwrap();
         assert_eq!(

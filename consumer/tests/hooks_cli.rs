@@ -2,7 +2,7 @@
 //! Kafka: what `hooks add` refuses and `hooks list` never prints; `hooks remove` dead-lettering
 //! pending retries; `hooks enable` after a permanent disable, then `dlq replay`; `dlq replay` of
 //! undecodable records to their source topic and its `--since` filter; and the Kafka options
-//! every command refuses.
+//! every command refuses; `hooks test` and `hooks log` (the delivery log, redacted).
 
 use std::process::Output;
 use std::time::Duration;
@@ -381,4 +381,79 @@ async fn replay_sends_undecodable_records_back_to_their_topic_and_since_filters(
         );
     }
     running.stop().await;
+}
+
+// Multi-threaded: the receiver answers while the test blocks on the command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_sends_now_and_log_shows_it_without_the_token() {
+    let schema = unique_name("hooks_cli");
+    let store = PgStore::connect(&PgOptions::new(database_url()).schema(schema.clone()))
+        .await
+        .unwrap();
+    let world = sample(0);
+    write_snapshot(&store, &world).await.unwrap();
+    let receiver = Receiver::start().await;
+    let id = stdout(&hooks(
+        &schema,
+        &[
+            "add",
+            "--project",
+            &world.project.id.to_string(),
+            "--url",
+            &receiver.url,
+            "--token",
+            "cli-s3cret",
+        ],
+    ))
+    .split('\t')
+    .next()
+    .unwrap()
+    .to_owned();
+
+    let tested = stdout(&hooks(
+        &schema,
+        &["test", &id, "--allow-cidr", "127.0.0.0/8"],
+    ));
+    assert!(tested.starts_with("200\t"), "{tested}");
+    assert_eq!(receiver.count(), 1);
+    assert_eq!(receiver.received()[0].json()["build_id"], world.build.id);
+    // Without the allowlist the SSRF guard refuses loopback: a failed test, logged too.
+    let error = refused(&hooks(&schema, &["test", &id]));
+    assert!(error.contains("the test delivery failed"), "{error}");
+    assert_eq!(receiver.count(), 1);
+
+    let log = stdout(&hooks(&schema, &["log", &id]));
+    let lines: Vec<_> = log.lines().collect();
+    assert_eq!(lines.len(), 2, "{log}");
+    assert!(
+        lines[0].contains("\ttest\t") && lines[0].contains("error: "),
+        "{log}"
+    );
+    assert!(
+        lines[1].contains("\ttest\t") && lines[1].ends_with("\t200"),
+        "{log}"
+    );
+    let failed = stdout(&hooks(&schema, &["log", &id, "--failed", "--json"]));
+    assert_eq!(failed.lines().count(), 1, "{failed}");
+    let entry: serde_json::Value = serde_json::from_str(failed.trim()).unwrap();
+    assert_eq!(entry["trigger"], "test");
+    assert_eq!(entry["response_status"], serde_json::Value::Null);
+    let all = stdout(&hooks(&schema, &["log", &id, "--json"]));
+    assert!(
+        all.contains("[REDACTED]") && !all.contains("cli-s3cret"),
+        "{all}"
+    );
+
+    let error = refused(&hooks(&schema, &["log", "987654321"]));
+    assert!(error.contains("no hook 987654321"), "{error}");
+    let error = refused(&hooks(
+        &schema,
+        &[
+            "resend",
+            "987654321",
+            "--brokers",
+            &hookline_tests::kafka_brokers(),
+        ],
+    ));
+    assert!(error.contains("no delivery log entry 987654321"), "{error}");
 }

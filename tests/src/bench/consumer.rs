@@ -199,6 +199,77 @@ pub async fn throughput(
     Ok(out)
 }
 
+/// The delivery log's cost on one drain: the consumer's rate with the log on and off.
+#[derive(Debug, Clone, Copy)]
+pub struct LogCost {
+    pub on_per_s: f64,
+    pub off_per_s: f64,
+    /// Rows the log run wrote (so a log that was silently off shows).
+    pub rows_logged: i64,
+}
+
+/// Drains `events` records over `builds` builds with `--delivery-log on` and with `off`, `runs`
+/// times on the same records, alternating which goes first (so a drift of the shared machine
+/// does not always favour one side).
+pub async fn delivery_log_cost(
+    bench: &Bench,
+    receiver: &BenchReceiver,
+    events: usize,
+    builds: usize,
+    runs: usize,
+) -> anyhow::Result<Vec<LogCost>> {
+    let fleet = Fleet::new(4, builds, &receiver.url).await;
+    let records = fleet.records(events, BuildStatus::Running);
+    produce_all(
+        &producer(&fleet.world.brokers),
+        &fleet.world.topic,
+        records.into_iter().map(|(k, _, b)| (k, b)),
+    )
+    .await?;
+    let rows = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM delivery_log")
+            .fetch_one(fleet.world.store.pool())
+            .await
+            .context("counting log rows")
+    };
+    let mut out = Vec::new();
+    for run in 0..runs {
+        let order = if run % 2 == 0 {
+            ["on", "off"]
+        } else {
+            ["off", "on"]
+        };
+        let mut cost = LogCost {
+            on_per_s: 0.0,
+            off_per_s: 0.0,
+            rows_logged: 0,
+        };
+        for switch in order {
+            let before = rows().await?;
+            receiver.clear();
+            let child = fleet
+                .consumer(bench)
+                .args(["--delivery-log", switch])
+                .spawn();
+            wait_for(receiver, events, Duration::from_secs(60))
+                .await
+                .with_context(|| format!("drain with the delivery log {switch}"))?;
+            let per_s = rate(&receiver.since(0));
+            // The drain flushes the log's last rows before the process exits.
+            stop(child).await;
+            if switch == "on" {
+                cost.on_per_s = per_s;
+                cost.rows_logged = rows().await? - before;
+            } else {
+                cost.off_per_s = per_s;
+            }
+        }
+        out.push(cost);
+    }
+    receiver.clear();
+    Ok(out)
+}
+
 /// Reads `count` records of `topic` from the start and POSTs each record's bytes to `url` with
 /// the consumer's concurrency: no decode, no hooks, no signing, no offset discipline. What is
 /// left is the cost of Kafka and HTTP alone.

@@ -6,6 +6,8 @@
 //! - `consumer.many_builds` / `consumer.hot_builds`: `hookline-consumer serve` draining a backlog
 //!   of inline events against a bare consume-and-POST loop on the same records and receiver.
 //! - `latency.<rate>`: an open load at a fixed schedule, scheduled moment to arrival.
+//! - `delivery_log`: the same drain with `--delivery-log on` and `off`, alternating, and their
+//!   ratio (the log's throughput cost).
 //! - `memory`: the consumer's peak RSS while draining a small and a large backlog.
 //! - `producer`: CPU per event of `hookline-producer serve` through `POST /v1/transitions` with
 //!   the flag off and on.
@@ -30,7 +32,8 @@ pub struct Bench {
     pub bin_dir: PathBuf,
     pub work_dir: PathBuf,
     pub sizes: Sizes,
-    /// Measure only these parts (`consumer`, `latency`, `memory`, `producer`); all when empty.
+    /// Measure only these parts (`consumer`, `delivery_log`, `latency`, `memory`, `producer`);
+    /// all when empty.
     pub only: Vec<String>,
     /// More `hookline-consumer serve` options for every consumer the bench starts (to measure
     /// a setting against the defaults).
@@ -152,6 +155,36 @@ pub async fn run(bench: &Bench) -> anyhow::Result<Value> {
             "ratio": round(median(ratios.clone()), 3),
             "ratios": ratios.iter().map(|r| round(*r, 3)).collect::<Vec<_>>(),
         });
+    }
+
+    if bench.runs("delivery_log") {
+        // Twice the runs of a throughput workload (at least two), so each side goes first as
+        // often as the other.
+        let runs = (s.runs * 2).max(2);
+        let builds = s.throughput_events / 2;
+        eprintln!(
+            "bench: delivery log cost, {} events over {builds} builds, {runs} runs alternating on and off",
+            s.throughput_events
+        );
+        let costs =
+            consumer::delivery_log_cost(bench, &receiver, s.throughput_events, builds, runs)
+                .await?;
+        let ratios: Vec<f64> = costs.iter().map(|c| c.on_per_s / c.off_per_s).collect();
+        let ratio = median(ratios.clone());
+        report["delivery_log"] = json!({
+            "events": s.throughput_events,
+            "builds": builds,
+            "on_per_s": round(median(costs.iter().map(|c| c.on_per_s).collect()), 0),
+            "off_per_s": round(median(costs.iter().map(|c| c.off_per_s).collect()), 0),
+            "ratio": round(ratio, 3),
+            "ratios": ratios.iter().map(|r| round(*r, 3)).collect::<Vec<_>>(),
+            "cost_pct": round((1.0 - ratio) * 100.0, 1),
+            "rows_logged": costs.iter().map(|c| c.rows_logged).collect::<Vec<_>>(),
+        });
+        eprintln!(
+            "bench: delivery log on/off throughput ratio {:.3} (median of {runs})",
+            ratio
+        );
     }
 
     for &rate in s.rates.iter().filter(|_| bench.runs("latency")) {
