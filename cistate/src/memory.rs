@@ -8,8 +8,8 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::model::{
-    Build, Hook, HookFailure, Namespace, NewHook, OrderEntry, ParkedDelivery, ParkedEntry, Pipeline, Project, RenderSnapshot,
-    Runner, User,
+    Build, Hook, HookFailure, Namespace, NewHook, OrderEntry, ParkedDelivery, ParkedEntry,
+    Pipeline, Project, RenderSnapshot, Runner, User,
 };
 use crate::render::truncate_to_micros;
 use crate::store::{CiStore, StoreError};
@@ -383,7 +383,10 @@ impl CiStore for MemoryStore {
         for (&(hook_id, build_id), queue) in &state.order {
             let mut queue = queue.clone();
             queue.sort_by_key(|(e, _)| (e.occurred_at, e.seq));
-            if queue.iter().any(|(_, at)| at.is_some_and(|at| at >= quiet_since)) {
+            if queue
+                .iter()
+                .any(|(_, at)| at.is_some_and(|at| at >= quiet_since))
+            {
                 continue;
             }
             let Some((first, _)) = queue.iter().find(|(e, _)| !e.settled) else {

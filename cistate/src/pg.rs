@@ -11,8 +11,8 @@ use sqlx::{Executor, PgPool, Row};
 use uuid::Uuid;
 
 use crate::model::{
-    Build, Environment, Hook, HookFailure, Namespace, NewHook, OrderEntry, ParkedDelivery, ParkedEntry, Pipeline, Project,
-    RenderSnapshot, Runner, SourcePipeline, User,
+    Build, Environment, Hook, HookFailure, Namespace, NewHook, OrderEntry, ParkedDelivery,
+    ParkedEntry, Pipeline, Project, RenderSnapshot, Runner, SourcePipeline, User,
 };
 use crate::store::{CiStore, StoreError};
 
@@ -849,7 +849,9 @@ fn parked_entry(row: &PgRow) -> Result<Option<ParkedEntry>, sqlx::Error> {
     let Some(body) = row.try_get::<Option<Vec<u8>>, _>("parked_body")? else {
         return Ok(None);
     };
-    let keys: Vec<String> = row.try_get::<Option<_>, _>("parked_keys")?.unwrap_or_default();
+    let keys: Vec<String> = row
+        .try_get::<Option<_>, _>("parked_keys")?
+        .unwrap_or_default();
     let values: Vec<String> = row
         .try_get::<Option<_>, _>("parked_values")?
         .unwrap_or_default();

@@ -13,8 +13,8 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::model::{
-    Build, Hook, HookFailure, Namespace, NewHook, OrderEntry, ParkedDelivery, ParkedEntry, Pipeline, Project, RenderSnapshot,
-    Runner, User,
+    Build, Hook, HookFailure, Namespace, NewHook, OrderEntry, ParkedDelivery, ParkedEntry,
+    Pipeline, Project, RenderSnapshot, Runner, User,
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -100,7 +100,7 @@ struct ServeArgs {
     retry_hold: Duration,
     /// Per-(hook, build) order across retries: strict (later events of a build wait behind its
     /// delivery waiting for a retry) or relaxed (they go ahead).
-    #[arg(long, env = "HOOKLINE_ORDERING", default_value = "relaxed")]
+    #[arg(long, env = "HOOKLINE_ORDERING", default_value = "strict")]
     ordering: hookline_consumer::config::Ordering,
     /// Whole-request timeout of one delivery.
     #[arg(long, env = "HOOKLINE_DELIVERY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]

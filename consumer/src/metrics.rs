@@ -216,7 +216,7 @@ impl ConsumerMetrics {
         let ordering = Family::<ActionLabels, Counter>::default();
         registry.register(
             "ordering",
-            "Strict ordering per (hook, build), by action: held (a delivery waits for a retry and holds its build's later events), queued (an event queued behind one), collapsed (a queued event not sent: a later one of its build supersedes it, on a --collapse hook), already_settled (a record read again whose delivery was already settled)",
+            "Strict ordering per (hook, build), by action: held (a delivery waits for a retry and holds its build's later events), queued (an event queued behind one), parked (a queued record not at its turn, parked in the store), redriven (a parked record written back to the retry topic as its turn came), swept (a parked record left first in a quiet queue by a stopped instance, written back by the sweep), collapsed (a queued event not sent: a later one of its build supersedes it, on a --collapse hook), already_settled (a record read again whose delivery was already settled), unreadable (a parked record that could not be read back; its queue moved on without it)",
             ordering.clone(),
         );
         registry.register(
@@ -315,7 +315,8 @@ impl ConsumerMetrics {
         self.ordering.get_or_create(&ActionLabels { action }).inc();
     }
 
-    /// Strict-ordering actions counted so far (`held`, `queued`, `collapsed`, `already_settled`).
+    /// Strict-ordering actions counted so far (`held`, `queued`, `parked`, `redriven`, `swept`,
+    /// `collapsed`, `already_settled`, `unreadable`).
     pub fn ordering(&self, action: &'static str) -> u64 {
         self.ordering.get_or_create(&ActionLabels { action }).get()
     }

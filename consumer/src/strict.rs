@@ -454,8 +454,8 @@ pub(crate) async fn sweep(cx: std::sync::Arc<Context>, stop: CancellationToken) 
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let quiet_since =
-            Utc::now() - chrono::Duration::from_std(STRANDED_AFTER).unwrap_or(chrono::Duration::MAX);
+        let quiet_since = Utc::now()
+            - chrono::Duration::from_std(STRANDED_AFTER).unwrap_or(chrono::Duration::MAX);
         let stranded = match cx.store.order_stranded(quiet_since, 1000).await {
             Ok(stranded) => stranded,
             // The next tick tries again; meanwhile those queues wait.
