@@ -8,8 +8,8 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::model::{
-    Build, Hook, HookEdit, HookFailure, Namespace, NewHook, OrderEntry, Pipeline, Project,
-    RenderSnapshot, Runner, User,
+    Build, Hook, HookEdit, HookFailure, Namespace, NewHook, OrderEntry, ParkedDelivery,
+    ParkedEntry, Pipeline, Project, RenderSnapshot, Runner, User,
 };
 use crate::rate_limit::{Bucket, RateLimitOverride, gcra};
 use crate::render::truncate_to_micros;
@@ -28,6 +28,8 @@ struct State {
     /// (hook, build) -> its order queue, with the time each entry was settled.
     order: HashMap<(i64, i64), Vec<QueuedEntry>>,
     next_order_seq: i64,
+    /// (hook, build, event) -> the record parked on that entry.
+    parked: HashMap<(i64, i64, Uuid), ParkedDelivery>,
 }
 
 /// Per-namespace limits and buckets, by namespace id.
@@ -336,27 +338,121 @@ impl CiStore for MemoryStore {
         hook_id: i64,
         build_id: i64,
         event_id: Uuid,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<ParkedEntry>, StoreError> {
         let mut state = self.state.write().unwrap();
-        if let Some(queue) = state.order.get_mut(&(hook_id, build_id)) {
-            for (entry, at) in queue.iter_mut() {
-                if entry.event_id == event_id && !entry.settled {
-                    entry.settled = true;
-                    *at = Some(Utc::now());
-                }
+        let state = &mut *state;
+        state.parked.remove(&(hook_id, build_id, event_id));
+        let Some(queue) = state.order.get_mut(&(hook_id, build_id)) else {
+            return Ok(None);
+        };
+        queue.sort_by_key(|(e, _)| (e.occurred_at, e.seq));
+        let was_first = queue
+            .iter()
+            .find(|(e, _)| !e.settled)
+            .is_some_and(|(e, _)| e.event_id == event_id);
+        for (entry, at) in queue.iter_mut() {
+            if entry.event_id == event_id && !entry.settled {
+                entry.settled = true;
+                *at = Some(Utc::now());
             }
         }
+        if !was_first {
+            return Ok(None);
+        }
+        let Some((next, _)) = queue.iter().find(|(e, _)| !e.settled) else {
+            return Ok(None);
+        };
+        Ok(state
+            .parked
+            .get(&(hook_id, build_id, next.event_id))
+            .map(|delivery| ParkedEntry {
+                hook_id,
+                build_id,
+                event_id: next.event_id,
+                delivery: delivery.clone(),
+            }))
+    }
+
+    async fn order_park(
+        &self,
+        hook_id: i64,
+        build_id: i64,
+        event_id: Uuid,
+        delivery: &ParkedDelivery,
+    ) -> Result<bool, StoreError> {
+        let mut state = self.state.write().unwrap();
+        let state = &mut *state;
+        let Some(queue) = state.order.get_mut(&(hook_id, build_id)) else {
+            return Ok(false);
+        };
+        queue.sort_by_key(|(e, _)| (e.occurred_at, e.seq));
+        let mut pending = queue.iter().filter(|(e, _)| !e.settled);
+        let behind_another = pending.next().is_some_and(|(e, _)| e.event_id != event_id)
+            && pending.any(|(e, _)| e.event_id == event_id);
+        if behind_another {
+            state
+                .parked
+                .insert((hook_id, build_id, event_id), delivery.clone());
+        }
+        Ok(behind_another)
+    }
+
+    async fn order_unpark(
+        &self,
+        hook_id: i64,
+        build_id: i64,
+        event_id: Uuid,
+    ) -> Result<(), StoreError> {
+        let mut state = self.state.write().unwrap();
+        state.parked.remove(&(hook_id, build_id, event_id));
         Ok(())
+    }
+
+    async fn order_stranded(
+        &self,
+        quiet_since: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<ParkedEntry>, StoreError> {
+        let state = self.state.read().unwrap();
+        let mut stranded = Vec::new();
+        for (&(hook_id, build_id), queue) in &state.order {
+            let mut queue = queue.clone();
+            queue.sort_by_key(|(e, _)| (e.occurred_at, e.seq));
+            if queue
+                .iter()
+                .any(|(_, at)| at.is_some_and(|at| at >= quiet_since))
+            {
+                continue;
+            }
+            let Some((first, _)) = queue.iter().find(|(e, _)| !e.settled) else {
+                continue;
+            };
+            if let Some(delivery) = state.parked.get(&(hook_id, build_id, first.event_id)) {
+                stranded.push(ParkedEntry {
+                    hook_id,
+                    build_id,
+                    event_id: first.event_id,
+                    delivery: delivery.clone(),
+                });
+            }
+        }
+        stranded.truncate(usize::try_from(limit).unwrap_or(0));
+        Ok(stranded)
     }
 
     async fn order_prune(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
         let mut state = self.state.write().unwrap();
         let state = &mut *state;
         let mut pruned = 0;
-        for ((hook_id, _), queue) in state.order.iter_mut() {
-            let hook_exists = state.hooks.contains_key(hook_id);
+        for (&(hook_id, build_id), queue) in state.order.iter_mut() {
+            let hook_exists = state.hooks.contains_key(&hook_id);
+            let parked = &state.parked;
             let before_len = queue.len();
-            queue.retain(|(_, at)| hook_exists && at.is_none_or(|at| at >= before));
+            // A parked record of a removed hook stays, to be dead-lettered once it is first.
+            queue.retain(|(e, at)| {
+                (hook_exists || parked.contains_key(&(hook_id, build_id, e.event_id)))
+                    && at.is_none_or(|at| at >= before)
+            });
             pruned += (before_len - queue.len()) as u64;
         }
         state.order.retain(|_, q| !q.is_empty());

@@ -187,6 +187,24 @@ pub struct OrderEntry {
     pub settled: bool,
 }
 
+/// A delivery parked on its order-queue entry while it is not its turn: its retry record's
+/// headers (as text pairs) and exact body, written back to the retry topic once the entries
+/// ahead of it are settled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParkedDelivery {
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// A parked delivery with its place: the entry that is first in its queue now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParkedEntry {
+    pub hook_id: i64,
+    pub build_id: i64,
+    pub event_id: Uuid,
+    pub delivery: ParkedDelivery,
+}
+
 /// Whether a hook may be called now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HookState {

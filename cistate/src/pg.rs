@@ -11,8 +11,8 @@ use sqlx::{Executor, PgPool, Row};
 use uuid::Uuid;
 
 use crate::model::{
-    Build, Environment, Hook, HookEdit, HookFailure, Namespace, NewHook, OrderEntry, Pipeline,
-    Project, RenderSnapshot, Runner, SourcePipeline, User,
+    Build, Environment, Hook, HookEdit, HookFailure, Namespace, NewHook, OrderEntry,
+    ParkedDelivery, ParkedEntry, Pipeline, Project, RenderSnapshot, Runner, SourcePipeline, User,
 };
 use crate::rate_limit::{Bucket, RateLimitOverride};
 use crate::store::{CiStore, StoreError};
@@ -596,10 +596,92 @@ impl CiStore for PgStore {
         hook_id: i64,
         build_id: i64,
         event_id: Uuid,
+    ) -> Result<Option<ParkedEntry>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        lock_order_queue(&mut tx, hook_id, build_id).await?;
+        let first: Option<Uuid> = sqlx::query_scalar(
+            "SELECT event_id FROM delivery_order
+             WHERE hook_id = $1 AND build_id = $2 AND settled_at IS NULL
+             ORDER BY occurred_at, seq LIMIT 1",
+        )
+        .bind(hook_id)
+        .bind(build_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE delivery_order
+             SET settled_at = now(), parked_keys = NULL, parked_values = NULL, parked_body = NULL
+             WHERE hook_id = $1 AND build_id = $2 AND event_id = $3 AND settled_at IS NULL",
+        )
+        .bind(hook_id)
+        .bind(build_id)
+        .bind(event_id)
+        .execute(&mut *tx)
+        .await?;
+        let next = if first == Some(event_id) {
+            sqlx::query(
+                "SELECT hook_id, build_id, event_id, parked_keys, parked_values, parked_body
+                 FROM delivery_order
+                 WHERE hook_id = $1 AND build_id = $2 AND settled_at IS NULL
+                 ORDER BY occurred_at, seq LIMIT 1",
+            )
+            .bind(hook_id)
+            .bind(build_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|row| parked_entry(&row))
+            .transpose()?
+            .flatten()
+        } else {
+            None
+        };
+        tx.commit().await?;
+        Ok(next)
+    }
+
+    async fn order_park(
+        &self,
+        hook_id: i64,
+        build_id: i64,
+        event_id: Uuid,
+        delivery: &ParkedDelivery,
+    ) -> Result<bool, StoreError> {
+        let (keys, values): (Vec<String>, Vec<String>) = delivery.headers.iter().cloned().unzip();
+        let mut tx = self.pool.begin().await?;
+        lock_order_queue(&mut tx, hook_id, build_id).await?;
+        let parked = sqlx::query(
+            "UPDATE delivery_order d
+             SET parked_keys = $4, parked_values = $5, parked_body = $6
+             WHERE hook_id = $1 AND build_id = $2 AND event_id = $3 AND settled_at IS NULL
+               AND EXISTS (
+                   SELECT 1 FROM delivery_order e
+                   WHERE e.hook_id = $1 AND e.build_id = $2 AND e.settled_at IS NULL
+                     AND (e.occurred_at, e.seq) < (d.occurred_at, d.seq))",
+        )
+        .bind(hook_id)
+        .bind(build_id)
+        .bind(event_id)
+        .bind(keys)
+        .bind(values)
+        .bind(&delivery.body)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        tx.commit().await?;
+        Ok(parked)
+    }
+
+    async fn order_unpark(
+        &self,
+        hook_id: i64,
+        build_id: i64,
+        event_id: Uuid,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "UPDATE delivery_order SET settled_at = now()
-             WHERE hook_id = $1 AND build_id = $2 AND event_id = $3 AND settled_at IS NULL",
+            "UPDATE delivery_order
+             SET parked_keys = NULL, parked_values = NULL, parked_body = NULL
+             WHERE hook_id = $1 AND build_id = $2 AND event_id = $3",
         )
         .bind(hook_id)
         .bind(build_id)
@@ -609,11 +691,42 @@ impl CiStore for PgStore {
         Ok(())
     }
 
+    async fn order_stranded(
+        &self,
+        quiet_since: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<ParkedEntry>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT d.hook_id, d.build_id, d.event_id, d.parked_keys, d.parked_values, d.parked_body
+             FROM delivery_order d
+             WHERE d.parked_body IS NOT NULL AND d.settled_at IS NULL
+               AND NOT EXISTS (
+                   SELECT 1 FROM delivery_order e
+                   WHERE e.hook_id = d.hook_id AND e.build_id = d.build_id
+                     AND e.settled_at IS NULL AND (e.occurred_at, e.seq) < (d.occurred_at, d.seq))
+               AND NOT EXISTS (
+                   SELECT 1 FROM delivery_order s
+                   WHERE s.hook_id = d.hook_id AND s.build_id = d.build_id
+                     AND s.settled_at >= $1)
+             LIMIT $2",
+        )
+        .bind(quiet_since)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut stranded = Vec::with_capacity(rows.len());
+        for row in &rows {
+            stranded.extend(parked_entry(row)?);
+        }
+        Ok(stranded)
+    }
+
     async fn order_prune(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
         let done = sqlx::query(
             "DELETE FROM delivery_order
              WHERE settled_at < $1
-                OR NOT EXISTS (SELECT 1 FROM web_hooks h WHERE h.id = delivery_order.hook_id)",
+                OR (parked_body IS NULL
+                    AND NOT EXISTS (SELECT 1 FROM web_hooks h WHERE h.id = delivery_order.hook_id))",
         )
         .bind(before)
         .execute(&self.pool)
@@ -825,4 +938,43 @@ pub async fn write_build<'c>(
     .execute(executor)
     .await?;
     Ok(())
+}
+
+/// Serialises the settlements and parkings of one (hook, build) order queue for the rest of
+/// `tx`: a record parks only while an earlier entry is pending, and that entry's settlement then
+/// sees it (without the lock, each could miss the other and the parked record would wait for
+/// the sweep). Ids hash into one advisory-lock key; a collision only serialises two queues.
+async fn lock_order_queue(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    hook_id: i64,
+    build_id: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || '/' || $2, 0))")
+        .bind(hook_id.to_string())
+        .bind(build_id.to_string())
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// The parked entry of a `delivery_order` row; `None` when nothing is parked on it.
+fn parked_entry(row: &PgRow) -> Result<Option<ParkedEntry>, sqlx::Error> {
+    let Some(body) = row.try_get::<Option<Vec<u8>>, _>("parked_body")? else {
+        return Ok(None);
+    };
+    let keys: Vec<String> = row
+        .try_get::<Option<_>, _>("parked_keys")?
+        .unwrap_or_default();
+    let values: Vec<String> = row
+        .try_get::<Option<_>, _>("parked_values")?
+        .unwrap_or_default();
+    Ok(Some(ParkedEntry {
+        hook_id: row.try_get("hook_id")?,
+        build_id: row.try_get("build_id")?,
+        event_id: row.try_get("event_id")?,
+        delivery: ParkedDelivery {
+            headers: keys.into_iter().zip(values).collect(),
+            body,
+        },
+    }))
 }

@@ -13,8 +13,8 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::model::{
-    Build, Hook, HookEdit, HookFailure, Namespace, NewHook, OrderEntry, Pipeline, Project,
-    RenderSnapshot, Runner, User,
+    Build, Hook, HookEdit, HookFailure, Namespace, NewHook, OrderEntry, ParkedDelivery,
+    ParkedEntry, Pipeline, Project, RenderSnapshot, Runner, User,
 };
 use crate::rate_limit::{Bucket, RateLimitOverride};
 
@@ -109,14 +109,42 @@ pub trait CiStore: Send + Sync + std::fmt::Debug {
         event_id: Uuid,
         occurred_at: DateTime<Utc>,
     ) -> Result<(), StoreError>;
-    /// Marks a delivery of the queue settled (delivered, dead-lettered, collapsed); nothing if
-    /// it is not in the queue.
+    /// Marks a delivery of the queue settled (delivered, dead-lettered, collapsed) and forgets
+    /// its parked record; nothing if it is not in the queue. When it was first in the queue and
+    /// the entry now first is parked, returns that one: the caller writes it back to the retry
+    /// topic, then calls [`CiStore::order_unpark`]. Serialised per (hook, build) with
+    /// [`CiStore::order_park`], so a parked entry is always seen by the settlement before it.
     async fn order_settle(
         &self,
         hook_id: i64,
         build_id: i64,
         event_id: Uuid,
+    ) -> Result<Option<ParkedEntry>, StoreError>;
+    /// Parks a pending delivery's record on its entry, if an earlier entry of the queue is still
+    /// pending. False (nothing written) when it is first in the queue, settled, or not in it: the
+    /// caller reads the queue again.
+    async fn order_park(
+        &self,
+        hook_id: i64,
+        build_id: i64,
+        event_id: Uuid,
+        delivery: &ParkedDelivery,
+    ) -> Result<bool, StoreError>;
+    /// Forgets a parked record once it is back on the retry topic.
+    async fn order_unpark(
+        &self,
+        hook_id: i64,
+        build_id: i64,
+        event_id: Uuid,
     ) -> Result<(), StoreError>;
+    /// Parked entries first in their queue whose queue saw no settlement since `quiet_since`:
+    /// left there by an instance that stopped between a settlement and the write-back (at most
+    /// `limit`).
+    async fn order_stranded(
+        &self,
+        quiet_since: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<ParkedEntry>, StoreError>;
     /// Forgets settled entries older than `before`, and entries of hooks that no longer exist.
     async fn order_prune(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
 

@@ -86,7 +86,7 @@ struct DemoArgs {
     receiver_failure_percent: f64,
     /// The consumer's per-(hook, build) order across retries: strict (a build's later events
     /// wait behind its delivery waiting for a retry) or relaxed (they go ahead).
-    #[arg(long, default_value = "relaxed")]
+    #[arg(long, default_value = "strict")]
     ordering: hookline_consumer::config::Ordering,
 }
 

@@ -119,7 +119,7 @@ impl ConsumerConfig {
             poll_batch: 128,
             retry_schedule: RetrySchedule::default(),
             retry_hold: Duration::from_secs(30),
-            ordering: Ordering::Relaxed,
+            ordering: Ordering::Strict,
             deliver: DeliverConfig::default(),
             hook_cache_ttl: Duration::from_secs(5),
             commit_interval: Duration::ZERO,

@@ -27,9 +27,6 @@ pub struct Context {
     pub metrics: Arc<ConsumerMetrics>,
     /// The per-root-namespace rate limits (see `rate_limit`).
     pub rate_limits: RateLimiter,
-    /// Woken whenever a delivery of a (hook, build) order queue is settled here, so queued
-    /// records waiting for their turn look again (see `strict`).
-    pub turns: tokio::sync::Notify,
     /// (hook, build) pairs this instance put in an order queue lately, with when: the main
     /// path's per-batch read of which builds have a queue cannot see holds written since by the
     /// batch's own deliveries (see `strict`).

@@ -172,7 +172,6 @@ impl Consumer {
             log,
             handoff,
             metrics,
-            turns: tokio::sync::Notify::new(),
             held_here: Default::default(),
         });
         Ok(Self {
@@ -249,6 +248,7 @@ impl Consumer {
         // for its supervisor to start it again, rather than run on consuming nothing.
         let stop = shutdown.child_token();
         let pruner = tokio::spawn(strict::prune(self.cx.clone(), stop.clone()));
+        let sweeper = tokio::spawn(strict::sweep(self.cx.clone(), stop.clone()));
         let main = Path::start("main", self.cx.clone(), self.main, abandon.clone());
         let retry = Path::start("retry", self.cx.clone(), self.retry, abandon);
         let path = |run: tokio::task::JoinHandle<Option<KafkaError>>, stop: CancellationToken| async move {
@@ -267,6 +267,7 @@ impl Consumer {
         );
         stop.cancel();
         let _ = pruner.await;
+        let _ = sweeper.await;
         let mut fatal = None;
         for ended in [a, b] {
             match ended {

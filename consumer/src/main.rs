@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use hookline_consumer::config::{ConsumerConfig, RateLimitConfig};
 use hookline_cistate::delivery_log::{self, DeliveryLogQuery};
 use hookline_consumer::api::AdminToken;
+use hookline_consumer::config::{ConsumerConfig, RateLimitConfig};
 use hookline_consumer::dead_letter::{self, DeadLetterKind, ReplayFilter};
 use hookline_consumer::deliver::{AttemptOutcome, DeliverConfig, Deliverer};
 use hookline_consumer::hook_admin::{self, HookAdmin, HookSpec};
@@ -111,7 +111,7 @@ struct ServeArgs {
     retry_hold: Duration,
     /// Per-(hook, build) order across retries: strict (later events of a build wait behind its
     /// delivery waiting for a retry) or relaxed (they go ahead).
-    #[arg(long, env = "HOOKLINE_ORDERING", default_value = "relaxed")]
+    #[arg(long, env = "HOOKLINE_ORDERING", default_value = "strict")]
     ordering: hookline_consumer::config::Ordering,
     #[command(flatten)]
     deliver: DeliverArgs,

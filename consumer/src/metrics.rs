@@ -248,7 +248,16 @@ impl ConsumerMetrics {
             let _ = assignments.get_or_create(&PathLabels { path });
             let _ = fetch_pauses.get_or_create(&PathLabels { path });
         }
-        for action in ["held", "queued", "collapsed", "already_settled"] {
+        for action in [
+            "held",
+            "queued",
+            "parked",
+            "redriven",
+            "swept",
+            "collapsed",
+            "already_settled",
+            "unreadable",
+        ] {
             let _ = ordering.get_or_create(&ActionLabels { action });
         }
         let deferred = Family::<ReasonLabels, Counter>::default();
@@ -274,7 +283,7 @@ impl ConsumerMetrics {
         );
         registry.register(
             "ordering",
-            "Strict ordering per (hook, build), by action: held (a delivery waits for a retry and holds its build's later events), queued (an event queued behind one), collapsed (a queued event not sent: a later one of its build supersedes it, on a --collapse hook), already_settled (a record read again whose delivery was already settled)",
+            "Strict ordering per (hook, build), by action: held (a delivery waits for a retry and holds its build's later events), queued (an event queued behind one), parked (a queued record not at its turn, parked in the store), redriven (a parked record written back to the retry topic as its turn came), swept (a parked record left first in a quiet queue by a stopped instance, written back by the sweep), collapsed (a queued event not sent: a later one of its build supersedes it, on a --collapse hook), already_settled (a record read again whose delivery was already settled), unreadable (a parked record that could not be read back; its queue moved on without it)",
             ordering.clone(),
         );
         registry.register(
@@ -439,7 +448,8 @@ impl ConsumerMetrics {
         self.ordering.get_or_create(&ActionLabels { action }).inc();
     }
 
-    /// Strict-ordering actions counted so far (`held`, `queued`, `collapsed`, `already_settled`).
+    /// Strict-ordering actions counted so far (`held`, `queued`, `parked`, `redriven`, `swept`,
+    /// `collapsed`, `already_settled`, `unreadable`).
     pub fn ordering(&self, action: &'static str) -> u64 {
         self.ordering.get_or_create(&ActionLabels { action }).get()
     }

@@ -9,14 +9,23 @@
 //!
 //! # Where the queue lives
 //!
-//! The bodies travel on the retry topic as before (one retry record per queued delivery, with
-//! its own due time). Whose turn it is lives in PostgreSQL, table `delivery_order`: one row per
-//! delivery that waits for a retry or is queued behind one, ordered by the transition's time
-//! (ties by arrival). A row is written before the retry record, and marked settled after the
+//! Whose turn it is lives in PostgreSQL, table `delivery_order`: one row per delivery that
+//! waits for a retry or is queued behind one, ordered by the transition's time (ties by
+//! arrival). A row is written before the delivery's retry record, and marked settled after the
 //! delivery ends, so the queue survives crashes and rebalances and is the same for every
 //! instance (the main path of a build and its retry path can run on different instances).
 //! Settled rows are kept a day, so a record read again after a crash is recognised as done and
 //! not sent behind the build's later events. Builds whose deliveries never fail write nothing.
+//!
+//! The first delivery of a queue travels on the retry topic with its own due time, as any
+//! retry. The ones behind it do not wait in a consumer: a queued record that is not at its turn
+//! is parked on its row (headers and body) and its offset is done, so waiting costs neither an
+//! in-flight slot nor a held offset. When a row is settled, the instance that settled it writes
+//! the record parked next back to the retry topic, due now; a periodic sweep does it for queues
+//! whose settler stopped first. Holding waiters in memory instead (an earlier design) filled
+//! the retry path's slots under a mass failure with records that could not go, while the heads
+//! that would have moved them waited for a slot: thousands of queues drained one hold period
+//! at a time.
 //!
 //! This module decides, from a (hook, build)'s queue, what to do with one delivery ([`turn`]);
 //! `strict` carries it out.
@@ -28,12 +37,12 @@ use uuid::Uuid;
 /// `--ordering`: whether a build's later events wait behind its delivery waiting for a retry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Ordering {
-    /// Later events queue behind a delivery waiting for a retry (per hook and build).
-    Strict,
-    /// Retries leave the order: later events go ahead of a delivery waiting for a retry. The
-    /// default: under a mass failure strict ordering's waiting events fill the retry path's
-    /// in-flight slots and delivery slows to a crawl (see the README's ordering section).
+    /// Later events queue behind a delivery waiting for a retry (per hook and build). The
+    /// default: queued events wait parked in PostgreSQL, not in the retry path's in-flight slots,
+    /// so a mass failure drains as fast as under relaxed ordering (the README's ordering section).
     #[default]
+    Strict,
+    /// Retries leave the order: later events go ahead of a delivery waiting for a retry.
     Relaxed,
 }
 
@@ -262,7 +271,7 @@ mod tests {
         assert_eq!("strict".parse::<Ordering>(), Ok(Ordering::Strict));
         assert_eq!("relaxed".parse::<Ordering>(), Ok(Ordering::Relaxed));
         assert!("loose".parse::<Ordering>().is_err());
-        // Relaxed until strict keeps up under a mass failure (the README's ordering section).
-        assert_eq!(Ordering::default().to_string(), "relaxed");
+        // Strict by default: a receiver never sees a build go backwards unless it opts out.
+        assert_eq!(Ordering::default().to_string(), "strict");
     }
 }

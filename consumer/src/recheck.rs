@@ -40,16 +40,10 @@ pub(crate) async fn drop_if_user_blocked(
     cx.metrics.retry_dropped("user_blocked");
     info!(event_id = %task.event_id, build_id = task.build_id, hook_id = task.hook_id, attempts = task.attempts, "the build's user was blocked meanwhile; retry dropped");
     if cx.config.ordering != Ordering::Relaxed {
-        let (hook_id, build_id, event_id) = (task.hook_id, task.build_id, task.event_id);
-        wait_out(
-            &cx.metrics,
-            Stall::Store,
-            "store unavailable; the order queue cannot be moved on",
-            abandon,
-            || cx.store.order_settle(hook_id, build_id, event_id),
-        )
-        .await?;
-        cx.turns.notify_waiters();
+        // Settling moves the queue on: the build's next parked delivery goes back to the retry
+        // topic (and is dropped in turn when it comes due, its user being blocked).
+        crate::strict::settle_entry(cx, task.hook_id, task.build_id, task.event_id, abandon)
+            .await?;
     }
     Ok(true)
 }

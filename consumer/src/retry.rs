@@ -111,15 +111,9 @@ async fn process(
         };
         let (hook_id, build_id, event_id) = (task.hook_id, task.build_id, task.event_id);
         step::settle(p, task, None, removed, abandon).await?;
-        // Its place in an order queue, if it had one, goes with it.
-        return wait_out(
-            &p.metrics,
-            Stall::Store,
-            "store unavailable; the order queue cannot be moved on",
-            abandon,
-            || p.store.order_settle(hook_id, build_id, event_id),
-        )
-        .await;
+        // Its place in an order queue, if it had one, goes with it (and the next in line is
+        // written back, to be dead-lettered the same way).
+        return strict::settle_entry(p, hook_id, build_id, event_id, abandon).await;
     };
-    strict::retry_step(p, task, &hook, hold_until, abandon).await
+    strict::retry_step(p, task, &hook, abandon).await
 }

@@ -4,11 +4,23 @@
 //!
 //! # The order of writes
 //!
-//! A delivery enters the queue (PostgreSQL) before its retry record is written (Kafka), and is
-//! marked settled only after its delivery or dead letter is done. A crash between the two
-//! leaves the delivery pending in the queue, so its record, read again, is attempted again (a
-//! duplicate, which at-least-once allows) and the build's later events keep waiting: never the
-//! other way round.
+//! A crash at any point may duplicate a delivery (at-least-once allows it) but never loses one
+//! nor sends a later event ahead of an earlier one:
+//!
+//! - A delivery enters the queue (PostgreSQL) before its retry record is written (Kafka), and is
+//!   marked settled only after its delivery or dead letter is done. A crash between the two
+//!   leaves it pending, so its record, read again, is attempted again and the build's later
+//!   events keep waiting.
+//! - A record that is not at its turn is parked on its entry (headers and body, in PostgreSQL)
+//!   before its offset is done. A crash before the offset is stored reads it again: it parks
+//!   again (the same record) or, if its turn came meanwhile, goes.
+//! - Settling an entry and reading the parked record now first in its queue is one transaction;
+//!   that record is then written back to the retry topic, due now, and only then unparked. A
+//!   crash before the write leaves a parked record first in a quiet queue: the sweep
+//!   ([`sweep`]) writes it back. A crash between the write and the unpark writes it twice: the
+//!   second copy is attempted again or, once the first was delivered, found settled.
+//! - Parking and settling take the same per-queue lock, so a record never parks unseen behind
+//!   an entry being settled at that moment (it would wait for the sweep, not lose its place).
 //!
 //! # Reading the queue on the main path
 //!
@@ -21,18 +33,20 @@
 //!
 //! # Waiting for a turn
 //!
-//! A queued record on the retry path that is due but not first waits in memory (within the
-//! retry hold, as a record due later does) and is woken when any delivery of the queue is
-//! settled on this instance, or polls the queue every [`TURN_POLL`] (the head may be settled by
-//! another instance). Past the hold it goes back to the end of the retry topic, due at once.
+//! A queued record that is not first in its queue does not wait in memory: it is parked in
+//! PostgreSQL and its offset is done, so waiting costs no in-flight slot (under a mass failure
+//! thousands of queues wait at once, and waiters holding slots starved the heads that would
+//! move them). Whichever instance settles the entry ahead of it writes it back to the retry
+//! topic, due now; [`sweep`] does it for queues whose head was settled by an instance that
+//! stopped before the write-back.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
-use hookline_cistate::{Hook, OrderEntry};
+use chrono::Utc;
+use hookline_cistate::{Hook, OrderEntry, ParkedDelivery, ParkedEntry};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::context::Context;
 use crate::handoff::Landed;
@@ -40,7 +54,7 @@ use crate::metrics::Stall;
 use crate::order::{self, Ordering, Side, Turn};
 use crate::shutdown::{Abandoned, wait_out};
 use crate::step::{self, Settlement};
-use crate::task::DeliveryTask;
+use crate::task::{self, DeliveryTask};
 
 /// How long settled queue entries are kept: long past any re-read of their records after a
 /// crash (bounded by the retry hold and the commit interval).
@@ -70,10 +84,6 @@ pub(crate) async fn prune(cx: std::sync::Arc<Context>, stop: CancellationToken) 
         }
     }
 }
-
-/// How often a queued record waiting for its turn reads the queue again when nothing on this
-/// instance woke it.
-pub const TURN_POLL: Duration = Duration::from_millis(250);
 
 /// The (hook, build) pairs of a batch's builds that have an order queue: one read per batch
 /// (none under relaxed ordering).
@@ -141,22 +151,17 @@ pub(crate) async fn main_step(
     }
 }
 
-/// A due record of the retry topic; `hold_until` bounds how long it may wait for its turn.
+/// A due record of the retry topic.
 pub(crate) async fn retry_step(
     cx: &Context,
     task: DeliveryTask,
     hook: &Hook,
-    hold_until: DateTime<Utc>,
     abandon: &CancellationToken,
 ) -> Result<(), Abandoned> {
     if outside_the_order(cx, &task) {
         return step::run(cx, task, hook, abandon).await;
     }
     loop {
-        // Registered before the queue is read, so a settlement in between still wakes it.
-        let woken = cx.turns.notified();
-        tokio::pin!(woken);
-        woken.as_mut().enable();
         let entries = queue(cx, &task, abandon).await?;
         match order::turn(
             &entries,
@@ -172,16 +177,10 @@ pub(crate) async fn retry_step(
                 return Ok(());
             }
             Turn::Queue | Turn::Wait => {
-                let now = Utc::now();
-                let Ok(left) = (hold_until - now).to_std() else {
-                    debug!(event_id = %task.event_id, build_id = task.build_id, hook_id = hook.id, "not its turn within the hold; back to the end of the retry topic");
-                    return enqueue(cx, task, hook, abandon).await;
-                };
-                tokio::select! {
-                    _ = abandon.cancelled() => return Err(Abandoned),
-                    _ = &mut woken => {}
-                    _ = tokio::time::sleep(left.min(TURN_POLL)) => {}
+                if park(cx, &task, abandon).await? {
+                    return Ok(());
                 }
+                // The entry ahead was settled since the queue was read: read it again.
             }
         }
     }
@@ -247,8 +246,9 @@ async fn go(
     Ok(())
 }
 
-/// Puts a delivery in the queue (if it is not there) and its record at the end of the retry
-/// topic, due now: it is attempted when its turn comes.
+/// Puts a delivery in the queue (if it is not there) and parks its record behind the entries
+/// ahead of it; if none is pending any more, its record goes to the end of the retry topic, due
+/// now, and is attempted there.
 async fn enqueue(
     cx: &Context,
     task: DeliveryTask,
@@ -256,6 +256,9 @@ async fn enqueue(
     abandon: &CancellationToken,
 ) -> Result<(), Abandoned> {
     hold(cx, &task, abandon).await?;
+    if park(cx, &task, abandon).await? {
+        return Ok(());
+    }
     let landed = cx
         .handoff
         .to_retry(&task, Some(hook), Utc::now(), abandon)
@@ -264,6 +267,39 @@ async fn enqueue(
         settle_entry(cx, task.hook_id, task.build_id, task.event_id, abandon).await?;
     }
     Ok(())
+}
+
+/// Parks a queued record on its entry, if an entry ahead of it is still pending; false when it
+/// is first (its turn came since the queue was read).
+async fn park(
+    cx: &Context,
+    task: &DeliveryTask,
+    abandon: &CancellationToken,
+) -> Result<bool, Abandoned> {
+    let delivery = ParkedDelivery {
+        headers: task
+            .header_pairs()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+        body: task.body.to_vec(),
+    };
+    let parked = wait_out(
+        &cx.metrics,
+        Stall::Store,
+        "store unavailable; a queued delivery cannot be parked",
+        abandon,
+        || {
+            cx.store
+                .order_park(task.hook_id, task.build_id, task.event_id, &delivery)
+        },
+    )
+    .await?;
+    if parked {
+        cx.metrics.order_action("parked");
+        debug!(event_id = %task.event_id, build_id = task.build_id, hook_id = task.hook_id, "not its turn; parked until the deliveries ahead of it are settled");
+    }
+    Ok(parked)
 }
 
 /// A queued delivery superseded by a later one on a hook that wants only the latest state.
@@ -324,21 +360,124 @@ async fn hold(
     .await
 }
 
-async fn settle_entry(
+/// Marks a delivery of its queue settled and writes the record parked next, if any, back to
+/// the retry topic (due now); a record Kafka refuses for good is dead-lettered, which settles
+/// it in turn.
+pub(crate) async fn settle_entry(
     cx: &Context,
     hook_id: i64,
     build_id: i64,
     event_id: uuid::Uuid,
     abandon: &CancellationToken,
 ) -> Result<(), Abandoned> {
+    let mut settling = (hook_id, build_id, event_id);
+    loop {
+        let (hook_id, build_id, event_id) = settling;
+        let next = wait_out(
+            &cx.metrics,
+            Stall::Store,
+            "store unavailable; the order queue cannot be moved on",
+            abandon,
+            || cx.store.order_settle(hook_id, build_id, event_id),
+        )
+        .await?;
+        let Some(next) = next else {
+            return Ok(());
+        };
+        match redrive(cx, &next, abandon).await? {
+            Landed::AsIs => return Ok(()),
+            _ => settling = (next.hook_id, next.build_id, next.event_id),
+        }
+    }
+}
+
+/// Writes a parked record back to the retry topic, due now, then unparks it. Where it landed:
+/// anything but `AsIs` means it ended in a dead letter and its entry is to be settled.
+async fn redrive(
+    cx: &Context,
+    parked: &ParkedEntry,
+    abandon: &CancellationToken,
+) -> Result<Landed, Abandoned> {
+    let headers = task::headers(
+        parked
+            .delivery
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone())),
+    );
+    let landed = match DeliveryTask::from_headers(Some(&headers), &parked.delivery.body) {
+        Ok(task) => {
+            let landed = cx
+                .handoff
+                .to_retry(&task, None, Utc::now(), abandon)
+                .await?;
+            cx.metrics.order_action("redriven");
+            landed
+        }
+        Err(detail) => {
+            // Written by this code, so never expected; leaving it would hold the queue for good.
+            warn!(event_id = %parked.event_id, build_id = parked.build_id, hook_id = parked.hook_id, %detail, "unreadable parked record; its queue moves on without it");
+            cx.metrics.order_action("unreadable");
+            Landed::Lost
+        }
+    };
     wait_out(
         &cx.metrics,
         Stall::Store,
-        "store unavailable; the order queue cannot be moved on",
+        "store unavailable; a re-driven delivery cannot be unparked",
         abandon,
-        || cx.store.order_settle(hook_id, build_id, event_id),
+        || {
+            cx.store
+                .order_unpark(parked.hook_id, parked.build_id, parked.event_id)
+        },
     )
     .await?;
-    cx.turns.notify_waiters();
-    Ok(())
+    Ok(landed)
+}
+
+/// How often [`sweep`] looks for parked records left first in a quiet queue.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(5);
+/// How long a queue must have seen no settlement before its parked first record counts as
+/// stranded: long past a settlement's write-back, so the sweep does not race it.
+pub const STRANDED_AFTER: Duration = Duration::from_secs(30);
+
+/// Writes back parked records whose queue's head was settled by an instance that stopped before
+/// the write-back (or whose hook was removed), every [`SWEEP_EVERY`], until `stop`. Every
+/// instance sweeps; two writing back one record only duplicate it.
+pub(crate) async fn sweep(cx: std::sync::Arc<Context>, stop: CancellationToken) {
+    if cx.config.ordering == Ordering::Relaxed {
+        return;
+    }
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let quiet_since = Utc::now()
+            - chrono::Duration::from_std(STRANDED_AFTER).unwrap_or(chrono::Duration::MAX);
+        let stranded = match cx.store.order_stranded(quiet_since, 1000).await {
+            Ok(stranded) => stranded,
+            // The next tick tries again; meanwhile those queues wait.
+            Err(error) => {
+                warn!(%error, "could not look for stranded parked deliveries");
+                continue;
+            }
+        };
+        for parked in stranded {
+            info!(event_id = %parked.event_id, build_id = parked.build_id, hook_id = parked.hook_id, "parked delivery first in a quiet queue; written back");
+            cx.metrics.order_action("swept");
+            let landed = match redrive(&cx, &parked, &stop).await {
+                Ok(landed) => landed,
+                Err(Abandoned) => return,
+            };
+            if landed != Landed::AsIs
+                && settle_entry(&cx, parked.hook_id, parked.build_id, parked.event_id, &stop)
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+        }
+    }
 }

@@ -297,6 +297,87 @@ async fn the_order_queue_is_the_same_in_postgresql_and_in_memory() {
     }
 }
 
+/// A queued delivery that is not at its turn is parked in the store, not held in memory: it
+/// parks only behind a pending entry; settling the entry ahead of it hands it back (to be
+/// written to the retry topic); a parked record left first in a quiet queue (its settler
+/// stopped before the write-back) is found by the sweep until it is unparked; and a removed
+/// hook's parked records are kept until they are dead-lettered. The same in PostgreSQL and in
+/// memory.
+#[tokio::test]
+async fn a_queued_delivery_parks_until_the_entry_ahead_of_it_is_settled() {
+    use chrono::{TimeZone, Utc};
+    use hookline_cistate::ParkedDelivery;
+    use uuid::Uuid;
+    let pg = hookline_tests::pg_store().await;
+    let memory = hookline_cistate::MemoryStore::new();
+    let stores: [&dyn CiStore; 2] = [&pg, &memory];
+    for store in stores {
+        let hook = store
+            .add_hook(&NewHook {
+                project_id: 1,
+                url: "http://127.0.0.1:1/hook".into(),
+                job_events: true,
+                ..NewHook::default()
+            })
+            .await
+            .expect("add hook");
+        let at = |s: i64| Utc.timestamp_opt(1_800_000_000 + s, 0).unwrap();
+        let record = |n: u8| ParkedDelivery {
+            headers: vec![("hookline-event-id".into(), n.to_string())],
+            body: vec![n; 3],
+        };
+        let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        for (id, s) in [(a, 1), (b, 2), (c, 3)] {
+            store.order_hold(hook.id, 9, id, at(s)).await.unwrap();
+        }
+        // First in its queue: nothing to wait for, so nothing is parked.
+        assert!(
+            !store.order_park(hook.id, 9, a, &record(1)).await.unwrap(),
+            "{store:?}"
+        );
+        assert!(store.order_park(hook.id, 9, b, &record(2)).await.unwrap());
+        assert!(store.order_park(hook.id, 9, c, &record(3)).await.unwrap());
+        let later = Utc::now() + chrono::Duration::minutes(1);
+        let earlier = Utc::now() - chrono::Duration::minutes(1);
+        // Parked behind a pending entry: not stranded however quiet the queue.
+        assert!(store.order_stranded(later, 10).await.unwrap().is_empty());
+        // Settling a record that is not first hands nothing back.
+        assert_eq!(store.order_settle(hook.id, 9, c).await.unwrap(), None);
+        // A settled entry does not park again.
+        assert!(!store.order_park(hook.id, 9, c, &record(3)).await.unwrap());
+        let next = store.order_settle(hook.id, 9, a).await.unwrap();
+        let next = next.expect("the parked record behind the settled one");
+        assert_eq!((next.event_id, next.delivery), (b, record(2)));
+        // The settler stopped before writing it back: the queue saw a settlement just now, so
+        // it is not stranded yet; once the queue is quiet, it is.
+        assert!(store.order_stranded(earlier, 10).await.unwrap().is_empty());
+        let stranded = store.order_stranded(later, 10).await.unwrap();
+        assert_eq!(stranded.iter().map(|p| p.event_id).collect::<Vec<_>>(), [b]);
+        store.order_unpark(hook.id, 9, b).await.unwrap();
+        assert!(store.order_stranded(later, 10).await.unwrap().is_empty());
+        // c was settled above: nothing pending behind b.
+        assert_eq!(store.order_settle(hook.id, 9, b).await.unwrap(), None);
+
+        // A removed hook: its parked record outlives the prune, first in a quiet queue, so the
+        // sweep writes it back and the retry path dead-letters it (hook removed).
+        let (d, e) = (Uuid::new_v4(), Uuid::new_v4());
+        store.order_hold(hook.id, 10, d, at(1)).await.unwrap();
+        store.order_hold(hook.id, 10, e, at(2)).await.unwrap();
+        assert!(store.order_park(hook.id, 10, e, &record(5)).await.unwrap());
+        store.remove_hook(hook.id).await.unwrap();
+        store.order_prune(earlier).await.unwrap();
+        let stranded = store.order_stranded(later, 10).await.unwrap();
+        assert_eq!(
+            stranded
+                .iter()
+                .map(|p| (p.hook_id, p.build_id, p.event_id))
+                .collect::<Vec<_>>(),
+            [(hook.id, 10, e)],
+            "{store:?}"
+        );
+    }
+}
+
 /// A held delivery that ends in a dead letter lets its queue move on, and its dead letter names
 /// the events that were queued behind it and went out after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
