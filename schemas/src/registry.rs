@@ -187,11 +187,16 @@ impl SchemaRegistry for HttpRegistry {
             return Ok(*id);
         }
         let url = format!("{}/subjects/{subject}/versions", self.base);
+        // The full schema, not its Parsing Canonical Form: that form drops field defaults and
+        // logical types, so the registry would judge v2's new fields as having no default
+        // (incompatible under BACKWARD) and other readers would lose `uuid`/`timestamp-micros`.
+        let full = serde_json::to_string(schema)
+            .map_err(|e| RegistryError::Http(format!("serialise the schema: {e}")))?;
         let response = self
             .http
             .post(url)
             .header(reqwest::header::CONTENT_TYPE, REGISTRY_CONTENT_TYPE)
-            .json(&serde_json::json!({ "schema": canonical }))
+            .json(&serde_json::json!({ "schema": full }))
             .send()
             .await
             .map_err(|e| RegistryError::Http(e.to_string()))?;

@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use apache_avro::Schema;
 use hookline_cistate::{CiStore, Transition, render};
-use hookline_consumer::{Consumer, Stall};
+use hookline_consumer::Consumer;
+use hookline_consumer::metrics::Stall;
 use hookline_producer::{
     Change, Emitter, EmitterConfig, Flags, INLINE_FLAG, ProducerMetrics, TransitionRequest,
 };
 use hookline_schemas::{
-    BuildStatus, Codec, CodecError, HttpRegistry, PayloadTiming,
-    RegistryError, SchemaRegistry, SchemaVersion,
+    BuildStatus, Codec, CodecError, HttpRegistry, PayloadTiming, RegistryError, SchemaRegistry,
+    SchemaVersion,
 };
 use hookline_tests::pg_gate::PgGate;
 use hookline_tests::world::World;
@@ -54,8 +55,8 @@ async fn record_value(topic: &str, partition: i32, offset: i64) -> Vec<u8> {
     message.payload().expect("value").to_vec()
 }
 
-/// `GET /schemas/ids/{id}` straight from the registry, parsed.
-async fn registry_schema(url: &str, id: u32) -> Schema {
+/// `GET /schemas/ids/{id}` straight from the registry: the schema's JSON.
+async fn registry_schema_json(url: &str, id: u32) -> Value {
     let answer: Value = reqwest::get(format!("{url}/schemas/ids/{id}"))
         .await
         .expect("GET schema by id")
@@ -64,7 +65,22 @@ async fn registry_schema(url: &str, id: u32) -> Schema {
         .json()
         .await
         .expect("JSON");
-    Schema::parse_str(answer["schema"].as_str().expect("schema text")).expect("Avro schema")
+    serde_json::from_str(answer["schema"].as_str().expect("schema text")).expect("schema JSON")
+}
+
+/// The same, parsed as Avro.
+async fn registry_schema(url: &str, id: u32) -> Schema {
+    Schema::parse_str(&registry_schema_json(url, id).await.to_string()).expect("Avro schema")
+}
+
+/// The field `name` of a record schema's JSON.
+fn field<'a>(schema: &'a Value, name: &str) -> &'a Value {
+    schema["fields"]
+        .as_array()
+        .expect("fields")
+        .iter()
+        .find(|f| f["name"] == name)
+        .unwrap_or_else(|| panic!("no field {name} in {schema}"))
 }
 
 async fn emitter(world: &World, url: &str, writer: SchemaVersion, flags: Flags) -> Emitter {
@@ -133,6 +149,19 @@ async fn v1_and_v2_producers_register_at_startup_and_the_consumer_delivers_both_
         registry_schema(&url, v1_id).await.canonical_form(),
         SchemaVersion::V1.schema().canonical_form()
     );
+    // Registered whole, not in Parsing Canonical Form: the defaults that make v2 readable by v1
+    // readers (and v1 records by v2) and the logical types reach the registry.
+    let registered = registry_schema_json(&url, v2_id).await;
+    assert_eq!(field(&registered, "payload")["default"], Value::Null);
+    assert!(
+        field(&registered, "payload").get("default").is_some(),
+        "payload's default: {registered}"
+    );
+    assert_eq!(
+        field(&registered, "event_id")["type"]["logicalType"],
+        "uuid",
+        "{registered}"
+    );
     // The embedded registry's fixed ids do not name them (unless by chance): the reader must ask.
     if !matches!(v2_id, 1 | 2) {
         assert!(matches!(
@@ -171,7 +200,11 @@ async fn v1_and_v2_producers_register_at_startup_and_the_consumer_delivers_both_
     let got = receiver.received();
     let uuids: Vec<_> = got
         .iter()
-        .map(|r| r.header("x-gitlab-event-uuid").unwrap_or_default().to_owned())
+        .map(|r| {
+            r.header("x-gitlab-event-uuid")
+                .unwrap_or_default()
+                .to_owned()
+        })
         .collect();
     assert!(uuids.contains(&running.event_id.to_string()), "{uuids:?}");
     assert!(uuids.contains(&success.event_id.to_string()), "{uuids:?}");
@@ -315,9 +348,11 @@ async fn a_registry_outage_while_running_holds_unseen_ids_and_does_not_stop_the_
         .expect("the producer emits without asking the registry again")
         .emitted()
         .expect("emitted");
-    poll_until("the v2 record delivered during the outage", WAIT, || async {
-        (receiver.count() >= 1).then_some(())
-    })
+    poll_until(
+        "the v2 record delivered during the outage",
+        WAIT,
+        || async { (receiver.count() >= 1).then_some(()) },
+    )
     .await;
 
     // A v1 record names an id this consumer has never fetched: the partition waits for the
@@ -336,7 +371,11 @@ async fn a_registry_outage_while_running_holds_unseen_ids_and_does_not_stop_the_
     })
     .await;
     assert_eq!(receiver.count(), 1, "the v1 record is held, not delivered");
-    assert_eq!(metrics.dead_letters(None), 0, "an outage dead-letters nothing");
+    assert_eq!(
+        metrics.dead_letters(None),
+        0,
+        "an outage dead-letters nothing"
+    );
 
     // Back: the held record is read and delivered.
     gate.open();
@@ -361,10 +400,11 @@ async fn a_registry_outage_while_running_holds_unseen_ids_and_does_not_stop_the_
 
 /// A gate in front of the registry of `url`, and the same URL through the gate.
 async fn gate_in_front_of(url: &str) -> (PgGate, String) {
-    let rest = url.strip_prefix("http://").expect("an http:// registry URL");
+    let rest = url
+        .strip_prefix("http://")
+        .expect("an http:// registry URL");
     let (address, path) = rest.split_once('/').unwrap_or((rest, ""));
     let gate = PgGate::in_front_of(address.to_owned()).await;
     let gated = format!("http://127.0.0.1:{}/{path}", gate.port());
     (gate, gated)
 }
-
