@@ -387,9 +387,25 @@ pub struct FactsBody {
     #[serde(default)]
     #[schema(minimum = 0)]
     pub queued_duration: Option<f64>,
-    /// One of GitLab's job failure reasons (`script_failure`, ..., `unknown_failure`).
+    /// One of GitLab's job failure reasons.
     #[serde(default)]
+    #[schema(schema_with = failure_reason_schema)]
     pub failure_reason: Option<String>,
+}
+
+/// `failure_reason` in the OpenAPI document: GitLab's names ([`bounds::FAILURE_REASONS`]), or
+/// null.
+fn failure_reason_schema() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, SchemaType, Type};
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+        .enum_values(Some(
+            bounds::FAILURE_REASONS
+                .iter()
+                .map(|r| Value::from(*r))
+                .chain([Value::Null]),
+        ))
+        .build()
 }
 
 impl TransitionBody {

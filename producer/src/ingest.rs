@@ -922,4 +922,68 @@ mod tests {
             "{text}"
         );
     }
+
+    /// The served document and the router agree: every documented (method, path) is routed, no
+    /// other method is on those paths, and the document has nothing else. `/metrics` and
+    /// `/openapi.json` are routed and left out of it on purpose.
+    #[tokio::test]
+    async fn the_openapi_document_describes_the_routes_the_router_serves() {
+        use crate::openapi::DOCUMENTED_ROUTES;
+        let app = offline_app(1024).await;
+        let request = Request::get("/openapi.json").body(Body::empty()).unwrap();
+        let (status, doc) = send(app.clone(), request).await;
+        assert_eq!(status, StatusCode::OK);
+        let mut documented: Vec<(String, String)> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .flat_map(|(path, ops)| {
+                ops.as_object()
+                    .unwrap()
+                    .keys()
+                    .filter(|k| ["get", "post", "put", "patch", "delete"].contains(&k.as_str()))
+                    .map(move |method| (method.clone(), path.clone()))
+            })
+            .collect();
+        documented.sort();
+        let mut expected: Vec<(String, String)> = DOCUMENTED_ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        expected.sort();
+        assert_eq!(documented, expected);
+
+        for (method, path) in DOCUMENTED_ROUTES {
+            for other in ["get", "post", "put", "delete"] {
+                let request = Request::builder()
+                    .method(other.to_uppercase().as_str())
+                    .uri(*path)
+                    .header("content-type", "application/json")
+                    .body(Body::from("{}"))
+                    .unwrap();
+                let status = app.clone().oneshot(request).await.unwrap().status();
+                if other == *method {
+                    assert_ne!(status, StatusCode::NOT_FOUND, "{method} {path} is routed");
+                    assert_ne!(
+                        status,
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        "{method} {path} is routed"
+                    );
+                } else {
+                    assert_eq!(
+                        status,
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        "{other} {path} is not routed, as the document says"
+                    );
+                }
+            }
+        }
+        let request = Request::get("/v1/undocumented")
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(
+            app.oneshot(request).await.unwrap().status(),
+            StatusCode::NOT_FOUND
+        );
+    }
 }
