@@ -351,7 +351,7 @@ fn status_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BuildStatus, D:
 }
 
 /// One transition as the API takes it. (The `schema` attributes describe it in the OpenAPI
-/// document; the checks themselves are serde's and [`TransitionBody::into_request`]'s.)
+/// document; the checks themselves are serde's and `into_request`'s.)
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TransitionBody {
