@@ -350,34 +350,62 @@ fn status_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BuildStatus, D:
         })
 }
 
-/// One transition as the API takes it.
-#[derive(Debug, Deserialize)]
+/// One transition as the API takes it. (The `schema` attributes describe it in the OpenAPI
+/// document; the checks themselves are serde's and `into_request`'s.)
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TransitionBody {
+    #[schema(minimum = 1)]
     pub build_id: i64,
     #[serde(deserialize_with = "status_name")]
+    #[schema(value_type = crate::openapi::StatusName)]
     pub status: BuildStatus,
+    /// When the build reached the status; now when absent.
     #[serde(default)]
     pub occurred_at: Option<DateTime<Utc>>,
+    /// The event's identity; send the same one when retrying.
     #[serde(default)]
     pub event_id: Option<Uuid>,
+    /// The facts at the transition; read from the build row when absent.
     #[serde(default)]
     pub facts: Option<FactsBody>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FactsBody {
     #[serde(default)]
     pub started_at: Option<DateTime<Utc>>,
+    /// Not before `started_at`.
     #[serde(default)]
     pub finished_at: Option<DateTime<Utc>>,
+    /// Seconds.
     #[serde(default)]
+    #[schema(minimum = 0)]
     pub duration: Option<f64>,
+    /// Seconds.
     #[serde(default)]
+    #[schema(minimum = 0)]
     pub queued_duration: Option<f64>,
+    /// One of GitLab's job failure reasons.
     #[serde(default)]
+    #[schema(schema_with = failure_reason_schema)]
     pub failure_reason: Option<String>,
+}
+
+/// `failure_reason` in the OpenAPI document: GitLab's names ([`bounds::FAILURE_REASONS`]), or
+/// null.
+fn failure_reason_schema() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, SchemaType, Type};
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+        .enum_values(Some(
+            bounds::FAILURE_REASONS
+                .iter()
+                .map(|r| Value::from(*r))
+                .chain([Value::Null]),
+        ))
+        .build()
 }
 
 impl TransitionBody {

@@ -7,6 +7,7 @@
 //! | `GET /metrics` | Prometheus text (bearer token unless `--metrics-public`) |
 //! | `GET /healthz` | `200` while the process runs (open) |
 //! | `GET /readyz` | `200` when Kafka and the store answer, else `503` (open) |
+//! | `GET /openapi.json` | the OpenAPI 3.1 document of the routes above but `/metrics` ([`crate::openapi`]) (open) |
 //!
 //! A transition: `{"build_id": 42, "status": "running", "occurred_at": "2026-...Z",
 //! "event_id": "<uuid>", "facts": {"started_at", "finished_at", "duration", "queued_duration",
@@ -58,6 +59,8 @@ use crate::error::ProducerError;
 use crate::event_ids::{self, EventIds, PgEventIds};
 use crate::flags::Flags;
 use crate::metrics::ProducerMetrics;
+#[allow(unused_imports)] // named only inside #[utoipa::path] attributes
+use crate::openapi::{BatchAnswer, BatchRefusal, EmittedAnswer, ErrorAnswer, SkippedAnswer};
 use crate::server::{self, ConnectionLimits};
 
 /// What the handlers share.
@@ -120,8 +123,9 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(api)
         .merge(metrics_route)
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(ready))
+        .route("/openapi.json", get(openapi_json))
         .layer(DefaultBodyLimit::max(state.body_limit))
         .with_state(state)
 }
@@ -258,7 +262,29 @@ where
     }
 }
 
-async fn transition(
+#[utoipa::path(
+    post,
+    path = "/v1/transitions",
+    tag = "transitions",
+    request_body(content = TransitionBody, content_type = "application/json"),
+    security(("bearer" = [])),
+    responses(
+        (status = 202, description = "Kafka acknowledged the event", body = EmittedAnswer),
+        (status = 200, description = "no event by design (the build's user is blocked); do not retry", body = SkippedAnswer),
+        (status = 400, description = "the body is not JSON", body = ErrorAnswer),
+        (status = 401, description = "no accepted bearer token", body = ErrorAnswer,
+            headers(("WWW-Authenticate" = String, description = "Bearer realm=\"hookline\""))),
+        (status = 404, description = "unknown build", body = ErrorAnswer),
+        (status = 408, description = "the body did not arrive within --body-timeout", body = ErrorAnswer),
+        (status = 409, description = "the event_id was used before for a different transition", body = ErrorAnswer),
+        (status = 413, description = "the body is over --body-limit, the event over --max-event-bytes or a CI state field over its bound", body = ErrorAnswer),
+        (status = 415, description = "the body is not declared as application/json", body = ErrorAnswer),
+        (status = 422, description = "JSON of the wrong type or shape, a duplicate key, an unknown or invalid field (named in field), or an event Kafka refuses for good", body = ErrorAnswer),
+        (status = 503, description = "Kafka or the store is unavailable; retry after Retry-After seconds", body = ErrorAnswer,
+            headers(("Retry-After" = u64, description = "seconds"))),
+    )
+)]
+pub(crate) async fn transition(
     State(state): State<AppState>,
     FieldJson(body): FieldJson<TransitionBody>,
 ) -> Result<Response, ApiError> {
@@ -274,7 +300,29 @@ async fn transition(
     }
 }
 
-async fn batch(
+#[utoipa::path(
+    post,
+    path = "/v1/transitions/batch",
+    tag = "transitions",
+    request_body(content = Vec<TransitionBody>, content_type = "application/json",
+        description = "1 to --batch-limit transitions"),
+    security(("bearer" = [])),
+    responses(
+        (status = 202, description = "every item was acknowledged by Kafka or skipped", body = BatchAnswer),
+        (status = 400, description = "the body is not JSON", body = ErrorAnswer),
+        (status = 401, description = "no accepted bearer token", body = ErrorAnswer,
+            headers(("WWW-Authenticate" = String, description = "Bearer realm=\"hookline\""))),
+        (status = 404, description = "an item's build is unknown (the worst item's status)", body = BatchRefusal),
+        (status = 408, description = "the body did not arrive within --body-timeout", body = ErrorAnswer),
+        (status = 409, description = "an item's event_id was used before for a different transition", body = BatchRefusal),
+        (status = 413, description = "the body is over --body-limit, or an item over its bounds", body = BatchRefusal),
+        (status = 415, description = "the body is not declared as application/json", body = ErrorAnswer),
+        (status = 422, description = "the batch or an item is invalid (named in field), or Kafka refused an item for good", body = BatchRefusal),
+        (status = 503, description = "Kafka or the store is unavailable for an item; retry the items without 202", body = BatchRefusal,
+            headers(("Retry-After" = u64, description = "seconds"))),
+    )
+)]
+pub(crate) async fn batch(
     State(state): State<AppState>,
     FieldJson(bodies): FieldJson<Vec<TransitionBody>>,
 ) -> Result<Response, ApiError> {
@@ -354,7 +402,32 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn ready(State(state): State<AppState>) -> Response {
+/// Liveness: `200 ok` while the process runs.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "probes",
+    responses((status = 200, description = "the process runs", body = String, content_type = "text/plain"))
+)]
+pub(crate) async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// The OpenAPI 3.1 document of the routes above (open, like the probes).
+async fn openapi_json() -> Response {
+    axum::Json(crate::openapi::document()).into_response()
+}
+
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "probes",
+    responses(
+        (status = 200, description = "Kafka and the store answer", body = String, content_type = "text/plain"),
+        (status = 503, description = "Kafka or the store does not answer; the body says which", body = String, content_type = "text/plain"),
+    )
+)]
+pub(crate) async fn ready(State(state): State<AppState>) -> Response {
     match state.emitter.check_ready().await {
         Ok(()) => (StatusCode::OK, "ready").into_response(),
         Err(reason) => (
@@ -850,6 +923,70 @@ mod tests {
         assert!(
             !text.contains("hookline_producer_flag_evaluations_total{"),
             "{text}"
+        );
+    }
+
+    /// The served document and the router agree: every documented (method, path) is routed, no
+    /// other method is on those paths, and the document has nothing else. `/metrics` and
+    /// `/openapi.json` are routed and left out of it on purpose.
+    #[tokio::test]
+    async fn the_openapi_document_describes_the_routes_the_router_serves() {
+        use crate::openapi::DOCUMENTED_ROUTES;
+        let app = offline_app(1024).await;
+        let request = Request::get("/openapi.json").body(Body::empty()).unwrap();
+        let (status, doc) = send(app.clone(), request).await;
+        assert_eq!(status, StatusCode::OK);
+        let mut documented: Vec<(String, String)> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .flat_map(|(path, ops)| {
+                ops.as_object()
+                    .unwrap()
+                    .keys()
+                    .filter(|k| ["get", "post", "put", "patch", "delete"].contains(&k.as_str()))
+                    .map(move |method| (method.clone(), path.clone()))
+            })
+            .collect();
+        documented.sort();
+        let mut expected: Vec<(String, String)> = DOCUMENTED_ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        expected.sort();
+        assert_eq!(documented, expected);
+
+        for (method, path) in DOCUMENTED_ROUTES {
+            for other in ["get", "post", "put", "delete"] {
+                let request = Request::builder()
+                    .method(other.to_uppercase().as_str())
+                    .uri(*path)
+                    .header("content-type", "application/json")
+                    .body(Body::from("{}"))
+                    .unwrap();
+                let status = app.clone().oneshot(request).await.unwrap().status();
+                if other == *method {
+                    assert_ne!(status, StatusCode::NOT_FOUND, "{method} {path} is routed");
+                    assert_ne!(
+                        status,
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        "{method} {path} is routed"
+                    );
+                } else {
+                    assert_eq!(
+                        status,
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        "{other} {path} is not routed, as the document says"
+                    );
+                }
+            }
+        }
+        let request = Request::get("/v1/undocumented")
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(
+            app.oneshot(request).await.unwrap().status(),
+            StatusCode::NOT_FOUND
         );
     }
 }

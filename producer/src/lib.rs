@@ -25,6 +25,8 @@
 //! - [`relay`]: `hookline-producer relay`: the transactional outbox (`hookline_outbox`) to Kafka,
 //!   through the same emitter, in order per build, rows deleted only after Kafka's ack.
 //! - [`api`]: the API's request and response types; every error names its field.
+//! - [`openapi`]: the API's OpenAPI 3.1 document (`GET /openapi.json`), generated from the
+//!   handlers and types.
 //! - [`auth`]: bearer tokens (constant-time, never logged) and the JSON-only content type.
 //! - [`server`]: HTTP/1.1 connections: a limit, header and idle timeouts for slow clients.
 //! - [`config`]: every option, by flag and `HOOKLINE_*` variable.
@@ -44,6 +46,7 @@ pub mod feature;
 pub mod flags;
 pub mod ingest;
 pub mod metrics;
+pub mod openapi;
 pub mod relay;
 pub mod render;
 pub mod server;

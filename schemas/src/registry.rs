@@ -28,6 +28,10 @@ pub enum RegistryError {
     NotRegistered { subject: String },
     #[error("schema registry request failed: {0}")]
     Http(String),
+    /// The registry answered a registration with no (a 4xx other than 408/429: an incompatible
+    /// schema is 409, an invalid one 422): asking again gives the same answer.
+    #[error("schema registry refused: {0}")]
+    Refused(String),
     #[error("schema registry URL {0:?} must start with http:// or https://")]
     InvalidUrl(String),
     #[error("schema registry returned an unparsable schema for id {id}: {reason}")]
@@ -148,6 +152,14 @@ struct SchemaAnswer {
     schema: String,
 }
 
+/// A final answer to a registration: the client's fault, except a timeout (408) and rate
+/// limiting (429), which pass. 5xx answers and unreachable registries are transient.
+fn refusal(status: reqwest::StatusCode) -> bool {
+    status.is_client_error()
+        && status != reqwest::StatusCode::REQUEST_TIMEOUT
+        && status != reqwest::StatusCode::TOO_MANY_REQUESTS
+}
+
 impl HttpRegistry {
     pub fn new(base_url: &str) -> Result<Self, RegistryError> {
         if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
@@ -175,20 +187,28 @@ impl SchemaRegistry for HttpRegistry {
             return Ok(*id);
         }
         let url = format!("{}/subjects/{subject}/versions", self.base);
+        // The full schema, not its Parsing Canonical Form: that form drops field defaults and
+        // logical types, so the registry would judge v2's new fields as having no default
+        // (incompatible under BACKWARD) and other readers would lose `uuid`/`timestamp-micros`.
+        let full = serde_json::to_string(schema)
+            .map_err(|e| RegistryError::Http(format!("serialise the schema: {e}")))?;
         let response = self
             .http
             .post(url)
             .header(reqwest::header::CONTENT_TYPE, REGISTRY_CONTENT_TYPE)
-            .json(&serde_json::json!({ "schema": canonical }))
+            .json(&serde_json::json!({ "schema": full }))
             .send()
             .await
             .map_err(|e| RegistryError::Http(e.to_string()))?;
         let status = response.status();
         if !status.is_success() {
             let body = response.text().await.unwrap_or_default();
-            return Err(RegistryError::Http(format!(
-                "register {subject}: {status} {body}"
-            )));
+            let message = format!("register {subject}: {status} {body}");
+            return Err(if refusal(status) {
+                RegistryError::Refused(message)
+            } else {
+                RegistryError::Http(message)
+            });
         }
         let answer: IdAnswer = response
             .json()
@@ -217,6 +237,8 @@ impl SchemaRegistry for HttpRegistry {
         if response.status() == reqwest::StatusCode::NOT_FOUND {
             return Err(RegistryError::UnknownId(id));
         }
+        // Anything but 404 holds the record (transient): a registry answering 401 or 403
+        // after a misconfiguration must not dead-letter every record it cannot serve.
         if !response.status().is_success() {
             return Err(RegistryError::Http(format!(
                 "schema {id}: {}",

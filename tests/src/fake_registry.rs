@@ -1,6 +1,11 @@
 //! A Confluent-compatible schema registry stand-in, served over real HTTP on loopback: register a
 //! subject version, fetch a schema by id. Ids start at 100 so they differ from the embedded
 //! registry's; it can be told to be "down" (503 to lookups by id).
+//!
+//! The tests of hookline against a registry use the real one (Apicurio, `registry_apicurio`).
+//! This fake stays only for what the real one cannot do: answer `503` while reachable
+//! (`schema_registry`: a lookup by id that fails is asked again, the record held), and count
+//! requests by kind (`schemas_http_registry`: a schema is fetched by id once, then cached).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

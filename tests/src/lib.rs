@@ -11,7 +11,10 @@
 //! - [`world`]: a consumer test's world (topics, store, hooks, events, a running consumer).
 //! - [`process`]: `hookline-consumer serve` as a child process for a world.
 //! - [`producer`]: the producer's API in-process on a loopback port.
-//! - [`fake_registry`]: a Confluent-compatible schema registry stand-in on loopback.
+//! - [`registry_url`]: the real Confluent-compatible schema registry (`HOOKLINE_TEST_REGISTRY`,
+//!   Apicurio started by `scripts/registry`); its tests fail without it in CI, skip locally.
+//! - [`fake_registry`]: a Confluent-compatible schema registry stand-in on loopback, for the
+//!   misbehaviour the real one cannot show.
 //! - [`pg_gate`]: a gate in front of the shared PostgreSQL that a test closes to act an outage.
 //! - [`ordering`]: a receiver that fails chosen (build, status) pairs and shows each build's
 //!   statuses in arrival order.
@@ -43,6 +46,25 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+/// The Confluent API (`.../apis/ccompat/v7`) of the real schema registry that `scripts/test`
+/// starts. `None` (the test returns, saying so) when `HOOKLINE_TEST_REGISTRY` is unset outside
+/// CI: engineers running a module by hand with only Kafka and PostgreSQL up are not failed by
+/// it. With `CI=true` an unset variable fails the test: CI must run them.
+pub fn registry_url() -> Option<String> {
+    match std::env::var("HOOKLINE_TEST_REGISTRY") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") => panic!(
+            "HOOKLINE_TEST_REGISTRY is not set: run the integration tests with scripts/test, which starts the schema registry (scripts/registry)"
+        ),
+        _ => {
+            eprintln!(
+                "skipped: HOOKLINE_TEST_REGISTRY is not set (start one with scripts/registry start; export HOOKLINE_TEST_REGISTRY=$(scripts/registry url))"
+            );
+            None
+        }
+    }
+}
 
 /// The bootstrap servers of the real test broker.
 pub fn kafka_brokers() -> String {

@@ -1,7 +1,8 @@
 //! A TCP gate in front of the shared PostgreSQL that a test can close: while closed, every open
 //! connection is cut and new ones are dropped on arrival, as when the server goes away; opened
 //! again, connections reach the real server. Tests of a PostgreSQL outage use it instead of
-//! stopping the shared server.
+//! stopping the shared server; tests of a schema registry outage put one in front of the shared
+//! registry the same way ([`PgGate::in_front_of`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,8 +23,11 @@ pub struct PgGate {
 impl PgGate {
     /// Opens a gate to the server of `HOOKLINE_TEST_DATABASE_URL`.
     pub async fn start() -> PgGate {
-        let url = database_url();
-        let target = server_address(&url);
+        PgGate::in_front_of(server_address(&database_url())).await
+    }
+
+    /// Opens a gate to any TCP server at `target` (`host:port`).
+    pub async fn in_front_of(target: String) -> PgGate {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the gate");
@@ -60,6 +64,11 @@ impl PgGate {
             connections,
             shutdown,
         }
+    }
+
+    /// The gate's own port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// The test database's URL, through the gate.

@@ -18,6 +18,7 @@ mod producer_http;
 mod producer_outbox;
 mod producer_reliability;
 mod promises;
+mod registry_apicurio;
 mod schema_registry;
 mod schemas_http_registry;
 mod soak_receiver;
