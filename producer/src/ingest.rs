@@ -62,6 +62,8 @@ use crate::metrics::ProducerMetrics;
 #[allow(unused_imports)] // named only inside #[utoipa::path] attributes
 use crate::openapi::{BatchAnswer, BatchRefusal, EmittedAnswer, ErrorAnswer, SkippedAnswer};
 use crate::server::{self, ConnectionLimits};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
 
 /// What the handlers share.
 #[derive(Debug, Clone)]
@@ -415,7 +417,7 @@ pub(crate) async fn healthz() -> &'static str {
 
 /// The OpenAPI 3.1 document of the routes above (open, like the probes).
 async fn openapi_json() -> Response {
-    axum::Json(crate::openapi::document()).into_response()
+    axum::Json(document()).into_response()
 }
 
 #[utoipa::path(
@@ -436,6 +438,57 @@ pub(crate) async fn ready(State(state): State<AppState>) -> Response {
         )
             .into_response(),
     }
+}
+
+// The OpenAPI document of the routes above (answer shapes in `openapi`).
+
+/// The bearer token scheme of the transition routes.
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The producer API's document.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "hookline producer",
+        description = "CI build transitions in, BuildEvents on Kafka out. Nothing is answered 202 unless Kafka acknowledged it.",
+    ),
+    paths(
+        crate::ingest::transition,
+        crate::ingest::batch,
+        crate::ingest::healthz,
+        crate::ingest::ready
+    ),
+    components(schemas(
+        crate::api::TransitionBody,
+        crate::api::FactsBody,
+        crate::openapi::StatusName,
+        crate::openapi::TimingName,
+        EmittedAnswer,
+        SkippedAnswer,
+        ErrorAnswer,
+        crate::openapi::BatchItem,
+        BatchAnswer,
+        BatchRefusal
+    )),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+/// The document as served, with the running version.
+pub fn document() -> utoipa::openapi::OpenApi {
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    doc
 }
 
 #[cfg(test)]
@@ -988,5 +1041,55 @@ mod tests {
             app.oneshot(request).await.unwrap().status(),
             StatusCode::NOT_FOUND
         );
+    }
+}
+
+#[cfg(test)]
+mod openapi_tests {
+    use super::*;
+    use crate::openapi::DOCUMENTED_ROUTES;
+    use serde_json::Value;
+
+    fn json() -> Value {
+        serde_json::to_value(document()).unwrap()
+    }
+
+    #[test]
+    fn the_document_is_openapi_3_1_with_its_required_keys() {
+        let doc = json();
+        assert!(
+            doc["openapi"].as_str().unwrap().starts_with("3.1."),
+            "{}",
+            doc["openapi"]
+        );
+        assert!(doc["info"]["title"].is_string() && doc["info"]["version"].is_string());
+        assert!(doc["paths"].is_object());
+        // Every $ref resolves to a component schema.
+        let text = doc.to_string();
+        for piece in text.split("\"$ref\":\"#/components/schemas/").skip(1) {
+            let name = piece.split('"').next().unwrap();
+            assert!(
+                doc["components"]["schemas"][name].is_object(),
+                "dangling $ref {name}"
+            );
+        }
+        // Each operation has responses, and the transition routes name the bearer scheme.
+        for (method, path) in DOCUMENTED_ROUTES {
+            let op = &doc["paths"][path][method];
+            assert!(op["responses"].is_object(), "{method} {path}");
+        }
+        assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+    }
+
+    #[test]
+    fn unknown_request_fields_are_refused_in_the_schema_as_by_the_api() {
+        let doc = json();
+        for name in ["TransitionBody", "FactsBody"] {
+            assert_eq!(
+                doc["components"]["schemas"][name]["additionalProperties"],
+                Value::Bool(false),
+                "{name}"
+            );
+        }
     }
 }

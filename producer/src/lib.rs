@@ -25,8 +25,9 @@
 //! - [`relay`]: `hookline-producer relay`: the transactional outbox (`hookline_outbox`) to Kafka,
 //!   through the same emitter, in order per build, rows deleted only after Kafka's ack.
 //! - [`api`]: the API's request and response types; every error names its field.
-//! - [`openapi`]: the API's OpenAPI 3.1 document (`GET /openapi.json`), generated from the
-//!   handlers and types.
+//! - [`openapi`]: the shapes of the API's answers and the routes its OpenAPI 3.1 document
+//!   describes; the document itself (`GET /openapi.json`) is generated beside the router, in
+//!   `ingest`, from the handlers and types.
 //! - [`auth`]: bearer tokens (constant-time, never logged) and the JSON-only content type.
 //! - [`server`]: HTTP/1.1 connections: a limit, header and idle timeouts for slow clients.
 //! - [`config`]: every option, by flag and `HOOKLINE_*` variable.

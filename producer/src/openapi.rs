@@ -1,4 +1,5 @@
-//! The API's OpenAPI 3.1 document, served at `GET /openapi.json`.
+//! The shapes of the API's answers and the routes its OpenAPI 3.1 document describes (served at
+//! `GET /openapi.json`).
 //!
 //! # Layout
 //!
@@ -6,8 +7,11 @@
 //! ingest.rs handlers (#[utoipa::path]: method, path, statuses, headers)
 //!   + api.rs request types (TransitionBody, FactsBody: #[derive(ToSchema)])
 //!   + the answer shapes below (the handlers build them as JSON values)
-//!   --> ApiDoc::openapi() --> GET /openapi.json
+//!   --> ingest::ApiDoc::openapi() --> GET /openapi.json
 //! ```
+//!
+//! This module imports nothing of the crate: the document itself (`ingest::ApiDoc`) lives beside
+//! the router that serves it, so the handlers, their document and the route stay one place.
 //!
 //! The handlers answer with `serde_json::Value`s built in `api.rs`, so the answers' shapes are
 //! written down here, once, as types that exist only for the document; the schemathesis check
@@ -15,8 +19,7 @@
 //! Prometheus text behind its own token rule, not part of the transition contract.
 
 use serde::Serialize;
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 /// The routes the document describes, as `(method, path)`; the router serves these and also
@@ -127,102 +130,4 @@ pub struct BatchAnswer {
 pub enum BatchRefusal {
     Refused(ErrorAnswer),
     Items(BatchAnswer),
-}
-
-/// The bearer token scheme of the transition routes.
-struct BearerAuth;
-
-impl Modify for BearerAuth {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
-        );
-    }
-}
-
-/// The producer API's document.
-#[derive(OpenApi)]
-#[openapi(
-    info(
-        title = "hookline producer",
-        description = "CI build transitions in, BuildEvents on Kafka out. Nothing is answered 202 unless Kafka acknowledged it.",
-    ),
-    paths(
-        crate::ingest::transition,
-        crate::ingest::batch,
-        crate::ingest::healthz,
-        crate::ingest::ready
-    ),
-    components(schemas(
-        crate::api::TransitionBody,
-        crate::api::FactsBody,
-        StatusName,
-        TimingName,
-        EmittedAnswer,
-        SkippedAnswer,
-        ErrorAnswer,
-        BatchItem,
-        BatchAnswer,
-        BatchRefusal
-    )),
-    modifiers(&BearerAuth)
-)]
-pub struct ApiDoc;
-
-/// The document as served, with the running version.
-pub fn document() -> utoipa::openapi::OpenApi {
-    let mut doc = ApiDoc::openapi();
-    doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
-    doc
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::Value;
-
-    fn json() -> Value {
-        serde_json::to_value(document()).unwrap()
-    }
-
-    #[test]
-    fn the_document_is_openapi_3_1_with_its_required_keys() {
-        let doc = json();
-        assert!(
-            doc["openapi"].as_str().unwrap().starts_with("3.1."),
-            "{}",
-            doc["openapi"]
-        );
-        assert!(doc["info"]["title"].is_string() && doc["info"]["version"].is_string());
-        assert!(doc["paths"].is_object());
-        // Every $ref resolves to a component schema.
-        let text = doc.to_string();
-        for piece in text.split("\"$ref\":\"#/components/schemas/").skip(1) {
-            let name = piece.split('"').next().unwrap();
-            assert!(
-                doc["components"]["schemas"][name].is_object(),
-                "dangling $ref {name}"
-            );
-        }
-        // Each operation has responses, and the transition routes name the bearer scheme.
-        for (method, path) in DOCUMENTED_ROUTES {
-            let op = &doc["paths"][path][method];
-            assert!(op["responses"].is_object(), "{method} {path}");
-        }
-        assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
-    }
-
-    #[test]
-    fn unknown_request_fields_are_refused_in_the_schema_as_by_the_api() {
-        let doc = json();
-        for name in ["TransitionBody", "FactsBody"] {
-            assert_eq!(
-                doc["components"]["schemas"][name]["additionalProperties"],
-                Value::Bool(false),
-                "{name}"
-            );
-        }
-    }
 }
