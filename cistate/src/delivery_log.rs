@@ -85,6 +85,11 @@ pub struct DeliveryLogEntry {
 }
 
 /// Writes a batch of entries in one statement.
+///
+/// One statement whatever the batch's size: each column travels as one array and `UNNEST` turns
+/// them back into rows. A multi-row `VALUES` list would be a new statement (18 parameters a row)
+/// for every batch size, parsed and planned each time by the server that also serves the CI
+/// state; this one is prepared once per connection.
 pub async fn append<'e>(
     db: impl PgExecutor<'e>,
     entries: &[DeliveryLogEntry],
@@ -92,33 +97,42 @@ pub async fn append<'e>(
     if entries.is_empty() {
         return Ok(0);
     }
-    let mut q = sqlx::QueryBuilder::new(
+    fn column<'a, T>(
+        entries: &'a [DeliveryLogEntry],
+        f: impl Fn(&'a DeliveryLogEntry) -> T,
+    ) -> Vec<T> {
+        entries.iter().map(f).collect()
+    }
+    let result = sqlx::query(
         "INSERT INTO delivery_log (attempted_at, hook_id, project_id, build_id, event_id, \
          idempotency_key, trigger, attempt, url, request_headers, request_body, \
          request_body_sha256, request_body_size, response_status, internal_error, \
-         response_headers, response_body, duration_ms) ",
-    );
-    q.push_values(entries, |mut row, e| {
-        row.push_bind(e.attempted_at)
-            .push_bind(e.hook_id)
-            .push_bind(e.project_id)
-            .push_bind(e.build_id)
-            .push_bind(e.event_id)
-            .push_bind(&e.idempotency_key)
-            .push_bind(e.trigger.as_str())
-            .push_bind(e.attempt)
-            .push_bind(&e.url)
-            .push_bind(&e.request_headers)
-            .push_bind(&e.request_body)
-            .push_bind(&e.request_body_sha256)
-            .push_bind(e.request_body_size)
-            .push_bind(e.response_status)
-            .push_bind(&e.internal_error)
-            .push_bind(&e.response_headers)
-            .push_bind(&e.response_body)
-            .push_bind(e.duration_ms);
-    });
-    Ok(q.build().execute(db).await?.rows_affected())
+         response_headers, response_body, duration_ms) \
+         SELECT * FROM UNNEST($1::timestamptz[], $2::bigint[], $3::bigint[], $4::bigint[], \
+         $5::uuid[], $6::text[], $7::text[], $8::int[], $9::text[], $10::jsonb[], $11::text[], \
+         $12::text[], $13::int[], $14::int[], $15::text[], $16::jsonb[], $17::text[], $18::int[])",
+    )
+    .bind(column(entries, |e| e.attempted_at))
+    .bind(column(entries, |e| e.hook_id))
+    .bind(column(entries, |e| e.project_id))
+    .bind(column(entries, |e| e.build_id))
+    .bind(column(entries, |e| e.event_id))
+    .bind(column(entries, |e| e.idempotency_key.as_str()))
+    .bind(column(entries, |e| e.trigger.as_str()))
+    .bind(column(entries, |e| e.attempt))
+    .bind(column(entries, |e| e.url.as_str()))
+    .bind(column(entries, |e| &e.request_headers))
+    .bind(column(entries, |e| e.request_body.as_deref()))
+    .bind(column(entries, |e| e.request_body_sha256.as_str()))
+    .bind(column(entries, |e| e.request_body_size))
+    .bind(column(entries, |e| e.response_status))
+    .bind(column(entries, |e| e.internal_error.as_deref()))
+    .bind(column(entries, |e| e.response_headers.as_ref()))
+    .bind(column(entries, |e| e.response_body.as_deref()))
+    .bind(column(entries, |e| e.duration_ms))
+    .execute(db)
+    .await?;
+    Ok(result.rows_affected())
 }
 
 /// [`append`] in a transaction whose statements the server cancels after `timeout` (waiting
