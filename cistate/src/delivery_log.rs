@@ -143,11 +143,14 @@ pub async fn append_within(
     timeout: std::time::Duration,
 ) -> Result<u64, StoreError> {
     let mut tx = db.begin().await?;
-    // SET takes no bind parameters; the value is a number formatted here.
-    sqlx::query(&format!(
-        "SET LOCAL statement_timeout = {}",
-        timeout.as_millis().max(1)
-    ))
+    // Both settings last until the transaction ends. The log is best effort already (rows are
+    // dropped rather than delay a delivery), so its commits need not wait for the WAL to reach
+    // the disk: a server crash may lose the last moments of rows, never leave one half written.
+    sqlx::query(
+        "SELECT set_config('statement_timeout', $1, true), \
+         set_config('synchronous_commit', 'off', true)",
+    )
+    .bind(timeout.as_millis().max(1).to_string())
     .execute(&mut *tx)
     .await?;
     let written = append(&mut *tx, entries).await?;
@@ -372,7 +375,8 @@ pub async fn create_partition(db: &PgPool, day: NaiveDate) -> Result<bool, Store
     // DDL takes no bind parameters: the bounds are formatted from typed dates, never from input.
     let (from_lit, to_lit) = (from.to_rfc3339(), to.to_rfc3339());
     sqlx::query(&format!(
-        "CREATE TABLE {name} (LIKE delivery_log INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
+        "CREATE TABLE {name} (LIKE delivery_log INCLUDING DEFAULTS INCLUDING CONSTRAINTS \
+         INCLUDING COMPRESSION INCLUDING STORAGE)"
     ))
     .execute(&mut *tx)
     .await?;

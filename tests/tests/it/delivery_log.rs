@@ -302,6 +302,38 @@ async fn a_log_the_database_cannot_take_drops_rows_and_delivery_goes_on() {
     running.stop().await;
 }
 
+/// A batch that cannot be written in time is cancelled by the server itself (so it is not
+/// written later behind the writer's back), and the bound does not stay on the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_waits_too_long_is_cancelled_by_the_server() {
+    let store = pg_store().await;
+    let pool = store.pool();
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE delivery_log IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let error =
+        delivery_log::append_within(pool, &[row_at(Utc::now(), 1)], Duration::from_millis(200))
+            .await
+            .expect_err("the table is locked");
+    assert!(
+        error.to_string().contains("statement timeout"),
+        "cancelled by the server: {error}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+    lock.rollback().await.unwrap();
+    for _ in 0..pool.size() {
+        let bound: String = sqlx::query_scalar("SHOW statement_timeout")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        assert_eq!(bound, "0", "the bound is the transaction's only");
+    }
+    assert_eq!(all_ids(pool).await.len(), 0, "nothing written");
+}
+
 fn row_at(at: chrono::DateTime<Utc>, hook_id: i64) -> DeliveryLogEntry {
     DeliveryLogEntry {
         id: 0,
@@ -392,6 +424,22 @@ async fn retention_drops_old_days_and_keeps_recent_ones() {
             .unwrap();
         assert!(exists, "partition of {day}");
     }
+    // The bodies and headers are compressed with lz4 (migration 0180), in the partitions the
+    // keeper makes as in the table they are made like.
+    let compression: Vec<(String, String)> = sqlx::query_as(
+        "SELECT attrelid::regclass::text, attcompression::text FROM pg_attribute \
+         WHERE attname = 'request_body' AND attrelid IN ($1::regclass, $2::regclass, $3::regclass)",
+    )
+    .bind("delivery_log")
+    .bind("delivery_log_default")
+    .bind(delivery_log::partition_name(today))
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(compression.len(), 3);
+    for (table, method) in compression {
+        assert_eq!(method, "l", "request_body of {table} compressed with lz4");
+    }
     // Again: nothing to create, nothing to drop, nothing lost.
     let again = hookline_consumer::delivery_log::maintain(pool, Duration::from_secs(14 * 86_400))
         .await
@@ -406,6 +454,77 @@ async fn futures_ids(pool: &PgPool, rows: &[DeliveryLogEntry]) -> Vec<i64> {
         ids.push(delivery_log::insert(pool, row).await.unwrap());
     }
     ids
+}
+
+/// The batch write (one `UNNEST` insert) keeps every field as the one-row `INSERT` does: NULLs,
+/// non-ASCII text, microseconds, ids past 32 bits, nested JSON, and rows around them intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_keeps_every_field_as_written() {
+    let store = pg_store().await;
+    let pool = store.pool();
+    let at = chrono::DateTime::parse_from_rfc3339("2026-11-30T23:59:59.123456Z")
+        .unwrap()
+        .with_timezone(&Utc);
+    let full = DeliveryLogEntry {
+        build_id: Some(9_000_000_000),
+        hook_id: 5_000_000_000,
+        project_id: 7_000_000_001,
+        trigger: LogTrigger::Resend,
+        attempt: 17,
+        url: "https://h\u{e9}bergeur.example/hook?q=\u{1f680}&x=\"\\".into(),
+        request_headers: serde_json::json!({
+            "X-Gitlab-Token": "[REDACTED]",
+            "Content-Type": "application/json",
+            "nested": {"a": [1, 2.5, null, "\u{fc}\t\n"]}
+        }),
+        request_body: Some("{\"name\":\"caf\u{e9}\",\"tab\":\"\\t\"}\n\r\\N".into()),
+        request_body_size: 4_321,
+        response_status: None,
+        internal_error: Some("connection refused (os error 111)".into()),
+        response_headers: Some(serde_json::json!({"retry-after": "30", "x-empty": ""})),
+        response_body: Some(String::new()),
+        duration_ms: i32::MAX,
+        ..row_at(at, 5_000_000_000)
+    };
+    let sparse = DeliveryLogEntry {
+        request_body: None,
+        response_status: Some(599),
+        ..row_at(at + chrono::Duration::microseconds(1), 5_000_000_000)
+    };
+    let written = delivery_log::append_within(
+        pool,
+        &[full.clone(), sparse.clone(), full.clone()],
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("append");
+    assert_eq!(written, 3);
+    // The same entry through the one-row insert, to compare the two paths.
+    let by_insert = delivery_log::insert(pool, &full).await.unwrap();
+
+    let mut rows = delivery_log::recent(
+        pool,
+        &DeliveryLogQuery {
+            hook_id: 5_000_000_000,
+            ..DeliveryLogQuery::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 4);
+    let single = rows
+        .iter()
+        .position(|r| r.id == by_insert)
+        .expect("the inserted row");
+    let single = rows.remove(single);
+    let without_id = |mut e: DeliveryLogEntry| {
+        e.id = 0;
+        e
+    };
+    assert_eq!(without_id(single), full);
+    let mut batch: Vec<_> = rows.into_iter().map(without_id).collect();
+    batch.sort_by_key(|e| (e.attempted_at, e.attempt));
+    assert_eq!(batch, [full.clone(), full, sparse]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
