@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use futures::StreamExt;
 use hdrhistogram::Histogram;
-use hookline_cistate::RenderSnapshot;
+use hookline_cistate::delivery_log::{self, DeliveryLogEntry};
+use hookline_cistate::{PgOptions, PgStore, RenderSnapshot};
 use hookline_schemas::{BuildStatus, Codec};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -210,14 +211,14 @@ pub struct LogCost {
 
 /// Drains `events` records over `builds` builds with `--delivery-log on` and with `off`, `runs`
 /// times on the same records, alternating which goes first (so a drift of the shared machine
-/// does not always favour one side).
+/// does not always favour one side). Also returns one row the drains logged.
 pub async fn delivery_log_cost(
     bench: &Bench,
     receiver: &BenchReceiver,
     events: usize,
     builds: usize,
     runs: usize,
-) -> anyhow::Result<Vec<LogCost>> {
+) -> anyhow::Result<(Vec<LogCost>, Option<DeliveryLogEntry>)> {
     let fleet = Fleet::new(4, builds, &receiver.url).await;
     let records = fleet.records(events, BuildStatus::Running);
     produce_all(
@@ -267,7 +268,83 @@ pub async fn delivery_log_cost(
         out.push(cost);
     }
     receiver.clear();
-    Ok(out)
+    let sample: Option<i64> = sqlx::query_scalar("SELECT max(id) FROM delivery_log")
+        .fetch_one(fleet.world.store.pool())
+        .await?;
+    let sample = match sample {
+        Some(id) => delivery_log::find(fleet.world.store.pool(), id).await?,
+        None => None,
+    };
+    Ok((out, sample))
+}
+
+/// The database's side of the log: server CPU milliseconds (of the one backend doing the
+/// writes, from `/proc`, so the client's work is not counted) per 1,000 rows written the
+/// consumer's way (batches of 500 through [`delivery_log::append_within`]), with the bodies and
+/// headers compressed by `lz4` (the schema's) and by PostgreSQL's default `pglz`, alternating,
+/// `rounds` times each. `template` is a row a drain logged, so the bodies are real Job Hooks.
+pub async fn delivery_log_server_cost(
+    template: &DeliveryLogEntry,
+    rounds: usize,
+) -> anyhow::Result<Vec<(&'static str, f64)>> {
+    const BATCH: usize = 500;
+    const BATCHES: usize = 20;
+    let mut totals = [("lz4", 0.0), ("pglz", 0.0)];
+    for round in 0..rounds {
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            // One connection, so one backend does all the writing.
+            let options = PgOptions {
+                max_connections: 1,
+                ..PgOptions::new(crate::database_url()).schema(crate::unique_name("bench_log"))
+            };
+            let store = PgStore::connect(&options).await?;
+            let pool = store.pool();
+            let method = totals[i].0;
+            for column in [
+                "request_headers",
+                "request_body",
+                "response_headers",
+                "response_body",
+            ] {
+                for table in ["delivery_log", "delivery_log_default"] {
+                    sqlx::query(&format!(
+                        "ALTER TABLE ONLY {table} ALTER COLUMN {column} SET COMPRESSION {method}"
+                    ))
+                    .execute(pool)
+                    .await?;
+                }
+            }
+            let now = chrono::Utc::now();
+            let rows: Vec<DeliveryLogEntry> = (0..BATCH)
+                .map(|n| DeliveryLogEntry {
+                    event_id: Uuid::new_v4(),
+                    idempotency_key: Uuid::new_v4().to_string(),
+                    attempted_at: now + chrono::Duration::microseconds(n as i64),
+                    ..template.clone()
+                })
+                .collect();
+            let backend = || async {
+                sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()")
+                    .fetch_one(pool)
+                    .await
+            };
+            let pid = backend().await?;
+            let before = super::producer::cpu_seconds(pid as u32)?;
+            for _ in 0..BATCHES {
+                delivery_log::append_within(pool, &rows, Duration::from_secs(30)).await?;
+            }
+            let used = super::producer::cpu_seconds(pid as u32)? - before;
+            if backend().await? != pid {
+                bail!("the log's writes moved to another backend while measured");
+            }
+            totals[i].1 += used * 1000.0 * 1000.0 / (BATCH * BATCHES) as f64;
+        }
+    }
+    Ok(totals
+        .into_iter()
+        .map(|(method, total)| (method, total / rounds.max(1) as f64))
+        .collect())
 }
 
 /// Reads `count` records of `topic` from the start and POSTs each record's bytes to `url` with
