@@ -334,6 +334,87 @@ async fn a_batch_that_waits_too_long_is_cancelled_by_the_server() {
     assert_eq!(all_ids(pool).await.len(), 0, "nothing written");
 }
 
+/// Looking an entry up by its id (resend) descends an index in each day's partition instead of
+/// reading every row kept, and the lookups find their row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_is_found_by_its_id_through_an_index() {
+    let store = pg_store().await;
+    let pool = store.pool();
+    let today = Utc::now().date_naive();
+    for back in 0..3 {
+        let day = today.checked_sub_days(Days::new(back)).unwrap();
+        delivery_log::create_partition(pool, day).await.unwrap();
+    }
+    // Enough rows that a scan of them all would be the planner's worse choice.
+    let now = Utc::now();
+    let rows: Vec<DeliveryLogEntry> = (0..30_000i64)
+        .map(|n| row_at(now - chrono::Duration::hours(n % 60), 1 + n % 7))
+        .collect();
+    for batch in rows.chunks(500) {
+        delivery_log::append_within(pool, batch, Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+    sqlx::query("ANALYZE delivery_log")
+        .execute(pool)
+        .await
+        .unwrap();
+    let (id, hook_id): (i64, i64) =
+        sqlx::query_as("SELECT id, hook_id FROM delivery_log ORDER BY random() LIMIT 1")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    for (lookup, query) in [
+        (
+            "find",
+            format!("SELECT * FROM delivery_log WHERE id = {id}"),
+        ),
+        (
+            "get",
+            format!("SELECT * FROM delivery_log WHERE hook_id = {hook_id} AND id = {id}"),
+        ),
+    ] {
+        let plan: serde_json::Value =
+            sqlx::query_scalar(&format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {query}"))
+                .fetch_one(pool)
+                .await
+                .unwrap();
+        // Pages each day's partition was read for: a descent of an index is a handful, a
+        // scan of the day (its rows, or all of an index) is tens. The default partition holds
+        // only rows written before their day's partition existed.
+        let mut days = Vec::new();
+        let mut nodes = vec![&plan[0]["Plan"]];
+        while let Some(node) = nodes.pop() {
+            if let Some(table) = node["Relation Name"].as_str()
+                && table.starts_with("delivery_log_p")
+            {
+                let pages = node["Shared Hit Blocks"].as_u64().unwrap()
+                    + node["Shared Read Blocks"].as_u64().unwrap();
+                days.push((table.to_owned(), pages));
+            }
+            nodes.extend(node["Plans"].as_array().into_iter().flatten());
+        }
+        assert_eq!(days.len(), 3, "{lookup} reads the three days: {plan}");
+        for (table, pages) in days {
+            assert!(pages <= 10, "{lookup} read {pages} pages of {table}");
+        }
+    }
+    let found = delivery_log::find(pool, id).await.unwrap().expect("found");
+    assert_eq!((found.id, found.hook_id), (id, hook_id));
+    let got = delivery_log::get(pool, hook_id, id)
+        .await
+        .unwrap()
+        .expect("got");
+    assert_eq!(got.id, id);
+    assert!(
+        delivery_log::get(pool, hook_id + 100, id)
+            .await
+            .unwrap()
+            .is_none(),
+        "another hook's entry is not this hook's"
+    );
+}
+
 fn row_at(at: chrono::DateTime<Utc>, hook_id: i64) -> DeliveryLogEntry {
     DeliveryLogEntry {
         id: 0,
