@@ -19,6 +19,11 @@ use crate::store::{CiStore, StoreError};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// How many times a starting service asks for a database that cannot be reached before it
+/// gives up ([`PgStore::connect_patiently`]): about 20 s in all, long enough for a database
+/// started beside the service, short enough that a wrong address fails the start visibly.
+pub const CONNECT_ATTEMPTS: usize = 8;
+
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
@@ -57,6 +62,29 @@ impl PgStore {
             .await
             .map_err(|e| StoreError::Migrate(e.to_string()))?;
         Ok(Self { pool })
+    }
+
+    /// [`connect`](Self::connect) for a service starting: a database that cannot be reached
+    /// (not yet up, restarting, a network not yet routed) is asked again with a growing pause,
+    /// `attempts` times in all (each failure logged), before its error is returned. A refusal
+    /// that asking again would not cure (a bad schema name, a failed migration) returns at once.
+    pub async fn connect_patiently(
+        options: &PgOptions,
+        attempts: usize,
+    ) -> Result<Self, StoreError> {
+        use backon::{ExponentialBuilder, Retryable};
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(250))
+            .with_max_delay(Duration::from_secs(5))
+            .with_max_times(attempts.saturating_sub(1))
+            .with_jitter();
+        (|| Self::connect(options))
+            .retry(backoff)
+            .when(|error| matches!(error, StoreError::Unavailable(_)))
+            .notify(|error, wait| {
+                tracing::warn!(%error, ?wait, "PostgreSQL unavailable at start; asking again")
+            })
+            .await
     }
 
     pub async fn connect_url(url: &str) -> Result<Self, StoreError> {

@@ -484,7 +484,7 @@ async fn rate_limits(cmd: RateLimitsCommand) -> anyhow::Result<()> {
     let (RateLimitsCommand::Set { store, .. }
     | RateLimitsCommand::Clear { store, .. }
     | RateLimitsCommand::List { store }) = &cmd;
-    let store = open_store(&store.database_url, store.database_schema.as_deref())
+    let store = open_store(&store.database_url, store.database_schema.as_deref(), 1)
         .await
         .context("opening the store")?;
     match cmd {
@@ -537,7 +537,7 @@ async fn hooks(cmd: HooksCommand) -> anyhow::Result<()> {
     {
         hook_admin::check(Some(url), token.as_deref(), signing_secret.as_deref())?;
     }
-    let store = open_store(&url, schema.as_deref())
+    let store = open_store(&url, schema.as_deref(), 1)
         .await
         .context("opening the store")?;
     let admin = HookAdmin::new(store.clone());

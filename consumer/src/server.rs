@@ -66,6 +66,7 @@ pub async fn open_codec(registry_url: Option<&str>) -> Result<Codec, ConsumerErr
 pub async fn open_store(
     url: &str,
     schema: Option<&str>,
+    attempts: usize,
 ) -> Result<Arc<dyn CiStore>, ConsumerError> {
     if url == "memory" {
         return Ok(Arc::new(MemoryStore::new()));
@@ -74,7 +75,9 @@ pub async fn open_store(
     if let Some(schema) = schema {
         options = options.schema(schema);
     }
-    Ok(Arc::new(PgStore::connect(&options).await?))
+    Ok(Arc::new(
+        PgStore::connect_patiently(&options, attempts).await?,
+    ))
 }
 
 #[derive(Clone)]
@@ -138,7 +141,13 @@ pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> Result<(
     // Before anything connects, so a refused option is the one error an operator sees.
     config.consumer.validate()?;
     let codec = open_codec(config.schema_registry_url.as_deref()).await?;
-    let store = open_store(&config.database_url, config.database_schema.as_deref()).await?;
+    // A service started beside its database waits for it a little; a command does not.
+    let store = open_store(
+        &config.database_url,
+        config.database_schema.as_deref(),
+        hookline_cistate::pg::CONNECT_ATTEMPTS,
+    )
+    .await?;
     let consumer = Consumer::new(config.consumer, store.clone(), codec).await?;
     let listener = TcpListener::bind(config.listen).await?;
     let listen = listener.local_addr()?;

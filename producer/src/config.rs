@@ -100,8 +100,20 @@ pub struct StoreOptions {
 }
 
 impl StoreOptions {
-    /// The PostgreSQL store, migrated; an error when no URL is configured.
+    /// The PostgreSQL store, migrated; an error when no URL is configured. For a command: one
+    /// attempt.
     pub async fn pg_store(&self) -> Result<PgStore, ProducerError> {
+        self.pg_store_within(1).await
+    }
+
+    /// The PostgreSQL store for a service starting: an unreachable database is asked again,
+    /// [`hookline_cistate::pg::CONNECT_ATTEMPTS`] times in all.
+    pub async fn pg_store_for_service(&self) -> Result<PgStore, ProducerError> {
+        self.pg_store_within(hookline_cistate::pg::CONNECT_ATTEMPTS)
+            .await
+    }
+
+    async fn pg_store_within(&self, attempts: usize) -> Result<PgStore, ProducerError> {
         let url = self.database_url.as_deref().ok_or_else(|| {
             ProducerError::Invalid(
                 "no database: set --database-url or HOOKLINE_DATABASE_URL".into(),
@@ -109,7 +121,7 @@ impl StoreOptions {
         })?;
         let mut options = PgOptions::new(url);
         options.schema = self.database_schema.clone();
-        Ok(PgStore::connect(&options).await?)
+        Ok(PgStore::connect_patiently(&options, attempts).await?)
     }
 
     /// The flag store: the file when one is named, else PostgreSQL (`pg` when already connected).

@@ -143,7 +143,7 @@ pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> Result<(
             None
         }
     };
-    let pg = config.store.pg_store().await?;
+    let pg = config.store.pg_store_for_service().await?;
     let flag_store = config.store.flag_store(Some(&pg)).await?;
     let flags = Flags::load(flag_store, config.flags_reload_interval).await?;
     let metrics = Arc::new(ProducerMetrics::new());

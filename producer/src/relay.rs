@@ -632,7 +632,7 @@ async fn ready(State(state): State<HttpState>) -> Response {
 /// `shutdown`; then lets the batches in flight finish within `--shutdown-timeout`.
 pub async fn relay(config: RelayConfig, shutdown: CancellationToken) -> Result<(), ProducerError> {
     config.validate()?;
-    let pg = config.store.pg_store().await?;
+    let pg = config.store.pg_store_for_service().await?;
     let pool = pg.pool().clone();
     let flag_store = config.store.flag_store(Some(&pg)).await?;
     let flags = Flags::load(flag_store, config.flags_reload_interval).await?;

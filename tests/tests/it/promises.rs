@@ -468,3 +468,91 @@ async fn a_transition_in_flight_at_shutdown_is_still_answered() {
     assert_eq!(producer.metrics.events_emitted("deferred"), 1);
     producer.stop().await;
 }
+
+/// Services started before their database (a deployment bringing everything up at once) wait
+/// for it instead of exiting: both processes stay up while PostgreSQL cannot be reached and are
+/// ready once it can, without a restart. A database that never comes ends the wait with its
+/// error after a bounded number of attempts; a refusal that asking again would not cure ends it
+/// at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn services_started_before_postgresql_wait_for_it() {
+    let gate = PgGate::start().await;
+    gate.close();
+    let schema = hookline_tests::unique_name("late_db");
+    let topic = hookline_tests::unique_name("late_db");
+    create_topic(&topic, 1).await;
+    let producer_port = hookline_tests::free_port();
+    let consumer_port = hookline_tests::free_port();
+    let mut producer =
+        tokio::process::Command::new(hookline_tests::service_bin("hookline-producer"))
+            .args([
+                "serve",
+                "--no-auth",
+                "--listen",
+                &format!("127.0.0.1:{producer_port}"),
+            ])
+            .args(["--brokers", &kafka_brokers(), "--topic", &topic])
+            .env("HOOKLINE_DATABASE_URL", gate.url())
+            .env("HOOKLINE_DATABASE_SCHEMA", &schema)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start hookline-producer");
+    let mut consumer =
+        tokio::process::Command::new(hookline_tests::service_bin("hookline-consumer"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{consumer_port}")])
+            .args(["--brokers", &kafka_brokers(), "--topic", &topic])
+            .args(["--group-id", &hookline_tests::unique_name("group")])
+            .env("HOOKLINE_DATABASE_URL", gate.url())
+            .env("HOOKLINE_DATABASE_SCHEMA", &schema)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start hookline-consumer");
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(producer.try_wait().unwrap().is_none(), "the producer waits");
+    assert!(consumer.try_wait().unwrap().is_none(), "the consumer waits");
+    gate.open();
+    for port in [producer_port, consumer_port] {
+        poll_until("/readyz 200 once PostgreSQL is reachable", WAIT, || async {
+            status_of(format!("http://127.0.0.1:{port}/readyz"))
+                .await
+                .filter(|(s, _)| *s == 200)
+        })
+        .await;
+    }
+    producer.kill().await.unwrap();
+    consumer.kill().await.unwrap();
+
+    // Never reachable: the error, after the attempts asked for.
+    gate.close();
+    let started = std::time::Instant::now();
+    let error = PgStore::connect_patiently(&PgOptions::new(gate.url()).schema(&schema), 3)
+        .await
+        .expect_err("the database stays away");
+    assert!(
+        matches!(error, hookline_cistate::StoreError::Unavailable(_)),
+        "{error}"
+    );
+    // Two pauses between three attempts, the first at least 250 ms.
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    // A refusal is not asked again.
+    gate.open();
+    let started = std::time::Instant::now();
+    let error = PgStore::connect_patiently(&PgOptions::new(gate.url()).schema("no-dashes"), 8)
+        .await
+        .expect_err("a schema name the store refuses");
+    assert!(
+        matches!(error, hookline_cistate::StoreError::Invalid(_)),
+        "{error}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(250),
+        "not retried"
+    );
+}
