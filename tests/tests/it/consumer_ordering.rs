@@ -422,3 +422,54 @@ async fn a_dead_lettered_head_names_the_events_that_went_out_after_it() {
     );
     running.stop().await;
 }
+
+/// A rate limit defers a namespace's deliveries to the retry path, each to its own slot, while a
+/// quarter of the builds fail their `running` once. Under strict ordering a build's later
+/// events wait behind the failed delivery whatever slot the limit gave them, so every build
+/// still reaches its receiver complete and in transition order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rate_limited_namespace_keeps_every_build_in_order() {
+    let world = World::new(2).await;
+    let builds = world.builds(94_000, 12).await;
+    let receiver = StatusReceiver::start().await;
+    world.hook(builds[0].project.id, &receiver.url, None).await;
+    for b in builds.iter().step_by(4) {
+        receiver.fail(b.build.id, "running", 1);
+    }
+    let mut config = world.config();
+    config.ordering = Ordering::Strict;
+    config.retry_schedule = schedule(Duration::from_secs(1));
+    // 10 a second after a bucket of 10: most of the 48 deliveries are deferred.
+    config.rate_limit = hookline_consumer::config::RateLimitConfig {
+        per_minute: Some(600),
+        burst: Duration::from_secs(1),
+    };
+    let running = world.start(config).await;
+    for status in TRANSITIONS {
+        for b in &builds {
+            world
+                .send(&inline_event(b, status), SchemaVersion::V2)
+                .await;
+        }
+    }
+    let refs: Vec<&RenderSnapshot> = builds.iter().collect();
+    accepted_all(&receiver, &refs).await;
+    let seen = receiver.seen();
+    for b in &builds {
+        let accepted = receiver.accepted(b.build.id);
+        assert!(
+            in_transition_order(&accepted),
+            "build {}: {accepted:?}",
+            b.build.id
+        );
+        let mut distinct = accepted.clone();
+        distinct.dedup();
+        assert_eq!(distinct, every_status(), "build {}: {seen:?}", b.build.id);
+    }
+    assert!(
+        running.metrics.deferred("rate_limit") >= 20,
+        "the limit deferred deliveries: {}",
+        running.metrics.deferred("rate_limit")
+    );
+    running.stop().await;
+}
