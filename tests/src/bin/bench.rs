@@ -14,7 +14,7 @@ use hookline_tests::bench::{self, Bench, Sizes};
     about = "hookline's benchmark: every published figure, in one run"
 )]
 struct Options {
-    /// A smaller version of every measurement (under 3 minutes).
+    /// A smaller version of every measurement (under 4 minutes).
     #[arg(long)]
     quick: bool,
     /// Also write the report as one JSON object to this file.
