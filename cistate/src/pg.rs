@@ -67,7 +67,8 @@ impl PgStore {
     /// [`connect`](Self::connect) for a service starting: a database that cannot be reached
     /// (not yet up, restarting, a network not yet routed) is asked again with a growing pause,
     /// `attempts` times in all (each failure logged), before its error is returned. A refusal
-    /// that asking again would not cure (a bad schema name, a failed migration) returns at once.
+    /// that asking again would not cure (a role, password or database the server refuses, a bad
+    /// schema name, a failed migration) returns at once.
     pub async fn connect_patiently(
         options: &PgOptions,
         attempts: usize,
@@ -115,10 +116,12 @@ pub async fn connect_pool(options: &PgOptions) -> Result<PgPool, StoreError> {
         let setup = PgPoolOptions::new()
             .max_connections(1)
             .connect(&options.url)
-            .await?;
+            .await
+            .map_err(connect_error)?;
         setup
             .execute(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"").as_str())
-            .await?;
+            .await
+            .map_err(connect_error)?;
         setup.close().await;
         let set_path = format!("SET search_path TO \"{schema}\"");
         pool_options = pool_options.after_connect(move |conn, _meta| {
@@ -129,7 +132,29 @@ pub async fn connect_pool(options: &PgOptions) -> Result<PgPool, StoreError> {
             })
         });
     }
-    Ok(pool_options.connect(&options.url).await?)
+    pool_options
+        .connect(&options.url)
+        .await
+        .map_err(connect_error)
+}
+
+/// A failure to connect that asking again would not cure is a refusal ([`StoreError::Invalid`]:
+/// a malformed URL, a role or password the server refuses, a database that does not exist, a
+/// schema it may not create); anything else (no answer, "the database system is starting up")
+/// may pass, and stays [`StoreError::Unavailable`] for [`PgStore::connect_patiently`] to retry.
+fn connect_error(error: sqlx::Error) -> StoreError {
+    let refused = match &error {
+        sqlx::Error::Configuration(_) => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| code.starts_with("28") || code == "3D000" || code == "42501"),
+        _ => false,
+    };
+    if refused {
+        StoreError::Invalid(format!("PostgreSQL refused the connection: {error}"))
+    } else {
+        error.into()
+    }
 }
 
 const SNAPSHOT_SQL: &str = r#"

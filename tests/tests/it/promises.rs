@@ -555,4 +555,25 @@ async fn services_started_before_postgresql_wait_for_it() {
         started.elapsed() < Duration::from_millis(250),
         "not retried"
     );
+    // Nor is a database or a role the server does not know.
+    let url = gate.url();
+    let (base, _database) = url.rsplit_once('/').unwrap();
+    for (what, refused) in [
+        ("database", format!("{base}/no_such_database")),
+        ("role", url.replacen("://hookline:", "://no_such_role:", 1)),
+    ] {
+        assert_ne!(refused, url);
+        let started = std::time::Instant::now();
+        let error = PgStore::connect_patiently(&PgOptions::new(refused), 8)
+            .await
+            .expect_err("refused");
+        assert!(
+            matches!(error, hookline_cistate::StoreError::Invalid(_)),
+            "an unknown {what}: {error}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_millis(250),
+            "an unknown {what} is not retried"
+        );
+    }
 }
