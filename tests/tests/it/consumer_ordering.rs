@@ -59,6 +59,22 @@ async fn accepted_all(receiver: &StatusReceiver, builds: &[&RenderSnapshot]) {
     .await;
 }
 
+/// Every build's accepted statuses are in transition order, and each status is there.
+fn assert_complete_and_in_order(receiver: &StatusReceiver, builds: &[RenderSnapshot]) {
+    let seen = receiver.seen();
+    for b in builds {
+        let accepted = receiver.accepted(b.build.id);
+        assert!(
+            in_transition_order(&accepted),
+            "build {}: {accepted:?}",
+            b.build.id
+        );
+        let mut distinct = accepted.clone();
+        distinct.dedup();
+        assert_eq!(distinct, every_status(), "build {}: {seen:?}", b.build.id);
+    }
+}
+
 /// Build A's `running` fails once and is retried after `first_retry`; A's and B's events go to
 /// one hook, A's first. Returns the receiver once both builds' `success` arrived.
 async fn one_failed_running(ordering: Ordering, collapse: bool) -> (StatusReceiver, [i64; 2], u64) {
@@ -206,18 +222,7 @@ async fn instances_joining_and_leaving_keep_every_build_in_order() {
         async move { done.then_some(()) }
     })
     .await;
-    let seen = receiver.seen();
-    for b in &builds {
-        let accepted = receiver.accepted(b.build.id);
-        assert!(
-            in_transition_order(&accepted),
-            "build {}: {accepted:?}",
-            b.build.id
-        );
-        let mut distinct = accepted.clone();
-        distinct.dedup();
-        assert_eq!(distinct, every_status(), "build {}: {seen:?}", b.build.id);
-    }
+    assert_complete_and_in_order(&receiver, &builds);
     assert!(
         held_by_first + second.metrics.ordering("held") > 0,
         "no delivery was held"
@@ -454,18 +459,7 @@ async fn a_rate_limited_namespace_keeps_every_build_in_order() {
     }
     let refs: Vec<&RenderSnapshot> = builds.iter().collect();
     accepted_all(&receiver, &refs).await;
-    let seen = receiver.seen();
-    for b in &builds {
-        let accepted = receiver.accepted(b.build.id);
-        assert!(
-            in_transition_order(&accepted),
-            "build {}: {accepted:?}",
-            b.build.id
-        );
-        let mut distinct = accepted.clone();
-        distinct.dedup();
-        assert_eq!(distinct, every_status(), "build {}: {seen:?}", b.build.id);
-    }
+    assert_complete_and_in_order(&receiver, &builds);
     assert!(
         running.metrics.deferred("rate_limit") >= 20,
         "the limit deferred deliveries: {}",
