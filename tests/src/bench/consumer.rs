@@ -39,16 +39,29 @@ pub struct Fleet {
 
 impl Fleet {
     pub async fn new(partitions: i32, builds: usize, hook_url: &str) -> Fleet {
+        Fleet::projects(partitions, &[hook_url], builds).await
+    }
+
+    /// A world of one project per hook URL, each with `builds` builds and one hook to its URL;
+    /// [`Fleet::builds`] interleaves the projects (build `i` of every project, then `i + 1`).
+    pub async fn projects(partitions: i32, hook_urls: &[&str], builds: usize) -> Fleet {
         let world = World::new(partitions).await;
-        let first = world.build(9_000_000).await;
-        let mut all = vec![first.clone()];
-        for i in 1..builds as i64 {
-            let mut b = first.clone();
-            b.build.id += i;
-            world.store_upsert_build(&b.build).await;
-            all.push(b);
+        let mut per_project = Vec::new();
+        for (p, url) in (0..).zip(hook_urls) {
+            let first = world.build(9_000_000 + p * 1_000_000).await;
+            let mut mine = vec![first.clone()];
+            for i in 1..builds as i64 {
+                let mut b = first.clone();
+                b.build.id += i;
+                world.store_upsert_build(&b.build).await;
+                mine.push(b);
+            }
+            world.hook(first.project.id, url, None).await;
+            per_project.push(mine);
         }
-        world.hook(first.project.id, hook_url, None).await;
+        let all = (0..builds)
+            .flat_map(|i| per_project.iter().map(move |builds| builds[i].clone()))
+            .collect();
         let schema = world.store_schema().await;
         Fleet {
             world,
@@ -132,7 +145,11 @@ pub async fn produce_all(
 }
 
 /// Waits until the receiver holds `count` requests; fails after `limit` without progress.
-async fn wait_for(receiver: &BenchReceiver, count: usize, limit: Duration) -> anyhow::Result<()> {
+pub(super) async fn wait_for(
+    receiver: &BenchReceiver,
+    count: usize,
+    limit: Duration,
+) -> anyhow::Result<()> {
     let mut last = (receiver.count(), Instant::now());
     loop {
         let now = receiver.count();
@@ -350,7 +367,12 @@ pub async fn delivery_log_server_cost(
 /// Reads `count` records of `topic` from the start and POSTs each record's bytes to `url` with
 /// the consumer's concurrency: no decode, no hooks, no signing, no offset discipline. What is
 /// left is the cost of Kafka and HTTP alone.
-async fn bare_loop(brokers: &str, topic: &str, url: &str, count: usize) -> anyhow::Result<()> {
+pub(super) async fn bare_loop(
+    brokers: &str,
+    topic: &str,
+    url: &str,
+    count: usize,
+) -> anyhow::Result<()> {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", crate::unique_name("bare"))

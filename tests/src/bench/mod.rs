@@ -9,12 +9,18 @@
 //! - `delivery_log`: the same drain of 30,000 events with `--delivery-log on` and `off`,
 //!   alternating, and their ratio (the log's throughput cost); and the database's CPU per 1,000
 //!   log rows, compressed with lz4 and with pglz.
+//! - `consumer.real_backlog`: a backlog written through `hookline-producer serve` one
+//!   transition at a time (20 projects), drained by hookline and by the bare loop, with CPU
+//!   seconds per 10,000 deliveries of each (see `backlog`).
+//! - `isolation`: one hook answering after 8 s with 1,000 events waiting beside twelve fast
+//!   hooks under 500 events/s: the fast hooks' latency and missing events.
 //! - `memory`: the consumer's peak RSS while draining a small and a large backlog.
 //! - `producer`: CPU per event of `hookline-producer serve` through `POST /v1/transitions` with
 //!   the flag off and on.
 //!
 //! Nothing here asserts a timing: a benchmark reports, the reader judges.
 
+pub mod backlog;
 pub mod consumer;
 pub mod producer;
 pub mod receiver;
@@ -61,6 +67,10 @@ pub struct Sizes {
     pub backlogs: [usize; 2],
     /// Transitions posted per producer run.
     pub producer_events: usize,
+    /// Events of the real backlog (20 projects, written through the producer).
+    pub real_backlog_events: usize,
+    /// Seconds of the others' open load in the isolation run.
+    pub isolation_secs: u64,
 }
 
 impl Sizes {
@@ -72,6 +82,8 @@ impl Sizes {
             rates: vec![500, 2_000, 8_000],
             backlogs: [10_000, 1_000_000],
             producer_events: 20_000,
+            real_backlog_events: 20_000,
+            isolation_secs: 30,
         }
     }
 
@@ -84,6 +96,8 @@ impl Sizes {
             rates: vec![500, 2_000, 8_000],
             backlogs: [10_000, 100_000],
             producer_events: 3_000,
+            real_backlog_events: 6_000,
+            isolation_secs: 10,
         }
     }
 }
@@ -117,6 +131,9 @@ fn label(n: usize) -> String {
         n => n.to_string(),
     }
 }
+
+/// Projects of the real backlog (each with one hook).
+const REAL_BACKLOG_PROJECTS: usize = 20;
 
 /// The backlog the delivery log's cost is measured on.
 const DELIVERY_LOG_EVENTS: usize = 30_000;
@@ -159,6 +176,56 @@ pub async fn run(bench: &Bench) -> anyhow::Result<Value> {
             "bare_per_s": round(median(runs.iter().map(|r| r.bare_per_s).collect()), 0),
             "ratio": round(median(ratios.clone()), 3),
             "ratios": ratios.iter().map(|r| round(*r, 3)).collect::<Vec<_>>(),
+        });
+    }
+
+    if bench.runs("real_backlog") {
+        let (projects, events) = (REAL_BACKLOG_PROJECTS, s.real_backlog_events);
+        // About 3.5 transitions per build, as the simulated CI writes them.
+        let builds = (events * 2 / 7 / projects).max(1);
+        eprintln!(
+            "bench: real backlog, {events} events over {projects} projects x {builds} builds through hookline-producer serve, {} runs",
+            s.runs
+        );
+        let runs =
+            backlog::real_backlog(bench, &receiver, projects, builds, events, s.runs).await?;
+        let ratios: Vec<f64> = runs
+            .iter()
+            .map(|r| r.hookline_per_s / r.bare_per_s)
+            .collect();
+        report["consumer"]["real_backlog"] = json!({
+            "events": events,
+            "projects": projects,
+            "builds": builds * projects,
+            "hookline_per_s": round(median(runs.iter().map(|r| r.hookline_per_s).collect()), 0),
+            "bare_per_s": round(median(runs.iter().map(|r| r.bare_per_s).collect()), 0),
+            "ratio": round(median(ratios.clone()), 3),
+            "ratios": ratios.iter().map(|r| round(*r, 3)).collect::<Vec<_>>(),
+            "hookline_cpu_s_per_10k": round(median(runs.iter().map(|r| r.hookline_cpu_s_per_10k).collect()), 2),
+            "bare_cpu_s_per_10k": round(median(runs.iter().map(|r| r.bare_cpu_s_per_10k).collect()), 2),
+        });
+    }
+
+    if bench.runs("isolation") {
+        eprintln!(
+            "bench: isolation, one hook answering after {:?} with {} events waiting, {} fast hooks at {}/s for {} s",
+            backlog::SLOW_ANSWER,
+            backlog::SLOW_BACKLOG,
+            backlog::OTHERS,
+            backlog::OTHERS_RATE,
+            s.isolation_secs
+        );
+        let i = backlog::isolation(bench, &receiver, s.isolation_secs).await?;
+        report["isolation"] = json!({
+            "slow_answer_s": backlog::SLOW_ANSWER.as_secs(),
+            "slow_events": i.slow_events,
+            "slow_answered": i.slow_answered,
+            "others_rate": backlog::OTHERS_RATE,
+            "others_sent": i.others_sent,
+            "others_missing": i.others_missing,
+            "others_p50_ms": round(i.others_p50_ms, 2),
+            "others_p99_ms": round(i.others_p99_ms, 2),
+            "others_max_ms": round(i.others_max_ms, 2),
         });
     }
 
@@ -248,7 +315,7 @@ pub async fn run(bench: &Bench) -> anyhow::Result<Value> {
 pub fn table(report: &Value) -> String {
     let mut out = String::new();
     let mut row = |k: &str, v: String| out.push_str(&format!("{k:<44} {v}\n"));
-    for name in ["many_builds", "hot_builds"] {
+    for name in ["many_builds", "hot_builds", "real_backlog"] {
         let c = &report["consumer"][name];
         if c.is_null() {
             continue;
@@ -261,6 +328,34 @@ pub fn table(report: &Value) -> String {
             format!(
                 "hookline {}/s, bare {}/s, ratio {} (runs {})",
                 c["hookline_per_s"], c["bare_per_s"], c["ratio"], c["ratios"]
+            ),
+        );
+    }
+    let rb = &report["consumer"]["real_backlog"];
+    if !rb.is_null() {
+        row(
+            "real backlog CPU s per 10k (hookline / bare)",
+            format!(
+                "{} / {}",
+                rb["hookline_cpu_s_per_10k"], rb["bare_cpu_s_per_10k"]
+            ),
+        );
+    }
+    let iso = &report["isolation"];
+    if !iso.is_null() {
+        row(
+            &format!(
+                "isolation (1 hook at {} s, {} others at {}/s)",
+                iso["slow_answer_s"], 12, iso["others_rate"]
+            ),
+            format!(
+                "others p50 {} ms, p99 {} ms, max {} ms, missing {}/{}; slow answered {}",
+                iso["others_p50_ms"],
+                iso["others_p99_ms"],
+                iso["others_max_ms"],
+                iso["others_missing"],
+                iso["others_sent"],
+                iso["slow_answered"]
             ),
         );
     }

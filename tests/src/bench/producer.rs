@@ -100,7 +100,7 @@ async fn run(
     })
 }
 
-fn spawn(bench: &Bench, fleet: &Fleet, port: u16) -> anyhow::Result<Child> {
+pub(super) fn spawn(bench: &Bench, fleet: &Fleet, port: u16) -> anyhow::Result<Child> {
     let log = std::fs::File::create(bench.work_dir.join("producer.log"))?;
     Command::new(bench.bin_dir.join("hookline-producer"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
@@ -123,7 +123,7 @@ fn spawn(bench: &Bench, fleet: &Fleet, port: u16) -> anyhow::Result<Child> {
         .context("starting hookline-producer")
 }
 
-async fn set_flag(bench: &Bench, schema: &str, on: bool) -> anyhow::Result<()> {
+pub(super) async fn set_flag(bench: &Bench, schema: &str, on: bool) -> anyhow::Result<()> {
     let status = Command::new(bench.bin_dir.join("hookline-producer"))
         .args(["feature", "--database-url", &database_url()])
         .args(["--database-schema", schema])
@@ -144,7 +144,11 @@ async fn set_flag(bench: &Bench, schema: &str, on: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_ready(http: &reqwest::Client, url: &str, child: &mut Child) -> anyhow::Result<()> {
+pub(super) async fn wait_ready(
+    http: &reqwest::Client,
+    url: &str,
+    child: &mut Child,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Ok(r) = http.get(url).send().await
@@ -164,7 +168,7 @@ async fn wait_ready(http: &reqwest::Client, url: &str, child: &mut Child) -> any
 
 /// Posts `count` transitions over the builds with [`CLIENTS`] at a time; every one must be
 /// answered 202 with the timing the flag says.
-async fn post_all(
+pub(super) async fn post_all(
     http: &reqwest::Client,
     url: &str,
     ids: &[i64],

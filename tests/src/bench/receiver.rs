@@ -3,12 +3,13 @@
 //! POSTs). It does one short lock per request and keeps no bodies, so it is cheap next to what it
 //! measures, also for a million requests.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use tokio::net::TcpListener;
@@ -28,6 +29,8 @@ pub struct BenchReceiver {
     /// The hook URL: `http://127.0.0.1:<port>/hook`.
     pub url: String,
     arrivals: Arc<Mutex<Vec<Arrival>>>,
+    /// Requests answered by the slow route (`/slow/<ms>`), which are not booked as arrivals.
+    slow: Arc<AtomicUsize>,
     stop: CancellationToken,
 }
 
@@ -36,10 +39,16 @@ impl BenchReceiver {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}/hook", listener.local_addr()?);
         let arrivals = Arc::new(Mutex::new(Vec::with_capacity(1 << 16)));
+        let slow = Arc::new(AtomicUsize::new(0));
         let stop = CancellationToken::new();
         let app = Router::new()
             .route("/hook", post(receive))
-            .with_state(arrivals.clone());
+            .with_state(arrivals.clone())
+            .merge(
+                Router::new()
+                    .route("/slow/{ms}", post(receive_slowly))
+                    .with_state(slow.clone()),
+            );
         let cancelled = stop.clone();
         tokio::spawn(async move {
             axum::serve(listener, app)
@@ -50,8 +59,21 @@ impl BenchReceiver {
         Ok(BenchReceiver {
             url,
             arrivals,
+            slow,
             stop,
         })
+    }
+
+    /// A hook URL whose requests are answered 200 after `delay` (a slow but healthy receiver),
+    /// counted in [`BenchReceiver::slow_count`] and not booked as arrivals.
+    pub fn slow_url(&self, delay: std::time::Duration) -> String {
+        let base = self.url.trim_end_matches("/hook");
+        format!("{base}/slow/{}", delay.as_millis())
+    }
+
+    /// Requests the slow route has answered so far.
+    pub fn slow_count(&self) -> usize {
+        self.slow.load(Ordering::Relaxed)
     }
 
     /// Requests received so far.
@@ -96,6 +118,16 @@ async fn receive(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .push(Arrival { at, event });
+    StatusCode::OK
+}
+
+async fn receive_slowly(
+    State(slow): State<Arc<AtomicUsize>>,
+    Path(ms): Path<u64>,
+    _body: Bytes,
+) -> StatusCode {
+    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    slow.fetch_add(1, Ordering::Relaxed);
     StatusCode::OK
 }
 
