@@ -1,5 +1,9 @@
 //! Offset commits: the commit loop of a path, and synchronous commits with a time limit.
 //!
+//! Only the consumer commits (`enable.auto.commit=false`): each commit names, per partition, the
+//! first unfinished offset and, in its metadata, the records past it that are not finished yet
+//! (see `offsets`). At most one commit of a path is on its way at a time.
+//!
 //! librdkafka's synchronous commit has no timeout, and it can wait forever when the group
 //! coordinator goes away at the wrong moment (a broker restart; seen here about one run in four).
 //! A stuck `spawn_blocking` thread would also keep the runtime from shutting down. So a commit
@@ -7,10 +11,9 @@
 //! caller goes on without it. The next call starts a new commit beside the stuck one (the stuck
 //! one may never return), up to [`MAX_WAITING`] unanswered at once.
 //!
-//! Going on without an answer releases nothing: the commit loop gives permits back only for a
-//! confirmed commit, a later one of its own or librdkafka's auto-commit of the stored offsets
-//! (confirmed through the consumer's commit callback), so the in-flight bound on re-deliveries
-//! holds throughout.
+//! Going on without an answer releases nothing: permits come back only for a confirmed commit, a
+//! later one of the loop's or the late answer to the one it gave up on (through the consumer's
+//! commit callback), so the in-flight bound on re-deliveries holds throughout.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -48,11 +51,11 @@ pub(crate) struct Committer {
 }
 
 impl Committer {
-    /// Commits `offsets` (or, with `None`, everything stored) and waits at most `limit`.
+    /// Commits `offsets` (with their metadata) and waits at most `limit`.
     pub(crate) async fn commit(
         &self,
         consumer: &Arc<KafkaConsumer>,
-        offsets: Option<TopicPartitionList>,
+        offsets: TopicPartitionList,
         limit: Duration,
     ) -> Result<(), CommitFailed> {
         if self
@@ -69,10 +72,7 @@ impl Committer {
         let spawned = std::thread::Builder::new()
             .name("hookline-commit".into())
             .spawn(move || {
-                let result = match &offsets {
-                    Some(tpl) => consumer.commit(tpl, CommitMode::Sync),
-                    None => consumer.commit_consumer_state(CommitMode::Sync),
-                };
+                let result = consumer.commit(&offsets, CommitMode::Sync);
                 waiting.fetch_sub(1, Ordering::AcqRel);
                 let _ = tx.send(result);
             });
@@ -93,67 +93,84 @@ impl Committer {
 /// How long a synchronous commit may go unanswered before the loop goes on without it.
 pub(crate) const COMMIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Commits stored offsets as they move, one synchronous commit at a time (so commits coalesce
-/// under load), and releases the permits of records a commit covers: at most `max_in_flight`
-/// records of a path are ever beyond the committed offset, which bounds what a crash re-delivers.
+/// How often the loop looks for something to commit when no record finished meanwhile (a
+/// commit that failed is tried again).
+const SWEEP: Duration = Duration::from_millis(500);
+
+/// Commits what the path's records say (offsets with metadata, see `offsets`), one commit at a
+/// time: records that finish while a commit is on its way go in the next one, so commits
+/// coalesce under load. With `interval` zero a commit follows every finish; otherwise one is made
+/// per interval.
 ///
-/// A commit can go unanswered (see `commit`); then no permit comes back until a commit is
-/// confirmed, either a later one of this loop (the sweep tries again) or librdkafka's
-/// auto-commit of the stored offsets, whose result reaches [`Ctx::commit_callback`] while the
-/// intake polls.
+/// A commit can go unanswered (see `Committer::commit`); the snapshots it carried are taken again
+/// by the next one, and a late answer through the client's callback gives permits back too.
 pub(crate) async fn commit_loop(
     consumer: Arc<KafkaConsumer>,
     offsets: Arc<Offsets>,
     metrics: Arc<ConsumerMetrics>,
+    interval: Duration,
     stop: CancellationToken,
 ) {
     let committer = Committer::default();
     let mut stuck = false;
     // Set while commits keep failing: shown as a `commit` stall once it lasts.
     let mut stall = None;
-    let mut sweep = tokio::time::interval(std::time::Duration::from_millis(500));
-    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut tick = tokio::time::interval(if interval.is_zero() { SWEEP } else { interval });
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = offsets.stored.notified() => {}
-            // Also tries again what is still uncommitted: after an unanswered commit nothing
-            // else may come to ask.
-            _ = sweep.tick() => offsets.store_left_behind(&consumer),
+            _ = offsets.finished.notified(), if interval.is_zero() => {}
+            _ = tick.tick() => {}
         }
-        if !offsets.commit_each_store {
-            continue;
-        }
-        let pending = offsets.pending();
-        if pending.count() == 0 {
+        let mut commit = offsets.snapshots();
+        if commit.is_empty() {
             continue;
         }
         match committer
-            .commit(&consumer, Some(pending.clone()), COMMIT_LIMIT)
+            .commit(&consumer, commit.take_request(), COMMIT_LIMIT)
             .await
         {
             Ok(()) => {
                 stuck = false;
                 stall = None;
-                offsets.confirmed(&pending)
+                offsets.confirmed(&commit);
             }
             Err(CommitFailed::Kafka(error)) => {
+                offsets.not_committed(&commit);
                 debug!(%error, "offset commit failed; trying again");
                 stall
                     .get_or_insert_with(|| metrics.stall(Stall::Commit))
                     .still(&error);
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                offsets.stored.notify_one();
+                offsets.finished.notify_one();
             }
             Err(CommitFailed::Stuck) => {
+                offsets.not_committed(&commit);
                 stall
                     .get_or_insert_with(|| metrics.stall(Stall::Commit))
                     .still(&"commit unanswered");
                 if !stuck {
-                    warn!(limit = ?COMMIT_LIMIT, "offset commit unanswered; trying again, and an auto-commit of the stored offsets confirmed meanwhile gives permits back too");
+                    warn!(limit = ?COMMIT_LIMIT, "offset commit unanswered; trying again");
                 }
                 stuck = true;
             }
         }
     }
+}
+
+/// The last commit of a path at shutdown, after its work drained.
+pub(crate) async fn commit_last(
+    consumer: &Arc<KafkaConsumer>,
+    offsets: &Offsets,
+) -> Result<(), CommitFailed> {
+    let mut commit = offsets.snapshots();
+    if commit.is_empty() {
+        return Ok(());
+    }
+    Committer::default()
+        .commit(consumer, commit.take_request(), COMMIT_LIMIT)
+        .await?;
+    offsets.confirmed(&commit);
+    Ok(())
 }

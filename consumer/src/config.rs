@@ -27,9 +27,20 @@ pub struct ConsumerConfig {
     pub dlq_topic: String,
     /// librdkafka settings passed through to every client (TLS, SASL, tuning).
     pub kafka: Vec<(String, String)>,
-    /// Records in flight at once, per path (main topic, retry topic): the backpressure bound, and
-    /// so the bound on records re-delivered after a crash.
+    /// Records per path (main topic, retry topic) being worked on or finished but not yet covered
+    /// by a confirmed commit: the backpressure bound, and so the bound on records delivered again
+    /// after a crash. Also the number of deliveries in flight at once, every hook together.
     pub max_in_flight: usize,
+    /// Deliveries in flight at once to one hook: a slow receiver holds this many slots and no
+    /// more (see `fair`).
+    pub hook_in_flight: usize,
+    /// Deliveries in flight at once to one receiver (scheme, host and port), whatever the hooks
+    /// pointing at it.
+    pub host_in_flight: usize,
+    /// The longest a delivery waits (or is estimated to wait) for its hook's slot before it is
+    /// handed on to the retry topic, due when the hook can take it, so that its record does not
+    /// hold the window.
+    pub hook_wait: Duration,
     /// Records taken from the client per batch (one snapshot query and one hook lookup per batch).
     pub poll_batch: usize,
     /// Delays between attempts; its length is the number of retries.
@@ -44,9 +55,11 @@ pub struct ConsumerConfig {
     pub deliver: DeliverConfig,
     /// How long a project's hook list is reused before it is read again.
     pub hook_cache_ttl: Duration,
-    /// How often stored offsets are committed. Zero (the default) commits asynchronously after
-    /// every store, so a crash re-delivers little more than the in-flight records; a longer
-    /// interval saves broker writes at the price of more re-deliveries after a crash.
+    /// How often offsets are committed. Zero (the default) commits as records finish, one commit
+    /// at a time (finishes during a commit go in the next), so a crash re-delivers at most
+    /// `max_in_flight` records per path; a longer interval saves broker writes and returns
+    /// in-flight room as records finish, at the price of re-delivering what finished since the
+    /// last commit.
     pub commit_interval: Duration,
     /// On shutdown, how long in-flight work may take to finish before it is abandoned (and
     /// re-delivered by whoever owns the partition next).
@@ -70,6 +83,15 @@ pub struct ConsumerConfig {
     pub delivery_log: DeliveryLogConfig,
 }
 
+/// The default `hook_in_flight`: what a small receiver handles comfortably at once, and a sixteenth
+/// of the default window, so a slow hook leaves fifteen sixteenths to everyone else.
+pub const DEFAULT_HOOK_IN_FLIGHT: usize = 16;
+/// The default `host_in_flight`: a receiver behind several hooks (a chat service, a team's
+/// gateway) may take a quarter of the default window.
+pub const DEFAULT_HOST_IN_FLIGHT: usize = 64;
+/// The default `hook_wait`.
+pub const DEFAULT_HOOK_WAIT: Duration = Duration::from_secs(1);
+
 /// The default session timeout: a killed instance without a stable identity has its partitions
 /// back in the group this long after it died. librdkafka's default is 45 s; 15 s still rides out
 /// a network blip of several heartbeats (3 s apart) without a needless rebalance.
@@ -80,15 +102,15 @@ pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(15);
 pub(crate) const FIXED_KAFKA_SETTINGS: &[(&str, &str)] = &[
     (
         "enable.auto.commit",
-        "stored offsets are committed in the background, and on revoke",
+        "the consumer commits itself, with the finished records past each offset in the metadata",
     ),
     (
         "auto.commit.enable",
-        "stored offsets are committed in the background, and on revoke",
+        "the consumer commits itself, with the finished records past each offset in the metadata",
     ),
     (
         "enable.auto.offset.store",
-        "an offset is stored only once every delivery of its record is finished",
+        "an offset is committed only once every delivery of the records below it is finished",
     ),
     (
         "enable.idempotence",
@@ -116,6 +138,9 @@ impl ConsumerConfig {
             topic,
             kafka: Vec::new(),
             max_in_flight: 256,
+            hook_in_flight: DEFAULT_HOOK_IN_FLIGHT,
+            host_in_flight: DEFAULT_HOST_IN_FLIGHT,
+            hook_wait: DEFAULT_HOOK_WAIT,
             poll_batch: 128,
             retry_schedule: RetrySchedule::default(),
             retry_hold: Duration::from_secs(30),
@@ -170,6 +195,12 @@ impl ConsumerConfig {
         }
         if self.max_in_flight == 0 || self.poll_batch == 0 {
             return bad("max in-flight and poll batch must be at least 1".into());
+        }
+        if self.hook_in_flight == 0 || self.host_in_flight == 0 {
+            return bad("hook and host in-flight limits must be at least 1".into());
+        }
+        if self.hook_wait.is_zero() {
+            return bad("hook wait must be above zero".into());
         }
         if self.retry_hold.is_zero() {
             return bad("retry hold must be above zero".into());

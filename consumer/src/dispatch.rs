@@ -2,11 +2,11 @@
 //!
 //! # Ordering
 //!
-//! Records of a batch are dispatched in partition order. Deliveries of one build to one hook are
-//! chained: each waits for the previous event of the same (build, hook) to finish its main-path
-//! step, so a receiver sees one build's transitions in order (key = build id keeps them in one
-//! partition). Different builds, different hooks and different partitions run concurrently; a
-//! hanging receiver delays only its own hook's next events of the same build. Across retries the
+//! Records of a batch are submitted to the engine in partition order, one delivery per hook.
+//! The engine never runs two deliveries of one (hook, build) at once and starts them in arrival
+//! order (see `fair`), so a receiver sees one build's transitions in order (key = build id keeps
+//! them in one partition). Different builds, different hooks and different partitions run
+//! concurrently; a slow receiver holds only its own hook's slots. Across retries the
 //! order is kept by `strict` (the default; see `order`): a build's later events queue behind its
 //! delivery waiting for a retry. With `--ordering relaxed` they go ahead of it.
 //!
@@ -26,12 +26,12 @@ use hookline_cistate::{Hook, RenderSnapshot};
 use rdkafka::Message;
 use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
-use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::context::Context;
 use crate::decode::{self, Decoded};
+use crate::engine::Work;
 use crate::handoff::DeadLetterReason;
 use crate::intake::Taken;
 use crate::metrics::Stall;
@@ -40,29 +40,6 @@ use crate::resolve::{self, ResolvedPayload};
 use crate::shutdown::{Abandoned, wait_out};
 use crate::strict;
 use crate::task::{DeliveryTask, H_ONLY_HOOK, Source, header};
-
-/// Links of the per-(build, hook) chains: the receiver of the latest delivery's "done" signal.
-#[derive(Default)]
-struct Chains {
-    links: HashMap<(i64, i64), oneshot::Receiver<()>>,
-}
-
-impl Chains {
-    /// Returns the previous delivery's signal (to wait for) and this delivery's (to drop when
-    /// done).
-    fn link(&mut self, key: (i64, i64)) -> (Option<oneshot::Receiver<()>>, oneshot::Sender<()>) {
-        let (done, next) = oneshot::channel();
-        (self.links.insert(key, next), done)
-    }
-
-    /// Forgets chains whose last delivery is finished.
-    fn prune(&mut self, above: usize) {
-        if self.links.len() > above {
-            self.links
-                .retain(|_, rx| matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
-        }
-    }
-}
 
 /// A record of a batch, read: the registry being unreachable is waited out, not returned.
 enum Read {
@@ -137,31 +114,25 @@ async fn lookup(
 }
 
 /// The main path: `build-events` to deliveries, until `shutdown` (or a fatal error of its
-/// client, returned); then the drain.
-pub(crate) async fn run(path: Path, shutdown: CancellationToken) -> Option<KafkaError> {
-    let mut chains = Chains::default();
+/// client, returned with the path). The engine's drain and the last commit are the caller's.
+pub(crate) async fn run(path: Path, shutdown: CancellationToken) -> (Path, Option<KafkaError>) {
     let mut intake = path.intake();
     while let Some(batch) = intake
         .next_batch(path.cx.config.poll_batch, &shutdown)
         .await
     {
-        if dispatch(&path, &mut chains, batch, &shutdown)
-            .await
-            .is_err()
-        {
+        if dispatch(&path, batch, &shutdown).await.is_err() {
             break;
         }
     }
     let fatal = intake.fatal();
     drop(intake);
-    path.finish().await;
-    fatal
+    (path, fatal)
 }
 
-/// Decodes a batch, loads what it needs in one lookup, and spawns its deliveries.
+/// Decodes a batch, loads what it needs in one lookup, and submits its deliveries.
 async fn dispatch(
     path: &Path,
-    chains: &mut Chains,
     batch: Vec<Taken>,
     shutdown: &CancellationToken,
 ) -> Result<(), Abandoned> {
@@ -181,12 +152,12 @@ async fn dispatch(
         )
     )?;
     for ((msg, ticket, permit), decoded) in batch.into_iter().zip(decoded) {
-        let claim = (ticket, permit);
+        let taken = (ticket, permit);
         let event = match decoded {
             Read::Event(event) => event,
             Read::Undecodable(u) => {
                 warn!(partition = msg.partition(), offset = msg.offset(), reason = u.reason, detail = %u.detail, "undecodable record; dead-lettered");
-                path.spawn_record(claim, |cx, abandon| async move {
+                path.spawn_record(path.claim(taken, 1), move |cx, abandon| async move {
                     let reason = DeadLetterReason::Undecodable(u.reason);
                     cx.handoff
                         .dead_letter_record(&msg, reason, &u.detail, &abandon)
@@ -210,21 +181,21 @@ async fn dispatch(
             );
         }
         if project_hooks.is_empty() {
-            path.finish_record(claim);
+            path.finish_record(taken);
             continue;
         }
         if let Some(skip) = resolve::skip(&event, &snapshots) {
             // Nothing to deliver, by design: the record is finished.
             cx.metrics.event_skipped(skip.as_str());
             info!(build_id = event.build_id, event_id = %event.event_id, reason = skip.as_str(), ?skip, "no hook sent: {skip}");
-            path.finish_record(claim);
+            path.finish_record(taken);
             continue;
         }
         let resolved = match resolve::payload(&event, &snapshots) {
             Ok(resolved) => resolved,
             Err(missing) => {
                 warn!(build_id = missing.build_id, event_id = %event.event_id, "build no longer exists; dead-lettered");
-                path.spawn_record(claim, |cx, abandon| async move {
+                path.spawn_record(path.claim(taken, 1), move |cx, abandon| async move {
                     let detail =
                         format!("build {} not found in the CI state store", missing.build_id);
                     let reason = DeadLetterReason::BuildNotFound;
@@ -247,48 +218,33 @@ async fn dispatch(
         }
         let body = resolved.body().clone();
         let source = Source::of(&msg);
-        let deliveries: Vec<_> = project_hooks
-            .iter()
-            .map(|hook| {
-                let (previous, done) = chains.link((event.build_id, hook.id));
-                let task = DeliveryTask {
-                    event_id: event.event_id,
-                    build_id: event.build_id,
-                    project_id: event.project_id,
-                    hook_id: hook.id,
-                    attempts: 0,
-                    occurred_at: event.occurred_at,
-                    body: body.clone(),
-                    last_error: None,
-                    source: Some(source.clone()),
-                    replayed: only_hook.is_some(),
-                    rate_token_for: None,
-                    resend: false,
-                };
-                let queued = queued.contains(&(hook.id, event.build_id));
-                (previous, done, hook.clone(), task, queued)
-            })
-            .collect();
-        path.spawn_record(claim, |cx, abandon| async move {
-            let results = futures::future::join_all(deliveries.into_iter().map(
-                |(previous, done, hook, task, queued)| {
-                    let (cx, abandon) = (&cx, &abandon);
-                    async move {
-                        if let Some(previous) = previous {
-                            // An error only means the previous delivery's task ended: go on.
-                            let _ = previous.await;
-                        }
-                        let result = strict::main_step(cx, task, &hook, queued, abandon).await;
-                        drop(done);
-                        result
-                    }
+        // Finished when every hook's delivery reached an end (none abandoned).
+        let claim = path.claim(taken, project_hooks.len());
+        for hook in project_hooks.iter() {
+            let task = DeliveryTask {
+                event_id: event.event_id,
+                build_id: event.build_id,
+                project_id: event.project_id,
+                hook_id: hook.id,
+                attempts: 0,
+                occurred_at: event.occurred_at,
+                body: body.clone(),
+                last_error: None,
+                source: Some(source.clone()),
+                replayed: only_hook.is_some(),
+                rate_token_for: None,
+                resend: false,
+            };
+            let queued = queued.contains(&(hook.id, event.build_id));
+            path.engine.submit(
+                Work::Main {
+                    task,
+                    hook: hook.clone(),
+                    queued,
                 },
-            ))
-            .await;
-            // Finished only when every hook's delivery reached an end (none abandoned).
-            results.into_iter().try_for_each(|r| r.map(drop))
-        });
+                claim.clone(),
+            );
+        }
     }
-    chains.prune(cx.config.max_in_flight * 4);
     Ok(())
 }

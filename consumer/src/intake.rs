@@ -2,7 +2,7 @@
 //! protocol.
 //!
 //! Dispatch needs an in-flight permit per record, and a permit comes back only when an offset
-//! commit covers its record (see `consume`). After a broker restart the group coordinator may
+//! commit covers its record (see `offsets`). After a broker restart the group coordinator may
 //! have forgotten the member: every commit then fails with `UnknownMemberId` until the consumer
 //! rejoins, and rejoining needs the application to serve the rebalance, which rust-rdkafka does
 //! only inside a poll of the stream. A dispatcher that just waited for a permit would wait for
@@ -32,7 +32,7 @@ use tracing::{debug, warn};
 use crate::context::Context;
 use crate::kafka::{Ctx, KafkaConsumer};
 use crate::metrics::{ConsumerMetrics, Stall};
-use crate::offsets::{Offsets, Ticket};
+use crate::offsets::{Arrival, Offsets, Ticket};
 
 /// How long dispatch waits for room before pausing fetching to serve the group protocol: short
 /// next to the session and rebalance timeouts, long enough that a brief stall does not throw
@@ -189,11 +189,17 @@ impl<'a> Intake<'a> {
         next: Option<rdkafka::error::KafkaResult<BorrowedMessage<'_>>>,
     ) -> Option<(OwnedMessage, Ticket)> {
         match next {
-            Some(Ok(msg)) => {
-                let msg = msg.detach();
-                let ticket = self.offsets.begin(&msg);
-                Some((msg, ticket))
-            }
+            Some(Ok(msg)) => match self.offsets.begin(&msg) {
+                (ticket, Arrival::Dispatch) => Some((msg.detach(), ticket)),
+                (_, Arrival::Finished) => {
+                    self.metrics.record_skipped(self.path, "finished");
+                    None
+                }
+                (_, Arrival::InFlight) => {
+                    self.metrics.record_skipped(self.path, "in_flight");
+                    None
+                }
+            },
             Some(Err(error @ rdkafka::error::KafkaError::MessageConsumptionFatal(_))) => {
                 tracing::error!(path = self.path, %error, "fatal kafka consumer error: this consumer stops");
                 self.fatal = Some(error);

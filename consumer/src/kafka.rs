@@ -5,18 +5,22 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use hookline_shell::kafka_log::{KafkaLog, KafkaLogContext};
-use rdkafka::TopicPartitionList;
+use std::time::Duration;
+
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::error::KafkaError;
 use rdkafka::statistics::Statistics;
+use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, warn};
 
 use crate::ConsumerError;
 use crate::config::ConsumerConfig;
 use crate::metrics::ConsumerMetrics;
-use crate::offsets::Offsets;
+use crate::offsets::{Committed, Offsets};
 
 /// Settings every client gets: the brokers, then the pass-through settings (which may override).
 pub(crate) fn base_config(config: &ConsumerConfig) -> ClientConfig {
@@ -37,18 +41,13 @@ pub(crate) fn client_config(config: &ConsumerConfig, group: &str) -> ClientConfi
         // Topics are created at start (see `topics`), never as a side effect of subscribing.
         .set("allow.auto.create.topics", "false")
         .set("statistics.interval.ms", "1000")
-        // Prefetch bounded in bytes, small next to librdkafka's 64 MB default: the intake takes
-        // at most `--max-in-flight` records at a time, so a deep backlog would only sit in this
-        // queue, and the consumer's memory would grow with the lag instead of staying flat.
-        // 4 MB still holds tens of thousands of compressed events (seconds of work).
-        .set("queued.max.messages.kbytes", "4096")
-        .set("fetch.max.bytes", "4194304")
-        // Per partition and fetch, in compressed bytes: zstd packs similar Job Hooks 20 to 30
-        // times, so librdkafka's 1 MB default decompresses into tens of MB per partition. With
-        // it, draining a 100k backlog peaked at 300 MB RSS against 50 MB for 10k; with 64 KB,
-        // 50 MB for both (`scripts/bench --only memory`), and a fetch still brings hundreds of
-        // events per partition.
-        .set("fetch.message.max.bytes", "65536")
+        // What librdkafka fetches ahead is bounded in bytes (its default is 64 MB); the intake
+        // itself takes at most `--max-in-flight` records, so a deep backlog waits here, and this
+        // bound is what keeps the consumer's memory flat whatever the lag. Per partition and
+        // fetch librdkafka's 1 MB stays: a backlog written one transition at a time sits in
+        // small batches that compress little, and smaller fetches starved the consumer (2,754
+        // deliveries/s at 64 KB against 5,119/s with the defaults on the same backlog).
+        .set("queued.max.messages.kbytes", QUEUED_KBYTES)
         .set(
             "session.timeout.ms",
             config.session_timeout.as_millis().to_string(),
@@ -59,21 +58,19 @@ pub(crate) fn client_config(config: &ConsumerConfig, group: &str) -> ClientConfi
         // The id is unique within a group; the main and retry groups are different groups.
         c.set("group.instance.id", id);
     }
-    if !config.commit_interval.is_zero() {
-        c.set(
-            "auto.commit.interval.ms",
-            config.commit_interval.as_millis().to_string(),
-        );
-    }
     for (k, v) in &config.kafka {
         c.set(k, v);
     }
-    // Set after the pass-through on purpose: at-least-once rests on storing offsets only for
-    // finished records, and permits come back through auto-commit when a commit goes unanswered.
-    c.set("enable.auto.commit", "true")
+    // Set after the pass-through on purpose: at-least-once rests on committing only finished
+    // records, and only the consumer's own commits say which records past an offset are
+    // finished (librdkafka's would drop that, see `offsets`).
+    c.set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false");
     c
 }
+
+/// `queued.max.messages.kbytes`: what librdkafka may hold fetched ahead, per consumer.
+const QUEUED_KBYTES: &str = "16384";
 
 /// The idempotent producer for retry and dead-letter hand-offs.
 pub(crate) fn producer_config(config: &ConsumerConfig) -> ClientConfig {
@@ -114,9 +111,17 @@ impl ClientContext for Ctx {
 }
 
 impl ConsumerContext for Ctx {
-    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
-            self.offsets.revoke(tpl);
+            // The newest description of the partitions that go, so their next owner skips what
+            // finished here. Not waited for: the rebalance must go on (a lost commit costs
+            // duplicates, never a delivery).
+            let last = self.offsets.revoke(tpl);
+            if last.count() > 0
+                && let Err(error) = consumer.commit(&last, CommitMode::Async)
+            {
+                debug!(%error, "last commit of revoked partitions not sent");
+            }
         }
     }
 
@@ -128,7 +133,7 @@ impl ConsumerContext for Ctx {
         match result {
             Ok(()) => {
                 debug!(partitions = offsets.count(), "offsets committed");
-                self.offsets.confirmed(offsets);
+                self.offsets.confirmed_by_client(offsets);
             }
             Err(error) => debug!(%error, "offset commit failed; the next one covers it"),
         }
@@ -137,7 +142,7 @@ impl ConsumerContext for Ctx {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             self.metrics.assigned(self.path);
-            self.offsets.assign(tpl);
+            self.offsets.assign(committed(consumer, tpl));
             // librdkafka keeps a partition's pause across a revoke and a new assignment: set it
             // to what the intake wants now (see `intake`).
             let result = if self.offsets.paused.load(Ordering::Relaxed) {
@@ -150,6 +155,51 @@ impl ConsumerContext for Ctx {
             }
         }
     }
+}
+
+/// How long reading the committed offsets of newly assigned partitions may take before they are
+/// treated as undescribed (every record from the committed offset on is delivered).
+const COMMITTED_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The committed offset and metadata of each assigned partition. Read here, before the
+/// partitions' records are dispatched, so the first record of each is judged by them; a read
+/// that fails describes nothing (the records are delivered, as without the metadata).
+fn committed(consumer: &BaseConsumer<Ctx>, tpl: &TopicPartitionList) -> Vec<Committed> {
+    let read = consumer.committed_offsets(tpl.clone(), COMMITTED_TIMEOUT);
+    if let Err(error) = &read {
+        warn!(%error, "cannot read the committed offsets of assigned partitions; records past them are delivered again");
+    }
+    let read = read.ok();
+    tpl.elements()
+        .into_iter()
+        .map(|e| {
+            let found = read
+                .as_ref()
+                .and_then(|r| r.find_partition(e.topic(), e.partition()));
+            let (offset, metadata) = match found {
+                Some(c) if c.error().is_ok() => {
+                    let offset = match c.offset() {
+                        Offset::Offset(o) => o,
+                        _ => -1,
+                    };
+                    // rust-rdkafka panics on metadata that is not UTF-8 (another client's):
+                    // that is simply not a description.
+                    let metadata = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        c.metadata().to_owned()
+                    }))
+                    .ok();
+                    (offset, metadata)
+                }
+                _ => (-1, None),
+            };
+            Committed {
+                topic: e.topic().to_owned(),
+                partition: e.partition(),
+                offset,
+                metadata,
+            }
+        })
+        .collect()
 }
 
 pub(crate) type KafkaConsumer = StreamConsumer<Ctx>;
@@ -171,7 +221,7 @@ pub(crate) fn subscribe(
     path: &'static str,
     metrics: &Arc<ConsumerMetrics>,
 ) -> Result<Subscription, ConsumerError> {
-    let offsets = Arc::new(Offsets::new(config.commit_interval.is_zero()));
+    let offsets = Arc::new(Offsets::new(!config.commit_interval.is_zero()));
 
     let consumer: KafkaConsumer = client_config(config, group).create_with_context(Ctx {
         offsets: offsets.clone(),
@@ -194,7 +244,7 @@ mod tests {
     fn pass_through_options_cannot_turn_off_at_least_once() {
         let mut config = ConsumerConfig::new("127.0.0.1:9", "g");
         config.kafka = [
-            ("enable.auto.commit", "false"),
+            ("enable.auto.commit", "true"),
             ("enable.auto.offset.store", "true"),
             ("enable.idempotence", "false"),
             ("acks", "1"),
@@ -203,7 +253,7 @@ mod tests {
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .to_vec();
         let consumer = client_config(&config, "g");
-        assert_eq!(consumer.get("enable.auto.commit"), Some("true"));
+        assert_eq!(consumer.get("enable.auto.commit"), Some("false"));
         assert_eq!(consumer.get("enable.auto.offset.store"), Some("false"));
         assert_eq!(consumer.get("fetch.wait.max.ms"), Some("50"));
         let producer = producer_config(&config);

@@ -15,8 +15,9 @@
 //! Bottom to top, one noun per file:
 //! - [`error`]: [`ConsumerError`]. [`config`]: the options. [`metrics`]: the Prometheus metrics.
 //! - [`shutdown`]: waits that end, are abandoned at shutdown, or show as a stall (`wait_out`).
-//! - `offsets`: which offset of a partition may be stored and when an in-flight permit comes
-//!   back (the lane rules, pure and unit-tested).
+//! - `offsets`: which records of a partition are finished, what a commit says about them (its
+//!   offset and, in `commit_metadata`, the unfinished records past it), and when an in-flight
+//!   permit comes back (the lane rules, pure and unit-tested).
 //! - `kafka`: client settings, the consumer context (rebalances, statistics), subscribing.
 //! - `commit`: the commit loop of a path; synchronous commits with a time limit.
 //! - [`topics`]: the retry and dead-letter topics, created at start.
@@ -33,7 +34,10 @@
 //! - [`context`]: what both paths share.
 //! - [`step`]: one attempt of a delivery task and its settlement (decided by a pure function).
 //! - `intake`: records taken only when there is in-flight room, while serving the group.
-//! - `path`: a path's subscription, committer, spawned work and drain.
+//! - [`fair`]: which delivery gets the next slot (per hook and per receiver host, round-robin;
+//!   hand-on of a slow hook's excess), the pure rules; `engine`: the slots, workers and hand-ons
+//!   both paths submit their deliveries to.
+//! - `path`: a path's subscription, committer, claims on its records and last commit.
 //! - [`order`]: per-(hook, build) order across retries, the pure rules; `strict`: carrying
 //!   them out on both paths (the queue in the store, turns, collapse).
 //! - `dispatch`: the main path (ordering per (build, hook)). [`retry`]: the retry path.
@@ -51,6 +55,7 @@
 
 pub mod api;
 mod commit;
+mod commit_metadata;
 pub mod config;
 pub mod context;
 pub mod dead_letter;
@@ -58,7 +63,9 @@ pub mod decode;
 pub mod deliver;
 pub mod delivery_log;
 mod dispatch;
+mod engine;
 pub mod error;
+pub mod fair;
 pub mod handoff;
 pub mod hook_admin;
 pub mod hook_ops;
@@ -100,6 +107,7 @@ pub use server::{ServeConfig, serve};
 use crate::context::Context;
 use crate::deliver::Deliverer;
 use crate::delivery_log::{DeliveryLog, DeliveryLogTasks};
+use crate::engine::Engine;
 use crate::handoff::Handoff;
 use crate::hooks::HookRegistry;
 use crate::kafka::Subscription;
@@ -241,19 +249,22 @@ impl Consumer {
             // Shut down before the consumer ever ran: nothing to drain.
             Err(shutdown::Abandoned) => return Ok(()),
         }
-        // One abandon token for both paths: when either's drain bound runs out, both stop.
-        let abandon = CancellationToken::new();
-        // And one stop: shutdown, or a fatal error of either path's client (a static member
+        // One stop: shutdown, or a fatal error of either path's client (a static member
         // fenced by the broker never consumes again). The process then exits with the error,
         // for its supervisor to start it again, rather than run on consuming nothing.
         let stop = shutdown.child_token();
         let pruner = tokio::spawn(strict::prune(self.cx.clone(), stop.clone()));
         let sweeper = tokio::spawn(strict::sweep(self.cx.clone(), stop.clone()));
-        let main = Path::start("main", self.cx.clone(), self.main, abandon.clone());
-        let retry = Path::start("retry", self.cx.clone(), self.retry, abandon);
-        let path = |run: tokio::task::JoinHandle<Option<KafkaError>>, stop: CancellationToken| async move {
+        // One engine for both paths: the window and each hook's slots are shared by new events
+        // and retries alike.
+        let engine = Engine::new(self.cx.clone());
+        let overdue = tokio::spawn(engine.clone().watch_overdue(stop.clone()));
+        let main = Path::start("main", engine.clone(), self.main);
+        let retry = Path::start("retry", engine.clone(), self.retry);
+        let path = |run: tokio::task::JoinHandle<(Path, Option<KafkaError>)>,
+                    stop: CancellationToken| async move {
             let ended = run.await;
-            if !matches!(ended, Ok(None)) {
+            if !matches!(ended, Ok((_, None))) {
                 stop.cancel();
             }
             ended
@@ -266,10 +277,23 @@ impl Consumer {
             path(tokio::spawn(retry::run(retry, stop.clone())), stop.clone()),
         );
         stop.cancel();
+        // Both intakes are gone: finish the work in flight within the drain bound, then commit.
+        engine.drain().await;
+        let _ = overdue.await;
         let _ = pruner.await;
         let _ = sweeper.await;
+        let mut ended = Vec::new();
+        for r in [a, b] {
+            match r {
+                Ok((path, fatal)) => {
+                    path.finish().await;
+                    ended.push(Ok(fatal));
+                }
+                Err(e) => ended.push(Err(e)),
+            }
+        }
         let mut fatal = None;
-        for ended in [a, b] {
+        for ended in ended {
             match ended {
                 Ok(None) => {}
                 Ok(Some(error)) => fatal = fatal.or(Some(error)),

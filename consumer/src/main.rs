@@ -93,9 +93,21 @@ struct ServeArgs {
     /// [default: the embedded registry, ids in schemas/avro/manifest.json].
     #[arg(long, env = "HOOKLINE_SCHEMA_REGISTRY_URL")]
     schema_registry_url: Option<String>,
-    /// Records in flight per path (backpressure; bounds re-deliveries after a crash).
+    /// Records per path being worked on or finished but not yet committed (backpressure; bounds
+    /// re-deliveries after a crash), and deliveries in flight at once, every hook together.
     #[arg(long, env = "HOOKLINE_MAX_IN_FLIGHT", default_value_t = 256)]
     max_in_flight: usize,
+    /// Deliveries in flight at once to one hook: a slow receiver holds this many and no more.
+    #[arg(long, env = "HOOKLINE_HOOK_IN_FLIGHT", default_value_t = hookline_consumer::config::DEFAULT_HOOK_IN_FLIGHT)]
+    hook_in_flight: usize,
+    /// Deliveries in flight at once to one receiver (scheme, host and port), whatever the hooks
+    /// pointing at it.
+    #[arg(long, env = "HOOKLINE_HOST_IN_FLIGHT", default_value_t = hookline_consumer::config::DEFAULT_HOST_IN_FLIGHT)]
+    host_in_flight: usize,
+    /// The longest a delivery waits (or would wait, judging by the hook's answer times) for its
+    /// hook's slot before it is handed on to the retry topic, due when the hook can take it.
+    #[arg(long, env = "HOOKLINE_HOOK_WAIT", default_value = "1s", value_parser = parse_duration)]
+    hook_wait: Duration,
     /// Records per poll batch (one snapshot query per batch).
     #[arg(long, env = "HOOKLINE_POLL_BATCH", default_value_t = 128)]
     poll_batch: usize,
@@ -125,7 +137,9 @@ struct ServeArgs {
     /// How long a project's hook list is cached.
     #[arg(long, env = "HOOKLINE_HOOK_CACHE_TTL", default_value = "5s", value_parser = parse_duration)]
     hook_cache_ttl: Duration,
-    /// How often stored offsets are committed; 0 commits after every finished record.
+    /// How often offsets are committed; 0 commits as records finish, one commit at a time
+    /// (after a crash at most --max-in-flight records per path are delivered again). A longer
+    /// interval trades more re-deliveries after a crash for fewer commits.
     #[arg(long, env = "HOOKLINE_COMMIT_INTERVAL", default_value = "0s", value_parser = parse_duration)]
     commit_interval: Duration,
     /// On shutdown, how long in-flight work may take to finish.
@@ -383,6 +397,9 @@ async fn run() -> anyhow::Result<()> {
         Command::Serve(args) => {
             let mut consumer = args.kafka.config();
             consumer.max_in_flight = args.max_in_flight;
+            consumer.hook_in_flight = args.hook_in_flight;
+            consumer.host_in_flight = args.host_in_flight;
+            consumer.hook_wait = args.hook_wait;
             consumer.poll_batch = args.poll_batch;
             consumer.retry_schedule = args.retry_schedule;
             consumer.retry_hold = args.retry_hold;

@@ -108,6 +108,20 @@ pub struct ConsumerMetrics {
     ordering: Family<ActionLabels, Counter>,
     deferred: Family<ReasonLabels, Counter>,
     retries_dropped: Family<ReasonLabels, Counter>,
+    waiting: Gauge,
+    slow_answers: Family<HookLabels, Counter>,
+    records_skipped: Family<PathReasonLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HookLabels {
+    hook_id: i64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PathReasonLabels {
+    path: &'static str,
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -218,6 +232,9 @@ impl ConsumerMetrics {
         let dead_letters = Family::<ReasonLabels, Counter>::default();
         let hook_disables = Counter::default();
         let in_flight = Gauge::default();
+        let waiting = Gauge::default();
+        let slow_answers = Family::<HookLabels, Counter>::default();
+        let records_skipped = Family::<PathReasonLabels, Counter>::default();
         let consumer_lag = Family::<PartitionLabels, Gauge>::default();
         let assignments = Family::<PathLabels, Counter>::default();
         let fetch_pauses = Family::<PathLabels, Counter>::default();
@@ -247,6 +264,9 @@ impl ConsumerMetrics {
         for path in ["main", "retry"] {
             let _ = assignments.get_or_create(&PathLabels { path });
             let _ = fetch_pauses.get_or_create(&PathLabels { path });
+            for reason in ["finished", "in_flight"] {
+                let _ = records_skipped.get_or_create(&PathReasonLabels { path, reason });
+            }
         }
         for action in [
             "held",
@@ -263,12 +283,12 @@ impl ConsumerMetrics {
         let deferred = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "deferred",
-            "Deliveries not attempted yet and handed to the retry topic for later, by reason: rate_limit (the root namespace's bucket is empty: due when its token comes), hook_backoff (the hook is temporarily disabled). Neither is a failure",
+            "Deliveries not attempted yet and handed to the retry topic for later, by reason: rate_limit (the root namespace's bucket is empty: due when its token comes), hook_backoff (the hook is temporarily disabled), hook_busy (the hook's in-flight slots are taken by slow answers: handed on, due when the hook can take it). None is a failure",
             deferred.clone(),
         );
         let retries_dropped = Family::<ReasonLabels, Counter>::default();
         // Present at 0 from the start, so an alert on them has a series to watch.
-        for reason in ["rate_limit", "hook_backoff"] {
+        for reason in ["rate_limit", "hook_backoff", "hook_busy"] {
             let _ = deferred.get_or_create(&ReasonLabels {
                 reason: reason.to_owned(),
             });
@@ -328,8 +348,23 @@ impl ConsumerMetrics {
         );
         registry.register(
             "in_flight",
-            "Records being processed (main and retry paths)",
+            "Deliveries in flight (an attempt and its settlement), main and retry paths together",
             in_flight.clone(),
+        );
+        registry.register(
+            "waiting",
+            "Deliveries waiting for an in-flight slot (their hook's, their receiver's or the window's)",
+            waiting.clone(),
+        );
+        registry.register(
+            "slow_answers",
+            "Successful answers that took a second or more, by hook: a receiver that is slow but never fails holds its hook's slots",
+            slow_answers.clone(),
+        );
+        registry.register(
+            "records_skipped",
+            "Records read and not dispatched, by path and reason: finished (a commit, or this assignment, already finished it: read again after a restart, a rebalance or a fetch that moved back), in_flight (being worked on, read a second time)",
+            records_skipped.clone(),
         );
         registry.register(
             "consumer_lag",
@@ -389,7 +424,40 @@ impl ConsumerMetrics {
             ordering,
             deferred,
             retries_dropped,
+            waiting,
+            slow_answers,
+            records_skipped,
         }
+    }
+
+    pub(crate) fn waiting_gauge(&self) -> &Gauge {
+        &self.waiting
+    }
+
+    pub(crate) fn slow_answer(&self, hook_id: i64) {
+        self.slow_answers
+            .get_or_create(&HookLabels { hook_id })
+            .inc();
+    }
+
+    /// Successful answers of `hook_id` that took a second or more.
+    pub fn slow_answers(&self, hook_id: i64) -> u64 {
+        self.slow_answers
+            .get_or_create(&HookLabels { hook_id })
+            .get()
+    }
+
+    pub(crate) fn record_skipped(&self, path: &'static str, reason: &'static str) {
+        self.records_skipped
+            .get_or_create(&PathReasonLabels { path, reason })
+            .inc();
+    }
+
+    /// Records read and not dispatched on `path`, for `reason` (`finished`, `in_flight`).
+    pub fn records_skipped(&self, path: &'static str, reason: &'static str) -> u64 {
+        self.records_skipped
+            .get_or_create(&PathReasonLabels { path, reason })
+            .get()
     }
 
     pub(crate) fn defer(&self, reason: &str) {

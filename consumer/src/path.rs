@@ -1,19 +1,18 @@
 //! What both paths (main and retry) share around their dispatch loop: the subscription, the
-//! committer, the tracker of spawned work with the in-flight gauge, and the drain at shutdown.
+//! committer, the engine their deliveries go to, and the last commit at shutdown.
 
 use std::future::Future;
 use std::sync::Arc;
 
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::commit::{COMMIT_LIMIT, CommitFailed, Committer, commit_loop};
+use crate::commit::{CommitFailed, commit_last, commit_loop};
 use crate::context::Context;
+use crate::engine::{Claim, Engine};
 use crate::intake::Intake;
 use crate::kafka::{KafkaConsumer, Subscription};
-use crate::metrics::ConsumerMetrics;
 use crate::offsets::{Offsets, Ticket};
 use crate::shutdown::Abandoned;
 
@@ -21,40 +20,38 @@ use crate::shutdown::Abandoned;
 pub(crate) struct Path {
     pub(crate) name: &'static str,
     pub(crate) cx: Arc<Context>,
+    pub(crate) engine: Arc<Engine>,
     consumer: Arc<KafkaConsumer>,
     offsets: Arc<Offsets>,
-    /// Fires when the drain bound runs out: work still running stops unfinished.
-    abandon: CancellationToken,
     committer_stop: CancellationToken,
     committer: tokio::task::JoinHandle<()>,
-    tasks: TaskTracker,
 }
 
 impl Path {
     /// Starts the path's committer.
     pub(crate) fn start(
         name: &'static str,
-        cx: Arc<Context>,
+        engine: Arc<Engine>,
         subscription: Subscription,
-        abandon: CancellationToken,
     ) -> Self {
         let Subscription { consumer, offsets } = subscription;
+        let cx = engine.cx().clone();
         let committer_stop = CancellationToken::new();
         let committer = tokio::spawn(commit_loop(
             consumer.clone(),
             offsets.clone(),
             cx.metrics.clone(),
+            cx.config.commit_interval,
             committer_stop.clone(),
         ));
         Path {
             name,
             cx,
+            engine,
             consumer,
             offsets,
-            abandon,
             committer_stop,
             committer,
-            tasks: TaskTracker::new(),
         }
     }
 
@@ -63,81 +60,43 @@ impl Path {
         Intake::new(&self.consumer, &self.offsets, &self.cx, self.name)
     }
 
-    /// Runs `work` for a dispatched record as a task of this path. The record is finished (its
-    /// offset may be stored) only when the work completes; abandoned work leaves it unfinished,
-    /// to be delivered again.
-    pub(crate) fn spawn_record<F, Fut>(
-        &self,
-        (ticket, permit): (Ticket, OwnedSemaphorePermit),
-        work: F,
-    ) where
-        F: FnOnce(Arc<Context>, CancellationToken) -> Fut,
+    /// The claim of a record whose work comes in `parts` (one per delivery): the record is
+    /// finished when every part ended.
+    pub(crate) fn claim(&self, taken: (Ticket, OwnedSemaphorePermit), parts: usize) -> Arc<Claim> {
+        Claim::new(self.offsets.clone(), taken, parts)
+    }
+
+    /// Runs `work` for a record as one task of the engine (no delivery slot: a dead letter, a
+    /// retry record waiting to be due). The record is finished when the work completes;
+    /// abandoned work leaves it unfinished, to be done again.
+    pub(crate) fn spawn_record<F, Fut>(&self, claim: Arc<Claim>, work: F)
+    where
+        F: FnOnce(Arc<Context>, CancellationToken) -> Fut + Send + 'static,
         Fut: Future<Output = Result<(), Abandoned>> + Send + 'static,
     {
-        let work = work(self.cx.clone(), self.abandon.clone());
-        let (metrics, consumer, offsets) = (
-            self.cx.metrics.clone(),
-            self.consumer.clone(),
-            self.offsets.clone(),
-        );
-        self.tasks.spawn(async move {
-            let _in_flight = InFlight::new(&metrics);
-            if work.await.is_ok() {
-                offsets.finish(&ticket, permit, &consumer);
-            }
+        self.engine.spawn(move |cx, abandon| async move {
+            let result = work(cx, abandon).await;
+            claim.part_done(result);
         });
     }
 
     /// Finishes a record that needs no work (nothing to deliver, by design).
     pub(crate) fn finish_record(&self, (ticket, permit): (Ticket, OwnedSemaphorePermit)) {
-        self.offsets.finish(&ticket, permit, &self.consumer);
+        self.offsets.finish(&ticket, permit);
     }
 
-    /// Waits for in-flight work within the drain bound, abandons the rest, commits what was
-    /// stored, and stops the committer. The intake must be gone by now, so that no record is
-    /// fetched after the final commit.
+    /// Commits what is finished and stops the committer. The intake must be gone and the
+    /// engine drained by now, so that nothing finishes or is fetched after the last commit.
     pub(crate) async fn finish(self) {
-        let (path, tasks) = (self.name, &self.tasks);
-        tasks.close();
-        if tokio::time::timeout(self.cx.config.drain_timeout, tasks.wait())
-            .await
-            .is_err()
-        {
-            warn!(
-                path,
-                left = tasks.len(),
-                "drain bound reached; abandoning in-flight work"
-            );
-            self.abandon.cancel();
-            tasks.wait().await;
-        }
-        match Committer::default()
-            .commit(&self.consumer, None, COMMIT_LIMIT)
-            .await
-        {
+        let path = self.name;
+        self.committer_stop.cancel();
+        let _ = self.committer.await;
+        match commit_last(&self.consumer, &self.offsets).await {
             Ok(()) => info!(path, "offsets committed"),
             Err(CommitFailed::Kafka(error)) => {
-                debug!(path, %error, "final commit (nothing stored is fine)")
+                debug!(path, %error, "final commit failed (nothing to commit is fine)")
             }
             Err(CommitFailed::Stuck) => warn!(path, "final commit unanswered; exiting without it"),
         }
-        self.committer_stop.cancel();
-        let _ = self.committer.await;
-    }
-}
-
-/// Counts a record in the in-flight gauge while alive.
-struct InFlight(Arc<ConsumerMetrics>);
-
-impl InFlight {
-    fn new(metrics: &Arc<ConsumerMetrics>) -> Self {
-        metrics.in_flight_gauge().inc();
-        InFlight(metrics.clone())
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight_gauge().dec();
     }
 }

@@ -23,7 +23,10 @@ use rdkafka::message::OwnedMessage;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use hookline_cistate::Hook;
+
 use crate::context::Context;
+use crate::engine::Work;
 use crate::handoff::DeadLetterReason;
 use crate::metrics::Stall;
 use crate::path::Path;
@@ -34,23 +37,30 @@ use crate::strict;
 use crate::task::{DeliveryTask, H_DUE_AT, header};
 
 /// The retry path: due delivery tasks from the retry topic, until `shutdown` (or a fatal error
-/// of its client, returned); then the drain.
-pub(crate) async fn run(path: Path, shutdown: CancellationToken) -> Option<KafkaError> {
+/// of its client, returned with the path). The engine's drain and the last commit are the
+/// caller's.
+pub(crate) async fn run(path: Path, shutdown: CancellationToken) -> (Path, Option<KafkaError>) {
     let mut intake = path.intake();
     while let Some(batch) = intake
         .next_batch(path.cx.config.poll_batch, &shutdown)
         .await
     {
         for (msg, ticket, permit) in batch {
-            path.spawn_record((ticket, permit), |cx, abandon| async move {
-                process(&cx, &msg, &abandon).await
+            let claim = path.claim((ticket, permit), 1);
+            let engine = path.engine.clone();
+            // Waiting to be due takes no delivery slot; the attempt does (submitted then).
+            path.engine.spawn(move |cx, abandon| async move {
+                match process(&cx, &msg, &abandon).await {
+                    Ok(Some((task, hook))) => engine.submit(Work::Retry { task, hook }, claim),
+                    Ok(None) => claim.part_done(Ok(())),
+                    Err(abandoned) => claim.part_done(Err(abandoned)),
+                }
             });
         }
     }
     let fatal = intake.fatal();
     drop(intake);
-    path.finish().await;
-    fatal
+    (path, fatal)
 }
 
 /// When a retry record is due (now if the header is missing or unreadable).
@@ -61,13 +71,15 @@ fn due_at(msg: &OwnedMessage) -> DateTime<Utc> {
         .unwrap_or_else(Utc::now)
 }
 
-/// Handles one record of the retry topic: wait until it is due (at most `retry_hold`), then
-/// attempt it, or put it back at the end of the topic if it is not due yet.
+/// Handles one record of the retry topic up to its attempt: waits until it is due (at most
+/// `retry_hold`), or puts it back at the end of the topic if it is not due by then. Returns the
+/// task and its hook (read just now) when it is to be attempted; `None` when it is done without
+/// an attempt.
 async fn process(
     p: &Context,
     msg: &OwnedMessage,
     abandon: &CancellationToken,
-) -> Result<(), Abandoned> {
+) -> Result<Option<(DeliveryTask, Hook)>, Abandoned> {
     let task = match DeliveryTask::from_headers(msg.headers(), msg.payload().unwrap_or_default()) {
         Ok(task) => task,
         Err(detail) => {
@@ -75,7 +87,7 @@ async fn process(
             p.handoff
                 .dead_letter_record(msg, DeadLetterReason::BadRetryRecord, &detail, abandon)
                 .await?;
-            return Ok(());
+            return Ok(None);
         }
     };
     let due = due_at(msg);
@@ -88,11 +100,11 @@ async fn process(
     if Utc::now() < due {
         debug!(event_id = %task.event_id, hook_id = task.hook_id, %due, "not due yet; back to the end of the retry topic");
         p.handoff.to_retry(&task, None, due, abandon).await?;
-        return Ok(());
+        return Ok(None);
     }
     // A build's user blocked since the first attempt sends nothing more (see `recheck`).
     if recheck::drop_if_user_blocked(p, &task, abandon).await? {
-        return Ok(());
+        return Ok(None);
     }
     // Retries must see the hook's current health and settings: read it fresh.
     let hook = wait_out(
@@ -113,7 +125,8 @@ async fn process(
         step::settle(p, task, None, removed, abandon).await?;
         // Its place in an order queue, if it had one, goes with it (and the next in line is
         // written back, to be dead-lettered the same way).
-        return strict::settle_entry(p, hook_id, build_id, event_id, abandon).await;
+        strict::settle_entry(p, hook_id, build_id, event_id, abandon).await?;
+        return Ok(None);
     };
-    strict::retry_step(p, task, &hook, abandon).await
+    Ok(Some((task, hook)))
 }

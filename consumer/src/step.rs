@@ -22,6 +22,10 @@ use crate::schedule::RetrySchedule;
 use crate::shutdown::Abandoned;
 use crate::task::DeliveryTask;
 
+/// A successful answer at least this slow is counted per hook (`slow_answers`): a receiver
+/// that never fails but takes its time holds its hook's slots, and shows there.
+pub const SLOW_ANSWER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// What follows an attempt (or a hook that may not be called).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Settlement {
@@ -53,6 +57,14 @@ impl Settlement {
             },
         }
     }
+}
+
+/// Whether a delivery is attempted now, or handed on without an attempt because its hook has
+/// no slot for it soon (see `fair`): deferred to the retry topic until `until`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Attempt,
+    HandOn { until: DateTime<Utc> },
 }
 
 /// What a hook's health says before an attempt: `None` to call it now.
@@ -112,9 +124,10 @@ pub(crate) async fn run(
     cx: &Context,
     task: DeliveryTask,
     hook: &Hook,
+    mode: Mode,
     abandon: &CancellationToken,
 ) -> Result<(), Abandoned> {
-    let (task, settlement) = attempt(cx, task, hook, abandon).await?;
+    let (task, settlement) = attempt(cx, task, hook, mode, abandon).await?;
     settle(cx, task, Some(hook), settlement, abandon)
         .await
         .map(drop)
@@ -127,6 +140,7 @@ pub(crate) async fn attempt(
     cx: &Context,
     task: DeliveryTask,
     hook: &Hook,
+    mode: Mode,
     abandon: &CancellationToken,
 ) -> Result<(DeliveryTask, Settlement), Abandoned> {
     if let Some(settlement) = before_attempt(hook, Utc::now()) {
@@ -135,6 +149,13 @@ pub(crate) async fn attempt(
             debug!(hook_id = hook.id, event_id = %task.event_id, %until, "hook backing off; delivery deferred");
         }
         return Ok((task, settlement));
+    }
+    // After the hook's health (a disabled hook is dead-lettered, not handed on), before the
+    // rate limit (a hand-on spends no token).
+    if let Mode::HandOn { until } = mode {
+        cx.metrics.defer("hook_busy");
+        debug!(hook_id = hook.id, event_id = %task.event_id, %until, "hook busy; delivery handed on");
+        return Ok((task, Settlement::Deferred { until }));
     }
     let attempt = task.attempts + 1;
     // After the hook's health, so a backing-off hook spends no token.
@@ -182,6 +203,9 @@ pub(crate) async fn attempt(
     match &outcome {
         AttemptOutcome::Delivered { status, latency } => {
             cx.metrics.attempt_took(*latency);
+            if *latency >= SLOW_ANSWER {
+                cx.metrics.slow_answer(hook.id);
+            }
             let since_event = (Utc::now() - task.occurred_at).to_std().unwrap_or_default();
             cx.metrics.delivered_after(since_event);
             debug!(%event_id, build_id, hook_id, status, attempt, "delivered");

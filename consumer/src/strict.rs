@@ -53,7 +53,7 @@ use crate::handoff::Landed;
 use crate::metrics::Stall;
 use crate::order::{self, Ordering, Side, Turn};
 use crate::shutdown::{Abandoned, wait_out};
-use crate::step::{self, Settlement};
+use crate::step::{self, Mode, Settlement};
 use crate::task::{self, DeliveryTask};
 
 /// How long settled queue entries are kept: long past any re-read of their records after a
@@ -116,10 +116,11 @@ pub(crate) async fn main_step(
     task: DeliveryTask,
     hook: &Hook,
     queued: bool,
+    mode: Mode,
     abandon: &CancellationToken,
 ) -> Result<(), Abandoned> {
     if outside_the_order(cx, &task) {
-        return step::run(cx, task, hook, abandon).await;
+        return step::run(cx, task, hook, mode, abandon).await;
     }
     let pair = (task.hook_id, task.build_id);
     let held_here = held_here(cx).contains_key(&pair);
@@ -135,7 +136,7 @@ pub(crate) async fn main_step(
         hook.collapse,
         Side::Main,
     ) {
-        Turn::Go => go(cx, task, hook, &entries, Side::Main, abandon).await,
+        Turn::Go => go(cx, task, hook, &entries, Side::Main, mode, abandon).await,
         turn @ (Turn::Queue | Turn::Wait) => {
             if turn == Turn::Queue {
                 cx.metrics.order_action("queued");
@@ -156,10 +157,11 @@ pub(crate) async fn retry_step(
     cx: &Context,
     task: DeliveryTask,
     hook: &Hook,
+    mode: Mode,
     abandon: &CancellationToken,
 ) -> Result<(), Abandoned> {
     if outside_the_order(cx, &task) {
-        return step::run(cx, task, hook, abandon).await;
+        return step::run(cx, task, hook, mode, abandon).await;
     }
     loop {
         let entries = queue(cx, &task, abandon).await?;
@@ -170,7 +172,7 @@ pub(crate) async fn retry_step(
             hook.collapse,
             Side::Retry,
         ) {
-            Turn::Go => return go(cx, task, hook, &entries, Side::Retry, abandon).await,
+            Turn::Go => return go(cx, task, hook, &entries, Side::Retry, mode, abandon).await,
             Turn::Collapse => return collapse(cx, &task, abandon).await,
             Turn::AlreadySettled => {
                 already_settled(cx, &task);
@@ -200,10 +202,11 @@ async fn go(
     hook: &Hook,
     entries: &[OrderEntry],
     side: Side,
+    mode: Mode,
     abandon: &CancellationToken,
 ) -> Result<(), Abandoned> {
     let queued = entries.iter().any(|e| e.event_id == task.event_id);
-    let (task, settlement) = step::attempt(cx, task, hook, abandon).await?;
+    let (task, settlement) = step::attempt(cx, task, hook, mode, abandon).await?;
     let mut holds = false;
     let settlement = match settlement {
         Settlement::Retry { .. } | Settlement::Deferred { .. } => {

@@ -6,6 +6,7 @@ mod cluster_failover;
 mod consumer_api;
 mod consumer_bench;
 mod consumer_delivery;
+mod consumer_fairness;
 mod consumer_liveness;
 mod consumer_ordering;
 mod consumer_rate_limit;
