@@ -147,6 +147,8 @@ impl Engine {
             hook: c.hook_in_flight,
             host: c.host_in_flight,
             max_wait: c.hook_wait,
+            // The delivery timeout, and a second for the failure's hold to be written.
+            flying_build_delay: c.deliver.timeout + Duration::from_secs(1),
         };
         Arc::new(Engine {
             sched: Mutex::new(Scheduler::new(limits)),

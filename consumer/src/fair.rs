@@ -32,6 +32,14 @@
 //! own clock, advanced by one answer time per slot for each delivery handed on, so handed-on
 //! deliveries come back at about the rate the receiver can take them rather than all at once.
 //! A fast hook with much work is never handed on: its queue drains within the estimate.
+//!
+//! Order holds through a hand-on: only the first waiting delivery of a build may leave, never
+//! while an earlier one of its build is being handed on (their holds could land out of order),
+//! and, when an earlier one is in flight, due only after that attempt has surely ended. Under
+//! strict ordering the handed-on delivery holds its build's later events; if the one in flight
+//! fails meanwhile, it joins the queue ahead of it (the queue is ordered by transition time), so
+//! it goes first. A slow hook whose backlog sits in a few builds thus still hands on, instead of
+//! keeping its records (and the window) waiting one build at a time.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -49,6 +57,10 @@ pub struct Limits {
     /// The longest a delivery waits for its hook's slot (estimated or actual) before it is
     /// handed on.
     pub max_wait: Duration,
+    /// The soonest a delivery handed on behind an earlier one of its build still in flight is
+    /// due: past that one's longest attempt (the delivery timeout), so it cannot overtake it,
+    /// even on another instance (see the module doc).
+    pub flying_build_delay: Duration,
 }
 
 /// Where a delivery goes, and in which order.
@@ -86,7 +98,8 @@ pub struct HandOn<T> {
 pub enum Placed<T> {
     /// It waits for a slot.
     Waiting,
-    /// It would wait too long: hand it on. Its build stays busy until [`Scheduler::handed_on`].
+    /// It would wait too long: hand it on. Until [`Scheduler::handed_on`], nothing later of its
+    /// build starts or is handed on.
     HandOn(HandOn<T>),
 }
 
@@ -102,8 +115,10 @@ struct HookState<T> {
     in_flight: usize,
     /// Start times of the attempts in flight (the oldest shows a receiver gone quiet).
     started: VecDeque<Instant>,
-    /// Builds with a delivery in flight or being handed on, and how many.
-    busy: HashMap<i64, usize>,
+    /// Builds with a delivery in flight, and how many.
+    flying: HashMap<i64, usize>,
+    /// Builds with a delivery being handed on, and how many.
+    handing: HashMap<i64, usize>,
     /// Moving average of answer times; `None` before the first answer.
     answer: Option<Duration>,
     /// The hook's reservation clock for handed-on deliveries.
@@ -119,7 +134,8 @@ impl<T> HookState<T> {
             waiting: VecDeque::new(),
             in_flight: 0,
             started: VecDeque::new(),
-            busy: HashMap::new(),
+            flying: HashMap::new(),
+            handing: HashMap::new(),
             answer: None,
             reserved: None,
             last_seen: now,
@@ -144,34 +160,31 @@ impl<T> HookState<T> {
         self.answer_time(now).saturating_mul(rounds)
     }
 
-    fn is_busy(&self, build: i64) -> bool {
-        self.busy.contains_key(&build)
+    /// Nothing of the build is in flight nor being handed on: its next delivery may start.
+    fn may_start(&self, build: i64) -> bool {
+        !self.flying.contains_key(&build) && !self.handing.contains_key(&build)
     }
 
-    fn busy(&mut self, build: i64) {
-        *self.busy.entry(build).or_default() += 1;
+    /// Nothing of the build is being handed on: its next delivery may be handed on (with one
+    /// in flight it is due only after that one has ended, see [`Limits::flying_build_delay`]).
+    fn may_hand_on(&self, build: i64) -> bool {
+        !self.handing.contains_key(&build)
     }
 
-    fn unbusy(&mut self, build: i64) {
-        if let Some(n) = self.busy.get_mut(&build) {
-            *n -= 1;
-            if *n == 0 {
-                self.busy.remove(&build);
-            }
-        }
-    }
-
-    /// The first waiting delivery whose build is not busy. Only the first of a build can be
-    /// chosen: a later one of the same build sees it (not busy) first.
+    /// The first waiting delivery whose build may start. Only the first of a build can be
+    /// chosen: a later one of the same build sees it first.
     fn first_ready(&self) -> Option<usize> {
         let mut seen = HashSet::new();
         self.waiting
             .iter()
-            .position(|w| !self.is_busy(w.build) && seen.insert(w.build))
+            .position(|w| seen.insert(w.build) && self.may_start(w.build))
     }
 
     fn idle(&self) -> bool {
-        self.waiting.is_empty() && self.in_flight == 0 && self.busy.is_empty()
+        self.waiting.is_empty()
+            && self.in_flight == 0
+            && self.flying.is_empty()
+            && self.handing.is_empty()
     }
 }
 
@@ -180,6 +193,19 @@ struct HostState {
     in_flight: usize,
     /// Hooks of this host with deliveries waiting, in round-robin order.
     hooks: VecDeque<i64>,
+}
+
+fn count_up(map: &mut HashMap<i64, usize>, build: i64) {
+    *map.entry(build).or_default() += 1;
+}
+
+fn count_down(map: &mut HashMap<i64, usize>, build: i64) {
+    if let Some(n) = map.get_mut(&build) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(&build);
+        }
+    }
 }
 
 /// The window: who waits, who is in flight, whose turn is next.
@@ -208,7 +234,7 @@ impl<T> Scheduler<T> {
                 window: limits.window.max(1),
                 hook: limits.hook.max(1),
                 host: limits.host.max(1),
-                max_wait: limits.max_wait,
+                ..limits
             },
             in_flight: 0,
             hooks: HashMap::new(),
@@ -244,11 +270,11 @@ impl<T> Scheduler<T> {
         // Only a delivery with nothing of its build ahead of it may leave: one behind an earlier
         // event of its build keeps its place (handed on first, it would pass that event).
         if wait > limits.max_wait
-            && !hook.is_busy(key.build)
+            && hook.may_hand_on(key.build)
             && !hook.waiting.iter().any(|w| w.build == key.build)
         {
-            let due = Self::reserve(hook, limits.hook, now);
-            hook.busy(key.build);
+            let due = Self::hand_on_due(hook, &limits, key.build, now);
+            count_up(&mut hook.handing, key.build);
             return Placed::HandOn(HandOn { key, item, due });
         }
         hook.waiting.push_back(Waiting {
@@ -297,7 +323,7 @@ impl<T> Scheduler<T> {
                     hook.in_flight += 1;
                     hook.last_seen = now;
                     hook.started.push_back(now);
-                    hook.busy(w.build);
+                    count_up(&mut hook.flying, w.build);
                     if !hook.waiting.is_empty() {
                         host.hooks.push_back(hook_id);
                     }
@@ -337,7 +363,7 @@ impl<T> Scheduler<T> {
             if let Some(at) = hook.started.iter().position(|s| *s == started) {
                 hook.started.remove(at);
             }
-            hook.unbusy(key.build);
+            count_down(&mut hook.flying, key.build);
             hook.last_seen = now;
             let took = now.saturating_duration_since(started);
             hook.answer = Some(match hook.answer {
@@ -351,14 +377,15 @@ impl<T> Scheduler<T> {
     /// A delivery handed on is written: its build is free again.
     pub fn handed_on(&mut self, key: &Key) {
         if let Some(hook) = self.hooks.get_mut(&key.hook) {
-            hook.unbusy(key.build);
+            count_down(&mut hook.handing, key.build);
         }
         self.forget_idle_host(&key.host);
     }
 
     /// Waiting deliveries that have waited, or would still wait, longer than `max_wait`, oldest
     /// first per hook (only the first waiting delivery of a build: the others keep their place
-    /// behind it); their builds stay busy until [`Scheduler::handed_on`].
+    /// behind it); until [`Scheduler::handed_on`], nothing later of their builds starts or is
+    /// handed on.
     pub fn overdue(&mut self, now: Instant) -> Vec<HandOn<T>> {
         let limits = self.limits;
         let mut out = Vec::new();
@@ -373,11 +400,11 @@ impl<T> Scheduler<T> {
                 let waited = now.saturating_duration_since(w.since);
                 let would_wait = hook.estimated_wait(kept.len(), limits.hook, now);
                 if first_of_build
-                    && !hook.is_busy(w.build)
+                    && hook.may_hand_on(w.build)
                     && (waited > limits.max_wait || would_wait > limits.max_wait)
                 {
-                    let due = Self::reserve(hook, limits.hook, now);
-                    hook.busy(w.build);
+                    let due = Self::hand_on_due(hook, &limits, w.build, now);
+                    count_up(&mut hook.handing, w.build);
                     out.push(HandOn {
                         key: Key {
                             hook: hook_id,
@@ -395,6 +422,17 @@ impl<T> Scheduler<T> {
         }
         self.waiting -= out.len();
         out
+    }
+
+    /// When a delivery handed on is due: its reservation on the hook's clock, and, when an
+    /// earlier delivery of its build is in flight, not before that one has surely ended.
+    fn hand_on_due(hook: &mut HookState<T>, limits: &Limits, build: i64, now: Instant) -> Instant {
+        let due = Self::reserve(hook, limits.hook, now);
+        if hook.flying.contains_key(&build) {
+            due.max(now + limits.flying_build_delay)
+        } else {
+            due
+        }
     }
 
     /// Advances the hook's reservation clock by one answer time per slot and returns the
@@ -453,6 +491,7 @@ mod tests {
             hook,
             host,
             max_wait: SEC,
+            flying_build_delay: 10 * SEC,
         }
     }
 
@@ -646,6 +685,42 @@ mod tests {
         assert_eq!(again[0].item, 1);
     }
 
+    /// A slow hook whose backlog sits in a few builds: every build has one delivery in flight
+    /// and the rest wait behind it. The first waiting one of each build is still handed on, due
+    /// only after the one in flight has surely ended; the next of its build only once that
+    /// hand-on is written.
+    #[test]
+    fn a_slow_hooks_backlog_in_few_builds_is_handed_on_behind_the_attempts_in_flight() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(limits(100, 2, 100));
+        push_all(
+            &mut s,
+            &[
+                (1, 1, "h"),
+                (1, 2, "h"),
+                (1, 1, "h"),
+                (1, 2, "h"),
+                (1, 1, "h"),
+            ],
+            t0,
+        );
+        assert_eq!(drain(&mut s, t0).len(), 2, "one of each build in flight");
+        let overdue = s.overdue(t0 + 2 * SEC);
+        let builds: Vec<i64> = overdue.iter().map(|h| h.key.build).collect();
+        assert_eq!(builds, vec![1, 2]);
+        assert!(
+            overdue.iter().all(|h| h.due >= t0 + 2 * SEC + 10 * SEC),
+            "not due before the attempt in flight has surely ended"
+        );
+        assert_eq!(s.waiting(), 1);
+        assert!(
+            s.overdue(t0 + 3 * SEC).is_empty(),
+            "build 1 is being handed on"
+        );
+        s.handed_on(&overdue[0].key);
+        assert_eq!(s.overdue(t0 + 4 * SEC).len(), 1);
+    }
+
     #[test]
     fn a_delivery_behind_its_builds_earlier_event_is_never_handed_on_ahead_of_it() {
         let t0 = Instant::now();
@@ -661,8 +736,12 @@ mod tests {
         let _busy = drain(&mut s, t8);
         // Build 3 waits (nothing of it ahead, but the estimate says 8 s): handed on.
         assert!(matches!(s.push(key(1, 3, "h"), 0, t8), Placed::HandOn(_)));
-        // Build 2 has one in flight: its next event waits in order.
-        assert!(matches!(s.push(key(1, 2, "h"), 0, t8), Placed::Waiting));
+        // Build 3 is being handed on: its next event waits in order.
+        assert!(matches!(s.push(key(1, 3, "h"), 0, t8), Placed::Waiting));
+        // Build 4 twice: the second waits behind the first, which waits too (build 3's
+        // second event is ahead of it in the queue, so the estimate... is still too long).
+        assert!(matches!(s.push(key(1, 4, "h"), 0, t8), Placed::HandOn(_)));
+        assert!(matches!(s.push(key(1, 4, "h"), 0, t8), Placed::Waiting));
     }
 
     #[test]

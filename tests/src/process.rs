@@ -71,6 +71,14 @@ impl ConsumerProcess {
             .expect("start hookline-consumer")
     }
 
+    /// Starts it, its stderr written to `log`.
+    pub fn spawn_logging_to(mut self, log: std::fs::File) -> Child {
+        self.command
+            .stderr(log)
+            .spawn()
+            .expect("start hookline-consumer")
+    }
+
     /// Starts it, collecting its stderr line by line (read as it comes: a full pipe would block
     /// the process).
     pub fn spawn_logged(mut self) -> (Child, Logs) {

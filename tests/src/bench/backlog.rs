@@ -75,7 +75,7 @@ pub async fn real_backlog(
     for _ in 0..runs {
         receiver.clear();
         let own_before = cpu_seconds(me)?;
-        let child = fleet.consumer(bench).spawn();
+        let child = fleet.spawn_consumer(bench);
         let pid = child.id().context("consumer pid")?;
         let before = cpu_seconds(pid)?;
         wait_for(receiver, events, Duration::from_secs(60))
@@ -185,7 +185,7 @@ pub async fn isolation(
     .await?;
 
     receiver.clear();
-    let child = fleet.consumer(bench).spawn();
+    let child = fleet.spawn_consumer(bench);
     // The consumer is running and busy with the slow hook before the others' load starts.
     let started = Instant::now();
     while receiver.slow_count() == 0 && started.elapsed() < Duration::from_secs(60) {

@@ -83,13 +83,26 @@ impl Fleet {
             .collect()
     }
 
+    /// A `hookline-consumer serve` process in a new group (so it reads the topic from the start),
+    /// started with its log in the bench's work directory (`consumer-<group>.log`).
+    pub fn spawn_consumer(&self, bench: &Bench) -> tokio::process::Child {
+        let group = crate::unique_name("bench");
+        let log = std::fs::File::create(bench.work_dir.join(format!("consumer-{group}.log")))
+            .expect("the bench's work directory");
+        self.consumer_in(bench, &group).spawn_logging_to(log)
+    }
+
     /// A `hookline-consumer serve` process in a new group (so it reads the topic from the start).
     pub fn consumer(&self, bench: &Bench) -> ConsumerProcess {
+        self.consumer_in(bench, &crate::unique_name("bench"))
+    }
+
+    fn consumer_in(&self, bench: &Bench, group: &str) -> ConsumerProcess {
         let bin = bench.bin_dir.join("hookline-consumer");
         ConsumerProcess::new(
             bin.to_str().expect("utf-8 path"),
             &self.world,
-            &crate::unique_name("bench"),
+            group,
             &self.schema,
         )
         .args(bench.consumer_args.iter().map(String::as_str))
@@ -192,7 +205,7 @@ pub async fn throughput(
     let mut out = Vec::new();
     for _ in 0..runs {
         receiver.clear();
-        let child = fleet.consumer(bench).spawn();
+        let child = fleet.spawn_consumer(bench);
         wait_for(receiver, events, Duration::from_secs(60))
             .await
             .context("hookline drain")?;
@@ -444,7 +457,7 @@ pub async fn latency(
     let records = fleet.records(ramp + total, BuildStatus::Success);
     let producer = producer(&fleet.world.brokers);
     receiver.clear();
-    let child = fleet.consumer(bench).spawn();
+    let child = fleet.spawn_consumer(bench);
     // Warm-up: the group joined and every partition fetching (one event per build reaches all
     // partitions), so the measurement starts on a running consumer.
     let warm = fleet.records(fleet.builds.len(), BuildStatus::Created);
@@ -545,7 +558,7 @@ pub async fn backlog_rss(
     }
     bar.finish_and_clear();
     receiver.clear();
-    let child = fleet.consumer(bench).spawn();
+    let child = fleet.spawn_consumer(bench);
     let pid = child.id().context("consumer pid")?;
     let bar = progress(events as u64, &format!("backlog of {events}: draining"));
     let mut peak_kb = 0;
