@@ -344,6 +344,8 @@ async fn both_services_answer_503_while_postgresql_is_away_and_recover() {
             listen: format!("127.0.0.1:{port}").parse().unwrap(),
             schema_registry_url: None,
             admin_token: None,
+            admin_token_file: None,
+            secrets: None,
         },
         shutdown.clone(),
     ));
