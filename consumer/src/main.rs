@@ -107,6 +107,11 @@ struct ServeArgs {
     /// it changes or on SIGHUP). Without it the API under /api/v4 is not served.
     #[arg(long, env = "HOOKLINE_ADMIN_TOKEN_FILE")]
     admin_token_file: Option<PathBuf>,
+    /// Accept token and key files that group or others may read (by default refused, as ssh
+    /// refuses such a key): for containers, whose mounted secrets are often mode 0644 but seen
+    /// only inside the container.
+    #[arg(long, env = "HOOKLINE_ALLOW_READABLE_SECRET_FILES")]
+    allow_readable_secret_files: bool,
     /// A file of keys that seal hook URLs, tokens and signing secrets at rest (`<id> <base64 of
     /// 32 bytes>` a line, the first sealing; see `secrets new-key`). Without it they are stored
     /// in plaintext.
@@ -321,10 +326,19 @@ impl StoreArgs {
     }
 }
 
+/// The key file, checked as every secret file is (private unless
+/// `--allow-readable-secret-files`).
 fn read_keys(path: Option<&std::path::Path>) -> anyhow::Result<Option<Arc<SecretKeys>>> {
-    path.map(|p| SecretKeys::read(p).map(Arc::new))
-        .transpose()
-        .map_err(Into::into)
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    hookline_shell::secret_file::check_private(path, "--secrets-key-file")
+        .map_err(anyhow::Error::msg)?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--secrets-key-file: {}", path.display()))?;
+    let keys = SecretKeys::parse(&text)
+        .map_err(|e| anyhow::anyhow!("--secrets-key-file {}: {e}", path.display()))?;
+    Ok(Some(Arc::new(keys)))
 }
 
 #[derive(Subcommand)]
@@ -643,6 +657,7 @@ async fn run() -> anyhow::Result<()> {
             consumer.delivery_log.enabled = matches!(args.delivery_log, Switch::On);
             consumer.delivery_log.retention = args.delivery_log_retention;
             consumer.delivery_log.buffer_bytes = args.delivery_log_buffer_bytes;
+            hookline_shell::secret_file::allow_readable(args.allow_readable_secret_files);
             let admin_token = args
                 .admin_token_file
                 .as_deref()

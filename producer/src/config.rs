@@ -162,6 +162,11 @@ pub struct ServeConfig {
     /// Serve the API without authentication; refused unless --listen is a loopback address.
     #[arg(long, env = "HOOKLINE_NO_AUTH")]
     pub no_auth: bool,
+    /// Accept a token file that group or others may read (by default refused, as ssh refuses
+    /// such a key): for containers, whose mounted secrets are often mode 0644 but seen only
+    /// inside the container.
+    #[arg(long, env = "HOOKLINE_ALLOW_READABLE_SECRET_FILES")]
+    pub allow_readable_secret_files: bool,
     /// Serve /metrics without a token (for a scraper that cannot send one); otherwise /metrics
     /// takes the same bearer token as the API.
     #[arg(long, env = "HOOKLINE_METRICS_PUBLIC")]

@@ -146,6 +146,7 @@ pub fn app(state: AppState) -> Router {
 /// Connects the stores and Kafka, listens, and serves until `shutdown` is cancelled.
 pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> Result<(), ProducerError> {
     config.validate()?;
+    hookline_shell::secret_file::allow_readable(config.allow_readable_secret_files);
     // Before connecting to anything: a bad token file is an operator's error to fix first.
     let tokens = match &config.api_token_file {
         Some(path) => {

@@ -3,8 +3,9 @@
 //! without a restart.
 //!
 //! - [`check_private`]: a file group or others may read is refused, as ssh refuses such a
-//!   private key; [`ALLOW_READABLE_ENV`] lifts that for containers, whose mounted secrets are
-//!   often mode 0644 but visible only inside the container.
+//!   private key; `--allow-readable-secret-files` ([`ALLOW_READABLE_ENV`], [`allow_readable`])
+//!   lifts that for containers, whose mounted secrets are often mode 0644 but visible only inside
+//!   the container.
 //! - [`read_secret`]: a secret from a file, or from standard input for `-`.
 //! - [`watch`]: calls back when a file changes (modification time, size or inode: an editor's
 //!   rename or a Kubernetes secret's symlink swap) or on SIGHUP.
@@ -16,14 +17,20 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-/// Set (to anything but `0` or `false`) to accept secret files that group or others may read.
+/// The environment variable of the services' `--allow-readable-secret-files` flag.
 pub const ALLOW_READABLE_ENV: &str = "HOOKLINE_ALLOW_READABLE_SECRET_FILES";
 
-/// Whether [`ALLOW_READABLE_ENV`] is set.
+static ALLOW_READABLE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Accepts secret files group or others may read from now on (the process's
+/// `--allow-readable-secret-files`, set once at start).
+pub fn allow_readable(allow: bool) {
+    ALLOW_READABLE.store(allow, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether secret files group or others may read are accepted.
 pub fn readable_allowed() -> bool {
-    std::env::var(ALLOW_READABLE_ENV)
-        .map(|v| !matches!(v.trim(), "" | "0" | "false" | "no" | "off"))
-        .unwrap_or(false)
+    ALLOW_READABLE.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Refuses a secret file that group or others may write, or (unless [`readable_allowed`]) read.
