@@ -439,10 +439,24 @@ async fn the_token_file_is_private_and_re_read_when_it_changes() {
         ("HOOKLINE_DATABASE_URL", url),
         ("HOOKLINE_DATABASE_SCHEMA", schema),
     ];
-    let stderr = refused(cli(
-        &env,
-        &["serve", "--api-token-file", file.to_str().unwrap()],
-    ));
+    // Bounded: a serve that took the file would go on to wait for its broker.
+    let mut refusing = Command::new(BIN)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .args(["serve", "--brokers", "127.0.0.1:9"])
+        .args(["--api-token-file", file.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while refusing.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            refusing.kill().unwrap();
+            panic!("serve took a token file others may read");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stderr = refused(refusing.wait_with_output().unwrap());
     assert!(stderr.contains("chmod 600"), "{stderr}");
     assert!(!stderr.contains("first-token"), "{stderr}");
 
