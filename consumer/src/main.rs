@@ -20,9 +20,7 @@ use hookline_consumer::hook_ops;
 use hookline_consumer::hooks::masked_url;
 use hookline_consumer::schedule::{DEFAULT_RETRY_SCHEDULE, RetrySchedule};
 use hookline_consumer::server::{ServeConfig, check_secrets, open_pg, open_store_sealed};
-use hookline_shell::secret_file::{
-    is_secret_kafka_key, kafka_options_file, read_secret, secret_on_command_line,
-};
+use hookline_shell::secret_file::{kafka_options_file, read_secret, secret_on_command_line};
 use hookline_shell::{
     LogArgs, cancel_on_signal, exit_code, init_tracing, parse_duration, parse_key_value,
 };
@@ -581,44 +579,28 @@ impl KafkaArgs {
 /// Warns of every secret given as a command-line argument (not through the environment or a
 /// file): `/proc/<pid>/cmdline` shows it to every user of the machine.
 fn warn_of_secrets_on_command_line(matches: &ArgMatches) {
-    let from_argv = |m: &ArgMatches, id: &str| {
-        m.try_contains_id(id).unwrap_or(false)
-            && m.value_source(id) == Some(ValueSource::CommandLine)
-    };
-    for (id, option, instead) in [
-        ("token", "--token", "--token-file or HOOKLINE_HOOK_TOKEN"),
-        (
-            "signing_secret",
-            "--signing-secret",
-            "--signing-secret-file or HOOKLINE_HOOK_SIGNING_SECRET",
-        ),
-    ] {
-        if from_argv(matches, id) {
-            tracing::warn!("{}", secret_on_command_line(option, instead));
-        }
-    }
-    if let Some(url) = from_argv(matches, "url")
-        .then(|| matches.get_one::<String>("url"))
-        .flatten()
+    hookline_shell::secret_file::warn_of_secrets_on_command_line(
+        matches,
+        &[
+            ("token", "--token", "--token-file or HOOKLINE_HOOK_TOKEN"),
+            (
+                "signing_secret",
+                "--signing-secret",
+                "--signing-secret-file or HOOKLINE_HOOK_SIGNING_SECRET",
+            ),
+        ],
+    );
+    // A URL only when it carries credentials.
+    if let Some(("hooks", hooks)) = matches.subcommand()
+        && let Some(("add", add)) = hooks.subcommand()
+        && add.value_source("url") == Some(ValueSource::CommandLine)
+        && let Some(url) = add.get_one::<String>("url")
         && masked_url(url) != *url
     {
         tracing::warn!(
             "{}",
             secret_on_command_line("--url with credentials", "--url-file")
         );
-    }
-    if from_argv(matches, "kafka_options")
-        && let Some(options) = matches.get_many::<(String, String)>("kafka_options")
-    {
-        for (key, _) in options.filter(|(k, _)| is_secret_kafka_key(k)) {
-            tracing::warn!(
-                "{}",
-                secret_on_command_line(&format!("--kafka-option {key}=..."), "--kafka-option-file")
-            );
-        }
-    }
-    if let Some((_, sub)) = matches.subcommand() {
-        warn_of_secrets_on_command_line(sub);
     }
 }
 

@@ -434,7 +434,7 @@ async fn the_guard_refuses_on_save_without_naming_what_a_name_resolves_to() {
         .admin(
             Method::POST,
             &hooks,
-            Some(json!({"url": "http://127.0.0.1:9/x", "signing_secret": "whsec_!!!"})),
+            Some(json!({"url": "http://127.0.0.1:19999/x", "signing_secret": "whsec_!!!"})),
         )
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
@@ -482,7 +482,7 @@ async fn scoped_tokens_see_their_scope_and_nothing_else() {
         .admin(
             Method::POST,
             &hooks(theirs.project.id),
-            Some(json!({"url": "http://127.0.0.1:9/theirs"})),
+            Some(json!({"url": "http://127.0.0.1:19999/theirs"})),
         )
         .await;
     let their_id = their_hook["id"].as_i64().unwrap();
@@ -515,7 +515,7 @@ async fn scoped_tokens_see_their_scope_and_nothing_else() {
             &token,
             Method::POST,
             &hooks(mine.project.id),
-            Some(json!({"url": "http://127.0.0.1:9/mine"})),
+            Some(json!({"url": "http://127.0.0.1:19999/mine"})),
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
@@ -656,7 +656,7 @@ fn largest_row(hook_id: i64) -> hookline_cistate::delivery_log::DeliveryLogEntry
         idempotency_key: uuid::Uuid::new_v4().to_string(),
         trigger: hookline_cistate::delivery_log::LogTrigger::Delivery,
         attempt: 1,
-        url: "http://127.0.0.1:9/hook".into(),
+        url: "http://127.0.0.1:19999/hook".into(),
         request_headers: json!({"content-type": "application/json"}),
         request_body: Some(format!("\"{}\"", "b".repeat(16 * 1024 - 2))),
         request_body_sha256: "0".repeat(64),
@@ -753,7 +753,7 @@ async fn the_cli_takes_secrets_off_the_command_line_seals_them_and_makes_scoped_
             "--project",
             &project,
             "--url",
-            "http://127.0.0.1:9/a",
+            "http://127.0.0.1:19999/a",
             "--allow-cidr",
             "127.0.0.0/8",
             "--token",
@@ -775,7 +775,7 @@ async fn the_cli_takes_secrets_off_the_command_line_seals_them_and_makes_scoped_
             "--project",
             &project,
             "--url",
-            "http://127.0.0.1:9/b",
+            "http://127.0.0.1:19999/b",
             "--allow-cidr",
             "127.0.0.0/8",
             "--token-file",
@@ -795,7 +795,7 @@ async fn the_cli_takes_secrets_off_the_command_line_seals_them_and_makes_scoped_
             "--project",
             &project,
             "--url",
-            "http://127.0.0.1:9/c",
+            "http://127.0.0.1:19999/c",
             "--allow-cidr",
             "127.0.0.0/8",
             "--signing-secret-file",
@@ -813,7 +813,7 @@ async fn the_cli_takes_secrets_off_the_command_line_seals_them_and_makes_scoped_
             "--project",
             &project,
             "--url",
-            "http://127.0.0.1:9/d",
+            "http://127.0.0.1:19999/d",
         ],
         None,
     ));
@@ -882,4 +882,43 @@ async fn the_cli_takes_secrets_off_the_command_line_seals_them_and_makes_scoped_
     );
     std::fs::remove_file(key_file).unwrap();
     std::fs::remove_file(token_file).unwrap();
+}
+
+#[tokio::test]
+async fn kafka_secrets_on_the_command_line_are_warned_of_and_a_readable_option_file_refused() {
+    let world = World::new(1).await;
+    let schema = world.store_schema().await;
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "dlq",
+            "list",
+            "--brokers",
+            &world.brokers,
+            "--topic",
+            &world.topic,
+        ];
+        args.extend_from_slice(extra);
+        text(&consumer_cli(&schema, &args, None))
+    };
+    let (ok, _, stderr) = run(&["--kafka-option", "sasl.password=hunter2"]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("--kafka-option sasl.password=... was given on the command line")
+            && stderr.contains("--kafka-option-file"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+    let file = secret_file("# SASL\nsasl.password=hunter2\n");
+    let (ok, _, stderr) = run(&["--kafka-option-file", file.to_str().unwrap()]);
+    assert!(ok && !stderr.contains("command line"), "{stderr}");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let (ok, _, stderr) = run(&["--kafka-option-file", file.to_str().unwrap()]);
+    assert!(
+        !ok && stderr.contains("chmod 600") && !stderr.contains("hunter2"),
+        "{stderr}"
+    );
+    std::fs::remove_file(file).unwrap();
 }

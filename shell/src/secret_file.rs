@@ -125,6 +125,35 @@ pub fn kafka_options_file(path: &Path, what: &str) -> Result<Vec<(String, String
     Ok(options)
 }
 
+/// Warns (through `tracing`) of every secret given as a command-line argument rather than
+/// through the environment or a file, in `matches` and its subcommands: `secrets` lists clap ids
+/// with the option's name and what to use instead; every `kafka_options` value whose key
+/// [`is_secret_kafka_key`] is warned about too.
+pub fn warn_of_secrets_on_command_line(matches: &clap::ArgMatches, secrets: &[(&str, &str, &str)]) {
+    let from_argv = |id: &str| {
+        matches.try_contains_id(id).unwrap_or(false)
+            && matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
+    };
+    for (id, option, instead) in secrets {
+        if from_argv(id) {
+            tracing::warn!("{}", secret_on_command_line(option, instead));
+        }
+    }
+    if from_argv("kafka_options")
+        && let Ok(Some(options)) = matches.try_get_many::<(String, String)>("kafka_options")
+    {
+        for (key, _) in options.filter(|(k, _)| is_secret_kafka_key(k)) {
+            tracing::warn!(
+                "{}",
+                secret_on_command_line(&format!("--kafka-option {key}=..."), "--kafka-option-file")
+            );
+        }
+    }
+    if let Some((_, sub)) = matches.subcommand() {
+        warn_of_secrets_on_command_line(sub, secrets);
+    }
+}
+
 /// What identifies a file's content cheaply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Stamp {
