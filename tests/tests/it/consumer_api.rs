@@ -492,6 +492,23 @@ async fn every_route_served_is_documented_and_every_documented_route_is_served()
             "/api/v4/projects/{id}/hooks/{hook_id}/events/{hook_log_id}/resend",
             vec![Method::POST],
         ),
+        // GitLab's access tokens API, for tokens scoped to a project or a group (operator only).
+        (
+            "/api/v4/projects/{id}/access_tokens",
+            vec![Method::GET, Method::POST],
+        ),
+        (
+            "/api/v4/projects/{id}/access_tokens/{token_id}",
+            vec![Method::DELETE],
+        ),
+        (
+            "/api/v4/groups/{id}/access_tokens",
+            vec![Method::GET, Method::POST],
+        ),
+        (
+            "/api/v4/groups/{id}/access_tokens/{token_id}",
+            vec![Method::DELETE],
+        ),
     ];
     let paths = api.doc["paths"].as_object().unwrap();
     let documented: Vec<(String, Method)> = paths
@@ -520,6 +537,7 @@ async fn every_route_served_is_documented_and_every_documented_route_is_served()
             .replace("{id}", "1")
             .replace("{hook_id}", "1")
             .replace("{hook_log_id}", "1")
+            .replace("{token_id}", "1")
             .replace("{trigger}", "job_events");
         for method in &methods {
             let response = api

@@ -434,7 +434,7 @@ async fn a_transition_in_flight_at_shutdown_is_still_answered() {
         .unwrap();
     conn.write_all(
         format!(
-            "POST /v1/transitions HTTP/1.1\r\nHost: producer\r\nContent-Type: application/json\r\n\
+            "POST /v1/transitions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
              Content-Length: {}\r\nExpect: 100-continue\r\n\r\n",
             body.len()
         )
