@@ -39,6 +39,8 @@ struct RateLimits {
     overrides: HashMap<i64, Option<u32>>,
     /// Its bucket's theoretical arrival time.
     buckets: HashMap<i64, DateTime<Utc>>,
+    /// Each hook's test bucket, by hook id.
+    hook_tests: HashMap<i64, DateTime<Utc>>,
 }
 
 /// An entry of an order queue and when it was settled.
@@ -537,5 +539,37 @@ impl CiStore for MemoryStore {
         let (next, wait) = gcra(tat, Utc::now(), bucket);
         limits.buckets.insert(namespace_id, next);
         Ok(wait)
+    }
+
+    async fn try_take_rate_token(
+        &self,
+        namespace_id: i64,
+        bucket: Bucket,
+    ) -> Result<std::time::Duration, StoreError> {
+        let mut limits = self.rate_limits.lock().unwrap();
+        let tat = limits.buckets.get(&namespace_id).copied();
+        match crate::rate_limit::gcra_now(tat, Utc::now(), bucket) {
+            Ok(next) => {
+                limits.buckets.insert(namespace_id, next);
+                Ok(std::time::Duration::ZERO)
+            }
+            Err(wait) => Ok(wait),
+        }
+    }
+
+    async fn take_hook_test_token(
+        &self,
+        hook_id: i64,
+        bucket: Bucket,
+    ) -> Result<std::time::Duration, StoreError> {
+        let mut limits = self.rate_limits.lock().unwrap();
+        let tat = limits.hook_tests.get(&hook_id).copied();
+        match crate::rate_limit::gcra_now(tat, Utc::now(), bucket) {
+            Ok(next) => {
+                limits.hook_tests.insert(hook_id, next);
+                Ok(std::time::Duration::ZERO)
+            }
+            Err(wait) => Ok(wait),
+        }
     }
 }

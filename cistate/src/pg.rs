@@ -2,6 +2,7 @@
 //! tables and the consumer's delivery tables) are applied on connect.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -15,6 +16,7 @@ use crate::model::{
     ParkedDelivery, ParkedEntry, Pipeline, Project, RenderSnapshot, Runner, SourcePipeline, User,
 };
 use crate::rate_limit::{Bucket, RateLimitOverride};
+use crate::secrets::{SecretError, SecretKeys, open_stored, to_stored};
 use crate::store::{CiStore, StoreError};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -27,6 +29,9 @@ pub const CONNECT_ATTEMPTS: usize = 8;
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// Seals hook secrets on write and opens them on read ([`crate::secrets`]); without keys
+    /// they are written in plaintext and only plaintext ones can be read.
+    secrets: Option<Arc<SecretKeys>>,
 }
 
 /// How to reach the database.
@@ -61,7 +66,10 @@ impl PgStore {
             .run(&pool)
             .await
             .map_err(|e| StoreError::Migrate(e.to_string()))?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            secrets: None,
+        })
     }
 
     /// [`connect`](Self::connect) for a service starting: a database that cannot be reached
@@ -96,6 +104,116 @@ impl PgStore {
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
+
+    /// Hook secrets (URL, token, signing secret) sealed with `keys` on every write from now on,
+    /// and opened with them on read; `None` writes plaintext, as without a key file.
+    pub fn with_secrets(mut self, keys: Option<Arc<SecretKeys>>) -> Self {
+        self.secrets = keys;
+        self
+    }
+
+    /// The keys hook secrets are sealed with, if any.
+    pub fn secrets(&self) -> Option<&SecretKeys> {
+        self.secrets.as_deref()
+    }
+
+    /// How the stored hook secrets stand: plaintext values, and sealed ones by key id.
+    pub async fn secrets_census(&self) -> Result<SecretsCensus, StoreError> {
+        let rows: Vec<(Option<String>, i64)> = sqlx::query_as(
+            "SELECT CASE WHEN v LIKE 'hlsec:v1:%' THEN split_part(v, ':', 3) END AS key_id,
+                    count(*)
+             FROM web_hooks, LATERAL (VALUES (url), (token), (signing_secret)) AS c(v)
+             WHERE v IS NOT NULL
+             GROUP BY 1 ORDER BY 1",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut census = SecretsCensus::default();
+        for (key, n) in rows {
+            match key {
+                Some(key) => census.sealed.push((key, n as u64)),
+                None => census.plaintext += n as u64,
+            }
+        }
+        Ok(census)
+    }
+
+    /// Rewrites every hook secret not sealed with the current key (plaintext, or an older
+    /// key) under the current key, a row at a time; returns how many hooks were rewritten.
+    pub async fn reseal_hooks(&self) -> Result<u64, StoreError> {
+        let Some(keys) = self.secrets.clone() else {
+            return Err(StoreError::Secret(SecretError::NoKeys.to_string()));
+        };
+        let pattern = format!("{}{}:%", crate::secrets::SEALED_PREFIX, keys.current_id());
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "SELECT id FROM web_hooks
+             WHERE url NOT LIKE $1 OR token NOT LIKE $1 OR signing_secret NOT LIKE $1
+             ORDER BY id",
+        )
+        .bind(&pattern)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut rewritten = 0;
+        for id in ids {
+            // An empty edit rewrites the row's secrets under the current key.
+            if self.update_hook(id, &HookEdit::default()).await?.is_some() {
+                rewritten += 1;
+            }
+        }
+        Ok(rewritten)
+    }
+
+    fn open_secret(
+        &self,
+        id: i64,
+        uuid: Uuid,
+        column: &str,
+        stored: String,
+    ) -> Result<String, StoreError> {
+        open_stored(self.secrets.as_deref(), stored, &secret_aad(column, uuid))
+            .map_err(|e| StoreError::Secret(format!("hook {id}'s {column}: {e}")))
+    }
+
+    fn seal_secret(&self, uuid: Uuid, column: &str, plain: &str) -> String {
+        to_stored(self.secrets.as_deref(), plain, &secret_aad(column, uuid))
+    }
+
+    fn hook_from_row(&self, row: &PgRow) -> Result<Hook, StoreError> {
+        let id: i64 = row.try_get("id")?;
+        let uuid: Uuid = row.try_get("uuid")?;
+        let open = |column: &str, stored: Option<String>| {
+            stored
+                .map(|v| self.open_secret(id, uuid, column, v))
+                .transpose()
+        };
+        Ok(Hook {
+            id,
+            uuid,
+            project_id: row.try_get("project_id")?,
+            url: self.open_secret(id, uuid, "url", row.try_get("url")?)?,
+            token: open("token", row.try_get("token")?)?,
+            signing_secret: open("signing_secret", row.try_get("signing_secret")?)?,
+            job_events: row.try_get("job_events")?,
+            recent_failures: row.try_get("recent_failures")?,
+            disabled_until: row.try_get("disabled_until")?,
+            collapse: row.try_get("collapse")?,
+            created_at: Some(row.try_get("created_at")?),
+        })
+    }
+}
+
+/// How the stored hook secrets stand ([`PgStore::secrets_census`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SecretsCensus {
+    /// Values stored in plaintext (URLs, tokens, signing secrets).
+    pub plaintext: u64,
+    /// Sealed values by the id of their key.
+    pub sealed: Vec<(String, u64)>,
+}
+
+/// What binds a sealed hook secret to its row and column.
+fn secret_aad(column: &str, uuid: Uuid) -> String {
+    format!("web_hooks.{column}:{uuid}")
 }
 
 /// A pool whose connections all use `options.schema` (created if missing).
@@ -303,22 +421,6 @@ fn snapshot_from_row(row: &PgRow) -> Result<RenderSnapshot, sqlx::Error> {
 const HOOK_COLUMNS: &str = "id, uuid, project_id, url, token, signing_secret, job_events, \
      recent_failures, disabled_until, collapse, created_at";
 
-fn hook_from_row(row: &PgRow) -> Result<Hook, sqlx::Error> {
-    Ok(Hook {
-        id: row.try_get("id")?,
-        uuid: row.try_get("uuid")?,
-        project_id: row.try_get("project_id")?,
-        url: row.try_get("url")?,
-        token: row.try_get("token")?,
-        signing_secret: row.try_get("signing_secret")?,
-        job_events: row.try_get("job_events")?,
-        recent_failures: row.try_get("recent_failures")?,
-        disabled_until: row.try_get("disabled_until")?,
-        collapse: row.try_get("collapse")?,
-        created_at: Some(row.try_get("created_at")?),
-    })
-}
-
 #[async_trait]
 impl CiStore for PgStore {
     async fn snapshots(
@@ -429,20 +531,26 @@ impl CiStore for PgStore {
     }
 
     async fn add_hook(&self, h: &NewHook) -> Result<Hook, StoreError> {
+        // The uuid is made here, not by the database: it binds the sealed secrets to the row.
+        let uuid = Uuid::new_v4();
         let row = sqlx::query(&format!(
             "INSERT INTO web_hooks (uuid, project_id, url, token, signing_secret, job_events, collapse)
              VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {HOOK_COLUMNS}"
         ))
-        .bind(Uuid::new_v4())
+        .bind(uuid)
         .bind(h.project_id)
-        .bind(&h.url)
-        .bind(&h.token)
-        .bind(&h.signing_secret)
+        .bind(self.seal_secret(uuid, "url", &h.url))
+        .bind(h.token.as_deref().map(|t| self.seal_secret(uuid, "token", t)))
+        .bind(
+            h.signing_secret
+                .as_deref()
+                .map(|t| self.seal_secret(uuid, "signing_secret", t)),
+        )
         .bind(h.job_events)
         .bind(h.collapse)
         .fetch_one(&self.pool)
         .await?;
-        Ok(hook_from_row(&row)?)
+        self.hook_from_row(&row)
     }
 
     async fn hook(&self, id: i64) -> Result<Option<Hook>, StoreError> {
@@ -452,7 +560,7 @@ impl CiStore for PgStore {
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.as_ref().map(hook_from_row).transpose()?)
+        row.as_ref().map(|r| self.hook_from_row(r)).transpose()
     }
 
     async fn list_hooks(&self, project_id: Option<i64>) -> Result<Vec<Hook>, StoreError> {
@@ -463,7 +571,7 @@ impl CiStore for PgStore {
         .bind(project_id)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.iter().map(hook_from_row).collect::<Result<_, _>>()?)
+        rows.iter().map(|r| self.hook_from_row(r)).collect()
     }
 
     async fn job_hooks(&self, project_id: i64) -> Result<Vec<Hook>, StoreError> {
@@ -473,32 +581,50 @@ impl CiStore for PgStore {
         .bind(project_id)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.iter().map(hook_from_row).collect::<Result<_, _>>()?)
+        rows.iter().map(|r| self.hook_from_row(r)).collect()
     }
 
     async fn update_hook(&self, id: i64, edit: &HookEdit) -> Result<Option<Hook>, StoreError> {
-        // One statement: a setting left out keeps its stored value; a secret given as
-        // `Some(None)` is cleared (the flag says whether to touch the column at all).
+        // Read, change, write back in one transaction, the row locked: every secret of the row
+        // is written sealed with the current key (a plaintext or older value is re-sealed on
+        // any edit), which SQL alone cannot do.
+        let mut tx = self.pool.begin().await?;
+        let Some(row) = sqlx::query(&format!(
+            "SELECT {HOOK_COLUMNS} FROM web_hooks WHERE id = $1 FOR UPDATE"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let current = self.hook_from_row(&row)?;
+        let url = edit.url.clone().unwrap_or(current.url);
+        let token = edit.token.clone().unwrap_or(current.token);
+        let signing_secret = edit
+            .signing_secret
+            .clone()
+            .unwrap_or(current.signing_secret);
+        let uuid = current.uuid;
         let row = sqlx::query(&format!(
-            "UPDATE web_hooks SET
-                url = COALESCE($2, url),
-                token = CASE WHEN $3 THEN $4 ELSE token END,
-                signing_secret = CASE WHEN $5 THEN $6 ELSE signing_secret END,
-                job_events = COALESCE($7, job_events),
-                collapse = COALESCE($8, collapse)
+            "UPDATE web_hooks SET url = $2, token = $3, signing_secret = $4,
+                job_events = COALESCE($5, job_events), collapse = COALESCE($6, collapse)
              WHERE id = $1 RETURNING {HOOK_COLUMNS}"
         ))
         .bind(id)
-        .bind(&edit.url)
-        .bind(edit.token.is_some())
-        .bind(edit.token.clone().flatten())
-        .bind(edit.signing_secret.is_some())
-        .bind(edit.signing_secret.clone().flatten())
+        .bind(self.seal_secret(uuid, "url", &url))
+        .bind(token.as_deref().map(|t| self.seal_secret(uuid, "token", t)))
+        .bind(
+            signing_secret
+                .as_deref()
+                .map(|t| self.seal_secret(uuid, "signing_secret", t)),
+        )
         .bind(edit.job_events)
         .bind(edit.collapse)
-        .fetch_optional(&self.pool)
+        .fetch_one(&mut *tx)
         .await?;
-        Ok(row.as_ref().map(hook_from_row).transpose()?)
+        tx.commit().await?;
+        Ok(Some(self.hook_from_row(&row)?))
     }
 
     async fn remove_hook(&self, id: i64) -> Result<bool, StoreError> {
@@ -561,7 +687,7 @@ impl CiStore for PgStore {
         .fetch_optional(&self.pool)
         .await?;
         if let Some(row) = counted {
-            return Ok(HookFailure::Counted(hook_from_row(&row)?));
+            return Ok(HookFailure::Counted(self.hook_from_row(&row)?));
         }
         Ok(match self.hook(id).await? {
             Some(hook) => HookFailure::NotExecutable(hook),
@@ -886,6 +1012,66 @@ impl CiStore for PgStore {
         .await?;
         Ok(Duration::from_secs_f64(wait.max(0.0)))
     }
+
+    async fn try_take_rate_token(
+        &self,
+        namespace_id: i64,
+        bucket: Bucket,
+    ) -> Result<Duration, StoreError> {
+        take_now(
+            &self.pool,
+            "rate_limit_buckets",
+            "namespace_id",
+            namespace_id,
+            bucket,
+        )
+        .await
+    }
+
+    async fn take_hook_test_token(
+        &self,
+        hook_id: i64,
+        bucket: Bucket,
+    ) -> Result<Duration, StoreError> {
+        take_now(&self.pool, "hook_test_buckets", "hook_id", hook_id, bucket).await
+    }
+}
+
+/// `rate_limit::gcra_now` on a bucket table (`table`, keyed by `key`): the token is taken only
+/// if it is there now; otherwise nothing changes and the wait is returned.
+async fn take_now(
+    pool: &PgPool,
+    table: &str,
+    key: &str,
+    id: i64,
+    bucket: Bucket,
+) -> Result<Duration, StoreError> {
+    let taken = sqlx::query(&format!(
+        "INSERT INTO {table} AS b ({key}, tat) VALUES ($1, now() + make_interval(secs => $2))
+         ON CONFLICT ({key}) DO UPDATE SET tat = GREATEST(b.tat, now()) + make_interval(secs => $2)
+         WHERE GREATEST(b.tat, now()) + make_interval(secs => $2) - make_interval(secs => $3) <= now()
+         RETURNING 1"
+    ))
+    .bind(id)
+    .bind(bucket.interval.as_secs_f64())
+    .bind(bucket.depth.as_secs_f64())
+    .fetch_optional(pool)
+    .await?;
+    if taken.is_some() {
+        return Ok(Duration::ZERO);
+    }
+    let wait: Option<f64> = sqlx::query_scalar(&format!(
+        "SELECT EXTRACT(EPOCH FROM (GREATEST(tat, now()) + make_interval(secs => $2)
+                - make_interval(secs => $3) - now()))::float8
+         FROM {table} WHERE {key} = $1"
+    ))
+    .bind(id)
+    .bind(bucket.interval.as_secs_f64())
+    .bind(bucket.depth.as_secs_f64())
+    .fetch_optional(pool)
+    .await?;
+    // A bucket gone meanwhile is full again: a token is there, just ask again.
+    Ok(Duration::from_secs_f64(wait.unwrap_or(0.0).max(0.001)))
 }
 
 /// Upserts a pipeline through any executor: a CI's own transaction writes the pipeline and

@@ -58,6 +58,18 @@ pub fn gcra(
     (next, wait)
 }
 
+/// GCRA without reserving: takes a token only if one is there now. Returns the new `tat` when
+/// taken, or how long until one is there (nothing changes then). For the operator's own calls
+/// (a hook's test), which are refused when over the limit rather than deferred.
+pub fn gcra_now(
+    tat: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+    bucket: Bucket,
+) -> Result<DateTime<Utc>, Duration> {
+    let (next, wait) = gcra(tat, now, bucket);
+    if wait.is_zero() { Ok(next) } else { Err(wait) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,6 +96,26 @@ mod tests {
         let later = now + chrono::Duration::seconds(13);
         let (_, wait) = gcra(tat, later, bucket);
         assert_eq!(wait, Duration::ZERO);
+    }
+
+    #[test]
+    fn without_reserving_a_refused_take_changes_nothing() {
+        let now = Utc.with_ymd_and_hms(2026, 12, 1, 12, 0, 0).unwrap();
+        // GitLab's test limit: 5 a minute, all 5 at once.
+        let bucket = Bucket::per_minute(5, Duration::from_secs(60));
+        let mut tat = None;
+        for _ in 0..5 {
+            tat = Some(gcra_now(tat, now, bucket).unwrap());
+        }
+        let wait = gcra_now(tat, now, bucket).unwrap_err();
+        assert_eq!(wait, Duration::from_secs(12));
+        assert_eq!(
+            gcra_now(tat, now, bucket).unwrap_err(),
+            wait,
+            "nothing was reserved"
+        );
+        let later = now + chrono::Duration::seconds(12);
+        assert!(gcra_now(tat, later, bucket).is_ok());
     }
 
     #[test]

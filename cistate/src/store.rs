@@ -28,6 +28,10 @@ pub enum StoreError {
     Invalid(String),
     #[error("migrations failed: {0}")]
     Migrate(String),
+    /// A stored hook secret cannot be opened (sealed with a key the secrets key file does not
+    /// hold, no key file, or altered): fix `--secrets-key-file`.
+    #[error("hook secret: {0}")]
+    Secret(String),
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -173,6 +177,21 @@ pub trait CiStore: Send + Sync + std::fmt::Debug {
     async fn take_rate_token(
         &self,
         namespace_id: i64,
+        bucket: Bucket,
+    ) -> Result<std::time::Duration, StoreError>;
+    /// Takes one token of the namespace's bucket only if it is there now ([`crate::rate_limit::gcra_now`]):
+    /// zero when taken, else how long until one is (nothing reserved). For calls refused over
+    /// the limit rather than deferred (a hook's test).
+    async fn try_take_rate_token(
+        &self,
+        namespace_id: i64,
+        bucket: Bucket,
+    ) -> Result<std::time::Duration, StoreError>;
+    /// The same for a hook's own test bucket (GitLab: 5 tests a minute per hook), shared by
+    /// every consumer instance.
+    async fn take_hook_test_token(
+        &self,
+        hook_id: i64,
         bucket: Bucket,
     ) -> Result<std::time::Duration, StoreError>;
     /// The project's most recent build (highest id), for a hook's test delivery.

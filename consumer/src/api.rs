@@ -4,8 +4,13 @@
 //!
 //! # Layout
 //!
-//! - [`AdminToken`]: the token every API request must carry (`Authorization: Bearer` or
-//!   GitLab's `PRIVATE-TOKEN`), read once from `--admin-token-file`, compared in constant time.
+//! - [`AdminToken`]: the operator's token (`Authorization: Bearer` or GitLab's
+//!   `PRIVATE-TOKEN`), from `--admin-token-file` (at least [`MIN_ADMIN_TOKEN_LEN`] bytes, a file
+//!   only its owner may read, re-read when it changes or on SIGHUP), compared in constant time.
+//!   Tokens scoped to a project or a namespace ([`crate::access`]) are looked up by digest; every
+//!   route calls [`crate::access::authorize`].
+//! - The scoped tokens' routes, GitLab's access tokens API (`/projects/{id}/access_tokens`,
+//!   `/groups/{id}/access_tokens`), for the operator only.
 //! - [`HookView`], [`HookInput`]: a hook as GitLab names its fields, out and in. The secrets
 //!   (`token`, `signing_secret`) are write-only: no response carries them.
 //! - The handlers: thin, over [`HookAdmin`] (the implementation the `hooks` commands use too),
@@ -17,20 +22,22 @@
 //! - [`router`]: the routes and the document, built from one list so they cannot drift apart;
 //!   without a token only the document is served (never an open admin API).
 //!
-//! Errors are GitLab's shapes: `{"message": ...}` (401, 404, 422) or `{"error": ...}` (400).
+//! Errors are GitLab's shapes: `{"message": ...}` (401, 403, 404, 422, 429) or `{"error": ...}`
+//! (400).
 
 use std::path::Path as FsPath;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::extract::{Extension, FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use chrono::{DateTime, Utc};
+use hookline_cistate::api_tokens::{self, ApiToken, TokenScope};
 use hookline_cistate::delivery_log::{self, DeliveryLogEntry, DeliveryLogQuery, StatusFilter};
-use hookline_cistate::{Hook, HookEdit, HookState};
+use hookline_cistate::{Hook, HookEdit, HookState, StoreError};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -43,15 +50,24 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::ConsumerError;
+use crate::access::{self, Denied, Principal, Wanted};
 use crate::hook_admin::{AdminError, HookAdmin, HookSpec};
 use crate::hook_ops::{HookOpError, HookOps};
 use crate::hooks::masked_url;
 
-/// The admin token, kept only as its SHA-256 digest: comparing digests in constant time
-/// (`subtle`) leaks neither the token's bytes nor its length through timing.
+/// The shortest admin token accepted, in bytes: it opens every project's hooks, so it must not
+/// be guessable (`openssl rand -base64 32` makes a good one).
+pub const MIN_ADMIN_TOKEN_LEN: usize = 32;
+
+/// How often the admin token file is looked at for a change (SIGHUP re-reads it at once).
+pub const TOKEN_FILE_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The admin token, an operator credential, kept only as its SHA-256 digest: comparing digests
+/// in constant time (`subtle`) leaks neither the token's bytes nor its length through timing.
+/// Clones share the digest, so a reload reaches every one.
 #[derive(Clone)]
 pub struct AdminToken {
-    digest: [u8; 32],
+    digest: std::sync::Arc<std::sync::RwLock<[u8; 32]>>,
 }
 
 impl std::fmt::Debug for AdminToken {
@@ -61,45 +77,74 @@ impl std::fmt::Debug for AdminToken {
 }
 
 impl AdminToken {
-    /// A token from its text (trimmed); an empty one is refused.
-    pub fn new(token: &str) -> Result<Self, ConsumerError> {
+    fn digest_of(token: &str) -> Result<[u8; 32], ConsumerError> {
         let token = token.trim();
         if token.is_empty() {
             return Err(ConsumerError::Config("the admin token is empty".into()));
         }
+        if token.len() < MIN_ADMIN_TOKEN_LEN {
+            return Err(ConsumerError::Config(format!(
+                "the admin token is {} bytes; it must be at least {MIN_ADMIN_TOKEN_LEN} (make one with `openssl rand -base64 32`)",
+                token.len()
+            )));
+        }
+        Ok(Sha256::digest(token.as_bytes()).into())
+    }
+
+    /// A token from its text (trimmed); one shorter than [`MIN_ADMIN_TOKEN_LEN`] is refused.
+    pub fn new(token: &str) -> Result<Self, ConsumerError> {
         Ok(Self {
-            digest: Sha256::digest(token.as_bytes()).into(),
+            digest: std::sync::Arc::new(std::sync::RwLock::new(Self::digest_of(token)?)),
         })
     }
 
-    /// Reads the token from a file, once at start. A file others may read is refused: the
-    /// token opens every hook's settings.
+    fn read_file(path: &FsPath) -> Result<[u8; 32], ConsumerError> {
+        let text = hookline_shell::secret_file::read_secret(path, "--admin-token-file")
+            .map_err(ConsumerError::Config)?;
+        Self::digest_of(&text).map_err(|e| {
+            ConsumerError::Config(format!("--admin-token-file: {}: {e}", path.display()))
+        })
+    }
+
+    /// Reads the token from a file. A file group or others may read (or write) is refused, as
+    /// ssh refuses such a key: the token opens every hook's settings.
     pub fn read(path: &FsPath) -> Result<Self, ConsumerError> {
-        let refused = |why: String| ConsumerError::Config(format!("--admin-token-file: {why}"));
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(path)
-                .map_err(|e| refused(format!("{}: {e}", path.display())))?
-                .permissions()
-                .mode();
-            if mode & 0o004 != 0 {
-                return Err(refused(format!(
-                    "{} is readable by every user (mode {:o}); chmod o-r it",
-                    path.display(),
-                    mode & 0o777
-                )));
+        Ok(Self {
+            digest: std::sync::Arc::new(std::sync::RwLock::new(Self::read_file(path)?)),
+        })
+    }
+
+    /// Reads the file again; on any refusal the token in use stays (and the error says why).
+    pub fn reload(&self, path: &FsPath) -> Result<(), ConsumerError> {
+        let fresh = Self::read_file(path)?;
+        *self.digest.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        Ok(())
+    }
+
+    /// Re-reads `path` whenever it changes or the process gets SIGHUP, until `stop`: a rotated
+    /// token takes effect without a restart.
+    pub fn watch(
+        &self,
+        path: std::path::PathBuf,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let token = self.clone();
+        let file = path.clone();
+        hookline_shell::secret_file::watch(path, TOKEN_FILE_CHECK, stop, move || {
+            match token.reload(&file) {
+                Ok(()) => tracing::info!(file = %file.display(), "admin token re-read"),
+                Err(error) => {
+                    tracing::error!(%error, "admin token file not re-read; the previous token stays in use")
+                }
             }
-        }
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| refused(format!("{}: {e}", path.display())))?;
-        Self::new(&text).map_err(|_| refused(format!("{} is empty", path.display())))
+        })
     }
 
     /// Whether `presented` is the token.
     pub fn matches(&self, presented: &str) -> bool {
         let presented: [u8; 32] = Sha256::digest(presented.trim().as_bytes()).into();
-        self.digest.ct_eq(&presented).into()
+        let digest = *self.digest.read().unwrap_or_else(|e| e.into_inner());
+        digest.ct_eq(&presented).into()
     }
 }
 
@@ -118,7 +163,9 @@ pub struct ApiState {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct HookView {
     pub id: i64,
-    /// The receiver's URL, its Basic-auth password masked.
+    /// The receiver's URL, its credentials masked (`*****`): the Basic-auth password (or a
+    /// user name alone) and every query value. Given back in an edit, a mask keeps the stored
+    /// value (on the same scheme, host and port only).
     pub url: String,
     pub project_id: i64,
     pub job_events: bool,
@@ -145,6 +192,10 @@ pub struct HookView {
     pub deployment_events: bool,
     pub releases_events: bool,
     pub feature_flag_events: bool,
+    /// hookline's, on an edit only: the secrets cleared because the URL changed and the request
+    /// did not give them again (`token`, `signing_secret`), as GitLab clears the token.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hookline_reset: Vec<String>,
 }
 
 impl HookView {
@@ -177,6 +228,7 @@ impl HookView {
             deployment_events: false,
             releases_events: false,
             feature_flag_events: false,
+            hookline_reset: Vec::new(),
         }
     }
 }
@@ -217,6 +269,11 @@ pub enum ApiError {
     BadRequest(String),
     /// 401 `{"message": "401 Unauthorized"}`.
     Unauthorized,
+    /// 403 `{"message": "403 Forbidden - ..."}`: an operator route with a scoped token.
+    Forbidden(String),
+    /// 429 `{"message": ...}` with `Retry-After`: too many tests, or the namespace over its
+    /// rate limit.
+    TooManyRequests(String, std::time::Duration),
     /// 404 `{"message": "404 <what> Not Found"}`.
     NotFound(&'static str),
     /// 422 `{"message": ...}`: the values are refused (URL, token, secret).
@@ -237,6 +294,18 @@ impl IntoResponse for ApiError {
                 (StatusCode::BAD_REQUEST, Json(ApiErrorBody { error })).into_response()
             }
             ApiError::Unauthorized => message(StatusCode::UNAUTHORIZED, "401 Unauthorized".into()),
+            ApiError::Forbidden(why) => {
+                message(StatusCode::FORBIDDEN, format!("403 Forbidden - {why}"))
+            }
+            ApiError::TooManyRequests(m, retry_after) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(
+                    header::RETRY_AFTER,
+                    retry_after.as_secs().max(1).to_string(),
+                )],
+                Json(ApiMessage { message: m }),
+            )
+                .into_response(),
             ApiError::NotFound(what) => {
                 message(StatusCode::NOT_FOUND, format!("404 {what} Not Found"))
             }
@@ -272,12 +341,53 @@ impl From<HookOpError> for ApiError {
             HookOpError::BodyNotKept { .. } | HookOpError::BodyMismatch(_) | HookOpError::NoLog => {
                 ApiError::Unprocessable(e.to_string())
             }
+            HookOpError::Throttled { retry_after, .. } => {
+                ApiError::TooManyRequests(e.to_string(), retry_after)
+            }
             HookOpError::Store(_) | HookOpError::Kafka(_) => {
                 warn!(error = %e, "hooks API: hook operation failed");
                 ApiError::Unavailable(e.to_string())
             }
         }
     }
+}
+
+impl From<Denied> for ApiError {
+    fn from(denied: Denied) -> Self {
+        match denied {
+            Denied::NotFound(what) => ApiError::NotFound(what),
+            Denied::OperatorOnly => {
+                ApiError::Forbidden("this route takes the operator's admin token".into())
+            }
+            Denied::Store(error) => {
+                warn!(%error, "hooks API: store error while authorizing");
+                ApiError::Unavailable("the store did not answer; try again".into())
+            }
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Invalid(m) => ApiError::Unprocessable(m),
+            other => {
+                warn!(error = %other, "hooks API: store error");
+                ApiError::Unavailable("the store did not answer; try again".into())
+            }
+        }
+    }
+}
+
+/// The one check every route makes: [`access::authorize`] over the admin's store.
+async fn authorize(
+    state: &ApiState,
+    principal: &Principal,
+    wanted: Wanted,
+) -> Result<(), ApiError> {
+    access::authorize(principal, wanted, state.admin.store().as_ref())
+        .await
+        .map_err(ApiError::from)
 }
 
 /// A request's parameters from its JSON or form body, or else its query string.
@@ -368,14 +478,17 @@ pub struct HookPath {
         (status = 200, description = "The project's hooks, by id", body = [HookView]),
         (status = 401, description = "No or a wrong token", body = ApiMessage),
         (status = 404, description = "No such project", body = ApiMessage),
+        (status = 503, description = "The store did not answer", body = ApiMessage),
     ),
     security(("bearer" = []), ("private_token" = []))
 )]
 async fn list_hooks(
     State(state): State<ApiState>,
+    Extension(principal): Extension<Principal>,
     Path(path): Path<ProjectPath>,
 ) -> Result<Json<Vec<HookView>>, ApiError> {
     let project = project_id(&path.id)?;
+    authorize(&state, &principal, Wanted::Project(project)).await?;
     let hooks = state.admin.list(Some(project)).await?;
     if hooks.is_empty() && !state.admin.project_exists(project).await? {
         return Err(ApiError::NotFound("Project"));
@@ -394,17 +507,18 @@ async fn list_hooks(
         (status = 200, description = "The hook", body = HookView),
         (status = 401, description = "No or a wrong token", body = ApiMessage),
         (status = 404, description = "No such hook in this project", body = ApiMessage),
+        (status = 503, description = "The store did not answer", body = ApiMessage),
     ),
     security(("bearer" = []), ("private_token" = []))
 )]
 async fn get_hook(
     State(state): State<ApiState>,
+    Extension(principal): Extension<Principal>,
     Path(path): Path<HookPath>,
 ) -> Result<Json<HookView>, ApiError> {
-    let hook = state
-        .admin
-        .get(Some(project_id(&path.id)?), path.hook_id)
-        .await?;
+    let project = project_id(&path.id)?;
+    authorize(&state, &principal, Wanted::Project(project)).await?;
+    let hook = state.admin.get(Some(project), path.hook_id).await?;
     Ok(Json(HookView::of(&hook, Utc::now())))
 }
 
@@ -421,15 +535,18 @@ async fn get_hook(
         (status = 401, description = "No or a wrong token", body = ApiMessage),
         (status = 404, description = "No such project", body = ApiMessage),
         (status = 422, description = "A refused URL, token or signing secret", body = ApiMessage),
+        (status = 503, description = "The store did not answer", body = ApiMessage),
     ),
     security(("bearer" = []), ("private_token" = []))
 )]
 async fn add_hook(
     State(state): State<ApiState>,
+    Extension(principal): Extension<Principal>,
     Path(path): Path<ProjectPath>,
     Params(input): Params<HookInput>,
 ) -> Result<(StatusCode, Json<HookView>), ApiError> {
     let project = project_id(&path.id)?;
+    authorize(&state, &principal, Wanted::Project(project)).await?;
     let url = input
         .url
         .clone()
@@ -459,15 +576,18 @@ async fn add_hook(
         (status = 401, description = "No or a wrong token", body = ApiMessage),
         (status = 404, description = "No such hook in this project", body = ApiMessage),
         (status = 422, description = "A refused URL, token or signing secret", body = ApiMessage),
+        (status = 503, description = "The store did not answer", body = ApiMessage),
     ),
     security(("bearer" = []), ("private_token" = []))
 )]
 async fn edit_hook(
     State(state): State<ApiState>,
+    Extension(principal): Extension<Principal>,
     Path(path): Path<HookPath>,
     Params(input): Params<HookInput>,
 ) -> Result<Json<HookView>, ApiError> {
     let project = project_id(&path.id)?;
+    authorize(&state, &principal, Wanted::Project(project)).await?;
     ssl_verification(&input)?;
     let edit = HookEdit {
         url: input.url,
@@ -476,8 +596,10 @@ async fn edit_hook(
         job_events: input.job_events,
         collapse: input.collapse,
     };
-    let hook = state.admin.edit(Some(project), path.hook_id, edit).await?;
-    Ok(Json(HookView::of(&hook, Utc::now())))
+    let edited = state.admin.edit(Some(project), path.hook_id, edit).await?;
+    let mut view = HookView::of(&edited.hook, Utc::now());
+    view.hookline_reset = edited.reset.iter().map(|r| (*r).to_owned()).collect();
+    Ok(Json(view))
 }
 
 /// Delete a hook.
@@ -490,17 +612,18 @@ async fn edit_hook(
         (status = 204, description = "Deleted"),
         (status = 401, description = "No or a wrong token", body = ApiMessage),
         (status = 404, description = "No such hook in this project", body = ApiMessage),
+        (status = 503, description = "The store did not answer", body = ApiMessage),
     ),
     security(("bearer" = []), ("private_token" = []))
 )]
 async fn delete_hook(
     State(state): State<ApiState>,
+    Extension(principal): Extension<Principal>,
     Path(path): Path<HookPath>,
 ) -> Result<StatusCode, ApiError> {
-    state
-        .admin
-        .remove(Some(project_id(&path.id)?), path.hook_id)
-        .await?;
+    let project = project_id(&path.id)?;
+    authorize(&state, &principal, Wanted::Project(project)).await?;
+    state.admin.remove(Some(project), path.hook_id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -647,16 +770,16 @@ fn url_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
 )]
 async fn list_events(
     State(state): State<ApiState>,
+    Extension(principal): Extension<Principal>,
     Path(path): Path<HookPath>,
     uri: axum::http::Uri,
 ) -> Result<Response, ApiError> {
+    let project = project_id(&path.id)?;
+    authorize(&state, &principal, Wanted::Project(project)).await?;
     let Query(query) = Query::<EventsQuery>::try_from_uri(&uri)
         .map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let status = status_filter(uri.query())?;
-    let hook = state
-        .admin
-        .get(Some(project_id(&path.id)?), path.hook_id)
-        .await?;
+    let hook = state.admin.get(Some(project), path.hook_id).await?;
     let pool = state
         .ops
         .store
@@ -729,6 +852,7 @@ pub struct TestPath {
     responses(
         (status = 201, description = "The test ran; the receiver's answer", body = TestAnswer),
         (status = 401, description = "No or a wrong token", body = ApiMessage),
+        (status = 429, description = "The hook was tested 5 times within a minute, or its namespace is over its rate limit; nothing was sent (see Retry-After)", body = ApiMessage),
         (status = 404, description = "No such hook in this project", body = ApiMessage),
         (status = 422, description = "A trigger other than `job_events`", body = ApiMessage),
         (status = 503, description = "The store did not answer", body = ApiMessage),
@@ -737,12 +861,12 @@ pub struct TestPath {
 )]
 async fn test_hook(
     State(state): State<ApiState>,
+    Extension(principal): Extension<Principal>,
     Path(path): Path<TestPath>,
 ) -> Result<(StatusCode, Json<TestAnswer>), ApiError> {
-    let hook = state
-        .admin
-        .get(Some(project_id(&path.id)?), path.hook_id)
-        .await?;
+    let project = project_id(&path.id)?;
+    authorize(&state, &principal, Wanted::Project(project)).await?;
+    let hook = state.admin.get(Some(project), path.hook_id).await?;
     if path.trigger != "job_events" {
         return Err(ApiError::Unprocessable(format!(
             "trigger {} is not supported: hookline sends Job Hooks only (job_events)",
@@ -813,12 +937,12 @@ pub struct EventPath {
 )]
 async fn resend_event(
     State(state): State<ApiState>,
+    Extension(principal): Extension<Principal>,
     Path(path): Path<EventPath>,
 ) -> Result<(StatusCode, Json<ResendAnswer>), ApiError> {
-    let hook = state
-        .admin
-        .get(Some(project_id(&path.id)?), path.hook_id)
-        .await?;
+    let project = project_id(&path.id)?;
+    authorize(&state, &principal, Wanted::Project(project)).await?;
+    let hook = state.admin.get(Some(project), path.hook_id).await?;
     let resent = state.ops.resend(Some(hook.id), path.hook_log_id).await?;
     Ok((
         StatusCode::ACCEPTED,
@@ -831,6 +955,348 @@ async fn resend_event(
     ))
 }
 
+/// A scoped token as the access tokens API shows it (GitLab's field names where they apply).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AccessTokenView {
+    pub id: i64,
+    pub name: String,
+    /// `project` or `namespace`.
+    pub scope: String,
+    pub scope_id: i64,
+    /// Always `["api"]`: a scoped token manages its scope's hooks through this API.
+    pub scopes: Vec<String>,
+    pub revoked: bool,
+    /// Neither revoked nor expired.
+    pub active: bool,
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: DateTime<Utc>,
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub expires_at: Option<DateTime<Utc>>,
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub last_used_at: Option<DateTime<Utc>>,
+    /// Only in the answer that created it: the token itself, shown this once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+impl AccessTokenView {
+    fn of(t: &ApiToken, token: Option<String>) -> Self {
+        let (scope, scope_id) = match t.scope {
+            TokenScope::Project(id) => ("project", id),
+            TokenScope::Namespace(id) => ("namespace", id),
+        };
+        Self {
+            id: t.id,
+            name: t.name.clone(),
+            scope: scope.into(),
+            scope_id,
+            scopes: vec!["api".into()],
+            revoked: t.revoked_at.is_some(),
+            active: t.active(Utc::now()),
+            created_at: t.created_at,
+            expires_at: t.expires_at,
+            last_used_at: t.last_used_at,
+            token,
+        }
+    }
+}
+
+/// A token to create.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+pub struct AccessTokenInput {
+    /// What it is for (shown in listings).
+    pub name: Option<String>,
+    /// A date (`2027-01-31`, expiring at its start, UTC) or an RFC 3339 time; none: no expiry.
+    pub expires_at: Option<String>,
+    /// Accepted for GitLab's clients; only `api` is meaningful.
+    pub scopes: Option<Vec<String>>,
+}
+
+fn expiry(input: Option<&str>) -> Result<Option<DateTime<Utc>>, ApiError> {
+    let Some(text) = input.map(str::trim).filter(|t| !t.is_empty()) else {
+        return Ok(None);
+    };
+    if let Ok(at) = DateTime::parse_from_rfc3339(text) {
+        return Ok(Some(at.with_timezone(&Utc)));
+    }
+    chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
+        .ok()
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| Some(t.and_utc()))
+        .ok_or_else(|| {
+            ApiError::BadRequest(
+                "expires_at is invalid: give a date (YYYY-MM-DD) or an RFC 3339 time".into(),
+            )
+        })
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct TokenPath {
+    /// The project's (or group's: root namespace's) numeric id.
+    pub id: String,
+    /// The token's id.
+    pub token_id: i64,
+}
+
+/// The scope a token route names: a project, or a group (hookline's root namespace).
+fn token_scope(kind: &str, id: &str) -> Result<TokenScope, ApiError> {
+    let id: i64 = id
+        .parse()
+        .map_err(|_| ApiError::NotFound(if kind == "groups" { "Group" } else { "Project" }))?;
+    Ok(if kind == "groups" {
+        TokenScope::Namespace(id)
+    } else {
+        TokenScope::Project(id)
+    })
+}
+
+async fn token_pool(
+    state: &ApiState,
+    principal: &Principal,
+) -> Result<hookline_cistate::PgPool, ApiError> {
+    authorize(state, principal, Wanted::Operator).await?;
+    state
+        .admin
+        .store()
+        .pg_pool()
+        .cloned()
+        .ok_or_else(|| ApiError::Unprocessable("scoped tokens need a PostgreSQL store".into()))
+}
+
+async fn list_tokens(
+    state: &ApiState,
+    principal: &Principal,
+    scope: TokenScope,
+) -> Result<Json<Vec<AccessTokenView>>, ApiError> {
+    let pool = token_pool(state, principal).await?;
+    let tokens = api_tokens::list(&pool, Some(scope)).await?;
+    Ok(Json(
+        tokens
+            .iter()
+            .map(|t| AccessTokenView::of(t, None))
+            .collect(),
+    ))
+}
+
+async fn create_token(
+    state: &ApiState,
+    principal: &Principal,
+    scope: TokenScope,
+    input: AccessTokenInput,
+) -> Result<(StatusCode, Json<AccessTokenView>), ApiError> {
+    let pool = token_pool(state, principal).await?;
+    let name = input
+        .name
+        .filter(|n| !n.trim().is_empty())
+        .ok_or_else(|| ApiError::BadRequest("name is missing".into()))?;
+    if let Some(scopes) = &input.scopes
+        && scopes.iter().any(|s| s != "api")
+    {
+        return Err(ApiError::BadRequest(
+            "scopes does not have a valid value: hookline's tokens have the api scope only".into(),
+        ));
+    }
+    let exists = match scope {
+        TokenScope::Project(id) => state.admin.project_exists(id).await?,
+        // A namespace is known through its projects; a token for an empty one is allowed.
+        TokenScope::Namespace(_) => true,
+    };
+    if !exists {
+        return Err(ApiError::NotFound("Project"));
+    }
+    let created =
+        api_tokens::create(&pool, &name, scope, expiry(input.expires_at.as_deref())?).await?;
+    tracing::info!(token_id = created.row.id, %scope, "scoped API token created");
+    Ok((
+        StatusCode::CREATED,
+        Json(AccessTokenView::of(&created.row, Some(created.token))),
+    ))
+}
+
+async fn revoke_token(
+    state: &ApiState,
+    principal: &Principal,
+    scope: TokenScope,
+    token_id: i64,
+) -> Result<StatusCode, ApiError> {
+    let pool = token_pool(state, principal).await?;
+    if !api_tokens::revoke(&pool, token_id, Some(scope)).await? {
+        return Err(ApiError::NotFound("Token"));
+    }
+    tracing::info!(token_id, %scope, "scoped API token revoked");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// List a project's scoped tokens (operator only).
+#[utoipa::path(
+    get,
+    path = "/api/v4/projects/{id}/access_tokens",
+    tag = "tokens",
+    params(ProjectPath),
+    responses(
+        (status = 200, description = "The project's tokens, revoked ones too, without their text", body = [AccessTokenView]),
+        (status = 401, description = "No or a wrong token", body = ApiMessage),
+        (status = 403, description = "A scoped token: this route takes the admin token", body = ApiMessage),
+        (status = 404, description = "Not a project id", body = ApiMessage),
+        (status = 422, description = "The store is not PostgreSQL", body = ApiMessage),
+        (status = 503, description = "The store did not answer", body = ApiMessage),
+    ),
+    security(("bearer" = []), ("private_token" = []))
+)]
+async fn list_project_tokens(
+    State(state): State<ApiState>,
+    Extension(principal): Extension<Principal>,
+    Path(path): Path<ProjectPath>,
+) -> Result<Json<Vec<AccessTokenView>>, ApiError> {
+    list_tokens(&state, &principal, token_scope("projects", &path.id)?).await
+}
+
+/// Create a token scoped to a project (operator only); the answer is the only place its text
+/// appears.
+#[utoipa::path(
+    post,
+    path = "/api/v4/projects/{id}/access_tokens",
+    tag = "tokens",
+    params(ProjectPath),
+    request_body = AccessTokenInput,
+    responses(
+        (status = 201, description = "The new token, its text included this once", body = AccessTokenView),
+        (status = 400, description = "No name, a bad expires_at or scopes", body = ApiErrorBody),
+        (status = 401, description = "No or a wrong token", body = ApiMessage),
+        (status = 403, description = "A scoped token: this route takes the admin token", body = ApiMessage),
+        (status = 404, description = "No such project", body = ApiMessage),
+        (status = 422, description = "The store is not PostgreSQL, or expires_at is past", body = ApiMessage),
+        (status = 503, description = "The store did not answer", body = ApiMessage),
+    ),
+    security(("bearer" = []), ("private_token" = []))
+)]
+async fn create_project_token(
+    State(state): State<ApiState>,
+    Extension(principal): Extension<Principal>,
+    Path(path): Path<ProjectPath>,
+    Params(input): Params<AccessTokenInput>,
+) -> Result<(StatusCode, Json<AccessTokenView>), ApiError> {
+    create_token(
+        &state,
+        &principal,
+        token_scope("projects", &path.id)?,
+        input,
+    )
+    .await
+}
+
+/// Revoke a project's token (operator only).
+#[utoipa::path(
+    delete,
+    path = "/api/v4/projects/{id}/access_tokens/{token_id}",
+    tag = "tokens",
+    params(TokenPath),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 401, description = "No or a wrong token", body = ApiMessage),
+        (status = 403, description = "A scoped token: this route takes the admin token", body = ApiMessage),
+        (status = 404, description = "No such active token of this project", body = ApiMessage),
+        (status = 422, description = "The store is not PostgreSQL", body = ApiMessage),
+        (status = 503, description = "The store did not answer", body = ApiMessage),
+    ),
+    security(("bearer" = []), ("private_token" = []))
+)]
+async fn revoke_project_token(
+    State(state): State<ApiState>,
+    Extension(principal): Extension<Principal>,
+    Path(path): Path<TokenPath>,
+) -> Result<StatusCode, ApiError> {
+    revoke_token(
+        &state,
+        &principal,
+        token_scope("projects", &path.id)?,
+        path.token_id,
+    )
+    .await
+}
+
+/// List a group's (root namespace's) scoped tokens (operator only).
+#[utoipa::path(
+    get,
+    path = "/api/v4/groups/{id}/access_tokens",
+    tag = "tokens",
+    params(ProjectPath),
+    responses(
+        (status = 200, description = "The namespace's tokens, revoked ones too, without their text", body = [AccessTokenView]),
+        (status = 401, description = "No or a wrong token", body = ApiMessage),
+        (status = 403, description = "A scoped token: this route takes the admin token", body = ApiMessage),
+        (status = 404, description = "Not a namespace id", body = ApiMessage),
+        (status = 422, description = "The store is not PostgreSQL", body = ApiMessage),
+        (status = 503, description = "The store did not answer", body = ApiMessage),
+    ),
+    security(("bearer" = []), ("private_token" = []))
+)]
+async fn list_group_tokens(
+    State(state): State<ApiState>,
+    Extension(principal): Extension<Principal>,
+    Path(path): Path<ProjectPath>,
+) -> Result<Json<Vec<AccessTokenView>>, ApiError> {
+    list_tokens(&state, &principal, token_scope("groups", &path.id)?).await
+}
+
+/// Create a token scoped to a group (a root namespace: every project in it; operator only).
+#[utoipa::path(
+    post,
+    path = "/api/v4/groups/{id}/access_tokens",
+    tag = "tokens",
+    params(ProjectPath),
+    request_body = AccessTokenInput,
+    responses(
+        (status = 201, description = "The new token, its text included this once", body = AccessTokenView),
+        (status = 400, description = "No name, a bad expires_at or scopes", body = ApiErrorBody),
+        (status = 401, description = "No or a wrong token", body = ApiMessage),
+        (status = 403, description = "A scoped token: this route takes the admin token", body = ApiMessage),
+        (status = 404, description = "Not a namespace id", body = ApiMessage),
+        (status = 422, description = "The store is not PostgreSQL, or expires_at is past", body = ApiMessage),
+        (status = 503, description = "The store did not answer", body = ApiMessage),
+    ),
+    security(("bearer" = []), ("private_token" = []))
+)]
+async fn create_group_token(
+    State(state): State<ApiState>,
+    Extension(principal): Extension<Principal>,
+    Path(path): Path<ProjectPath>,
+    Params(input): Params<AccessTokenInput>,
+) -> Result<(StatusCode, Json<AccessTokenView>), ApiError> {
+    create_token(&state, &principal, token_scope("groups", &path.id)?, input).await
+}
+
+/// Revoke a group's token (operator only).
+#[utoipa::path(
+    delete,
+    path = "/api/v4/groups/{id}/access_tokens/{token_id}",
+    tag = "tokens",
+    params(TokenPath),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 401, description = "No or a wrong token", body = ApiMessage),
+        (status = 403, description = "A scoped token: this route takes the admin token", body = ApiMessage),
+        (status = 404, description = "No such active token of this namespace", body = ApiMessage),
+        (status = 422, description = "The store is not PostgreSQL", body = ApiMessage),
+        (status = 503, description = "The store did not answer", body = ApiMessage),
+    ),
+    security(("bearer" = []), ("private_token" = []))
+)]
+async fn revoke_group_token(
+    State(state): State<ApiState>,
+    Extension(principal): Extension<Principal>,
+    Path(path): Path<TokenPath>,
+) -> Result<StatusCode, ApiError> {
+    revoke_token(
+        &state,
+        &principal,
+        token_scope("groups", &path.id)?,
+        path.token_id,
+    )
+    .await
+}
+
 /// The API's routes and their document, from one list.
 fn routes() -> OpenApiRouter<ApiState> {
     OpenApiRouter::new()
@@ -839,6 +1305,10 @@ fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(list_events))
         .routes(routes!(test_hook))
         .routes(routes!(resend_event))
+        .routes(routes!(list_project_tokens, create_project_token))
+        .routes(routes!(revoke_project_token))
+        .routes(routes!(list_group_tokens, create_group_token))
+        .routes(routes!(revoke_group_token))
 }
 
 /// The OpenAPI 3.1 document of the hooks API, as `/openapi.json` serves it.
@@ -848,7 +1318,9 @@ pub fn openapi() -> OpenApi {
     doc.info.version = env!("CARGO_PKG_VERSION").into();
     doc.info.description = Some(
         "GitLab's project hooks REST API where it applies; authenticate with \
-         `Authorization: Bearer <token>` or `PRIVATE-TOKEN: <token>`."
+         `Authorization: Bearer <token>` or `PRIVATE-TOKEN: <token>`. The admin token is an \
+         operator credential (every project, and the token routes); a scoped token (`hlpat_...`) \
+         sees one project's or one namespace's hooks, and others' answer 404."
             .into(),
     );
     let components = doc.components.get_or_insert_with(Default::default);
@@ -863,11 +1335,28 @@ pub fn openapi() -> OpenApi {
     doc
 }
 
-/// Refuses a request without the token (`Authorization: Bearer` or `PRIVATE-TOKEN`).
+/// Who a request comes from: the admin token, or an active scoped token; `None` for neither.
+pub async fn authenticate(
+    state: &ApiState,
+    presented: &str,
+) -> Result<Option<Principal>, StoreError> {
+    if state.token.matches(presented) {
+        return Ok(Some(Principal::Operator));
+    }
+    let Some(pool) = state.admin.store().pg_pool() else {
+        return Ok(None);
+    };
+    Ok(api_tokens::authenticate(pool, presented)
+        .await?
+        .map(|(token_id, scope)| Principal::Scoped { token_id, scope }))
+}
+
+/// Refuses a request without an accepted token (`Authorization: Bearer` or `PRIVATE-TOKEN`);
+/// hands the handlers who made it ([`Principal`]).
 async fn require_token(
-    State(token): State<AdminToken>,
+    State(state): State<ApiState>,
     headers: HeaderMap,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
     // The scheme is case-insensitive (RFC 9110), as the producer's API reads it.
@@ -877,14 +1366,21 @@ async fn require_token(
         .and_then(|v| v.split_once(' '))
         .and_then(|(scheme, token)| scheme.eq_ignore_ascii_case("bearer").then_some(token));
     let private = headers.get("private-token").and_then(|v| v.to_str().ok());
-    match bearer.or(private) {
-        Some(presented) if token.matches(presented) => next.run(request).await,
-        _ => ApiError::Unauthorized.into_response(),
+    let Some(presented) = bearer.or(private) else {
+        return ApiError::Unauthorized.into_response();
+    };
+    match authenticate(&state, presented).await {
+        Ok(Some(principal)) => {
+            request.extensions_mut().insert(principal);
+            next.run(request).await
+        }
+        Ok(None) => ApiError::Unauthorized.into_response(),
+        Err(error) => ApiError::from(error).into_response(),
     }
 }
 
 /// `/openapi.json` (no token needed: it holds no secret), and with `state` the hooks API behind
-/// its token. Without `state` the API's routes are not served at all.
+/// its tokens. Without `state` the API's routes are not served at all.
 pub fn router(state: Option<ApiState>) -> axum::Router {
     let document = axum::Router::new().route("/openapi.json", get(|| async { Json(openapi()) }));
     let Some(state) = state else {
@@ -892,10 +1388,7 @@ pub fn router(state: Option<ApiState>) -> axum::Router {
     };
     let (api, _) = routes().split_for_parts();
     let api = api
-        .layer(middleware::from_fn_with_state(
-            state.token.clone(),
-            require_token,
-        ))
+        .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .with_state(state);
     document.merge(api)
 }
@@ -904,39 +1397,60 @@ pub fn router(state: Option<ApiState>) -> axum::Router {
 mod tests {
     use super::*;
 
+    const LONG: &str = "s3cret-s3cret-s3cret-s3cret-s3cret";
+
     #[test]
     fn the_token_matches_only_itself_trimmed() {
-        let token = AdminToken::new("  s3cret\n").unwrap();
-        assert!(token.matches("s3cret"));
-        assert!(!token.matches("s3cre"));
-        assert!(!token.matches("s3cret2"));
+        let token = AdminToken::new(&format!("  {LONG}\n")).unwrap();
+        assert!(token.matches(LONG));
+        assert!(!token.matches(&LONG[1..]));
+        assert!(!token.matches(&format!("{LONG}2")));
         assert!(!token.matches(""));
         assert!(AdminToken::new(" \n").is_err());
         assert_eq!(format!("{token:?}"), "AdminToken([redacted])");
     }
 
     #[test]
-    fn a_token_file_others_can_read_is_refused() {
+    fn a_short_admin_token_is_refused_with_how_to_make_one() {
+        let error = AdminToken::new("admin-s3cret").unwrap_err().to_string();
+        assert!(
+            error.contains("12 bytes")
+                && error.contains("at least 32")
+                && error.contains("openssl"),
+            "{error}"
+        );
+        assert!(!error.contains("admin-s3cret"));
+        assert!(AdminToken::new(&"x".repeat(32)).is_ok());
+    }
+
+    #[test]
+    fn a_token_file_group_or_others_can_read_is_refused_and_a_reload_keeps_the_old_on_failure() {
         use std::os::unix::fs::PermissionsExt;
         let dir = std::env::temp_dir().join(format!("hookline-token-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("token");
-        std::fs::write(&file, "s3cret\n").unwrap();
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let error = AdminToken::read(&file).unwrap_err();
-        assert!(
-            error.to_string().contains("readable by every user"),
-            "{error}"
-        );
+        std::fs::write(&file, format!("{LONG}\n")).unwrap();
+        for mode in [0o644, 0o640] {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+            let error = AdminToken::read(&file).unwrap_err();
+            assert!(error.to_string().contains("chmod 600"), "{error}");
+        }
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert!(AdminToken::read(&file).unwrap().matches("s3cret"));
+        let token = AdminToken::read(&file).unwrap();
+        assert!(token.matches(LONG));
         std::fs::write(&file, "\n").unwrap();
         assert!(
-            AdminToken::read(&file)
+            token
+                .reload(&file)
                 .unwrap_err()
                 .to_string()
                 .contains("empty")
         );
+        assert!(token.matches(LONG), "a broken file keeps the token in use");
+        let rotated = format!("{LONG}-rotated");
+        std::fs::write(&file, &rotated).unwrap();
+        token.reload(&file).unwrap();
+        assert!(token.matches(&rotated) && !token.matches(LONG));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -346,6 +346,12 @@ impl Deliverer {
         })
     }
 
+    /// The SSRF guard deliveries go through; `None` when it is switched off. Saving a hook
+    /// checks its URL with the same guard.
+    pub fn guard(&self) -> Option<&SsrfGuard> {
+        self.guard.as_ref()
+    }
+
     /// Makes one attempt and says what it came to.
     pub async fn attempt(&self, request: &DeliveryRequest<'_>) -> AttemptOutcome {
         self.attempt_inner(request, None).await

@@ -4,14 +4,21 @@
 //!
 //! ```text
 //! step --record (try_send, never waits)--> bounded channel --> writer: one INSERT per 100 ms or 500 rows
-//!                  | full: row dropped, counted                      | failed or too slow: batch dropped, counted
+//!                  | full (rows or bytes): row dropped, counted      | failed or too slow: batch dropped, counted
 //! keeper: at start and every hour, partitions for today + 2 days; partitions past the retention dropped
 //! ```
 //!
 //! A delivery never waits for the log: when the database is slow or down, rows are dropped and
 //! counted (`hookline_consumer_delivery_log_dropped_total`), and the delivery goes on.
+//!
+//! The buffer is bounded twice: by rows (`buffer`) and by the bytes those rows hold
+//! (`buffer_bytes`, about what each row's strings and headers take in memory). A row is up to
+//! 16 KB of request body, 8 KB of answer and 50 headers of 1 KB, so 10,000 rows alone could hold
+//! most of a gigabyte while the database is away; the byte bound keeps that to what the operator
+//! chose.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chrono::{Days, Utc};
@@ -33,6 +40,8 @@ pub struct DeliveryLogConfig {
     pub retention: Duration,
     /// Rows waiting to be written; past it rows are dropped.
     pub buffer: usize,
+    /// Bytes those rows may hold ([`approx_bytes`]); past it rows are dropped.
+    pub buffer_bytes: usize,
     /// Rows per INSERT, at most.
     pub batch: usize,
     /// How long a row may wait for its batch to fill.
@@ -49,12 +58,46 @@ impl Default for DeliveryLogConfig {
             enabled: true,
             retention: DEFAULT_RETENTION,
             buffer: 10_000,
+            buffer_bytes: DEFAULT_BUFFER_BYTES,
             batch: 500,
             flush_interval: Duration::from_millis(100),
             write_timeout: Duration::from_secs(5),
             maintenance_interval: Duration::from_secs(3600),
         }
     }
+}
+
+/// The default byte bound of the buffer: 32 MiB, a few thousand typical rows or over a
+/// thousand of the largest.
+pub const DEFAULT_BUFFER_BYTES: usize = 32 * 1024 * 1024;
+
+/// About what a row holds in memory: its strings, its headers' names and values, and a fixed
+/// part for the rest. An estimate (allocator slack is not counted), cheap enough for every
+/// attempt.
+pub fn approx_bytes(entry: &DeliveryLogEntry) -> usize {
+    fn json(value: &serde_json::Value) -> usize {
+        match value {
+            serde_json::Value::String(s) => s.len() + 24,
+            serde_json::Value::Array(items) => items.iter().map(json).sum::<usize>() + 24,
+            serde_json::Value::Object(map) => {
+                map.iter()
+                    .map(|(k, v)| k.len() + 24 + json(v))
+                    .sum::<usize>()
+                    + 48
+            }
+            _ => 16,
+        }
+    }
+    let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+    std::mem::size_of::<DeliveryLogEntry>()
+        + entry.idempotency_key.len()
+        + entry.url.len()
+        + entry.request_body_sha256.len()
+        + text(&entry.request_body)
+        + text(&entry.internal_error)
+        + text(&entry.response_body)
+        + json(&entry.request_headers)
+        + entry.response_headers.as_ref().map_or(0, json)
 }
 
 /// GitLab's retention of `web_hook_logs`.
@@ -65,8 +108,18 @@ pub const DAYS_AHEAD: u32 = 2;
 /// The handle attempts are recorded through; cheap to clone. Off, it records nothing.
 #[derive(Debug, Clone)]
 pub struct DeliveryLog {
-    sender: Option<mpsc::Sender<DeliveryLogEntry>>,
+    sender: Option<mpsc::Sender<Queued>>,
     metrics: Arc<ConsumerMetrics>,
+    /// Bytes of the rows queued and not yet taken by the writer.
+    queued_bytes: Arc<AtomicUsize>,
+    buffer_bytes: usize,
+}
+
+/// A row in the buffer and the bytes it was counted as.
+#[derive(Debug)]
+struct Queued {
+    entry: DeliveryLogEntry,
+    bytes: usize,
 }
 
 /// The writer and keeper tasks of a running log; dropped, they stop (the writer after one last
@@ -100,6 +153,8 @@ impl DeliveryLog {
         DeliveryLog {
             sender: None,
             metrics,
+            queued_bytes: Arc::default(),
+            buffer_bytes: 0,
         }
     }
 
@@ -111,9 +166,13 @@ impl DeliveryLog {
     ) -> (DeliveryLog, DeliveryLogTasks) {
         let (sender, receiver) = mpsc::channel(config.buffer.max(1));
         let stop = CancellationToken::new();
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
         let writer = tokio::spawn(write(
             pool.clone(),
-            receiver,
+            Buffered {
+                receiver,
+                queued_bytes: queued_bytes.clone(),
+            },
             config.clone(),
             metrics.clone(),
             stop.clone(),
@@ -123,6 +182,8 @@ impl DeliveryLog {
             DeliveryLog {
                 sender: Some(sender),
                 metrics,
+                queued_bytes,
+                buffer_bytes: config.buffer_bytes.max(1),
             },
             DeliveryLogTasks {
                 stop,
@@ -135,21 +196,63 @@ impl DeliveryLog {
         self.sender.is_some()
     }
 
-    /// Queues `entry` for writing, never waiting: a full buffer drops it (counted).
+    /// Queues `entry` for writing, never waiting: a buffer full of rows or of bytes drops it
+    /// (counted).
     pub fn record(&self, entry: DeliveryLogEntry) {
         let Some(sender) = &self.sender else {
             return;
         };
-        if sender.try_send(entry).is_err() {
+        let bytes = approx_bytes(&entry);
+        // Reserve the bytes first, so concurrent recorders cannot overshoot the bound together.
+        let reserved = self
+            .queued_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
+                (queued + bytes <= self.buffer_bytes).then_some(queued + bytes)
+            })
+            .is_ok();
+        if !reserved {
+            self.metrics.delivery_log_dropped_rows(1);
+            return;
+        }
+        if sender.try_send(Queued { entry, bytes }).is_err() {
+            self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
             self.metrics.delivery_log_dropped_rows(1);
         }
+    }
+
+    /// Bytes of the rows waiting to be written (for tests and diagnostics).
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes.load(Ordering::Acquire)
+    }
+}
+
+/// The writer's end of the buffer: taking a row gives its bytes back.
+struct Buffered {
+    receiver: mpsc::Receiver<Queued>,
+    queued_bytes: Arc<AtomicUsize>,
+}
+
+impl Buffered {
+    fn taken(&self, queued: Queued) -> DeliveryLogEntry {
+        self.queued_bytes.fetch_sub(queued.bytes, Ordering::AcqRel);
+        queued.entry
+    }
+
+    async fn recv(&mut self) -> Option<DeliveryLogEntry> {
+        let queued = self.receiver.recv().await?;
+        Some(self.taken(queued))
+    }
+
+    fn try_recv(&mut self) -> Option<DeliveryLogEntry> {
+        let queued = self.receiver.try_recv().ok()?;
+        Some(self.taken(queued))
     }
 }
 
 /// Writes batches until `stop`, then flushes what is left once.
 async fn write(
     pool: PgPool,
-    mut receiver: mpsc::Receiver<DeliveryLogEntry>,
+    mut receiver: Buffered,
     config: DeliveryLogConfig,
     metrics: Arc<ConsumerMetrics>,
     stop: CancellationToken,
@@ -174,8 +277,8 @@ async fn write(
         }
         if closed {
             // Take what is already queued, then write it all.
-            receiver.close();
-            while let Ok(entry) = receiver.try_recv() {
+            receiver.receiver.close();
+            while let Some(entry) = receiver.try_recv() {
                 batch.push(entry);
             }
         }

@@ -5,7 +5,10 @@
 //!   build of `hookline_cistate::fixtures` moved into the project) sent now, through the same
 //!   [`Deliverer`] and SSRF guard as every delivery, logged with the trigger `test`, answered
 //!   with the receiver's status, headers and body (GitLab's "Test" button). A success
-//!   re-enables a disabled hook, as in GitLab.
+//!   re-enables a disabled hook, as in GitLab. Throttled as GitLab throttles it: at most
+//!   [`TESTS_PER_MINUTE`] tests a minute per hook (a bucket shared by every instance), and each
+//!   test takes a token of the namespace's rate limit like any delivery; past either, nothing is
+//!   sent and the caller is told when to try again ([`HookOpError::Throttled`], HTTP 429).
 //! - [`resend`]: one logged delivery re-driven through the retry topic, due now, with its own
 //!   event id (so the same `Idempotency-Key`), as `dlq replay` does; the retry path logs its
 //!   attempts with the trigger `resend`. Refused when the log kept no body (over
@@ -33,6 +36,7 @@ use crate::config::ConsumerConfig;
 use crate::deliver::{AttemptOutcome, Deliverer, DeliveryRequest, idempotency_key, sha256_hex};
 use crate::handoff::retry_record;
 use crate::kafka::{HandoffProducer, producer_config};
+use crate::rate_limit::RateLimitConfig;
 use crate::task::DeliveryTask;
 
 /// Why an operation was not done, grouped by what the caller does.
@@ -56,6 +60,12 @@ pub enum HookOpError {
     BodyMismatch(i64),
     #[error("the delivery log needs a PostgreSQL store")]
     NoLog,
+    // Throttled: try again after `retry_after` (HTTP 429).
+    #[error("{reason}; try again in {}s", retry_after.as_secs().max(1))]
+    Throttled {
+        reason: String,
+        retry_after: Duration,
+    },
     // Unavailable: try again later (HTTP 503).
     #[error("store: {0}")]
     Store(#[from] StoreError),
@@ -91,14 +101,26 @@ pub struct Resent {
     pub idempotency_key: String,
 }
 
+/// GitLab's limit on a hook's tests (`web_hook_test` in its application rate limiter).
+pub const TESTS_PER_MINUTE: u32 = 5;
+
+/// A hook's test bucket: [`TESTS_PER_MINUTE`], all of them at once when the hook was not
+/// tested for a minute.
+pub fn test_bucket() -> hookline_cistate::Bucket {
+    hookline_cistate::Bucket::per_minute(TESTS_PER_MINUTE, Duration::from_secs(60))
+}
+
 /// What the operations need: the store (its pool holds the log), the HTTP stage, a producer of
-/// the consumer's cluster and its retry topic. Cheap to clone.
+/// the consumer's cluster and its retry topic, and the rate limits tests count against. Cheap to
+/// clone.
 #[derive(Clone)]
 pub struct HookOps {
     pub store: Arc<dyn CiStore>,
     pub deliverer: Deliverer,
     pub producer: HandoffProducer,
     pub retry_topic: String,
+    /// The default namespace limit tests count against (`serve --rate-limit-per-minute`).
+    pub rate_limit: RateLimitConfig,
 }
 
 impl std::fmt::Debug for HookOps {
@@ -117,6 +139,7 @@ impl HookOps {
         retry_topic: String,
     ) -> HookOps {
         HookOps {
+            rate_limit: RateLimitConfig::default(),
             store,
             deliverer,
             producer,
@@ -124,9 +147,22 @@ impl HookOps {
         }
     }
 
-    /// [`test()`] with these parts.
+    /// Tests count against `config`'s namespace limit (`serve --rate-limit-per-minute`); without
+    /// it, only against the namespaces' own limits (`rate-limits set`).
+    pub fn with_rate_limit(mut self, config: RateLimitConfig) -> HookOps {
+        self.rate_limit = config;
+        self
+    }
+
+    /// [`test_limited`] with these parts.
     pub async fn test(&self, hook_id: i64) -> Result<TestOutcome, HookOpError> {
-        test(self.store.as_ref(), &self.deliverer, hook_id).await
+        test_limited(
+            self.store.as_ref(),
+            &self.deliverer,
+            self.rate_limit,
+            hook_id,
+        )
+        .await
     }
 
     /// [`resend`] with these parts.
@@ -142,16 +178,86 @@ impl HookOps {
     }
 }
 
-/// Sends hook `hook_id` a Job Hook now and returns the receiver's answer (see the module docs).
+/// The bucket of the project's root namespace under `config` and the namespaces' own limits
+/// (read fresh: tests are rare); `None` when it is not limited.
+async fn namespace_bucket(
+    store: &dyn CiStore,
+    config: RateLimitConfig,
+    project_id: i64,
+) -> Result<Option<(i64, hookline_cistate::Bucket)>, HookOpError> {
+    let Some(namespace) = store.project_namespace(project_id).await? else {
+        return Ok(None);
+    };
+    let per_minute = store
+        .rate_limit_overrides()
+        .await?
+        .into_iter()
+        .find(|o| o.namespace_id == namespace)
+        .map_or(config.per_minute, |o| o.per_minute);
+    Ok(per_minute.map(|n| {
+        (
+            namespace,
+            hookline_cistate::Bucket::per_minute(n, config.burst),
+        )
+    }))
+}
+
+/// Takes the tokens a test needs (the hook's test bucket, then the namespace's), or says how
+/// long to wait.
+async fn admit_test(
+    store: &dyn CiStore,
+    rate_limit: RateLimitConfig,
+    hook_id: i64,
+    project_id: i64,
+) -> Result<(), HookOpError> {
+    let wait = store.take_hook_test_token(hook_id, test_bucket()).await?;
+    if !wait.is_zero() {
+        return Err(HookOpError::Throttled {
+            reason: format!(
+                "hook {hook_id} was tested {TESTS_PER_MINUTE} times within a minute (GitLab's limit)"
+            ),
+            retry_after: wait,
+        });
+    }
+    if let Some((namespace, bucket)) = namespace_bucket(store, rate_limit, project_id).await? {
+        let wait = store.try_take_rate_token(namespace, bucket).await?;
+        if !wait.is_zero() {
+            let per_minute =
+                (Duration::from_secs(60).as_secs_f64() / bucket.interval.as_secs_f64()).round();
+            return Err(HookOpError::Throttled {
+                reason: format!(
+                    "the project's namespace is over its rate limit ({per_minute} deliveries a minute); a test counts as a delivery"
+                ),
+                retry_after: wait,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// [`test_limited`] under the namespaces' own limits only (the CLI's `hooks test`: the default
+/// limit is `serve`'s option).
 pub async fn test(
     store: &dyn CiStore,
     deliverer: &Deliverer,
+    hook_id: i64,
+) -> Result<TestOutcome, HookOpError> {
+    test_limited(store, deliverer, RateLimitConfig::default(), hook_id).await
+}
+
+/// Sends hook `hook_id` a Job Hook now and returns the receiver's answer (see the module docs);
+/// `rate_limit` is the default namespace limit the test counts against.
+pub async fn test_limited(
+    store: &dyn CiStore,
+    deliverer: &Deliverer,
+    rate_limit: RateLimitConfig,
     hook_id: i64,
 ) -> Result<TestOutcome, HookOpError> {
     let hook = store
         .hook(hook_id)
         .await?
         .ok_or(HookOpError::NoHook(hook_id))?;
+    admit_test(store, rate_limit, hook_id, hook.project_id).await?;
     let latest = match store.latest_build(hook.project_id).await? {
         Some(build_id) => store.snapshot(build_id).await?,
         None => None,

@@ -139,21 +139,22 @@ impl HookRegistry {
     }
 }
 
-/// Checks a hook URL before it is stored: absolute, http or https, with a host, no CR/LF.
+/// Checks a hook URL before it is stored: absolute, http or https, with a host, no CR/LF. The
+/// reasons never quote the URL: it may carry credentials.
 pub fn validate_url(url: &str) -> Result<(), String> {
     if url.contains(['\r', '\n']) {
         return Err("a hook URL must not contain CR or LF".into());
     }
     let parsed =
-        reqwest::Url::parse(url).map_err(|e| format!("{url:?} is not a valid URL: {e}"))?;
+        reqwest::Url::parse(url).map_err(|e| format!("the hook URL is not a valid URL: {e}"))?;
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err(format!(
-            "{url:?}: only http and https hook URLs are allowed, not {}",
+            "only http and https hook URLs are allowed, not {}",
             parsed.scheme()
         ));
     }
     if parsed.host_str().is_none_or(str::is_empty) {
-        return Err(format!("{url:?} has no host"));
+        return Err("the hook URL has no host".into());
     }
     Ok(())
 }
@@ -168,24 +169,141 @@ pub fn validate_token(token: &str) -> Result<(), String> {
     if token.chars().any(|c| c.is_control() && c != '\t') {
         return Err("a hook token must not contain control characters".into());
     }
+    if hookline_cistate::secrets::is_sealed(token) {
+        return Err(format!(
+            "a hook token must not start with {} (the form of a sealed secret)",
+            hookline_cistate::secrets::SEALED_PREFIX
+        ));
+    }
     Ok(())
 }
 
-/// The URL with its Basic-auth password replaced by `*****`, for listings and logs.
+/// What a secret part of a URL reads as in listings, API answers and the delivery log; given
+/// back in an edit, it stands for the stored value ([`unmask_url`]).
+pub const MASK: &str = "*****";
+
+/// The URL with everything that may be a credential replaced by [`MASK`]: the Basic-auth
+/// password (or, without one, the user name, which is then often a token:
+/// `https://TOKEN@host/`), and the value of every query parameter (`?token=`, `?sig=`, `?k=`:
+/// names do not tell which carry secrets). Path segments are shown: a secret there (as some
+/// chat services put it) is not recognisable; prefer the hook's token or the query string.
 pub fn masked_url(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            if parsed.set_password(Some("*****")).is_ok() {
-                parsed.to_string()
-            } else {
-                "[unprintable URL with a password]".into()
-            }
-        }
-        Ok(_) => url.to_owned(),
+    let Ok(mut parsed) = reqwest::Url::parse(url) else {
         // Stored URLs were validated; should one not parse, show nothing that may be a secret.
-        Err(_) if url.contains('@') => "[unparsable URL with userinfo]".into(),
-        Err(_) => url.to_owned(),
+        return "[unparsable URL]".into();
+    };
+    let masked_userinfo = if parsed.password().is_some() {
+        parsed.set_password(Some(MASK)).is_ok()
+    } else if !parsed.username().is_empty() {
+        parsed.set_username(MASK).is_ok()
+    } else {
+        true
+    };
+    if !masked_userinfo {
+        return "[unprintable URL with credentials]".into();
     }
+    if parsed.query().is_some() {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(k, v)| {
+                let masked = if v.is_empty() { "" } else { MASK };
+                (k.into_owned(), masked.to_owned())
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.to_string()
+}
+
+/// The URL an edit means when it gives back masked parts (a GET, changed, then PUT): each
+/// [`MASK`] where the stored URL has a user name, password or query value takes the stored
+/// value. Allowed only while the scheme, host and port stay the same: stored credentials never
+/// follow a hook to another server (give them in full there). A URL without a mask is returned
+/// as given.
+pub fn unmask_url(given: &str, stored: &str) -> Result<String, String> {
+    if !given.contains(MASK) && !given.contains("%2A%2A%2A%2A%2A") {
+        return Ok(given.to_owned());
+    }
+    let refused = |why: &str| {
+        Err(format!(
+            "the URL holds the mask {MASK} {why}; give the credentials in full"
+        ))
+    };
+    let mut url =
+        reqwest::Url::parse(given).map_err(|e| format!("the hook URL is not a valid URL: {e}"))?;
+    let Ok(old) = reqwest::Url::parse(stored) else {
+        return refused("but the stored URL cannot be read");
+    };
+    if url.scheme() != old.scheme()
+        || url.host_str() != old.host_str()
+        || url.port_or_known_default() != old.port_or_known_default()
+    {
+        return refused(
+            "but its scheme, host or port changed (stored credentials stay with their server)",
+        );
+    }
+    let is_mask = |s: &str| s == MASK || s == "%2A%2A%2A%2A%2A";
+    if is_mask(url.username()) {
+        if old.username().is_empty() {
+            return refused("as its user, where the stored URL has none");
+        }
+        let _ = url.set_username(old.username());
+    }
+    if url.password().is_some_and(is_mask) {
+        match old.password() {
+            Some(p) => {
+                let _ = url.set_password(Some(p));
+            }
+            None => return refused("as its password, where the stored URL has none"),
+        }
+    }
+    if url.query().is_some() {
+        let stored_pairs: Vec<(String, String)> = old
+            .query_pairs()
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        let mut seen: std::collections::HashMap<String, usize> = Default::default();
+        let mut pairs = Vec::new();
+        for (k, v) in url.query_pairs() {
+            let nth = seen.entry(k.to_string()).or_default();
+            let value = if v == MASK {
+                match stored_pairs.iter().filter(|(sk, _)| *sk == k).nth(*nth) {
+                    Some((_, stored)) => stored.clone(),
+                    None => {
+                        return refused(&format!(
+                            "as the value of {k:?}, where the stored URL has none"
+                        ));
+                    }
+                }
+            } else {
+                v.into_owned()
+            };
+            *nth += 1;
+            pairs.push((k.into_owned(), value));
+        }
+        url.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    if url.as_str().contains(MASK) {
+        return refused("where the stored URL has no secret to keep");
+    }
+    Ok(url.to_string())
+}
+
+/// Whether two URLs name the same thing once parsed (`HTTP://Host:80/` is `http://host/`, and
+/// `?flag` is `?flag=`), so a GET -> PUT round trip is no change.
+pub fn same_url(a: &str, b: &str) -> bool {
+    let (Ok(a), Ok(b)) = (reqwest::Url::parse(a), reqwest::Url::parse(b)) else {
+        return a == b;
+    };
+    let pairs = |u: &reqwest::Url| u.query_pairs().into_owned().collect::<Vec<_>>();
+    a.scheme() == b.scheme()
+        && a.username() == b.username()
+        && a.password() == b.password()
+        && a.host_str() == b.host_str()
+        && a.port_or_known_default() == b.port_or_known_default()
+        && a.path() == b.path()
+        && pairs(&a) == pairs(&b)
+        && a.fragment() == b.fragment()
 }
 
 #[cfg(test)]
@@ -219,22 +337,73 @@ mod tests {
     }
 
     #[test]
-    fn listed_urls_hide_the_basic_auth_password() {
+    fn listed_urls_hide_every_credential() {
         assert_eq!(
             masked_url("http://hookuser:secret@hooks.example.com:8080/ci?x=1"),
-            "http://hookuser:*****@hooks.example.com:8080/ci?x=1"
+            "http://hookuser:*****@hooks.example.com:8080/ci?x=*****"
         );
         assert_eq!(
             masked_url("https://:p%40ss@example.com/"),
             "https://:*****@example.com/"
         );
-        // A user without a password is not a secret; a plain URL is left as it is.
+        // A user without a password is often a token (`https://TOKEN@host/`).
         assert_eq!(
-            masked_url("http://hookuser@example.com/"),
-            "http://hookuser@example.com/"
+            masked_url("http://glpat-abcdef@example.com/"),
+            "http://*****@example.com/"
+        );
+        assert_eq!(
+            masked_url("https://example.com/h?token=s3cret&sig=abc&empty=&flag"),
+            "https://example.com/h?token=*****&sig=*****&empty=&flag="
         );
         assert_eq!(masked_url("http://example.com/x"), "http://example.com/x");
         assert!(!masked_url("http://u:secret@exa mple.com/").contains("secret"));
+        assert!(!masked_url("https://h/?a%20b=s3cret").contains("s3cret"));
+    }
+
+    #[test]
+    fn masks_given_back_keep_the_stored_values_on_the_same_server_only() {
+        let stored = "https://user:pw@hooks.example.com/ci?token=t0k&channel=builds";
+        let masked = masked_url(stored);
+        // The GET -> PUT round trip: the stored URL, not the mask.
+        assert!(same_url(&unmask_url(&masked, stored).unwrap(), stored));
+        // A path changed on the same server keeps the credentials.
+        let moved = masked.replace("/ci", "/ci2");
+        let unmasked = unmask_url(&moved, stored).unwrap();
+        assert!(
+            unmasked.contains("user:pw@") && unmasked.contains("token=t0k"),
+            "{unmasked}"
+        );
+        assert!(unmasked.contains("/ci2"));
+        // Another host: refused, never carried over.
+        let error =
+            unmask_url(&masked.replace("hooks.example.com", "evil.test"), stored).unwrap_err();
+        assert!(error.contains("host"), "{error}");
+        // A mask where nothing is stored: refused, not written as a password.
+        let error = unmask_url(
+            "https://user:*****@hooks.example.com/",
+            "https://user@hooks.example.com/",
+        )
+        .unwrap_err();
+        assert!(error.contains("password"), "{error}");
+        let error = unmask_url("https://hooks.example.com/?new=*****", stored).unwrap_err();
+        assert!(error.contains("\"new\""), "{error}");
+        // No mask: as given.
+        assert_eq!(
+            unmask_url("https://a.test/x", stored).unwrap(),
+            "https://a.test/x"
+        );
+    }
+
+    #[test]
+    fn validation_errors_do_not_echo_the_url() {
+        for bad in [
+            "ftp://user:s3cret@example.com/",
+            "http://user:s3cret@/",
+            "not a url with s3cret",
+        ] {
+            let error = validate_url(bad).unwrap_err();
+            assert!(!error.contains("s3cret"), "{error}");
+        }
     }
 
     #[tokio::test]

@@ -45,6 +45,8 @@
 //! - [`dead_letter`]: the dead-letter topic, the operator's side: listing and replaying it.
 //! - [`hook_admin`]: managing hooks (checks, add, edit, list, remove, enable), the one
 //!   implementation behind the `hooks` commands and the hooks API.
+//! - [`access`]: the credential model: the operator's admin token, tokens scoped to a project
+//!   or namespace, and the one authorization check every route calls.
 //! - [`api`]: the hooks API (GitLab's project hooks routes, behind an admin token) and its
 //!   OpenAPI document.
 //! - [`delivery_log`]: every attempt recorded off the delivery path (batched writer, dropped
@@ -53,6 +55,7 @@
 //!   `hooks test|resend`, and the hooks API's routes).
 //! - [`server`]: `/metrics`, `/healthz`, `/readyz` and [`serve`].
 
+pub mod access;
 pub mod api;
 mod commit;
 mod commit_metadata;
@@ -199,6 +202,7 @@ impl Consumer {
             self.cx.handoff.producer().clone(),
             self.cx.config.retry_topic.clone(),
         )
+        .with_rate_limit(self.cx.config.rate_limit)
     }
 
     pub fn metrics(&self) -> Arc<ConsumerMetrics> {

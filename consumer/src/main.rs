@@ -1,11 +1,16 @@
 //! `hookline-consumer`: serve, manage hooks, inspect and replay dead letters.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use hookline_cistate::api_tokens::{self, TokenScope};
 use hookline_cistate::delivery_log::{self, DeliveryLogQuery};
+use hookline_cistate::{CiStore, PgStore, SecretKeys};
 use hookline_consumer::api::AdminToken;
 use hookline_consumer::config::{ConsumerConfig, RateLimitConfig};
 use hookline_consumer::dead_letter::{self, DeadLetterKind, ReplayFilter};
@@ -14,7 +19,8 @@ use hookline_consumer::hook_admin::{self, HookAdmin, HookSpec};
 use hookline_consumer::hook_ops;
 use hookline_consumer::hooks::masked_url;
 use hookline_consumer::schedule::{DEFAULT_RETRY_SCHEDULE, RetrySchedule};
-use hookline_consumer::server::{ServeConfig, open_store};
+use hookline_consumer::server::{ServeConfig, check_secrets, open_pg, open_store_sealed};
+use hookline_shell::secret_file::{kafka_options_file, read_secret, secret_on_command_line};
 use hookline_shell::{
     LogArgs, cancel_on_signal, exit_code, init_tracing, parse_duration, parse_key_value,
 };
@@ -47,6 +53,13 @@ enum Command {
     /// Per-root-namespace rate limits, over `serve --rate-limit-per-minute`.
     #[command(subcommand)]
     RateLimits(RateLimitsCommand),
+    /// Hook secrets at rest: make a key, see how values are stored, re-seal them all.
+    #[command(subcommand)]
+    Secrets(SecretsCommand),
+    /// The hooks API's tokens scoped to one project or one root namespace (the admin token is
+    /// the operator's and sees every project).
+    #[command(subcommand)]
+    Tokens(TokensCommand),
 }
 
 #[derive(Args, Clone)]
@@ -67,9 +80,14 @@ struct KafkaArgs {
     #[arg(long, env = "HOOKLINE_DLQ_TOPIC")]
     dlq_topic: Option<String>,
     /// librdkafka setting passed through, KEY=VALUE (repeatable; comma-separated in the env var),
-    /// e.g. security.protocol=SASL_SSL.
+    /// e.g. security.protocol=SASL_SSL. Secrets (sasl.password, ...) belong in
+    /// --kafka-option-file: the command line is readable by every user of the machine.
     #[arg(long = "kafka-option", env = "HOOKLINE_KAFKA_OPTIONS", value_delimiter = ',', value_parser = parse_key_value)]
     kafka_options: Vec<(String, String)>,
+    /// A file of librdkafka settings, KEY=VALUE a line (only its owner may read it): where
+    /// secret settings such as sasl.password go. --kafka-option settings come after it.
+    #[arg(long, env = "HOOKLINE_KAFKA_OPTION_FILE")]
+    kafka_option_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -82,10 +100,21 @@ struct ServeArgs {
     /// PostgreSQL schema of the store [default: public].
     #[arg(long, env = "HOOKLINE_DATABASE_SCHEMA")]
     database_schema: Option<String>,
-    /// A file holding the hooks API's token (trimmed; refused if empty or readable by every
-    /// user). Without it the API under /api/v4 is not served.
+    /// A file holding the hooks API's admin token, an operator credential that sees every
+    /// project (trimmed; at least 32 bytes; refused if group or others may read it; re-read when
+    /// it changes or on SIGHUP). Without it the API under /api/v4 is not served.
     #[arg(long, env = "HOOKLINE_ADMIN_TOKEN_FILE")]
-    admin_token_file: Option<std::path::PathBuf>,
+    admin_token_file: Option<PathBuf>,
+    /// Accept token and key files that group or others may read (by default refused, as ssh
+    /// refuses such a key): for containers, whose mounted secrets are often mode 0644 but seen
+    /// only inside the container.
+    #[arg(long, env = "HOOKLINE_ALLOW_READABLE_SECRET_FILES")]
+    allow_readable_secret_files: bool,
+    /// A file of keys that seal hook URLs, tokens and signing secrets at rest (`<id> <base64 of
+    /// 32 bytes>` a line, the first sealing; see `secrets new-key`). Without it they are stored
+    /// in plaintext.
+    #[arg(long, env = "HOOKLINE_SECRETS_KEY_FILE")]
+    secrets_key_file: Option<PathBuf>,
     /// Address of /metrics, /healthz, /readyz, /openapi.json and the hooks API.
     #[arg(long, env = "HOOKLINE_LISTEN", default_value = "127.0.0.1:9464")]
     listen: SocketAddr,
@@ -131,6 +160,10 @@ struct ServeArgs {
     /// store there is none.
     #[arg(long, env = "HOOKLINE_DELIVERY_LOG", default_value = "on")]
     delivery_log: Switch,
+    /// Most bytes of log rows held in memory waiting to be written (e.g. 32MiB); rows past it are
+    /// dropped and counted, as when the row bound is reached.
+    #[arg(long, env = "HOOKLINE_DELIVERY_LOG_BUFFER_BYTES", default_value = "32MiB", value_parser = parse_bytes)]
+    delivery_log_buffer_bytes: usize,
     /// How long the delivery log keeps rows (whole days: daily partitions are dropped).
     #[arg(long, env = "HOOKLINE_DELIVERY_LOG_RETENTION", default_value = "14d", value_parser = parse_duration)]
     delivery_log_retention: Duration,
@@ -185,6 +218,14 @@ struct DeliverArgs {
         default_value = "http://localhost"
     )]
     instance_url: String,
+    #[command(flatten)]
+    guard: GuardArgs,
+}
+
+/// The SSRF guard's options, shared by deliveries and by `hooks add`, which checks a URL on
+/// save as deliveries check it.
+#[derive(Args)]
+struct GuardArgs {
     /// CIDRs the SSRF guard lets through (comma-separated), e.g. 127.0.0.0/8 for local receivers.
     #[arg(long, env = "HOOKLINE_ALLOW_CIDRS", value_delimiter = ',')]
     allow_cidr: Vec<String>,
@@ -206,11 +247,44 @@ impl DeliverArgs {
         DeliverConfig {
             timeout: self.delivery_timeout,
             instance_url: self.instance_url,
-            allow_cidrs: self.allow_cidr,
-            ssrf_guard: !self.no_ssrf_guard,
-            allow_ports: self.allow_port,
+            allow_cidrs: self.guard.allow_cidr,
+            ssrf_guard: !self.guard.no_ssrf_guard,
+            allow_ports: self.guard.allow_port,
         }
     }
+}
+
+impl GuardArgs {
+    fn guard(&self) -> anyhow::Result<Option<hookline_consumer::ssrf::SsrfGuard>> {
+        if self.no_ssrf_guard {
+            return Ok(None);
+        }
+        Ok(Some(
+            hookline_consumer::ssrf::SsrfGuard::new(&self.allow_cidr)?
+                .with_allowed_ports(&self.allow_port),
+        ))
+    }
+}
+
+/// A size in bytes: a number, or with a unit (`512KiB`, `32MiB`, `1GiB`; `k`, `M`, `G` are
+/// binary too).
+fn parse_bytes(input: &str) -> Result<usize, String> {
+    let s = input.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: usize = number
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}: expected e.g. 33554432, 512KiB, 32MiB"))?;
+    let scale: usize = match unit.trim() {
+        "" | "B" => 1,
+        "k" | "K" | "KiB" | "KB" => 1 << 10,
+        "M" | "MiB" | "MB" => 1 << 20,
+        "G" | "GiB" | "GB" => 1 << 30,
+        other => return Err(format!("invalid size unit {other:?}: use KiB, MiB or GiB")),
+    };
+    n.checked_mul(scale)
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("invalid size {s:?}: above zero, and not that large"))
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -227,25 +301,93 @@ struct StoreArgs {
     /// PostgreSQL schema of the store [default: public].
     #[arg(long, env = "HOOKLINE_DATABASE_SCHEMA")]
     database_schema: Option<String>,
+    /// The keys hook secrets are sealed with (as `serve --secrets-key-file`); needed to read or
+    /// write hooks whose secrets are sealed.
+    #[arg(long, env = "HOOKLINE_SECRETS_KEY_FILE")]
+    secrets_key_file: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    fn keys(&self) -> anyhow::Result<Option<Arc<SecretKeys>>> {
+        read_keys(self.secrets_key_file.as_deref())
+    }
+
+    /// The store, hook secrets sealed with the key file when one is given.
+    async fn open(&self) -> anyhow::Result<Arc<dyn CiStore>> {
+        open_store_sealed(
+            &self.database_url,
+            self.database_schema.as_deref(),
+            1,
+            self.keys()?,
+        )
+        .await
+        .context("opening the store")
+    }
+
+    /// The PostgreSQL store (the commands that need its own tables).
+    async fn open_pg(&self) -> anyhow::Result<PgStore> {
+        open_pg(
+            &self.database_url,
+            self.database_schema.as_deref(),
+            1,
+            self.keys()?,
+        )
+        .await
+        .context("opening the store")?
+        .context("this command needs a PostgreSQL store")
+    }
+}
+
+/// The key file, checked as every secret file is (private unless
+/// `--allow-readable-secret-files`).
+fn read_keys(path: Option<&std::path::Path>) -> anyhow::Result<Option<Arc<SecretKeys>>> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    hookline_shell::secret_file::check_private(path, "--secrets-key-file")
+        .map_err(anyhow::Error::msg)?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--secrets-key-file: {}", path.display()))?;
+    let keys = SecretKeys::parse(&text)
+        .map_err(|e| anyhow::anyhow!("--secrets-key-file {}: {e}", path.display()))?;
+    Ok(Some(Arc::new(keys)))
 }
 
 #[derive(Subcommand)]
 enum HooksCommand {
-    /// Add a job-events webhook to a project.
+    /// Add a job-events webhook to a project. Its URL is checked by the SSRF guard (resolved
+    /// now, with --allow-cidr) as deliveries check it.
     Add {
         #[command(flatten)]
         store: StoreArgs,
+        #[command(flatten)]
+        guard: GuardArgs,
         #[arg(long)]
         project: i64,
-        /// http(s) URL of the receiver.
-        #[arg(long)]
-        url: String,
-        /// Sent as X-Gitlab-Token.
-        #[arg(long)]
+        /// http(s) URL of the receiver (credentials in it are secrets too: prefer --url-file).
+        #[arg(long, required_unless_present = "url_file")]
+        url: Option<String>,
+        /// A file holding the receiver's URL (`-`: standard input).
+        #[arg(long, conflicts_with = "url")]
+        url_file: Option<PathBuf>,
+        /// Sent as X-Gitlab-Token. On the command line every user can read it: prefer
+        /// --token-file or the environment variable.
+        #[arg(long, env = "HOOKLINE_HOOK_TOKEN", conflicts_with = "token_file")]
         token: Option<String>,
-        /// Standard Webhooks secret, whsec_<base64>.
+        /// A file holding the token (`-`: standard input).
         #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Standard Webhooks secret, whsec_<base64 of 24 to 64 bytes>. Prefer
+        /// --signing-secret-file or the environment variable.
+        #[arg(
+            long,
+            env = "HOOKLINE_HOOK_SIGNING_SECRET",
+            conflicts_with = "signing_secret_file"
+        )]
         signing_secret: Option<String>,
+        /// A file holding the signing secret (`-`: standard input).
+        #[arg(long)]
+        signing_secret_file: Option<PathBuf>,
         /// Add the hook even though the project is not in the store (yet).
         #[arg(long)]
         force: bool,
@@ -310,6 +452,67 @@ enum HooksCommand {
 }
 
 #[derive(Subcommand)]
+enum SecretsCommand {
+    /// Print a new key line (`<id> <base64>`) for --secrets-key-file; put it first to seal with it.
+    NewKey {
+        /// The key's id, stored with every value it seals (letters, digits, '-', '_', '.').
+        #[arg(long)]
+        id: String,
+    },
+    /// How the stored hook secrets are kept: plaintext, or sealed and with which key.
+    Status {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Re-seal every hook secret not sealed with the current (first) key: plaintext ones and
+    /// those of older keys. Then the older keys can leave the key file.
+    Reencrypt {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokensCommand {
+    /// Create a token for one project or one root namespace; it is printed once, keep it.
+    Create {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The project the token manages the hooks of.
+        #[arg(
+            long,
+            required_unless_present = "namespace",
+            conflicts_with = "namespace"
+        )]
+        project: Option<i64>,
+        /// The root namespace whose projects' hooks the token manages.
+        #[arg(long)]
+        namespace: Option<i64>,
+        /// What it is for (shown in listings).
+        #[arg(long)]
+        name: String,
+        /// When it stops working (RFC 3339) [default: never].
+        #[arg(long)]
+        expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    },
+    /// List tokens (never their text), all or one scope's.
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[arg(long, conflicts_with = "namespace")]
+        project: Option<i64>,
+        #[arg(long)]
+        namespace: Option<i64>,
+    },
+    /// Revoke a token: it stops working at once.
+    Revoke {
+        #[command(flatten)]
+        store: StoreArgs,
+        id: i64,
+    },
+}
+
+#[derive(Subcommand)]
 enum RateLimitsCommand {
     /// Set a root namespace's own limit: deliveries per minute, or `off` for none.
     Set {
@@ -370,7 +573,7 @@ enum DlqCommand {
 }
 
 impl KafkaArgs {
-    fn config(&self) -> ConsumerConfig {
+    fn config(&self) -> anyhow::Result<ConsumerConfig> {
         let mut c = ConsumerConfig::new(&self.brokers, &self.group_id).with_topic(&self.topic);
         if let Some(t) = &self.retry_topic {
             c.retry_topic = t.clone();
@@ -378,8 +581,40 @@ impl KafkaArgs {
         if let Some(t) = &self.dlq_topic {
             c.dlq_topic = t.clone();
         }
-        c.kafka = self.kafka_options.clone();
-        c
+        if let Some(path) = &self.kafka_option_file {
+            c.kafka =
+                kafka_options_file(path, "--kafka-option-file").map_err(anyhow::Error::msg)?;
+        }
+        c.kafka.extend(self.kafka_options.iter().cloned());
+        Ok(c)
+    }
+}
+
+/// Warns of every secret given as a command-line argument (not through the environment or a
+/// file): `/proc/<pid>/cmdline` shows it to every user of the machine.
+fn warn_of_secrets_on_command_line(matches: &ArgMatches) {
+    hookline_shell::secret_file::warn_of_secrets_on_command_line(
+        matches,
+        &[
+            ("token", "--token", "--token-file or HOOKLINE_HOOK_TOKEN"),
+            (
+                "signing_secret",
+                "--signing-secret",
+                "--signing-secret-file or HOOKLINE_HOOK_SIGNING_SECRET",
+            ),
+        ],
+    );
+    // A URL only when it carries credentials.
+    if let Some(("hooks", hooks)) = matches.subcommand()
+        && let Some(("add", add)) = hooks.subcommand()
+        && add.value_source("url") == Some(ValueSource::CommandLine)
+        && let Some(url) = add.get_one::<String>("url")
+        && masked_url(url) != *url
+    {
+        tracing::warn!(
+            "{}",
+            secret_on_command_line("--url with credentials", "--url-file")
+        );
     }
 }
 
@@ -391,11 +626,13 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     init_tracing(cli.log.log_format, "info,rdkafka=warn");
+    warn_of_secrets_on_command_line(&matches);
     match cli.command {
         Command::Serve(args) => {
-            let mut consumer = args.kafka.config();
+            let mut consumer = args.kafka.config()?;
             consumer.max_in_flight = args.max_in_flight;
             consumer.hook_in_flight = args.hook_in_flight;
             consumer.host_in_flight = args.host_in_flight;
@@ -418,11 +655,14 @@ async fn run() -> anyhow::Result<()> {
             consumer.deliver = args.deliver.config();
             consumer.delivery_log.enabled = matches!(args.delivery_log, Switch::On);
             consumer.delivery_log.retention = args.delivery_log_retention;
+            consumer.delivery_log.buffer_bytes = args.delivery_log_buffer_bytes;
+            hookline_shell::secret_file::allow_readable(args.allow_readable_secret_files);
             let admin_token = args
                 .admin_token_file
                 .as_deref()
                 .map(AdminToken::read)
                 .transpose()?;
+            let secrets = read_keys(args.secrets_key_file.as_deref())?;
             let token = CancellationToken::new();
             cancel_on_signal(token.clone());
             hookline_consumer::serve(
@@ -433,6 +673,8 @@ async fn run() -> anyhow::Result<()> {
                     listen: args.listen,
                     schema_registry_url: args.schema_registry_url,
                     admin_token,
+                    admin_token_file: args.admin_token_file,
+                    secrets,
                 },
                 token,
             )
@@ -440,8 +682,10 @@ async fn run() -> anyhow::Result<()> {
         }
         Command::Hooks(cmd) => hooks(cmd).await?,
         Command::RateLimits(cmd) => rate_limits(cmd).await?,
+        Command::Secrets(cmd) => secrets(cmd).await?,
+        Command::Tokens(cmd) => tokens(cmd).await?,
         Command::Dlq(DlqCommand::List { kafka }) => {
-            for letter in dead_letter::list(&kafka.config()).await? {
+            for letter in dead_letter::list(&kafka.config()?).await? {
                 let at = letter.timestamp.map(|t| t.to_rfc3339()).unwrap_or_default();
                 let what = match &letter.kind {
                     DeadLetterKind::Delivery(t) => format!(
@@ -477,7 +721,7 @@ async fn run() -> anyhow::Result<()> {
         }
         Command::Dlq(DlqCommand::Replay { kafka, since, hook }) => {
             let summary = dead_letter::replay(
-                &kafka.config(),
+                &kafka.config()?,
                 &ReplayFilter {
                     since,
                     hook_id: hook,
@@ -501,9 +745,7 @@ async fn rate_limits(cmd: RateLimitsCommand) -> anyhow::Result<()> {
     let (RateLimitsCommand::Set { store, .. }
     | RateLimitsCommand::Clear { store, .. }
     | RateLimitsCommand::List { store }) = &cmd;
-    let store = open_store(&store.database_url, store.database_schema.as_deref(), 1)
-        .await
-        .context("opening the store")?;
+    let store = store.open().await?;
     match cmd {
         RateLimitsCommand::Set {
             namespace, limit, ..
@@ -532,31 +774,50 @@ async fn rate_limits(cmd: RateLimitsCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn hooks(cmd: HooksCommand) -> anyhow::Result<()> {
-    let (url, schema) = match &cmd {
+/// A secret given directly, or read from its file (`-`: standard input).
+fn secret_from(
+    given: Option<String>,
+    file: Option<&std::path::Path>,
+    what: &str,
+) -> anyhow::Result<Option<String>> {
+    match file {
+        Some(path) => Ok(Some(read_secret(path, what).map_err(anyhow::Error::msg)?)),
+        None => Ok(given),
+    }
+}
+
+async fn hooks(mut cmd: HooksCommand) -> anyhow::Result<()> {
+    // Secrets from their files (or standard input) first, and the hook checked before the
+    // database is touched, so a bad value is refused on its own.
+    if let HooksCommand::Add {
+        url,
+        url_file,
+        token,
+        token_file,
+        signing_secret,
+        signing_secret_file,
+        ..
+    } = &mut cmd
+    {
+        *url = secret_from(url.take(), url_file.as_deref(), "--url-file")?;
+        *token = secret_from(token.take(), token_file.as_deref(), "--token-file")?;
+        *signing_secret = secret_from(
+            signing_secret.take(),
+            signing_secret_file.as_deref(),
+            "--signing-secret-file",
+        )?;
+        hook_admin::check(url.as_deref(), token.as_deref(), signing_secret.as_deref())?;
+    }
+    let store_args = match &cmd {
         HooksCommand::Add { store, .. }
         | HooksCommand::List { store, .. }
         | HooksCommand::Remove { store, .. }
         | HooksCommand::Enable { store, .. }
         | HooksCommand::Log { store, .. }
         | HooksCommand::Test { store, .. }
-        | HooksCommand::Resend { store, .. } => {
-            (store.database_url.clone(), store.database_schema.clone())
-        }
+        | HooksCommand::Resend { store, .. } => store,
     };
-    // Check the hook before touching the database, so a bad URL is refused on its own.
-    if let HooksCommand::Add {
-        url,
-        token,
-        signing_secret,
-        ..
-    } = &cmd
-    {
-        hook_admin::check(Some(url), token.as_deref(), signing_secret.as_deref())?;
-    }
-    let store = open_store(&url, schema.as_deref(), 1)
-        .await
-        .context("opening the store")?;
+    let store = store_args.open().await?;
     let admin = HookAdmin::new(store.clone());
     match cmd {
         HooksCommand::Add {
@@ -566,8 +827,11 @@ async fn hooks(cmd: HooksCommand) -> anyhow::Result<()> {
             signing_secret,
             force,
             collapse,
+            guard,
             ..
         } => {
+            let admin = admin.with_guard(guard.guard()?);
+            let url = url.context("--url or --url-file is required")?;
             let spec = HookSpec {
                 url,
                 token,
@@ -655,6 +919,7 @@ async fn hooks(cmd: HooksCommand) -> anyhow::Result<()> {
         }
         HooksCommand::Test { id, deliver, .. } => {
             let deliverer = Deliverer::new(deliver.config())?;
+            // The namespaces' own limits apply (the default one is `serve`'s option).
             let tested = hook_ops::test(store.as_ref(), &deliverer, id).await?;
             let answer = match tested.status {
                 Some(status) => status.to_string(),
@@ -681,7 +946,7 @@ async fn hooks(cmd: HooksCommand) -> anyhow::Result<()> {
             }
         }
         HooksCommand::Resend { log_id, kafka, .. } => {
-            let config = kafka.config();
+            let config = kafka.config()?;
             config.check_kafka_options()?;
             let resent =
                 hook_ops::resend_with_config(&config, store.as_ref(), None, log_id).await?;
@@ -689,6 +954,103 @@ async fn hooks(cmd: HooksCommand) -> anyhow::Result<()> {
                 "resent log entry {} to hook {}: event {} idempotency_key {}",
                 resent.log_id, resent.hook_id, resent.event_id, resent.idempotency_key
             );
+        }
+    }
+    Ok(())
+}
+
+async fn secrets(cmd: SecretsCommand) -> anyhow::Result<()> {
+    match cmd {
+        SecretsCommand::NewKey { id } => {
+            println!("{}", SecretKeys::new_key_line(&id)?);
+        }
+        SecretsCommand::Status { store } => {
+            let pg = store.open_pg().await?;
+            let census = pg.secrets_census().await?;
+            println!("plaintext\t{}", census.plaintext);
+            for (key, n) in &census.sealed {
+                let known = match pg.secrets() {
+                    Some(keys) if keys.current_id() == key => "\tcurrent key",
+                    Some(keys) if keys.holds(key) => "\tolder key",
+                    _ => "\tkey not in the key file",
+                };
+                println!("sealed:{key}\t{n}{known}");
+            }
+            check_secrets(&pg).await?;
+        }
+        SecretsCommand::Reencrypt { store } => {
+            if store.secrets_key_file.is_none() {
+                bail!("reencrypt needs --secrets-key-file (HOOKLINE_SECRETS_KEY_FILE)");
+            }
+            let pg = store.open_pg().await?;
+            let rewritten = pg.reseal_hooks().await?;
+            let key = pg.secrets().map(SecretKeys::current_id).unwrap_or_default();
+            println!("re-sealed the secrets of {rewritten} hooks with key {key}");
+        }
+    }
+    Ok(())
+}
+
+async fn tokens(cmd: TokensCommand) -> anyhow::Result<()> {
+    let scope_of = |project: Option<i64>, namespace: Option<i64>| {
+        project
+            .map(TokenScope::Project)
+            .or(namespace.map(TokenScope::Namespace))
+    };
+    match cmd {
+        TokensCommand::Create {
+            store,
+            project,
+            namespace,
+            name,
+            expires_at,
+        } => {
+            let pg = store.open_pg().await?;
+            let scope = scope_of(project, namespace).context("--project or --namespace")?;
+            if let TokenScope::Project(id) = scope
+                && !pg.project_exists(id).await?
+            {
+                bail!("project {id} is not in the CI state store");
+            }
+            let created = api_tokens::create(pg.pool(), &name, scope, expires_at).await?;
+            eprintln!(
+                "token {} for {scope} created; it is shown this once:",
+                created.row.id
+            );
+            println!("{}", created.token);
+        }
+        TokensCommand::List {
+            store,
+            project,
+            namespace,
+        } => {
+            let pg = store.open_pg().await?;
+            let now = chrono::Utc::now();
+            for t in api_tokens::list(pg.pool(), scope_of(project, namespace)).await? {
+                let state = if t.revoked_at.is_some() {
+                    "revoked"
+                } else if !t.active(now) {
+                    "expired"
+                } else {
+                    "active"
+                };
+                println!(
+                    "{}\t{}\t{state}\t{}\tcreated={}\texpires={}\tlast_used={}",
+                    t.id,
+                    t.scope,
+                    t.name,
+                    t.created_at.to_rfc3339(),
+                    t.expires_at.map_or("-".into(), |e| e.to_rfc3339()),
+                    t.last_used_at.map_or("-".into(), |e| e.to_rfc3339()),
+                );
+            }
+        }
+        TokensCommand::Revoke { store, id } => {
+            let pg = store.open_pg().await?;
+            if !api_tokens::revoke(pg.pool(), id, None).await? {
+                bail!("no active token {id}");
+            }
+            println!("revoked token {id}");
         }
     }
     Ok(())

@@ -398,7 +398,7 @@ impl ConsumerMetrics {
         );
         registry.register(
             "delivery_log_dropped",
-            "Delivery-log rows dropped: the writer's buffer was full, or the database failed or was too slow to take a batch (deliveries are never held up for the log)",
+            "Delivery-log rows dropped: the writer's buffer was full (of rows or of bytes), or the database failed or was too slow to take a batch (deliveries are never held up for the log)",
             delivery_log_dropped.clone(),
         );
         Self {

@@ -10,13 +10,14 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use hookline_cistate::{CiStore, MemoryStore, PgOptions, PgStore};
+use hookline_cistate::{CiStore, MemoryStore, PgOptions, PgStore, SecretKeys};
 use hookline_schemas::codec::REGISTRY_ATTEMPTS;
 use hookline_schemas::{Codec, CodecError, RegistryError, SchemaVersion};
+use hookline_shell::ready_cache::ReadyCache;
 use rdkafka::producer::Producer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::api::{self, AdminToken, ApiState};
 use crate::hook_admin::HookAdmin;
@@ -36,8 +37,14 @@ pub struct ServeConfig {
     /// Base URL of a Confluent-compatible schema registry to fetch writer schemas from, by the
     /// id in each record (cached). `None`: the embedded registry (`schemas/avro/manifest.json`).
     pub schema_registry_url: Option<String>,
-    /// The hooks API's token (`--admin-token-file`). `None`: the API is not served.
+    /// The hooks API's admin token (`--admin-token-file`), an operator credential. `None`: the
+    /// API is not served.
     pub admin_token: Option<AdminToken>,
+    /// The file the admin token was read from: re-read when it changes or on SIGHUP.
+    pub admin_token_file: Option<std::path::PathBuf>,
+    /// The keys hook secrets are sealed with at rest (`--secrets-key-file`); `None` stores them
+    /// in plaintext, as before (said at start).
+    pub secrets: Option<Arc<SecretKeys>>,
 }
 
 /// The consumer's codec: the embedded registry's without a URL; with one, a client of that
@@ -68,16 +75,84 @@ pub async fn open_store(
     schema: Option<&str>,
     attempts: usize,
 ) -> Result<Arc<dyn CiStore>, ConsumerError> {
+    open_store_sealed(url, schema, attempts, None).await
+}
+
+/// [`open_store`], hook secrets sealed with `secrets` (PostgreSQL only: the in-memory store
+/// keeps nothing at rest).
+pub async fn open_store_sealed(
+    url: &str,
+    schema: Option<&str>,
+    attempts: usize,
+    secrets: Option<Arc<SecretKeys>>,
+) -> Result<Arc<dyn CiStore>, ConsumerError> {
+    Ok(match open_pg(url, schema, attempts, secrets).await? {
+        Some(pg) => Arc::new(pg),
+        None => Arc::new(MemoryStore::new()),
+    })
+}
+
+/// The PostgreSQL store named by `url`, or `None` for `memory`.
+pub async fn open_pg(
+    url: &str,
+    schema: Option<&str>,
+    attempts: usize,
+    secrets: Option<Arc<SecretKeys>>,
+) -> Result<Option<PgStore>, ConsumerError> {
     if url == "memory" {
-        return Ok(Arc::new(MemoryStore::new()));
+        return Ok(None);
     }
     let mut options = PgOptions::new(url);
     if let Some(schema) = schema {
         options = options.schema(schema);
     }
-    Ok(Arc::new(
-        PgStore::connect_patiently(&options, attempts).await?,
+    Ok(Some(
+        PgStore::connect_patiently(&options, attempts)
+            .await?
+            .with_secrets(secrets),
     ))
+}
+
+/// Says at start how hook secrets are kept, and refuses to start when stored secrets cannot be
+/// opened (sealed without a key file, or with a key the file does not hold): every delivery to
+/// those hooks would wait on them.
+pub async fn check_secrets(store: &PgStore) -> Result<(), ConsumerError> {
+    let census = store.secrets_census().await?;
+    match store.secrets() {
+        None => {
+            if !census.sealed.is_empty() {
+                let ids: Vec<&str> = census.sealed.iter().map(|(k, _)| k.as_str()).collect();
+                return Err(ConsumerError::Config(format!(
+                    "hook secrets in the store are sealed (key ids: {}) but no --secrets-key-file is given",
+                    ids.join(", ")
+                )));
+            }
+            warn!(
+                plaintext = census.plaintext,
+                "hook URLs, tokens and signing secrets are stored in plaintext: no --secrets-key-file"
+            );
+        }
+        Some(keys) => {
+            let missing: Vec<&str> = census
+                .sealed
+                .iter()
+                .map(|(k, _)| k.as_str())
+                .filter(|k| !keys.holds(k))
+                .collect();
+            if !missing.is_empty() {
+                return Err(ConsumerError::Config(format!(
+                    "hook secrets in the store are sealed with key ids the secrets key file does not hold: {}",
+                    missing.join(", ")
+                )));
+            }
+            info!(
+                key = keys.current_id(),
+                plaintext = census.plaintext,
+                "hook secrets are sealed at rest; plaintext ones are sealed on their next write (or `hookline-consumer secrets reencrypt`)"
+            );
+        }
+    }
+    Ok(())
 }
 
 #[derive(Clone)]
@@ -85,14 +160,19 @@ struct AppState {
     metrics: Arc<ConsumerMetrics>,
     store: Arc<dyn CiStore>,
     kafka: HandoffProducer,
+    /// The topics readiness asks about: the consumer's own, not the cluster's every topic.
+    topics: Arc<Vec<String>>,
+    ready: Arc<ReadyCache>,
 }
 
 /// The operational endpoints, without a socket (tests call it directly). `kafka` is any client
-/// of the consumer's cluster: readiness asks it for metadata.
+/// of the consumer's cluster: readiness asks it for the metadata of `topics` (the main, retry
+/// and dead-letter topics).
 pub fn app(
     metrics: Arc<ConsumerMetrics>,
     store: Arc<dyn CiStore>,
     kafka: HandoffProducer,
+    topics: Vec<String>,
 ) -> Router {
     Router::new()
         .route("/metrics", get(metrics_text))
@@ -102,6 +182,8 @@ pub fn app(
             metrics,
             store,
             kafka,
+            topics: Arc::new(topics),
+            ready: Arc::new(ReadyCache::default()),
         })
 }
 
@@ -116,24 +198,40 @@ async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 /// Ready when the store and Kafka answer: without the store no legacy event can be rendered
-/// and no hook read; without Kafka nothing is consumed and no retry can be handed off.
+/// and no hook read; without Kafka nothing is consumed and no retry can be handed off. The
+/// endpoint is open, so its answer is reused for a second ([`ReadyCache`]) and Kafka is asked
+/// only about the consumer's own topics.
 async fn ready(State(state): State<AppState>) -> impl IntoResponse {
-    if let Err(e) = state.store.ping().await {
-        return (StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}"));
+    let answer = state.ready.get(|| check_ready(&state)).await;
+    match answer {
+        Ok(()) => (StatusCode::OK, "ready".to_owned()),
+        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason),
     }
-    let kafka = state.kafka.clone();
-    let metadata = tokio::task::spawn_blocking(move || {
-        kafka
-            .client()
-            .fetch_metadata(None, Duration::from_secs(2))
-            .map(|_| ())
-    })
-    .await;
-    match metadata {
-        Ok(Ok(())) => (StatusCode::OK, "ready".to_owned()),
-        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("kafka: {e}")),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("kafka probe: {e}")),
+}
+
+async fn check_ready(state: &AppState) -> Result<(), String> {
+    state
+        .store
+        .ping()
+        .await
+        .map_err(|e| format!("store: {e}"))?;
+    for topic in state.topics.iter() {
+        let kafka = state.kafka.clone();
+        let name = topic.clone();
+        let metadata = tokio::task::spawn_blocking(move || {
+            kafka
+                .client()
+                .fetch_metadata(Some(&name), Duration::from_secs(2))
+                .map(|m| m.topics().iter().map(|t| t.error()).collect::<Vec<_>>())
+        })
+        .await
+        .map_err(|e| format!("kafka probe: {e}"))?
+        .map_err(|e| format!("kafka: {e}"))?;
+        if let Some(Some(code)) = metadata.first() {
+            return Err(format!("kafka: topic {topic}: {code:?}"));
+        }
     }
+    Ok(())
 }
 
 /// Runs the consumer and its HTTP endpoints until `shutdown`; then drains and returns.
@@ -142,28 +240,47 @@ pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> Result<(
     config.consumer.validate()?;
     let codec = open_codec(config.schema_registry_url.as_deref()).await?;
     // A service started beside its database waits for it a little; a command does not.
-    let store = open_store(
+    let pg = open_pg(
         &config.database_url,
         config.database_schema.as_deref(),
         hookline_cistate::pg::CONNECT_ATTEMPTS,
+        config.secrets.clone(),
     )
     .await?;
+    let store: Arc<dyn CiStore> = match pg {
+        Some(pg) => {
+            check_secrets(&pg).await?;
+            Arc::new(pg)
+        }
+        None => Arc::new(MemoryStore::new()),
+    };
+    let topics = vec![
+        config.consumer.topic.clone(),
+        config.consumer.retry_topic.clone(),
+        config.consumer.dlq_topic.clone(),
+    ];
     let consumer = Consumer::new(config.consumer, store.clone(), codec).await?;
     let listener = TcpListener::bind(config.listen).await?;
     let listen = listener.local_addr()?;
-    let api_state = config.admin_token.map(|token| ApiState {
-        admin: HookAdmin::new(store.clone()),
-        ops: consumer.hook_ops(),
-        token,
+    let api_state = config.admin_token.map(|token| {
+        let ops = consumer.hook_ops();
+        ApiState {
+            admin: HookAdmin::new(store.clone()).with_guard(ops.deliverer.guard().cloned()),
+            ops,
+            token,
+        }
     });
+    if let (Some(state), Some(path)) = (&api_state, config.admin_token_file.clone()) {
+        state.token.watch(path, shutdown.clone());
+    }
     if api_state.is_some() {
-        info!(%listen, "serving /metrics, /healthz, /readyz, /openapi.json and the hooks API under /api/v4");
+        info!(%listen, "serving /metrics, /healthz, /readyz, /openapi.json and the hooks API under /api/v4 (the admin token is an operator credential: every project's hooks)");
     } else {
         info!(%listen, "serving /metrics, /healthz, /readyz, /openapi.json; the hooks API is off (no --admin-token-file)");
     }
     let http_stop = shutdown.clone();
-    let routes =
-        app(consumer.metrics(), store, consumer.kafka_client()).merge(api::router(api_state));
+    let routes = app(consumer.metrics(), store, consumer.kafka_client(), topics)
+        .merge(api::router(api_state));
     let http = tokio::spawn(
         axum::serve(listener, routes)
             .with_graceful_shutdown(async move { http_stop.cancelled().await })

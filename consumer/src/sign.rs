@@ -60,6 +60,11 @@ impl SigningSecret {
         Ok(SigningSecret(key))
     }
 
+    /// The key's length in bytes.
+    pub fn key_len(&self) -> usize {
+        self.0.len()
+    }
+
     fn mac(&self, msg_id: &str, timestamp: i64, body: &[u8]) -> HmacSha256 {
         // HMAC takes keys of any length, so `new_from_slice` cannot fail here.
         let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC accepts any key length");

@@ -45,19 +45,18 @@ pub enum Refusal {
     /// The URL cannot be used at all (not http(s), CR/LF, unparsable, no host).
     #[error("invalid hook URL: {0}")]
     InvalidUrl(String),
-    /// The host is (or resolves to) an address in a blocked range.
-    #[error(
-        "blocked by the SSRF guard (rule: special-purpose address): {host} is {ip}, in the {range} range"
-    )]
+    /// The host is (or resolves to) an address in a blocked range. For a host name the text
+    /// says only that it resolves to a blocked address: naming the address (or its range) would
+    /// let whoever may add or test a hook map the internal DNS. The fields, logged on the
+    /// server, keep the detail.
+    #[error("{}", blocked_text(host, *ip, Some(range)))]
     Blocked {
         host: String,
         ip: IpAddr,
         range: &'static str,
     },
     /// The host is (or resolves to) one of this machine's own interface addresses.
-    #[error(
-        "blocked by the SSRF guard (rule: own address): {host} is {ip}, an address of this machine"
-    )]
+    #[error("{}", blocked_text(host, *ip, None))]
     OwnAddress { host: String, ip: IpAddr },
     /// A port below 1024 that is not in the allowed list.
     #[error(
@@ -67,6 +66,34 @@ pub enum Refusal {
     /// The host name did not resolve; nothing was sent.
     #[error("could not resolve {host}: {reason}")]
     Unresolvable { host: String, reason: String },
+}
+
+/// Whether `host` is an IP literal (bracketed or not): its address is no secret to whoever
+/// wrote it.
+fn is_ip_literal(host: &str) -> bool {
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+        .is_ok()
+}
+
+fn blocked_text(host: &str, ip: IpAddr, range: Option<&str>) -> String {
+    let rule = if range.is_some() {
+        "special-purpose address"
+    } else {
+        "own address"
+    };
+    match (is_ip_literal(host), range) {
+        (true, Some(range)) => {
+            format!("blocked by the SSRF guard (rule: {rule}): {ip} is in the {range} range")
+        }
+        (true, None) => {
+            format!("blocked by the SSRF guard (rule: {rule}): {ip} is an address of this machine")
+        }
+        (false, _) => format!(
+            "blocked by the SSRF guard (rule: {rule}): {host} resolves to a blocked address"
+        ),
+    }
 }
 
 impl Refusal {
@@ -313,6 +340,10 @@ const V4_BLOCKED: &[(&str, &str)] = &[
     ("172.16.0.0/12", "private (RFC 1918)"),
     ("192.0.0.0/24", "IETF protocol assignment"),
     ("192.0.2.0/24", "documentation"),
+    (
+        "192.88.99.0/24",
+        "6to4 relay anycast (deprecated, RFC 7526)",
+    ),
     ("192.168.0.0/16", "private (RFC 1918)"),
     ("198.18.0.0/15", "benchmarking"),
     ("198.51.100.0/24", "documentation"),
@@ -326,7 +357,12 @@ const V6_BLOCKED: &[(&str, &str)] = &[
     ("::/128", "unspecified"),
     ("::1/128", "loopback"),
     ("100::/64", "discard-only"),
+    // Teredo tunnels to an IPv4 address hidden (obfuscated) in the IPv6 one.
+    ("2001::/32", "Teredo"),
+    ("2001:2::/48", "benchmarking"),
     ("2001:db8::/32", "documentation"),
+    ("3fff::/20", "documentation"),
+    ("5f00::/16", "segment routing (SRv6)"),
     ("fc00::/7", "unique local (ULA)"),
     ("fe80::/10", "link-local"),
     ("fec0::/10", "site-local"),
@@ -345,12 +381,31 @@ fn find_range(ip: IpAddr, table: &'static [(&'static str, &'static str)]) -> Opt
     })
 }
 
+/// Single addresses that are public (or ULA) in form but serve only the host they run on: cloud
+/// platforms' metadata and platform services. Checked before the ranges so the refusal names
+/// the service.
+const CLOUD_SERVICES: &[(&str, &str)] = &[
+    (
+        "168.63.129.16/32",
+        "cloud platform service (Azure WireServer)",
+    ),
+    ("fd00:ec2::254/128", "cloud metadata (AWS IMDS over IPv6)"),
+    (
+        "fd00:ec2::23/128",
+        "cloud platform service (AWS DNS over IPv6)",
+    ),
+    (
+        "fd00:ec2::123/128",
+        "cloud platform service (AWS time sync over IPv6)",
+    ),
+];
+
 fn blocked_v4(ip: Ipv4Addr) -> Option<&'static str> {
-    find_range(IpAddr::V4(ip), V4_BLOCKED)
+    find_range(IpAddr::V4(ip), CLOUD_SERVICES).or_else(|| find_range(IpAddr::V4(ip), V4_BLOCKED))
 }
 
 fn blocked_v6(ip: Ipv6Addr) -> Option<&'static str> {
-    find_range(IpAddr::V6(ip), V6_BLOCKED)
+    find_range(IpAddr::V6(ip), CLOUD_SERVICES).or_else(|| find_range(IpAddr::V6(ip), V6_BLOCKED))
 }
 
 /// The guard: the blocked ranges and this machine's addresses minus the allowlist, and the
@@ -406,8 +461,21 @@ impl SsrfGuard {
     }
 
     /// `Ok` when the guard lets a connection to `ip` through.
+    ///
+    /// This machine's own addresses are refused first, whatever the allowlist says: an
+    /// allowlisted network (`10.0.0.0/8` for the receivers next door) that happens to hold this
+    /// machine's address must not open the consumer's own ports (its API, metrics, a database
+    /// on the same host). Loopback is not an "own address" here (the loopback range rule covers
+    /// it, and an allowlist may open it for local receivers).
     pub fn check_ip(&self, host: &str, ip: IpAddr) -> Result<(), Refusal> {
         let embedded = embedded(ip);
+        let own = self.own.get();
+        if own.contains(&ip) || embedded.iter().any(|a| own.contains(a)) {
+            return Err(Refusal::OwnAddress {
+                host: host.to_owned(),
+                ip,
+            });
+        }
         let allowed = |a: IpAddr| self.allow.iter().any(|c| c.contains(a));
         if allowed(ip) || (!embedded.is_empty() && embedded.iter().all(|a| allowed(*a))) {
             return Ok(());
@@ -417,13 +485,6 @@ impl SsrfGuard {
                 host: host.to_owned(),
                 ip,
                 range,
-            });
-        }
-        let own = self.own.get();
-        if own.contains(&ip) || embedded.iter().any(|a| own.contains(a)) {
-            return Err(Refusal::OwnAddress {
-                host: host.to_owned(),
-                ip,
             });
         }
         Ok(())
@@ -500,7 +561,15 @@ impl SsrfGuard {
             });
         }
         for addr in &addrs {
-            self.check_ip(host, addr.ip())?;
+            if let Err(refusal) = self.check_ip(host, addr.ip()) {
+                // The detail stays on the server: the refusal's text does not name the address.
+                let range = match &refusal {
+                    Refusal::Blocked { range, .. } => range,
+                    _ => "own address",
+                };
+                tracing::warn!(host, ip = %addr.ip(), range, rule = refusal.rule(), "SSRF guard refused a host name");
+                return Err(refusal);
+            }
         }
         Ok(addrs)
     }
@@ -940,11 +1009,92 @@ mod tests {
     #[test]
     fn refusals_name_their_rule_in_plain_words() {
         let guard = SsrfGuard::default().with_own_addresses(no_own_addresses);
-        let text = guard.check_ip("h", ip("0.0.0.0")).unwrap_err().to_string();
+        let text = guard
+            .check_ip("0.0.0.0", ip("0.0.0.0"))
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             text,
-            "blocked by the SSRF guard (rule: special-purpose address): h is 0.0.0.0, in the unspecified (\"this network\") range"
+            "blocked by the SSRF guard (rule: special-purpose address): 0.0.0.0 is in the unspecified (\"this network\") range"
         );
         assert!(!text.contains("a unspecified"));
+    }
+
+    /// A name's refusal must not tell whoever asked what the name resolves to: otherwise adding
+    /// or testing hooks maps the internal DNS, address by address.
+    #[tokio::test]
+    async fn a_refused_name_does_not_reveal_its_address_or_range() {
+        fn own() -> Vec<IpAddr> {
+            vec![ip("10.1.2.3")]
+        }
+        let guard = guard_resolving(&[
+            ("db.internal.test", &["10.20.30.40"]),
+            ("me.internal.test", &["10.1.2.3"]),
+        ])
+        .with_own_addresses(own);
+        for (host, rule) in [
+            ("db.internal.test", "special_purpose_address"),
+            ("me.internal.test", "own_address"),
+        ] {
+            let refusal = guard.resolve_checked(host).await.unwrap_err();
+            assert_eq!(refusal.rule(), rule);
+            let text = refusal.to_string();
+            assert!(
+                text.contains(&format!("{host} resolves to a blocked address")),
+                "{text}"
+            );
+            for leak in ["10.20.30.40", "10.1.2.3", "private", "RFC 1918", "machine"] {
+                assert!(!text.contains(leak), "{text} reveals {leak}");
+            }
+        }
+    }
+
+    #[test]
+    fn tunnels_new_special_ranges_and_cloud_services_are_refused() {
+        let guard = SsrfGuard::default().with_own_addresses(no_own_addresses);
+        for (addr, range) in [
+            ("2001::1", "Teredo"),
+            ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "Teredo"),
+            ("2001:2::1", "benchmarking"),
+            ("3fff::1", "documentation"),
+            ("3fff:fff::1", "documentation"),
+            ("5f00::1", "segment routing"),
+            ("192.88.99.1", "6to4 relay"),
+            ("168.63.129.16", "Azure WireServer"),
+            ("fd00:ec2::254", "AWS IMDS"),
+            ("fd00:ec2::23", "AWS DNS"),
+            ("::ffff:168.63.129.16", "Azure WireServer"),
+        ] {
+            match guard.check_ip(addr, ip(addr)) {
+                Err(Refusal::Blocked { range: r, .. }) => {
+                    assert!(r.contains(range), "{addr}: expected {range}, got {r}")
+                }
+                other => panic!("{addr} should be refused as {range}, got {other:?}"),
+            }
+        }
+        // Their neighbours are public.
+        for addr in [
+            "168.63.129.17",
+            "2001:4860::8888",
+            "4000::1",
+            "192.88.100.1",
+        ] {
+            assert_eq!(guard.check_ip(addr, ip(addr)), Ok(()), "{addr}");
+        }
+    }
+
+    #[test]
+    fn the_own_address_rule_wins_over_the_allowlist() {
+        fn own() -> Vec<IpAddr> {
+            vec![ip("10.1.2.3")]
+        }
+        let guard = SsrfGuard::new(&["10.0.0.0/8"])
+            .unwrap()
+            .with_own_addresses(own);
+        assert_eq!(guard.check_ip("10.9.9.9", ip("10.9.9.9")), Ok(()));
+        for addr in ["10.1.2.3", "::ffff:10.1.2.3"] {
+            let refused = guard.check_ip(addr, ip(addr)).unwrap_err();
+            assert_eq!(refused.rule(), "own_address", "{addr}");
+        }
     }
 }

@@ -43,6 +43,8 @@ pub enum ApiError {
     Unauthorized(String),
     /// The body is not declared as `application/json` (415).
     UnsupportedMediaType(String),
+    /// Without authentication, a `Host` that is not loopback (421): DNS rebinding protection.
+    MisdirectedHost(String),
     /// The body did not arrive within `--body-timeout` (408).
     BodyTimeout(String),
     Unavailable {
@@ -62,6 +64,7 @@ impl ApiError {
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::MisdirectedHost(_) => StatusCode::MISDIRECTED_REQUEST,
             ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -98,6 +101,7 @@ impl ApiError {
             | ApiError::NotFound(m)
             | ApiError::Unauthorized(m)
             | ApiError::UnsupportedMediaType(m)
+            | ApiError::MisdirectedHost(m)
             | ApiError::BodyTimeout(m)
             | ApiError::Internal(m) => json!({ "error": m }),
             ApiError::Unavailable { message, .. } => json!({ "error": message }),

@@ -26,8 +26,14 @@ pub struct KafkaOptions {
     pub topic: String,
     /// Any librdkafka producer setting as KEY=VALUE (TLS, SASL, batching...); repeat the flag, or
     /// comma-separate in the variable. Applied after hookline's own settings.
+    /// Secrets (sasl.password, ...) belong in --kafka-option-file: the command line is readable
+    /// by every user of the machine.
     #[arg(long = "kafka-option", env = "HOOKLINE_KAFKA_OPTIONS", value_delimiter = ',', value_parser = parse_key_value)]
     pub kafka_options: Vec<(String, String)>,
+    /// A file of librdkafka settings, KEY=VALUE a line (only its owner may read it): where
+    /// secret settings such as sasl.password go. --kafka-option settings come after it.
+    #[arg(long, env = "HOOKLINE_KAFKA_OPTION_FILE")]
+    pub kafka_option_file: Option<std::path::PathBuf>,
     /// Avro schema version to write: v2 (current), or v1 to act as a legacy producer (no payload,
     /// never renders inline) when exercising a mixed fleet.
     #[arg(long, env = "HOOKLINE_WRITER_SCHEMA", default_value = "v2", value_parser = parse_writer)]
@@ -55,6 +61,18 @@ pub struct KafkaOptions {
 }
 
 impl KafkaOptions {
+    /// Puts the settings of `--kafka-option-file` (if any) before the `--kafka-option` ones.
+    pub fn load_option_file(&mut self) -> Result<(), ProducerError> {
+        if let Some(path) = self.kafka_option_file.take() {
+            let mut options =
+                hookline_shell::secret_file::kafka_options_file(&path, "--kafka-option-file")
+                    .map_err(ProducerError::Invalid)?;
+            options.append(&mut self.kafka_options);
+            self.kafka_options = options;
+        }
+        Ok(())
+    }
+
     pub fn emitter_config(&self) -> EmitterConfig {
         EmitterConfig {
             brokers: self.brokers.clone(),
@@ -162,6 +180,11 @@ pub struct ServeConfig {
     /// Serve the API without authentication; refused unless --listen is a loopback address.
     #[arg(long, env = "HOOKLINE_NO_AUTH")]
     pub no_auth: bool,
+    /// Accept a token file that group or others may read (by default refused, as ssh refuses
+    /// such a key): for containers, whose mounted secrets are often mode 0644 but seen only
+    /// inside the container.
+    #[arg(long, env = "HOOKLINE_ALLOW_READABLE_SECRET_FILES")]
+    pub allow_readable_secret_files: bool,
     /// Serve /metrics without a token (for a scraper that cannot send one); otherwise /metrics
     /// takes the same bearer token as the API.
     #[arg(long, env = "HOOKLINE_METRICS_PUBLIC")]

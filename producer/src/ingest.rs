@@ -83,6 +83,8 @@ pub struct AppState {
     pub body_timeout: Duration,
     /// Connection limit, header and idle timeouts.
     pub connections: ConnectionLimits,
+    /// `/readyz`'s last answer, reused for a second: the probe is open.
+    pub ready: Arc<hookline_shell::ready_cache::ReadyCache>,
 }
 
 impl AppState {
@@ -97,6 +99,7 @@ impl AppState {
             metrics_public: false,
             body_timeout: Duration::from_secs(30),
             connections: ConnectionLimits::default(),
+            ready: Default::default(),
         }
     }
 }
@@ -122,24 +125,38 @@ pub fn app(state: AppState) -> Router {
             auth::require_token,
         ));
     }
-    Router::new()
+    let open = state.tokens.is_none();
+    let router = Router::new()
         .merge(api)
         .merge(metrics_route)
         .route("/healthz", get(healthz))
         .route("/readyz", get(ready))
         .route("/openapi.json", get(openapi_json))
-        .layer(DefaultBodyLimit::max(state.body_limit))
-        .with_state(state)
+        .layer(DefaultBodyLimit::max(state.body_limit));
+    // Without tokens every route checks that the request was meant for loopback (DNS
+    // rebinding: a browser sends the attacker's host name).
+    let router = if open {
+        router.layer(middleware::from_fn(auth::require_loopback_host))
+    } else {
+        router
+    };
+    router.with_state(state)
 }
 
 /// Connects the stores and Kafka, listens, and serves until `shutdown` is cancelled.
 pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> Result<(), ProducerError> {
     config.validate()?;
+    hookline_shell::secret_file::allow_readable(config.allow_readable_secret_files);
     // Before connecting to anything: a bad token file is an operator's error to fix first.
     let tokens = match &config.api_token_file {
-        Some(path) => Some(Arc::new(ApiTokens::from_file(path)?)),
+        Some(path) => {
+            let tokens = ApiTokens::from_file(path)?;
+            // A rotated file takes effect without a restart.
+            tokens.watch(path.clone(), shutdown.clone());
+            Some(Arc::new(tokens))
+        }
         None => {
-            tracing::warn!(listen = %config.listen, "--no-auth: the API takes transitions from anyone who can reach this loopback address");
+            tracing::warn!(listen = %config.listen, "--no-auth: the API takes transitions from anyone who can reach this loopback address (requests must name a loopback Host)");
             None
         }
     };
@@ -184,6 +201,7 @@ pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> Result<(
             idle_timeout: config.idle_timeout,
             max_connections: config.max_connections,
         },
+        ready: Default::default(),
     };
     run(listener, state, shutdown, config.shutdown_timeout).await
 }
@@ -430,7 +448,9 @@ async fn openapi_json() -> Response {
     )
 )]
 pub(crate) async fn ready(State(state): State<AppState>) -> Response {
-    match state.emitter.check_ready().await {
+    // The probe is open: one real check (a store round trip, the topic's metadata) a second at
+    // most, however many probes come.
+    match state.ready.get(|| state.emitter.check_ready()).await {
         Ok(()) => (StatusCode::OK, "ready").into_response(),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,

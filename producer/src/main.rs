@@ -1,6 +1,6 @@
 //! `hookline-producer`: parse options, set up logging, run the command.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Subcommand};
 use hookline_producer::bench::{self, BenchArgs};
 use hookline_producer::feature::{self, FeatureArgs};
 use hookline_producer::relay::{self, RelayConfig};
@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Turns CI build transitions into BuildEvents on Kafka, rendering the Job Hook inline when the
 /// `execute_build_hooks_inline` flag is on for the build's project.
-#[derive(Parser, Debug)]
+#[derive(clap::Parser, Debug)]
 #[command(name = "hookline-producer", version, about)]
 struct Cli {
     #[command(flatten)]
@@ -41,15 +41,20 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     init_tracing(cli.log.log_format, "info");
+    // `/proc/<pid>/cmdline` shows arguments to every user of the machine.
+    hookline_shell::secret_file::warn_of_secrets_on_command_line(&matches, &[]);
     match cli.command {
-        Command::Serve(config) => {
+        Command::Serve(mut config) => {
+            config.kafka.load_option_file()?;
             let shutdown = CancellationToken::new();
             cancel_on_signal(shutdown.clone());
             serve(*config, shutdown).await?;
         }
-        Command::Relay(config) => {
+        Command::Relay(mut config) => {
+            config.kafka.load_option_file()?;
             let shutdown = CancellationToken::new();
             cancel_on_signal(shutdown.clone());
             relay::relay(*config, shutdown).await?;

@@ -221,6 +221,10 @@ fn serve_refuses_to_run_without_authentication_unless_on_loopback() {
     }
     let tokens = std::env::temp_dir().join(format!("hookline-cli-{}", uuid::Uuid::new_v4()));
     std::fs::write(&tokens, "short\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
     let stderr = refused(cli(
         &env,
         &["serve", "--api-token-file", tokens.to_str().unwrap()],
@@ -292,6 +296,10 @@ async fn a_running_serve_follows_feature_set_and_stops_on_sigterm() {
     let token = "cli-token-0123456789abcdef";
     let token_file = std::env::temp_dir().join(format!("hookline-cli-{schema}"));
     std::fs::write(&token_file, format!("# the test's token\n{token}\n")).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
     let mut serve = Command::new(BIN);
     serve
         .envs(env.iter().map(|(k, v)| (k, v)))
@@ -366,4 +374,152 @@ async fn a_running_serve_follows_feature_set_and_stops_on_sigterm() {
     };
     assert!(status.success(), "serve exited with {status:?}");
     std::fs::remove_file(&token_file).unwrap();
+}
+
+/// A `serve` of the binary on a free port with `args`, once `/healthz` answers.
+async fn serve_with(args: &[&str]) -> (std::process::Child, String) {
+    let (url, schema) =
+        database().expect("HOOKLINE_TEST_DATABASE_URL is not set: run scripts/test");
+    let brokers = std::env::var("HOOKLINE_TEST_KAFKA")
+        .expect("HOOKLINE_TEST_KAFKA is not set: run scripts/test");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(BIN)
+        .env("HOOKLINE_DATABASE_URL", url)
+        .env("HOOKLINE_DATABASE_SCHEMA", schema)
+        .env_remove("HOOKLINE_FLAGS_FILE")
+        .arg("serve")
+        .args(args)
+        .args([
+            "--brokers",
+            &brokers,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .args(["--topic", &format!("cli_{}", uuid::Uuid::new_v4().simple())])
+        .args(["--create-topic-partitions", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start serve");
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while reqwest::get(format!("{base}/healthz")).await.is_err() {
+        assert!(Instant::now() < deadline, "serve did not come up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (child, base)
+}
+
+async fn metrics_status(base: &str, token: &str) -> u16 {
+    reqwest::Client::new()
+        .get(format!("{base}/metrics"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// A rotated token file takes effect without a restart (on change, and on SIGHUP); a file
+/// others may read is refused at start.
+#[tokio::test]
+async fn the_token_file_is_private_and_re_read_when_it_changes() {
+    use std::os::unix::fs::PermissionsExt;
+    let file = std::env::temp_dir().join(format!("hookline-tokens-{}", uuid::Uuid::new_v4()));
+    std::fs::write(&file, "first-token-0123456789\n").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (url, schema) =
+        database().expect("HOOKLINE_TEST_DATABASE_URL is not set: run scripts/test");
+    let env = [
+        ("HOOKLINE_DATABASE_URL", url),
+        ("HOOKLINE_DATABASE_SCHEMA", schema),
+    ];
+    // Bounded: a serve that took the file would go on to wait for its broker.
+    let mut refusing = Command::new(BIN)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .args(["serve", "--brokers", "127.0.0.1:9"])
+        .args(["--api-token-file", file.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while refusing.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            refusing.kill().unwrap();
+            panic!("serve took a token file others may read");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stderr = refused(refusing.wait_with_output().unwrap());
+    assert!(stderr.contains("chmod 600"), "{stderr}");
+    assert!(!stderr.contains("first-token"), "{stderr}");
+
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (mut child, base) = serve_with(&["--api-token-file", file.to_str().unwrap()]).await;
+    assert_eq!(metrics_status(&base, "first-token-0123456789").await, 200);
+    std::fs::write(&file, "second-token-0123456789\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metrics_status(&base, "second-token-0123456789").await != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the changed file was not re-read"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(metrics_status(&base, "first-token-0123456789").await, 401);
+    // SIGHUP re-reads at once (the file's size and time may not have moved).
+    std::fs::write(&file, "third-token--0123456789\n").unwrap();
+    let hup = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metrics_status(&base, "third-token--0123456789").await != 200 {
+        assert!(Instant::now() < deadline, "SIGHUP did not re-read the file");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(child.try_wait().unwrap().is_none(), "SIGHUP stopped serve");
+    child.kill().unwrap();
+    let _ = child.wait();
+    std::fs::remove_file(&file).unwrap();
+}
+
+/// Without authentication, a request that names another host (a page whose name was re-pointed
+/// at 127.0.0.1: DNS rebinding) is refused; loopback names pass.
+#[tokio::test]
+async fn without_auth_only_loopback_host_names_are_served() {
+    let (mut child, base) = serve_with(&["--no-auth"]).await;
+    let port = base.rsplit(':').next().unwrap().to_owned();
+    let client = reqwest::Client::new();
+    let with_host = |host: String| {
+        client
+            .post(format!("{base}/v1/transitions"))
+            .header("host", host)
+            .header("content-type", "application/json")
+            .body("{}")
+            .send()
+    };
+    for host in [format!("attacker.example:{port}"), "rebind.example".into()] {
+        let answer = with_host(host.clone()).await.unwrap();
+        assert_eq!(answer.status().as_u16(), 421, "{host}");
+        let body = answer.text().await.unwrap();
+        assert!(body.contains("--no-auth"), "{body}");
+    }
+    for host in [format!("127.0.0.1:{port}"), format!("localhost:{port}")] {
+        let answer = with_host(host.clone()).await.unwrap();
+        assert_eq!(
+            answer.status().as_u16(),
+            422,
+            "{host}: reached the API (and its checks)"
+        );
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
 }

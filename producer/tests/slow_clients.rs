@@ -80,7 +80,7 @@ async fn trickle_headers(addr: std::net::SocketAddr) -> String {
     let (mut read, mut write) = stream.into_split();
     let writer = tokio::spawn(async move {
         let _ = write
-            .write_all(b"POST /v1/transitions HTTP/1.1\r\nHost: x\r\n")
+            .write_all(b"POST /v1/transitions HTTP/1.1\r\nHost: localhost\r\n")
             .await;
         for i in 0.. {
             if write
@@ -140,7 +140,7 @@ async fn a_body_that_trickles_in_gets_408_and_the_connection_closes() {
     let (mut read, mut write) = stream.into_split();
     write
         .write_all(
-            b"POST /v1/transitions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+            b"POST /v1/transitions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
         )
         .await
         .unwrap();
@@ -168,7 +168,7 @@ async fn an_idle_connection_is_closed_after_its_requests() {
     let stream = TcpStream::connect(server.addr).await.unwrap();
     let (mut read, mut write) = stream.into_split();
     write
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
         .unwrap();
     // Then nothing: the connection is kept alive for a while, then closed.

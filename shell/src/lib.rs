@@ -9,10 +9,14 @@
 //! - [`LogArgs`], [`init_tracing`]: `--log-format text|json` and the `RUST_LOG` filter.
 //! - [`kafka_log`]: librdkafka's logs and error events, transient transport failures at WARN
 //!   and rate-limited, ERROR kept for what needs a person.
+//! - [`secret_file`]: secret files (private, re-read on change or SIGHUP) and secrets kept off
+//!   the command line. [`ready_cache`]: a readiness answer reused for a moment.
 //! - [`shutdown_signal`], [`cancel_on_signal`]: Ctrl-C or SIGTERM.
 //! - [`exit_code`]: an error as one line for a person, and the exit status.
 
 pub mod kafka_log;
+pub mod ready_cache;
+pub mod secret_file;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;

@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(30);
-const TOKEN: &str = "admin-s3cret";
+const TOKEN: &str = "admin-s3cret-admin-s3cret-admin-s3cret";
 
 /// The API served on a loopback port, and a client that checks every answer against the
 /// OpenAPI document the API serves.
@@ -293,8 +293,9 @@ async fn hooks_round_trip_with_gitlab_field_names_and_the_secrets_never_come_bac
     let (status, got, _) = api.call(Method::GET, one, &path, None).await;
     assert_eq!((status, &got), (StatusCode::OK, &created));
 
-    // An edit changes what it names; an empty token clears it.
-    let (status, edited, _) = api
+    // An edit changes what it names; an empty token clears it. The URL changed and the
+    // signing secret was not given again: it is cleared too (GitLab's reset), and said so.
+    let (status, mut edited, _) = api
         .call(
             Method::PUT,
             one,
@@ -305,14 +306,12 @@ async fn hooks_round_trip_with_gitlab_field_names_and_the_secrets_never_come_bac
     assert_eq!(status, StatusCode::OK, "{edited}");
     assert_eq!(edited["url"], "http://127.0.0.1:9/moved");
     assert_eq!(edited["collapse"], true);
+    assert_eq!(edited["hookline_reset"], json!(["signing_secret"]));
     let stored = world.store.hook(id).await.unwrap().unwrap();
     assert_eq!(stored.token, None);
-    assert_eq!(
-        stored.signing_secret.as_deref(),
-        Some(WHSEC),
-        "left as it was"
-    );
+    assert_eq!(stored.signing_secret, None, "reset with the URL change");
     let (_, got, _) = api.call(Method::GET, one, &path, None).await;
+    edited.as_object_mut().unwrap().remove("hookline_reset");
     assert_eq!(got, edited);
 
     // Refusals, GitLab's shapes.
@@ -493,6 +492,23 @@ async fn every_route_served_is_documented_and_every_documented_route_is_served()
             "/api/v4/projects/{id}/hooks/{hook_id}/events/{hook_log_id}/resend",
             vec![Method::POST],
         ),
+        // GitLab's access tokens API, for tokens scoped to a project or a group (operator only).
+        (
+            "/api/v4/projects/{id}/access_tokens",
+            vec![Method::GET, Method::POST],
+        ),
+        (
+            "/api/v4/projects/{id}/access_tokens/{token_id}",
+            vec![Method::DELETE],
+        ),
+        (
+            "/api/v4/groups/{id}/access_tokens",
+            vec![Method::GET, Method::POST],
+        ),
+        (
+            "/api/v4/groups/{id}/access_tokens/{token_id}",
+            vec![Method::DELETE],
+        ),
     ];
     let paths = api.doc["paths"].as_object().unwrap();
     let documented: Vec<(String, Method)> = paths
@@ -521,6 +537,7 @@ async fn every_route_served_is_documented_and_every_documented_route_is_served()
             .replace("{id}", "1")
             .replace("{hook_id}", "1")
             .replace("{hook_log_id}", "1")
+            .replace("{token_id}", "1")
             .replace("{trigger}", "job_events");
         for method in &methods {
             let response = api

@@ -344,6 +344,8 @@ async fn both_services_answer_503_while_postgresql_is_away_and_recover() {
             listen: format!("127.0.0.1:{port}").parse().unwrap(),
             schema_registry_url: None,
             admin_token: None,
+            admin_token_file: None,
+            secrets: None,
         },
         shutdown.clone(),
     ));
@@ -432,7 +434,7 @@ async fn a_transition_in_flight_at_shutdown_is_still_answered() {
         .unwrap();
     conn.write_all(
         format!(
-            "POST /v1/transitions HTTP/1.1\r\nHost: producer\r\nContent-Type: application/json\r\n\
+            "POST /v1/transitions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
              Content-Length: {}\r\nExpect: 100-continue\r\n\r\n",
             body.len()
         )
