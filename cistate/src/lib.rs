@@ -17,6 +17,8 @@
 //! - [`render`](mod@render): the pure renderer, shared by producer (inline) and consumer (deferred).
 //! - [`delivery_log`]: one row per attempt to deliver to a hook, for the operator.
 //! - [`rate_limit`]: per-root-namespace limit overrides and the shared token buckets (GCRA).
+//! - [`stored_time`]: a stored `timestamptz` read as whatever it holds, `infinity` included:
+//!   no value the database can hold panics a decode.
 //! - [`fixtures`]: a realistic build, for tests and examples.
 
 pub mod delivery_log;
@@ -28,6 +30,7 @@ pub mod pg;
 pub mod rate_limit;
 pub mod render;
 pub mod store;
+pub mod stored_time;
 
 pub use memory::MemoryStore;
 pub use model::*;
@@ -38,3 +41,4 @@ pub use render::{NoHook, Transition, is_stale, job_hook, no_hook, render};
 /// The pool type of [`PgStore::pool`] and [`CiStore::pg_pool`], for crates without `sqlx`.
 pub use sqlx::PgPool;
 pub use store::{CiStore, StoreError};
+pub use stored_time::StoredTime;

@@ -17,6 +17,7 @@ use std::time::Duration;
 use chrono::{Days, Utc};
 use hookline_cistate::PgPool;
 use hookline_cistate::delivery_log::{self, DeliveryLogEntry};
+use hookline_shell::supervise::Supervisor;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -70,17 +71,21 @@ pub struct DeliveryLog {
 }
 
 /// The writer and keeper tasks of a running log; dropped, they stop (the writer after one last
-/// flush).
+/// flush). They run under the consumer's supervisor: a writer that died would leave every row
+/// dropped for good, so it stops the consumer instead.
 #[derive(Debug)]
 pub struct DeliveryLogTasks {
     stop: CancellationToken,
     writer: Option<JoinHandle<()>>,
+    /// The consumer's stop: the log stops only when the consumer does.
+    consumer_stop: CancellationToken,
 }
 
 impl DeliveryLogTasks {
     /// Stops the keeper, and the writer after it flushed what it holds (within its write
     /// timeout).
     pub async fn stop(mut self) {
+        self.consumer_stop.cancel();
         self.stop.cancel();
         if let Some(writer) = self.writer.take() {
             let _ = writer.await;
@@ -90,6 +95,7 @@ impl DeliveryLogTasks {
 
 impl Drop for DeliveryLogTasks {
     fn drop(&mut self) {
+        self.consumer_stop.cancel();
         self.stop.cancel();
     }
 }
@@ -103,22 +109,31 @@ impl DeliveryLog {
         }
     }
 
-    /// Starts the writer and the keeper on `pool`.
+    /// Starts the writer and the keeper on `pool`, as tasks of `supervisor`.
     pub fn start(
         pool: PgPool,
         config: &DeliveryLogConfig,
         metrics: Arc<ConsumerMetrics>,
+        supervisor: &Supervisor,
     ) -> (DeliveryLog, DeliveryLogTasks) {
         let (sender, receiver) = mpsc::channel(config.buffer.max(1));
         let stop = CancellationToken::new();
-        let writer = tokio::spawn(write(
+        let writing = write(
             pool.clone(),
             receiver,
             config.clone(),
             metrics.clone(),
             stop.clone(),
-        ));
-        tokio::spawn(keep(pool, config.clone(), stop.clone()));
+        );
+        let writer = supervisor.spawn_service("delivery-log writer", async move {
+            writing.await;
+            Ok::<(), std::convert::Infallible>(())
+        });
+        let keeping = keep(pool, config.clone(), stop.clone());
+        supervisor.spawn_service("delivery-log keeper", async move {
+            keeping.await;
+            Ok::<(), std::convert::Infallible>(())
+        });
         (
             DeliveryLog {
                 sender: Some(sender),
@@ -127,6 +142,7 @@ impl DeliveryLog {
             DeliveryLogTasks {
                 stop,
                 writer: Some(writer),
+                consumer_stop: supervisor.stop().clone(),
             },
         )
     }

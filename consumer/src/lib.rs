@@ -83,10 +83,12 @@ mod strict;
 pub mod task;
 pub mod topics;
 
+use std::convert::Infallible;
 use std::sync::Arc;
 
 use hookline_cistate::CiStore;
 use hookline_schemas::Codec;
+use hookline_shell::supervise::Supervisor;
 use rdkafka::error::KafkaError;
 use tokio_util::sync::CancellationToken;
 
@@ -113,6 +115,9 @@ pub struct Consumer {
     retry: Subscription,
     /// The delivery log's writer and keeper, when the log is on.
     log_tasks: Option<DeliveryLogTasks>,
+    /// Every task the consumer runs: the first that dies stops the others and is the run's
+    /// error (the process exits non-zero), and `/readyz` says so meanwhile.
+    supervisor: Supervisor,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -150,10 +155,15 @@ impl Consumer {
             "retry",
             &metrics,
         )?;
+        let supervisor = Supervisor::new(CancellationToken::new());
         let (log, log_tasks) = match (config.delivery_log.enabled, store.pg_pool()) {
             (true, Some(pool)) => {
-                let (log, tasks) =
-                    DeliveryLog::start(pool.clone(), &config.delivery_log, metrics.clone());
+                let (log, tasks) = DeliveryLog::start(
+                    pool.clone(),
+                    &config.delivery_log,
+                    metrics.clone(),
+                    &supervisor,
+                );
                 (log, Some(tasks))
             }
             (true, None) => {
@@ -179,7 +189,14 @@ impl Consumer {
             main,
             retry,
             log_tasks,
+            supervisor,
         })
+    }
+
+    /// The consumer's tasks: for `/readyz` ([`Supervisor::check`]), and for tasks of its
+    /// process that it should stop with (the HTTP listener: stop on [`Supervisor::stop`]).
+    pub fn supervisor(&self) -> Supervisor {
+        self.supervisor.clone()
     }
 
     /// The operator's hook operations (test, resend) with this consumer's store, HTTP stage,
@@ -207,25 +224,43 @@ impl Consumer {
     ///
     /// First makes sure of the retry and dead-letter topics, waiting for a broker that does not
     /// answer yet (a `topics` stall); missing topics that may not be created end it with an
-    /// error. A fatal error of a Kafka client (this instance fenced as a static member, say)
-    /// stops both paths, drains, and is returned.
+    /// error. Any task of the consumer that dies (a path, including a fatal error of its Kafka
+    /// client such as a static member fenced by the broker; a delivery; the delivery log's
+    /// writer or keeper; the order queue's pruner or sweeper) stops both paths, which drain,
+    /// and is returned as [`ConsumerError::TaskFailed`]: the process then exits non-zero, for
+    /// its supervisor to start it again, rather than run on with a part missing.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), ConsumerError> {
+        let stop = self.supervisor.stop().clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => stop.cancel(),
+                _ = stop.cancelled() => {}
+            }
+        });
+        let supervisor = self.supervisor.clone();
         let log_tasks = self.log_tasks.take();
-        let result = self.run_paths(shutdown).await;
+        let result = self.run_paths().await;
         // After the paths drained, so the last attempts' rows are written too.
         if let Some(tasks) = log_tasks {
             tasks.stop().await;
         }
-        result
+        supervisor.stop().cancel();
+        let supervised = supervisor.wait().await;
+        match (result, supervised) {
+            (Err(error), _) => Err(error),
+            (Ok(()), Err(failure)) => Err(ConsumerError::TaskFailed(failure)),
+            (Ok(()), Ok(())) => Ok(()),
+        }
     }
 
-    async fn run_paths(self, shutdown: CancellationToken) -> Result<(), ConsumerError> {
+    async fn run_paths(self) -> Result<(), ConsumerError> {
         let config = &self.cx.config;
+        let stop = self.supervisor.stop().clone();
         let ensured = shutdown::wait_out(
             &self.cx.metrics,
             metrics::Stall::Topics,
             "retry and dead-letter topics not checked yet",
-            &shutdown,
+            &stop,
             || async {
                 match topics::ensure(config).await {
                     Ok(()) => Ok(Ok(())),
@@ -243,42 +278,47 @@ impl Consumer {
         }
         // One abandon token for both paths: when either's drain bound runs out, both stop.
         let abandon = CancellationToken::new();
-        // And one stop: shutdown, or a fatal error of either path's client (a static member
-        // fenced by the broker never consumes again). The process then exits with the error,
-        // for its supervisor to start it again, rather than run on consuming nothing.
-        let stop = shutdown.child_token();
-        let pruner = tokio::spawn(strict::prune(self.cx.clone(), stop.clone()));
-        let sweeper = tokio::spawn(strict::sweep(self.cx.clone(), stop.clone()));
-        let main = Path::start("main", self.cx.clone(), self.main, abandon.clone());
-        let retry = Path::start("retry", self.cx.clone(), self.retry, abandon);
-        let path = |run: tokio::task::JoinHandle<Option<KafkaError>>, stop: CancellationToken| async move {
-            let ended = run.await;
-            if !matches!(ended, Ok(None)) {
-                stop.cancel();
-            }
-            ended
-        };
-        let (a, b) = tokio::join!(
-            path(
-                tokio::spawn(dispatch::run(main, stop.clone())),
-                stop.clone()
-            ),
-            path(tokio::spawn(retry::run(retry, stop.clone())), stop.clone()),
+        let supervisor = &self.supervisor;
+        // Under relaxed ordering there is no order queue to keep.
+        if config.ordering == config::Ordering::Strict {
+            let (cx, until) = (self.cx.clone(), stop.clone());
+            supervisor.spawn_service("order-queue pruner", async move {
+                strict::prune(cx, until).await;
+                Ok::<(), Infallible>(())
+            });
+            let (cx, until) = (self.cx.clone(), stop.clone());
+            supervisor.spawn_service("order-queue sweeper", async move {
+                strict::sweep(cx, until).await;
+                Ok::<(), Infallible>(())
+            });
+        }
+        let main = Path::start(
+            "main",
+            self.cx.clone(),
+            self.main,
+            abandon.clone(),
+            supervisor.clone(),
         );
-        stop.cancel();
-        let _ = pruner.await;
-        let _ = sweeper.await;
-        let mut fatal = None;
-        for ended in [a, b] {
-            match ended {
-                Ok(None) => {}
-                Ok(Some(error)) => fatal = fatal.or(Some(error)),
-                Err(e) => tracing::error!(error = %e, "consumer path panicked"),
-            }
-        }
-        match fatal {
-            Some(error) => Err(ConsumerError::Kafka(error)),
-            None => Ok(()),
-        }
+        let retry = Path::start(
+            "retry",
+            self.cx.clone(),
+            self.retry,
+            abandon,
+            supervisor.clone(),
+        );
+        // A fatal error of a path's Kafka client (a static member fenced by the broker never
+        // consumes again) fails its task like a panic does.
+        let fatal =
+            |ended: Option<KafkaError>| ended.map_or(Ok(()), |e| Err(ConsumerError::Kafka(e)));
+        let until = stop.clone();
+        let main = supervisor.spawn_service("main path", async move {
+            fatal(dispatch::run(main, until).await)
+        });
+        let until = stop.clone();
+        let retry = supervisor.spawn_service("retry path", async move {
+            fatal(retry::run(retry, until).await)
+        });
+        let _ = tokio::join!(main, retry);
+        Ok(())
     }
 }

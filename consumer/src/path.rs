@@ -2,8 +2,11 @@
 //! committer, the tracker of spawned work with the in-flight gauge, and the drain at shutdown.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
+use futures::FutureExt;
+use hookline_shell::supervise::{Supervisor, TaskFailure, panic_message};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -28,6 +31,9 @@ pub(crate) struct Path {
     committer_stop: CancellationToken,
     committer: tokio::task::JoinHandle<()>,
     tasks: TaskTracker,
+    /// Told when a record's work or the committer panics: the record's offset could never be
+    /// stored, so the consumer stops rather than hold the partition with nothing to show.
+    supervisor: Supervisor,
 }
 
 impl Path {
@@ -37,6 +43,7 @@ impl Path {
         cx: Arc<Context>,
         subscription: Subscription,
         abandon: CancellationToken,
+        supervisor: Supervisor,
     ) -> Self {
         let Subscription { consumer, offsets } = subscription;
         let committer_stop = CancellationToken::new();
@@ -55,6 +62,7 @@ impl Path {
             committer_stop,
             committer,
             tasks: TaskTracker::new(),
+            supervisor,
         }
     }
 
@@ -80,10 +88,16 @@ impl Path {
             self.consumer.clone(),
             self.offsets.clone(),
         );
+        let (path, supervisor) = (self.name, self.supervisor.clone());
         self.tasks.spawn(async move {
             let _in_flight = InFlight::new(&metrics);
-            if work.await.is_ok() {
-                offsets.finish(&ticket, permit, &consumer);
+            match AssertUnwindSafe(work).catch_unwind().await {
+                Ok(Ok(())) => offsets.finish(&ticket, permit, &consumer),
+                Ok(Err(Abandoned)) => {}
+                Err(panic) => supervisor.fail(TaskFailure {
+                    task: format!("{path} path delivery"),
+                    how: format!("panicked: {}", panic_message(panic.as_ref())),
+                }),
             }
         });
     }
@@ -122,7 +136,14 @@ impl Path {
             Err(CommitFailed::Stuck) => warn!(path, "final commit unanswered; exiting without it"),
         }
         self.committer_stop.cancel();
-        let _ = self.committer.await;
+        if let Err(joined) = self.committer.await
+            && joined.is_panic()
+        {
+            self.supervisor.fail(TaskFailure {
+                task: format!("{path} path committer"),
+                how: format!("panicked: {}", panic_message(joined.into_panic().as_ref())),
+            });
+        }
     }
 }
 

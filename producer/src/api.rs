@@ -43,8 +43,6 @@ pub enum ApiError {
     Unauthorized(String),
     /// The body is not declared as `application/json` (415).
     UnsupportedMediaType(String),
-    /// The body did not arrive within `--body-timeout` (408).
-    BodyTimeout(String),
     Unavailable {
         message: String,
         retry_after: Duration,
@@ -62,7 +60,6 @@ impl ApiError {
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -98,7 +95,6 @@ impl ApiError {
             | ApiError::NotFound(m)
             | ApiError::Unauthorized(m)
             | ApiError::UnsupportedMediaType(m)
-            | ApiError::BodyTimeout(m)
             | ApiError::Internal(m) => json!({ "error": m }),
             ApiError::Unavailable { message, .. } => json!({ "error": message }),
         }
@@ -123,12 +119,6 @@ impl IntoResponse for ApiError {
                     header::WWW_AUTHENTICATE,
                     HeaderValue::from_static("Bearer realm=\"hookline\""),
                 );
-            }
-            // The rest of the body is still on the way (or never comes): do not wait for it.
-            ApiError::BodyTimeout(_) => {
-                response
-                    .headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             _ => {}
         }

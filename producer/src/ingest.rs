@@ -49,6 +49,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::ConnectionLimits;
 use crate::api::{
     ApiError, Shape, TransitionBody, emitted_json, parse_json, retry_after_header, skipped_json,
 };
@@ -61,7 +62,7 @@ use crate::flags::Flags;
 use crate::metrics::ProducerMetrics;
 #[allow(unused_imports)] // named only inside #[utoipa::path] attributes
 use crate::openapi::{BatchAnswer, BatchRefusal, EmittedAnswer, ErrorAnswer, SkippedAnswer};
-use crate::server::{self, ConnectionLimits};
+use hookline_shell::supervise::Supervisor;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
@@ -79,10 +80,11 @@ pub struct AppState {
     pub tokens: Option<Arc<ApiTokens>>,
     /// Serve `/metrics` without a token.
     pub metrics_public: bool,
-    /// Longest a request body may take to arrive (408 after it).
-    pub body_timeout: Duration,
-    /// Connection limit, header and idle timeouts.
+    /// The listener's limits: connections, time to first byte, head, body (408 after it) and
+    /// idle timeouts.
     pub connections: ConnectionLimits,
+    /// The service's tasks: `/readyz` answers 503 once one of them died ([`run`] sets it).
+    pub tasks: Supervisor,
 }
 
 impl AppState {
@@ -95,8 +97,8 @@ impl AppState {
             batch_limit: 1000,
             tokens: None,
             metrics_public: false,
-            body_timeout: Duration::from_secs(30),
             connections: ConnectionLimits::default(),
+            tasks: Supervisor::new(CancellationToken::new()),
         }
     }
 }
@@ -135,6 +137,9 @@ pub fn app(state: AppState) -> Router {
 /// Connects the stores and Kafka, listens, and serves until `shutdown` is cancelled.
 pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> Result<(), ProducerError> {
     config.validate()?;
+    // The producer decodes no events today; the cap is set all the same, so that no code path
+    // added later can be made to allocate what a record claims.
+    hookline_schemas::codec::cap_allocation(config.kafka.max_event_bytes);
     // Before connecting to anything: a bad token file is an operator's error to fix first.
     let tokens = match &config.api_token_file {
         Some(path) => Some(Arc::new(ApiTokens::from_file(path)?)),
@@ -145,7 +150,10 @@ pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> Result<(
     };
     let pg = config.store.pg_store_for_service().await?;
     let flag_store = config.store.flag_store(Some(&pg)).await?;
-    let flags = Flags::load(flag_store, config.flags_reload_interval).await?;
+    // Every task of the service: the first that dies stops it with an error (a non-zero exit).
+    let supervisor = Supervisor::new(shutdown.child_token());
+    let flags =
+        Flags::load_supervised(flag_store, config.flags_reload_interval, &supervisor).await?;
     let metrics = Arc::new(ProducerMetrics::new());
     let event_ids: Arc<dyn EventIds> = Arc::new(PgEventIds::new(pg.pool().clone()));
     let store: Arc<dyn CiStore> = Arc::new(pg);
@@ -154,12 +162,16 @@ pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> Result<(
         ..config.kafka.emitter_config()
     };
     let emitter = Emitter::new(emitter_config, store, flags, metrics).await?;
-    tokio::spawn(event_ids::prune_periodically(
+    let pruning = event_ids::prune_periodically(
         event_ids,
         config.event_id_retention,
         Duration::from_secs(3600),
-        shutdown.clone(),
-    ));
+        supervisor.stop().clone(),
+    );
+    supervisor.spawn_service("event-id pruner", async move {
+        pruning.await;
+        Ok::<(), std::convert::Infallible>(())
+    });
     emitter.check_topic_limit().await?;
     let listener = TcpListener::bind(config.listen)
         .await
@@ -178,14 +190,10 @@ pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> Result<(
         batch_limit: config.batch_limit,
         tokens,
         metrics_public: config.metrics_public,
-        body_timeout: config.body_timeout,
-        connections: ConnectionLimits {
-            header_timeout: config.header_timeout,
-            idle_timeout: config.idle_timeout,
-            max_connections: config.max_connections,
-        },
+        connections: config.listener.limits().map_err(ProducerError::Invalid)?,
+        tasks: supervisor.clone(),
     };
-    run(listener, state, shutdown, config.shutdown_timeout).await
+    run_supervised(listener, state, supervisor, config.shutdown_timeout).await
 }
 
 /// Serves `state` on `listener` until `shutdown`; then stops accepting, lets in-flight requests
@@ -196,45 +204,65 @@ pub async fn run(
     shutdown: CancellationToken,
     drain: Duration,
 ) -> Result<(), ProducerError> {
+    run_supervised(
+        listener,
+        state,
+        Supervisor::new(shutdown.child_token()),
+        drain,
+    )
+    .await
+}
+
+/// [`run`] among the other tasks of `supervisor` (`serve`'s event-id pruner and flag reloader):
+/// serves until its stop (shutdown, or a task that died), drains, flushes, and returns the
+/// failure of a task that died as [`ProducerError::TaskFailed`].
+pub async fn run_supervised(
+    listener: TcpListener,
+    mut state: AppState,
+    supervisor: Supervisor,
+    drain: Duration,
+) -> Result<(), ProducerError> {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, topic = state.emitter.topic(), "producer listening");
     }
+    state.tasks = supervisor.clone();
     let emitter = state.emitter.clone();
-    let stop = shutdown.clone();
+    let stop = supervisor.stop().clone();
     let limits = state.connections;
-    let mut server =
-        tokio::spawn(async move { server::serve(listener, app(state), limits, stop).await });
-    let finished = |joined: Result<std::io::Result<()>, tokio::task::JoinError>| match joined {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(ProducerError::io("serving HTTP", e)),
-        Err(e) => Err(ProducerError::io("serving HTTP", std::io::Error::other(e))),
-    };
+    let router = app(state);
+    let until = stop.clone();
+    let mut server = supervisor.spawn_service("HTTP API", async move {
+        hookline_shell::server::serve(listener, router, limits, until)
+            .await
+            .map_err(|e| format!("serving HTTP: {e}"))
+    });
     tokio::select! {
-        joined = &mut server => return finished(joined),
-        _ = shutdown.cancelled() => {}
+        _ = &mut server => {}
+        _ = stop.cancelled() => {}
     }
     let started = tokio::time::Instant::now();
     tracing::info!(?drain, "shutting down: finishing in-flight transitions");
-    match tokio::time::timeout(drain, &mut server).await {
-        Ok(joined) => finished(joined)?,
-        Err(_) => {
-            tracing::warn!(
-                ?drain,
-                "drain bound reached; in-flight requests are abandoned unanswered"
-            );
-            server.abort();
-        }
+    if tokio::time::timeout(drain, &mut server).await.is_err() {
+        tracing::warn!(
+            ?drain,
+            "drain bound reached; in-flight requests are abandoned unanswered"
+        );
+        server.abort();
     }
     let left = drain
         .saturating_sub(started.elapsed())
         .max(Duration::from_millis(100));
-    emitter.flush(left).await?;
+    let flushed = emitter.flush(left).await;
+    stop.cancel();
+    supervisor.wait().await?;
+    flushed?;
     tracing::info!("producer stopped");
     Ok(())
 }
 
 /// A JSON body whose errors name the field: `422 {"field": "status", ...}` instead of axum's
-/// plain-text rejection. The whole body must arrive within the state's `body_timeout` (408).
+/// plain-text rejection. (A body that does not arrive within `--body-timeout` is answered 408 by
+/// the server, [`hookline_shell::server`].)
 pub struct FieldJson<T>(pub T);
 
 impl<T> FromRequest<AppState> for FieldJson<T>
@@ -244,14 +272,7 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
-        let read = tokio::time::timeout(state.body_timeout, Bytes::from_request(req, state));
-        let read = read.await.map_err(|_| {
-            ApiError::BodyTimeout(format!(
-                "the request body did not arrive within {:?} (--body-timeout)",
-                state.body_timeout
-            ))
-        })?;
-        let bytes = read.map_err(|rejection| {
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::TooLarge(
                     "the request body is over the configured limit (--body-limit)".into(),
@@ -430,6 +451,13 @@ async fn openapi_json() -> Response {
     )
 )]
 pub(crate) async fn ready(State(state): State<AppState>) -> Response {
+    if let Err(reason) = state.tasks.check() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {reason}"),
+        )
+            .into_response();
+    }
     match state.emitter.check_ready().await {
         Ok(()) => (StatusCode::OK, "ready").into_response(),
         Err(reason) => (
