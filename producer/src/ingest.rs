@@ -672,6 +672,62 @@ mod tests {
         }
     }
 
+    /// Bodies of about 1 MiB built to make a duplicate-key check slow (one 500 KB key over a
+    /// long array, or over many keys, or repeated): refused with the field named, each read once
+    /// (the time is printed, not asserted: `--nocapture` shows it).
+    #[tokio::test]
+    async fn adversarial_megabyte_bodies_are_refused_naming_the_field() {
+        let key = "k".repeat(500_000);
+        let zeros = vec!["0"; 270_000].join(",");
+        let keys = (0..40_000)
+            .map(|i| format!(r#""{i}":0"#))
+            .collect::<Vec<_>>()
+            .join(",");
+        let cases = [
+            (
+                format!(r#"{{"facts":{{"{key}":[{zeros}]}}}}"#),
+                format!("facts.{key}"),
+                "unknown field",
+            ),
+            (
+                format!(r#"{{"facts":{{"{key}":{{{keys}}}}}}}"#),
+                format!("facts.{key}"),
+                "unknown field",
+            ),
+            (
+                format!(r#"{{"facts":{{"{key}":0,"{key}":0}}}}"#),
+                format!("facts.{key}"),
+                "duplicate key",
+            ),
+        ];
+        for (body, field, error) in cases {
+            assert!(body.len() < 1024 * 1024, "{}", body.len());
+            let started = std::time::Instant::now();
+            let (status, json) =
+                post(offline_app(1024 * 1024).await, "/v1/transitions", body).await;
+            eprintln!("{error}: answered in {:?}", started.elapsed());
+            assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+            let named = json["field"].as_str().unwrap();
+            assert!(
+                named.starts_with("facts"),
+                "{}",
+                &named[..named.len().min(80)]
+            );
+            if error == "duplicate key" {
+                assert_eq!(named, field, "the duplicate's whole path");
+            }
+            let message = json["error"].as_str().unwrap();
+            assert!(
+                message.contains(error),
+                "{}",
+                &message[..message.len().min(200)]
+            );
+            if error == "duplicate key" {
+                assert!(message.len() < 300, "the message names a long key shortly");
+            }
+        }
+    }
+
     #[tokio::test]
     async fn only_bytes_that_are_not_json_are_400() {
         for body in [

@@ -309,3 +309,80 @@ async fn the_consumer_listener_and_hooks_api_are_bounded() {
     assert_eq!(hooks.status().as_u16(), 404, "the hooks API afterwards");
 }
 
+/// `{"facts":{"<500 KB key>":[0,0,...]}}`, just under the default 1 MiB body limit: the body
+/// whose duplicate-key check took seconds of a worker thread.
+fn adversarial_body() -> String {
+    let key = "k".repeat(500_000);
+    let zeros = vec!["0"; 270_000].join(",");
+    format!(r#"{{"facts":{{"{key}":[{zeros}]}}}}"#)
+}
+
+/// Several 1 MiB adversarial bodies at once, twice over, on the real producer: each is refused
+/// (422, naming the field), and `/healthz` is answered all along. Parsing was quadratic in such
+/// a body, seconds of a worker thread each: a few at once stalled `/healthz` for all of that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn adversarial_json_is_refused_and_the_producer_answers_meanwhile() {
+    // Far above what answering takes, far below what a few quadratic parses took.
+    const PROBE_BOUND: Duration = Duration::from_secs(10);
+    // Room for every request below: what is measured is the parse, not the connection cap.
+    let service = producer_within(&[("HOOKLINE_MAX_CONNECTIONS", "64")]).await;
+    let addr = service.addr;
+    let body = adversarial_body();
+    assert!(
+        body.len() > 1_000_000 && body.len() < 1024 * 1024,
+        "{}",
+        body.len()
+    );
+    let client = reqwest::Client::new();
+    let flooding = async {
+        for _ in 0..2 {
+            let posts = (0..8).map(|_| {
+                client
+                    .post(format!("http://{addr}/v1/transitions"))
+                    .bearer_auth("listener-test-token-0123456789")
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .timeout(EVENTUALLY)
+                    .send()
+            });
+            for answer in futures::future::join_all(posts).await {
+                let answer = answer.expect("answered");
+                assert_eq!(answer.status().as_u16(), 422);
+                let refusal: serde_json::Value = answer.json().await.unwrap();
+                let field = refusal["field"].as_str().unwrap_or_default();
+                assert!(
+                    field.starts_with("facts"),
+                    "{}",
+                    &field[..field.len().min(80)]
+                );
+            }
+        }
+    };
+    // A new connection per probe, as an orchestrator's probe makes.
+    let prober = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let probing = async {
+        let mut answered = 0;
+        loop {
+            let probe = prober
+                .get(format!("http://{addr}/healthz"))
+                .timeout(PROBE_BOUND)
+                .send()
+                .await
+                .expect("/healthz answered while adversarial bodies were being handled");
+            assert_eq!(probe.status().as_u16(), 200);
+            answered += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if answered > 1_000_000 {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = flooding => {}
+        _ = probing => unreachable!("probes go on until the flood ends"),
+    }
+    assert_eq!(get(addr, "/healthz").await, Some(200));
+}
