@@ -24,6 +24,6 @@ pub enum ConsumerError {
     SchemaRegistry(String),
     /// A task of the running consumer died (panicked, failed, or ended early): the consumer
     /// stopped; start it again, and look at the logs for the cause.
-    #[error("{0}")]
+    #[error(transparent)]
     TaskFailed(#[from] hookline_shell::supervise::TaskFailure),
 }

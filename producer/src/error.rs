@@ -27,7 +27,7 @@ pub enum ProducerError {
     },
     /// A task of the running service died (panicked, failed, or ended early): it stopped; start
     /// it again, and look at the logs for the cause.
-    #[error("{0}")]
+    #[error(transparent)]
     TaskFailed(#[from] hookline_shell::supervise::TaskFailure),
 }
 
