@@ -236,13 +236,13 @@ pub async fn run_supervised(
             .await
             .map_err(|e| format!("serving HTTP: {e}"))
     });
-    tokio::select! {
-        _ = &mut server => {}
-        _ = stop.cancelled() => {}
-    }
+    let served = tokio::select! {
+        _ = &mut server => true,
+        _ = stop.cancelled() => false,
+    };
     let started = tokio::time::Instant::now();
     tracing::info!(?drain, "shutting down: finishing in-flight transitions");
-    if tokio::time::timeout(drain, &mut server).await.is_err() {
+    if !served && tokio::time::timeout(drain, &mut server).await.is_err() {
         tracing::warn!(
             ?drain,
             "drain bound reached; in-flight requests are abandoned unanswered"

@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! accept (at most max_connections at once; when all are taken, the connection idle longest
-//!        is closed to make room, or the next client waits in the listen backlog)
+//!        is closed to make room, sparing those just accepted, or the next client waits in the
+//!        listen backlog)
 //!   -> new: no byte yet                dropped after first_byte_timeout (short: nobody is served yet)
 //!   -> first byte of a request's head  dropped if the head is not complete within header_timeout
 //!   -> request handed to the router    its body must arrive within body_timeout (else 408, closed)
@@ -145,7 +146,10 @@ pub async fn serve(
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let open = Arc::new(Open::default());
     let connections = TaskTracker::new();
-    loop {
+    // How long a new connection is spared when room is made: enough to get its request in.
+    let grace =
+        (limits.first_byte_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    'accept: loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -154,31 +158,31 @@ pub async fn serve(
                     tracing::warn!(%error, "accept failed");
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
-                        _ = shutdown.cancelled() => break,
+                        _ = shutdown.cancelled() => break 'accept,
                     }
                 }
             },
-            _ = shutdown.cancelled() => break,
+            _ = shutdown.cancelled() => break 'accept,
         };
         let permit = match permits.clone().try_acquire_owned() {
             Ok(permit) => permit,
-            Err(_) => {
-                // Every slot is taken: a connection with no request in progress makes room
-                // (the one idle longest), so clients that say nothing cannot lock out one that
-                // has a request. With every connection busy, this one waits for a slot.
-                if open.evict_idlest() {
+            // Every slot is taken: a connection with no request in progress makes room (the one
+            // idle longest), so clients that say nothing cannot lock out one that has a
+            // request. A connection younger than the grace is spared (its request may be on
+            // its way), and with none to spare this one waits, looking again every grace.
+            Err(_) => loop {
+                if open.evict_idlest(grace) {
                     tracing::debug!(%peer, "connection limit reached: the connection idle longest was closed to make room");
-                } else {
-                    tracing::debug!(%peer, "connection limit reached and every connection busy: waiting for a slot");
                 }
                 tokio::select! {
                     permit = permits.clone().acquire_owned() => match permit {
-                        Ok(permit) => permit,
-                        Err(_) => break,
+                        Ok(permit) => break permit,
+                        Err(_) => break 'accept,
                     },
-                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(grace) => {}
+                    _ = shutdown.cancelled() => break 'accept,
                 }
-            }
+            },
         };
         let router = router.clone();
         let shutdown = shutdown.clone();
@@ -220,15 +224,18 @@ impl Open {
         self.lock().1.remove(&id);
     }
 
-    /// Asks the connection idle longest (no request being handled) to close; false when every
-    /// connection is handling a request.
-    fn evict_idlest(&self) -> bool {
+    /// Asks the connection idle longest (no request being handled, idle at least `spared`) to
+    /// close; false when there is none.
+    fn evict_idlest(&self, spared: Duration) -> bool {
         let open = self.lock();
         let idlest = open
             .1
             .values()
             .filter(|a| a.in_flight.load(Ordering::Acquire) == 0 && !a.evict.is_cancelled())
-            .min_by_key(|a| a.times().idle_since);
+            .map(|a| (a.times().idle_since, a))
+            .filter(|(since, _)| since.elapsed() >= spared)
+            .min_by_key(|(since, _)| *since)
+            .map(|(_, a)| a);
         match idlest {
             Some(activity) => {
                 activity.evict.cancel();
@@ -586,14 +593,21 @@ mod tests {
             let mut times = oldest.times();
             times.idle_since -= Duration::from_secs(30);
         }
-        assert!(open.evict_idlest());
+        assert!(
+            !open.evict_idlest(Duration::from_secs(45)),
+            "none idle that long"
+        );
+        assert!(open.evict_idlest(Duration::ZERO));
         assert!(oldest.evict.is_cancelled());
         assert!(
             !busy.evict.is_cancelled(),
             "a connection handling a request stays"
         );
-        assert!(open.evict_idlest());
+        assert!(open.evict_idlest(Duration::ZERO));
         assert!(newest.evict.is_cancelled());
-        assert!(!open.evict_idlest(), "only a busy connection is left");
+        assert!(
+            !open.evict_idlest(Duration::ZERO),
+            "only a busy connection is left"
+        );
     }
 }
