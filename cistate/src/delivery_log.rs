@@ -319,7 +319,9 @@ fn entry(row: &PgRow) -> Result<DeliveryLogEntry, StoreError> {
     let trigger: String = row.try_get("trigger")?;
     Ok(DeliveryLogEntry {
         id: row.try_get("id")?,
-        attempted_at: row.try_get("attempted_at")?,
+        attempted_at: row
+            .try_get::<crate::StoredTime, _>("attempted_at")?
+            .saturating(),
         hook_id: row.try_get("hook_id")?,
         project_id: row.try_get("project_id")?,
         build_id: row.try_get("build_id")?,

@@ -20,6 +20,8 @@
 //! - [`rate_limit`]: per-root-namespace limit overrides and the shared token buckets (GCRA).
 //! - [`secrets`]: hook URLs, tokens and signing secrets sealed at rest (XChaCha20-Poly1305,
 //!   keys from a file, a key id per value for rotation).
+//! - [`stored_time`]: a stored `timestamptz` read as whatever it holds, `infinity` included:
+//!   no value the database can hold panics a decode.
 //! - [`fixtures`]: a realistic build, for tests and examples.
 
 pub mod api_tokens;
@@ -33,6 +35,7 @@ pub mod rate_limit;
 pub mod render;
 pub mod secrets;
 pub mod store;
+pub mod stored_time;
 
 pub use memory::MemoryStore;
 pub use model::*;
@@ -44,3 +47,4 @@ pub use secrets::{SecretError, SecretKeys};
 /// The pool type of [`PgStore::pool`] and [`CiStore::pg_pool`], for crates without `sqlx`.
 pub use sqlx::PgPool;
 pub use store::{CiStore, StoreError};
+pub use stored_time::StoredTime;

@@ -140,6 +140,8 @@ pub struct Hook {
     pub signing_secret: Option<String>,
     pub job_events: bool,
     pub recent_failures: i32,
+    /// Temporarily disabled until then. [`DISABLED_FOR_GOOD`] (how `infinity` in the database
+    /// reads) disables the hook until someone enables it again.
     pub disabled_until: Option<DateTime<Utc>>,
     /// Under strict ordering, when several of a build's events wait behind a failing delivery,
     /// send only the latest (for receivers that only want the current state).
@@ -232,12 +234,19 @@ pub enum HookFailure {
 pub const FAILURE_THRESHOLD: i32 = 3;
 pub const PERMANENT_FAILURES: i32 = 40;
 
+/// A `disabled_until` that never comes: `UPDATE web_hooks SET disabled_until = 'infinity'` (an
+/// operator's natural way to turn a hook off for good) reads as this, and the hook is
+/// [`HookState::PermanentlyDisabled`] until it is enabled again (`hooks enable`, the API, or a
+/// successful test).
+pub const DISABLED_FOR_GOOD: DateTime<Utc> = DateTime::<Utc>::MAX_UTC;
+
 impl Hook {
     pub fn state(&self, now: DateTime<Utc>) -> HookState {
         if self.recent_failures >= PERMANENT_FAILURES {
             return HookState::PermanentlyDisabled;
         }
         match self.disabled_until {
+            Some(until) if until == DISABLED_FOR_GOOD => HookState::PermanentlyDisabled,
             Some(until) if until > now => HookState::TemporarilyDisabled(until),
             _ => HookState::Executable,
         }
@@ -296,5 +305,32 @@ mod tests {
             created_at: None,
         };
         assert_eq!(hook.state(now), HookState::PermanentlyDisabled);
+    }
+
+    #[test]
+    fn a_hook_disabled_until_infinity_is_disabled_for_good() {
+        let hook = |disabled_until| Hook {
+            id: 1,
+            uuid: Uuid::nil(),
+            project_id: 1,
+            url: "http://x".into(),
+            token: None,
+            signing_secret: None,
+            job_events: true,
+            recent_failures: 0,
+            disabled_until,
+            collapse: false,
+            created_at: None,
+        };
+        let now = Utc::now();
+        assert_eq!(
+            hook(Some(DISABLED_FOR_GOOD)).state(now),
+            HookState::PermanentlyDisabled
+        );
+        assert_eq!(
+            hook(Some(DateTime::<Utc>::MIN_UTC)).state(now),
+            HookState::Executable,
+            "-infinity is long past"
+        );
     }
 }

@@ -18,6 +18,7 @@ use crate::model::{
 use crate::rate_limit::{Bucket, RateLimitOverride};
 use crate::secrets::{SecretError, SecretKeys, open_stored, to_stored};
 use crate::store::{CiStore, StoreError};
+use crate::stored_time::StoredTime;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -195,9 +196,11 @@ impl PgStore {
             signing_secret: open("signing_secret", row.try_get("signing_secret")?)?,
             job_events: row.try_get("job_events")?,
             recent_failures: row.try_get("recent_failures")?,
-            disabled_until: row.try_get("disabled_until")?,
+            disabled_until: row
+                .try_get::<Option<StoredTime>, _>("disabled_until")?
+                .map(StoredTime::saturating),
             collapse: row.try_get("collapse")?,
-            created_at: Some(row.try_get("created_at")?),
+            created_at: row.try_get::<StoredTime, _>("created_at")?.finite(),
         })
     }
 }
@@ -359,10 +362,10 @@ fn snapshot_from_row(row: &PgRow) -> Result<RenderSnapshot, sqlx::Error> {
             name: row.try_get("b_name")?,
             stage: row.try_get("b_stage")?,
             status: row.try_get("b_status")?,
-            created_at: row.try_get("b_created_at")?,
-            queued_at: row.try_get("b_queued_at")?,
-            started_at: row.try_get("b_started_at")?,
-            finished_at: row.try_get("b_finished_at")?,
+            created_at: row.try_get::<StoredTime, _>("b_created_at")?.saturating(),
+            queued_at: optional_time(row, "b_queued_at")?,
+            started_at: optional_time(row, "b_started_at")?,
+            finished_at: optional_time(row, "b_finished_at")?,
             duration: row.try_get("b_duration")?,
             queued_duration: row.try_get("b_queued_duration")?,
             allow_failure: row.try_get("b_allow_failure")?,
@@ -380,8 +383,8 @@ fn snapshot_from_row(row: &PgRow) -> Result<RenderSnapshot, sqlx::Error> {
             sha: row.try_get("p_sha")?,
             before_sha: row.try_get("p_before_sha")?,
             status: row.try_get("p_status")?,
-            started_at: row.try_get("p_started_at")?,
-            finished_at: row.try_get("p_finished_at")?,
+            started_at: optional_time(row, "p_started_at")?,
+            finished_at: optional_time(row, "p_finished_at")?,
             duration: row.try_get("p_duration")?,
             commit_message: row.try_get("commit_message")?,
             commit_author_name: row.try_get("commit_author_name")?,
@@ -416,6 +419,15 @@ fn snapshot_from_row(row: &PgRow) -> Result<RenderSnapshot, sqlx::Error> {
         },
         runner,
     })
+}
+
+/// A nullable time of the CI state (a build's or pipeline's start, finish, queue): `infinity` or
+/// `-infinity` (refused by the CHECK constraints since migration 0191, but possibly written
+/// before) reads as unknown, which is what a Job Hook can say about it.
+fn optional_time(row: &PgRow, column: &str) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    Ok(row
+        .try_get::<Option<StoredTime>, _>(column)?
+        .and_then(StoredTime::finite))
 }
 
 const HOOK_COLUMNS: &str = "id, uuid, project_id, url, token, signing_secret, job_events, \
@@ -725,7 +737,7 @@ impl CiStore for PgStore {
             .map(|row| {
                 Ok(OrderEntry {
                     event_id: row.try_get("event_id")?,
-                    occurred_at: row.try_get("occurred_at")?,
+                    occurred_at: row.try_get::<StoredTime, _>("occurred_at")?.saturating(),
                     seq: row.try_get("seq")?,
                     settled: row.try_get("settled")?,
                 })
@@ -1002,7 +1014,8 @@ impl CiStore for PgStore {
             "INSERT INTO rate_limit_buckets AS b (namespace_id, tat) \
              VALUES ($1, now() + make_interval(secs => $2)) \
              ON CONFLICT (namespace_id) DO UPDATE \
-             SET tat = GREATEST(b.tat, now()) + make_interval(secs => $2) \
+             SET tat = GREATEST(CASE WHEN isfinite(b.tat) THEN b.tat END, now()) \
+                 + make_interval(secs => $2) \
              RETURNING GREATEST(EXTRACT(EPOCH FROM (b.tat - now())) - $3, 0)::float8",
         )
         .bind(namespace_id)
@@ -1010,7 +1023,9 @@ impl CiStore for PgStore {
         .bind(bucket.depth.as_secs_f64())
         .fetch_one(&self.pool)
         .await?;
-        Ok(Duration::from_secs_f64(wait.max(0.0)))
+        // A wait no clock can reach (a bucket written by hand) is no reason to panic: the token
+        // is taken now and the bucket starts over from it.
+        Ok(Duration::try_from_secs_f64(wait).unwrap_or(Duration::ZERO))
     }
 
     async fn try_take_rate_token(

@@ -176,6 +176,9 @@ struct ReceiverArgs {
     /// are answered 401 and logged (the consumer treats a 401 as final and dead-letters it).
     #[arg(long, env = "HOOKLINE_SIGNING_SECRET")]
     secret: Option<String>,
+    /// The listener's limits: connections, time to first byte, head, body and idle timeouts.
+    #[command(flatten)]
+    listener: hookline_shell::server::ListenerArgs,
 }
 
 fn parse_percent(s: &str) -> Result<f64, String> {
@@ -361,10 +364,15 @@ async fn main() -> ExitCode {
             hookline_shell::init_tracing(cli.log.log_format, "info");
             let shutdown = CancellationToken::new();
             hookline_shell::cancel_on_signal(shutdown.clone());
+            let limits = match args.listener.limits() {
+                Ok(limits) => limits,
+                Err(e) => return fail(&CliError::Usage(e)),
+            };
             match receiver::run_sample(
                 SampleConfig {
                     listen: args.listen,
                     secret: args.secret,
+                    limits,
                 },
                 shutdown,
             )

@@ -138,6 +138,8 @@ pub struct SampleConfig {
     pub listen: SocketAddr,
     /// `whsec_...`: verify signatures with it.
     pub secret: Option<String>,
+    /// The listener's limits (the same server as the services').
+    pub limits: hookline_shell::server::Limits,
 }
 
 /// What the sample receiver has seen, served at `GET /stats`.
@@ -229,8 +231,7 @@ pub async fn run_sample(config: SampleConfig, shutdown: CancellationToken) -> Re
         secret,
         stats: Arc::default(),
     });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
+    hookline_shell::server::serve(listener, app, config.limits, shutdown)
         .await
         .map_err(|e| CliError::Unavailable(e.to_string()))
 }

@@ -90,3 +90,29 @@ fn a_producer_or_simulator_without_api_tokens_is_caught() {
         "{stdout}"
     );
 }
+
+/// The demo publishes its database (a fixed password), broker (no authentication) and producer
+/// (a committed token): on loopback only, and the check refuses a port on every interface.
+#[test]
+fn a_port_published_on_every_interface_is_caught() {
+    let original = std::fs::read_to_string(repo().join("docker-compose.yml")).unwrap();
+    for published in ["29092:29092", "55432:5432", "8080:8080"] {
+        assert!(
+            original.contains(&format!("\"127.0.0.1:{published}\"")),
+            "{published} on loopback"
+        );
+    }
+    let broken = original.replace("\"127.0.0.1:55432:5432\"", "\"55432:5432\"");
+    let dir = std::env::temp_dir().join(format!("hookline-compose-ports-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("docker-compose.yml");
+    std::fs::write(&file, broken).unwrap();
+    let out = check_compose(&file);
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("postgres: publishes host port 55432 on every interface"),
+        "{stdout}"
+    );
+}

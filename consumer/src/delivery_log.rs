@@ -24,6 +24,7 @@ use std::time::Duration;
 use chrono::{Days, Utc};
 use hookline_cistate::PgPool;
 use hookline_cistate::delivery_log::{self, DeliveryLogEntry};
+use hookline_shell::supervise::Supervisor;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -123,17 +124,21 @@ struct Queued {
 }
 
 /// The writer and keeper tasks of a running log; dropped, they stop (the writer after one last
-/// flush).
+/// flush). They run under the consumer's supervisor: a writer that died would leave every row
+/// dropped for good, so it stops the consumer instead.
 #[derive(Debug)]
 pub struct DeliveryLogTasks {
     stop: CancellationToken,
     writer: Option<JoinHandle<()>>,
+    /// The consumer's stop: the log stops only when the consumer does.
+    consumer_stop: CancellationToken,
 }
 
 impl DeliveryLogTasks {
     /// Stops the keeper, and the writer after it flushed what it holds (within its write
     /// timeout).
     pub async fn stop(mut self) {
+        self.consumer_stop.cancel();
         self.stop.cancel();
         if let Some(writer) = self.writer.take() {
             let _ = writer.await;
@@ -143,6 +148,7 @@ impl DeliveryLogTasks {
 
 impl Drop for DeliveryLogTasks {
     fn drop(&mut self) {
+        self.consumer_stop.cancel();
         self.stop.cancel();
     }
 }
@@ -158,16 +164,17 @@ impl DeliveryLog {
         }
     }
 
-    /// Starts the writer and the keeper on `pool`.
+    /// Starts the writer and the keeper on `pool`, as tasks of `supervisor`.
     pub fn start(
         pool: PgPool,
         config: &DeliveryLogConfig,
         metrics: Arc<ConsumerMetrics>,
+        supervisor: &Supervisor,
     ) -> (DeliveryLog, DeliveryLogTasks) {
         let (sender, receiver) = mpsc::channel(config.buffer.max(1));
         let stop = CancellationToken::new();
         let queued_bytes = Arc::new(AtomicUsize::new(0));
-        let writer = tokio::spawn(write(
+        let writing = write(
             pool.clone(),
             Buffered {
                 receiver,
@@ -176,8 +183,16 @@ impl DeliveryLog {
             config.clone(),
             metrics.clone(),
             stop.clone(),
-        ));
-        tokio::spawn(keep(pool, config.clone(), stop.clone()));
+        );
+        let writer = supervisor.spawn_service("delivery-log writer", async move {
+            writing.await;
+            Ok::<(), std::convert::Infallible>(())
+        });
+        let keeping = keep(pool, config.clone(), stop.clone());
+        supervisor.spawn_service("delivery-log keeper", async move {
+            keeping.await;
+            Ok::<(), std::convert::Infallible>(())
+        });
         (
             DeliveryLog {
                 sender: Some(sender),
@@ -188,6 +203,7 @@ impl DeliveryLog {
             DeliveryLogTasks {
                 stop,
                 writer: Some(writer),
+                consumer_stop: supervisor.stop().clone(),
             },
         )
     }

@@ -16,12 +16,15 @@
 //! engine too, so the drain at shutdown waits for (or abandons) all of it alike.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use futures::FutureExt;
 use hookline_cistate::Hook;
+use hookline_shell::supervise::{Supervisor, TaskFailure, panic_message};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -137,10 +140,13 @@ pub(crate) struct Engine {
     /// No delivery is taken any more (shutdown); those already waiting still run, within the
     /// drain bound, so no record is left half delivered by a clean stop.
     closed: AtomicBool,
+    /// Told when a delivery's task panics: its record could never finish, so the consumer stops
+    /// rather than hold the partition (and a slot) with nothing to show.
+    supervisor: Supervisor,
 }
 
 impl Engine {
-    pub(crate) fn new(cx: Arc<Context>) -> Arc<Engine> {
+    pub(crate) fn new(cx: Arc<Context>, supervisor: Supervisor) -> Arc<Engine> {
         let c = &cx.config;
         let limits = Limits {
             window: c.max_in_flight,
@@ -156,11 +162,29 @@ impl Engine {
             tasks: TaskTracker::new(),
             abandon: CancellationToken::new(),
             closed: AtomicBool::new(false),
+            supervisor,
         })
     }
 
     pub(crate) fn cx(&self) -> &Arc<Context> {
         &self.cx
+    }
+
+    pub(crate) fn supervisor(&self) -> &Supervisor {
+        &self.supervisor
+    }
+
+    /// Runs `task` as a task of the engine (the drain waits for it); a panic fails the service.
+    fn run_task(&self, what: &'static str, task: impl Future<Output = ()> + Send + 'static) {
+        let supervisor = self.supervisor.clone();
+        self.tasks.spawn(async move {
+            if let Err(panic) = AssertUnwindSafe(task).catch_unwind().await {
+                supervisor.fail(TaskFailure {
+                    task: what.to_owned(),
+                    how: format!("panicked: {}", panic_message(panic.as_ref())),
+                });
+            }
+        });
     }
 
     fn sched(&self) -> std::sync::MutexGuard<'_, Scheduler<Item>> {
@@ -176,8 +200,7 @@ impl Engine {
         F: FnOnce(Arc<Context>, CancellationToken) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        self.tasks
-            .spawn(work(self.cx.clone(), self.abandon.clone()));
+        self.run_task("record task", work(self.cx.clone(), self.abandon.clone()));
     }
 
     /// A delivery of `claim`'s record: it waits for a slot (or is handed on at once).
@@ -216,7 +239,7 @@ impl Engine {
             let Some((grant, item)) = next else {
                 return;
             };
-            self.tasks.spawn(self.clone().worker(grant, item));
+            self.run_task("delivery", self.clone().worker(grant, item));
         }
     }
 
@@ -252,7 +275,7 @@ impl Engine {
         let until = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
         debug!(hook_id = key.hook, build_id = key.build, host = %key.host, ?wait, "hook busy; delivery handed on");
         let me = self.clone();
-        self.tasks.spawn(async move {
+        self.run_task("hand-on", async move {
             let Item { work, claim } = item;
             let result = work.run(&me.cx, Mode::HandOn { until }, &me.abandon).await;
             claim.part_done(result);

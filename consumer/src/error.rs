@@ -22,4 +22,8 @@ pub enum ConsumerError {
     /// The schema registry did not answer at startup (or refused the reader's schema).
     #[error("schema registry: {0}")]
     SchemaRegistry(String),
+    /// A task of the running consumer died (panicked, failed, or ended early): the consumer
+    /// stopped; start it again, and look at the logs for the cause.
+    #[error(transparent)]
+    TaskFailed(#[from] hookline_shell::supervise::TaskFailure),
 }

@@ -93,10 +93,12 @@ mod strict;
 pub mod task;
 pub mod topics;
 
+use std::convert::Infallible;
 use std::sync::Arc;
 
 use hookline_cistate::CiStore;
 use hookline_schemas::Codec;
+use hookline_shell::supervise::Supervisor;
 use rdkafka::error::KafkaError;
 use tokio_util::sync::CancellationToken;
 
@@ -124,6 +126,9 @@ pub struct Consumer {
     retry: Subscription,
     /// The delivery log's writer and keeper, when the log is on.
     log_tasks: Option<DeliveryLogTasks>,
+    /// Every task the consumer runs: the first that dies stops the others and is the run's
+    /// error (the process exits non-zero), and `/readyz` says so meanwhile.
+    supervisor: Supervisor,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -161,10 +166,15 @@ impl Consumer {
             "retry",
             &metrics,
         )?;
+        let supervisor = Supervisor::new(CancellationToken::new());
         let (log, log_tasks) = match (config.delivery_log.enabled, store.pg_pool()) {
             (true, Some(pool)) => {
-                let (log, tasks) =
-                    DeliveryLog::start(pool.clone(), &config.delivery_log, metrics.clone());
+                let (log, tasks) = DeliveryLog::start(
+                    pool.clone(),
+                    &config.delivery_log,
+                    metrics.clone(),
+                    &supervisor,
+                );
                 (log, Some(tasks))
             }
             (true, None) => {
@@ -190,7 +200,14 @@ impl Consumer {
             main,
             retry,
             log_tasks,
+            supervisor,
         })
+    }
+
+    /// The consumer's tasks: for `/readyz` ([`Supervisor::check`]), and for tasks of its
+    /// process that it should stop with (the HTTP listener: stop on [`Supervisor::stop`]).
+    pub fn supervisor(&self) -> Supervisor {
+        self.supervisor.clone()
     }
 
     /// The operator's hook operations (test, resend) with this consumer's store, HTTP stage,
@@ -219,25 +236,43 @@ impl Consumer {
     ///
     /// First makes sure of the retry and dead-letter topics, waiting for a broker that does not
     /// answer yet (a `topics` stall); missing topics that may not be created end it with an
-    /// error. A fatal error of a Kafka client (this instance fenced as a static member, say)
-    /// stops both paths, drains, and is returned.
+    /// error. Any task of the consumer that dies (a path, including a fatal error of its Kafka
+    /// client such as a static member fenced by the broker; a delivery; the delivery log's
+    /// writer or keeper; the order queue's pruner or sweeper) stops both paths, which drain,
+    /// and is returned as [`ConsumerError::TaskFailed`]: the process then exits non-zero, for
+    /// its supervisor to start it again, rather than run on with a part missing.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), ConsumerError> {
+        let stop = self.supervisor.stop().clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => stop.cancel(),
+                _ = stop.cancelled() => {}
+            }
+        });
+        let supervisor = self.supervisor.clone();
         let log_tasks = self.log_tasks.take();
-        let result = self.run_paths(shutdown).await;
+        let result = self.run_paths().await;
         // After the paths drained, so the last attempts' rows are written too.
         if let Some(tasks) = log_tasks {
             tasks.stop().await;
         }
-        result
+        supervisor.stop().cancel();
+        let supervised = supervisor.wait().await;
+        match (result, supervised) {
+            (Err(error), _) => Err(error),
+            (Ok(()), Err(failure)) => Err(ConsumerError::TaskFailed(failure)),
+            (Ok(()), Ok(())) => Ok(()),
+        }
     }
 
-    async fn run_paths(self, shutdown: CancellationToken) -> Result<(), ConsumerError> {
+    async fn run_paths(self) -> Result<(), ConsumerError> {
         let config = &self.cx.config;
+        let stop = self.supervisor.stop().clone();
         let ensured = shutdown::wait_out(
             &self.cx.metrics,
             metrics::Stall::Topics,
             "retry and dead-letter topics not checked yet",
-            &shutdown,
+            &stop,
             || async {
                 match topics::ensure(config).await {
                     Ok(()) => Ok(Ok(())),
@@ -253,60 +288,68 @@ impl Consumer {
             // Shut down before the consumer ever ran: nothing to drain.
             Err(shutdown::Abandoned) => return Ok(()),
         }
-        // One stop: shutdown, or a fatal error of either path's client (a static member
-        // fenced by the broker never consumes again). The process then exits with the error,
-        // for its supervisor to start it again, rather than run on consuming nothing.
-        let stop = shutdown.child_token();
-        let pruner = tokio::spawn(strict::prune(self.cx.clone(), stop.clone()));
-        let sweeper = tokio::spawn(strict::sweep(self.cx.clone(), stop.clone()));
+        let supervisor = &self.supervisor;
+        // Under relaxed ordering there is no order queue to keep.
+        if config.ordering == config::Ordering::Strict {
+            let (cx, until) = (self.cx.clone(), stop.clone());
+            supervisor.spawn_service("order-queue pruner", async move {
+                strict::prune(cx, until).await;
+                Ok::<(), Infallible>(())
+            });
+            let (cx, until) = (self.cx.clone(), stop.clone());
+            supervisor.spawn_service("order-queue sweeper", async move {
+                strict::sweep(cx, until).await;
+                Ok::<(), Infallible>(())
+            });
+        }
         // One engine for both paths: the window and each hook's slots are shared by new events
-        // and retries alike.
-        let engine = Engine::new(self.cx.clone());
-        let overdue = tokio::spawn(engine.clone().watch_overdue(stop.clone()));
+        // and retries alike. A delivery that panics fails the service: its record could never
+        // finish.
+        let engine = Engine::new(self.cx.clone(), supervisor.clone());
+        let (watcher, until) = (engine.clone(), stop.clone());
+        supervisor.spawn_service("hand-on watcher", async move {
+            watcher.watch_overdue(until).await;
+            Ok::<(), Infallible>(())
+        });
         let main = Path::start("main", engine.clone(), self.main);
         let retry = Path::start("retry", engine.clone(), self.retry);
-        let path = |run: tokio::task::JoinHandle<(Path, Option<KafkaError>)>,
-                    stop: CancellationToken| async move {
-            let ended = run.await;
-            if !matches!(ended, Ok((_, None))) {
-                stop.cancel();
-            }
-            ended
-        };
-        let (a, b) = tokio::join!(
-            path(
-                tokio::spawn(dispatch::run(main, stop.clone())),
-                stop.clone()
-            ),
-            path(tokio::spawn(retry::run(retry, stop.clone())), stop.clone()),
-        );
-        stop.cancel();
+        let (main, main_back) =
+            supervise_path(supervisor, "main path", dispatch::run(main, stop.clone()));
+        let (retry, retry_back) =
+            supervise_path(supervisor, "retry path", retry::run(retry, stop.clone()));
+        let _ = tokio::join!(main, retry);
         // Both intakes are gone: finish the work in flight within the drain bound, then commit.
+        stop.cancel();
         engine.drain().await;
-        let _ = overdue.await;
-        let _ = pruner.await;
-        let _ = sweeper.await;
-        let mut ended = Vec::new();
-        for r in [a, b] {
-            match r {
-                Ok((path, fatal)) => {
-                    path.finish().await;
-                    ended.push(Ok(fatal));
-                }
-                Err(e) => ended.push(Err(e)),
+        for back in [main_back, retry_back] {
+            // A path that panicked is not handed back: the process exits with that failure.
+            if let Ok(path) = back.await {
+                path.finish().await;
             }
         }
-        let mut fatal = None;
-        for ended in ended {
-            match ended {
-                Ok(None) => {}
-                Ok(Some(error)) => fatal = fatal.or(Some(error)),
-                Err(e) => tracing::error!(error = %e, "consumer path panicked"),
-            }
-        }
-        match fatal {
-            Some(error) => Err(ConsumerError::Kafka(error)),
-            None => Ok(()),
-        }
+        Ok(())
     }
+}
+
+/// Runs a path's loop as a task of `supervisor`. The path is handed back when its intake ends,
+/// for the last commit once the engine has drained; a fatal error of its Kafka client (a static
+/// member fenced by the broker never consumes again) fails the task like a panic does.
+fn supervise_path<F>(
+    supervisor: &Supervisor,
+    name: &str,
+    run: F,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::oneshot::Receiver<Path>,
+)
+where
+    F: std::future::Future<Output = (Path, Option<KafkaError>)> + Send + 'static,
+{
+    let (back, handed_back) = tokio::sync::oneshot::channel();
+    let task = supervisor.spawn_service(name, async move {
+        let (path, fatal) = run.await;
+        let _ = back.send(path);
+        fatal.map_or(Ok(()), |e| Err(ConsumerError::Kafka(e)))
+    });
+    (task, handed_back)
 }

@@ -21,6 +21,7 @@ use hookline_consumer::hooks::masked_url;
 use hookline_consumer::schedule::{DEFAULT_RETRY_SCHEDULE, RetrySchedule};
 use hookline_consumer::server::{ServeConfig, check_secrets, open_pg, open_store_sealed};
 use hookline_shell::secret_file::{kafka_options_file, read_secret, secret_on_command_line};
+use hookline_shell::server::ListenerArgs;
 use hookline_shell::{
     LogArgs, cancel_on_signal, exit_code, init_tracing, parse_duration, parse_key_value,
 };
@@ -118,6 +119,14 @@ struct ServeArgs {
     /// Address of /metrics, /healthz, /readyz, /openapi.json and the hooks API.
     #[arg(long, env = "HOOKLINE_LISTEN", default_value = "127.0.0.1:9464")]
     listen: SocketAddr,
+    /// The listener's limits: connections, time to first byte, head, body and idle timeouts.
+    #[command(flatten)]
+    listener: ListenerArgs,
+    /// Largest event a producer writes, in bytes: set it as the producers' --max-event-bytes
+    /// (the same HOOKLINE_MAX_EVENT_BYTES). The Avro decoder allocates no more than this for a
+    /// field a record claims; a record claiming more is dead-lettered as `field_too_large`.
+    #[arg(long, env = "HOOKLINE_MAX_EVENT_BYTES", default_value_t = hookline_schemas::codec::DEFAULT_MAX_EVENT_BYTES)]
+    max_event_bytes: usize,
     /// Base URL of a Confluent-compatible schema registry to fetch writer schemas from by id
     /// [default: the embedded registry, ids in schemas/avro/manifest.json].
     #[arg(long, env = "HOOKLINE_SCHEMA_REGISTRY_URL")]
@@ -671,6 +680,8 @@ async fn run() -> anyhow::Result<()> {
                     database_url: args.database_url,
                     database_schema: args.database_schema,
                     listen: args.listen,
+                    listener: args.listener.limits().map_err(anyhow::Error::msg)?,
+                    max_event_bytes: args.max_event_bytes,
                     schema_registry_url: args.schema_registry_url,
                     admin_token,
                     admin_token_file: args.admin_token_file,

@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use hookline_shell::supervise::{TaskFailure, panic_message};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -90,7 +91,14 @@ impl Path {
     pub(crate) async fn finish(self) {
         let path = self.name;
         self.committer_stop.cancel();
-        let _ = self.committer.await;
+        if let Err(joined) = self.committer.await
+            && joined.is_panic()
+        {
+            self.engine.supervisor().fail(TaskFailure {
+                task: format!("{path} path committer"),
+                how: format!("panicked: {}", panic_message(joined.into_panic().as_ref())),
+            });
+        }
         match commit_last(&self.consumer, &self.offsets).await {
             Ok(()) => info!(path, "offsets committed"),
             Err(CommitFailed::Kafka(error)) => {

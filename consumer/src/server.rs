@@ -14,6 +14,8 @@ use hookline_cistate::{CiStore, MemoryStore, PgOptions, PgStore, SecretKeys};
 use hookline_schemas::codec::REGISTRY_ATTEMPTS;
 use hookline_schemas::{Codec, CodecError, RegistryError, SchemaVersion};
 use hookline_shell::ready_cache::ReadyCache;
+use hookline_shell::server::Limits;
+use hookline_shell::supervise::Supervisor;
 use rdkafka::producer::Producer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -34,6 +36,11 @@ pub struct ServeConfig {
     pub database_schema: Option<String>,
     /// Where `/metrics`, `/healthz` and `/readyz` listen.
     pub listen: SocketAddr,
+    /// The listener's limits: connections, time to first byte, head, body and idle timeouts.
+    pub listener: Limits,
+    /// The largest event a producer writes: the most the Avro decoder allocates for a field a
+    /// record claims (see [`hookline_schemas::codec::cap_allocation`]).
+    pub max_event_bytes: usize,
     /// Base URL of a Confluent-compatible schema registry to fetch writer schemas from, by the
     /// id in each record (cached). `None`: the embedded registry (`schemas/avro/manifest.json`).
     pub schema_registry_url: Option<String>,
@@ -163,16 +170,19 @@ struct AppState {
     /// The topics readiness asks about: the consumer's own, not the cluster's every topic.
     topics: Arc<Vec<String>>,
     ready: Arc<ReadyCache>,
+    tasks: Supervisor,
 }
 
 /// The operational endpoints, without a socket (tests call it directly). `kafka` is any client
 /// of the consumer's cluster: readiness asks it for the metadata of `topics` (the main, retry
-/// and dead-letter topics).
+/// and dead-letter topics). `tasks`: the consumer's ([`Consumer::supervisor`]); not ready once
+/// one of them died.
 pub fn app(
     metrics: Arc<ConsumerMetrics>,
     store: Arc<dyn CiStore>,
     kafka: HandoffProducer,
     topics: Vec<String>,
+    tasks: Supervisor,
 ) -> Router {
     Router::new()
         .route("/metrics", get(metrics_text))
@@ -184,6 +194,7 @@ pub fn app(
             kafka,
             topics: Arc::new(topics),
             ready: Arc::new(ReadyCache::default()),
+            tasks,
         })
 }
 
@@ -197,11 +208,15 @@ async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
-/// Ready when the store and Kafka answer: without the store no legacy event can be rendered
-/// and no hook read; without Kafka nothing is consumed and no retry can be handed off. The
-/// endpoint is open, so its answer is reused for a second ([`ReadyCache`]) and Kafka is asked
-/// only about the consumer's own topics.
+/// Ready when every task of the consumer runs and the store and Kafka answer: without the store
+/// no legacy event can be rendered and no hook read; without Kafka nothing is consumed and no
+/// retry can be handed off; with a task dead the process is on its way out. The endpoint is
+/// open, so the store's and Kafka's answer is reused for a second ([`ReadyCache`]) and Kafka is
+/// asked only about the consumer's own topics.
 async fn ready(State(state): State<AppState>) -> impl IntoResponse {
+    if let Err(e) = state.tasks.check() {
+        return (StatusCode::SERVICE_UNAVAILABLE, e);
+    }
     let answer = state.ready.get(|| check_ready(&state)).await;
     match answer {
         Ok(()) => (StatusCode::OK, "ready".to_owned()),
@@ -238,6 +253,21 @@ async fn check_ready(state: &AppState) -> Result<(), String> {
 pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> Result<(), ConsumerError> {
     // Before anything connects, so a refused option is the one error an operator sees.
     config.consumer.validate()?;
+    config.listener.validate().map_err(ConsumerError::Config)?;
+    if config.max_event_bytes < 1000 {
+        return Err(ConsumerError::Config(
+            "--max-event-bytes must be at least 1000 (librdkafka's smallest message.max.bytes)"
+                .into(),
+        ));
+    }
+    let cap = hookline_schemas::codec::cap_allocation(config.max_event_bytes);
+    if cap != config.max_event_bytes {
+        tracing::warn!(
+            cap,
+            max_event_bytes = config.max_event_bytes,
+            "the Avro allocation cap was set before; it stays"
+        );
+    }
     let codec = open_codec(config.schema_registry_url.as_deref()).await?;
     // A service started beside its database waits for it a little; a command does not.
     let pg = open_pg(
@@ -278,17 +308,21 @@ pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> Result<(
     } else {
         info!(%listen, "serving /metrics, /healthz, /readyz, /openapi.json; the hooks API is off (no --admin-token-file)");
     }
-    let http_stop = shutdown.clone();
-    let routes = app(consumer.metrics(), store, consumer.kafka_client(), topics)
-        .merge(api::router(api_state));
-    let http = tokio::spawn(
-        axum::serve(listener, routes)
-            .with_graceful_shutdown(async move { http_stop.cancelled().await })
-            .into_future(),
-    );
-    let result = consumer.run(shutdown).await;
-    http.abort();
-    result
+    let tasks = consumer.supervisor();
+    let routes = app(
+        consumer.metrics(),
+        store,
+        consumer.kafka_client(),
+        topics,
+        tasks.clone(),
+    )
+    .merge(api::router(api_state));
+    // Stops with the consumer: at shutdown, or when one of its tasks died.
+    let (limits, stop) = (config.listener, tasks.stop().clone());
+    tasks.spawn_service("HTTP listener", async move {
+        hookline_shell::server::serve(listener, routes, limits, stop).await
+    });
+    consumer.run(shutdown).await
 }
 
 #[cfg(test)]

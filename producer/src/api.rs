@@ -45,8 +45,6 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     /// Without authentication, a `Host` that is not loopback (421): DNS rebinding protection.
     MisdirectedHost(String),
-    /// The body did not arrive within `--body-timeout` (408).
-    BodyTimeout(String),
     Unavailable {
         message: String,
         retry_after: Duration,
@@ -65,7 +63,6 @@ impl ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::MisdirectedHost(_) => StatusCode::MISDIRECTED_REQUEST,
-            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -102,7 +99,6 @@ impl ApiError {
             | ApiError::Unauthorized(m)
             | ApiError::UnsupportedMediaType(m)
             | ApiError::MisdirectedHost(m)
-            | ApiError::BodyTimeout(m)
             | ApiError::Internal(m) => json!({ "error": m }),
             ApiError::Unavailable { message, .. } => json!({ "error": message }),
         }
@@ -127,12 +123,6 @@ impl IntoResponse for ApiError {
                     header::WWW_AUTHENTICATE,
                     HeaderValue::from_static("Bearer realm=\"hookline\""),
                 );
-            }
-            // The rest of the body is still on the way (or never comes): do not wait for it.
-            ApiError::BodyTimeout(_) => {
-                response
-                    .headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             _ => {}
         }
@@ -212,6 +202,11 @@ pub fn parse_json<T: DeserializeOwned + Shape>(bytes: &[u8]) -> Result<T, ApiErr
 
 /// JSON text to a [`Value`], refusing duplicate keys (serde_json keeps the last one silently,
 /// so a body could say two things and be read as one of them).
+///
+/// Linear in the body: each value knows its place as a link to its parent's (a key or an index),
+/// and the path is written out only for the duplicate that is reported. (Writing each value's
+/// whole path as it was read made a body with one long key over a long array quadratic: a 1 MiB
+/// body took seconds of a worker thread.)
 mod strict {
     use std::cell::RefCell;
     use std::fmt;
@@ -225,7 +220,7 @@ mod strict {
         let duplicate = RefCell::new(None);
         let mut de = serde_json::Deserializer::from_slice(bytes);
         let parsed = Strict {
-            path: String::new(),
+            at: At::Root,
             duplicate: &duplicate,
         }
         .deserialize(&mut de)
@@ -234,7 +229,7 @@ mod strict {
             Ok(value) => Ok(value),
             Err(error) => Err(match duplicate.into_inner() {
                 Some(field) => ApiError::Invalid {
-                    message: format!("duplicate key {field:?}"),
+                    message: format!("duplicate key {:?}", shortened(&field)),
                     field,
                 },
                 None => ApiError::Malformed(format!("malformed JSON: {error}")),
@@ -242,9 +237,65 @@ mod strict {
         }
     }
 
-    /// A JSON value at `path`; records the first duplicate key's path in `duplicate`.
+    /// A field path in a message: a key can be as long as the body, and the message need not be.
+    fn shortened(path: &str) -> String {
+        const KEEP: usize = 200;
+        match path.char_indices().nth(KEEP) {
+            None => path.to_owned(),
+            Some((cut, _)) => format!("{}... ({} bytes)", &path[..cut], path.len()),
+        }
+    }
+
+    /// Where a value is: the body itself, a key of an object, or an index of an array.
+    #[derive(Clone, Copy)]
+    enum At<'a> {
+        Root,
+        Key(&'a At<'a>, &'a str),
+        Index(&'a At<'a>, usize),
+    }
+
+    impl At<'_> {
+        /// `facts.started_at`, `[3].facts`: the form the API names fields in.
+        fn path(&self) -> String {
+            let mut steps = Vec::new();
+            let mut at = self;
+            loop {
+                match at {
+                    At::Root => break,
+                    At::Key(parent, key) => {
+                        steps.push(Step::Key(key));
+                        at = parent;
+                    }
+                    At::Index(parent, index) => {
+                        steps.push(Step::Index(*index));
+                        at = parent;
+                    }
+                }
+            }
+            let mut path = String::new();
+            for step in steps.iter().rev() {
+                match step {
+                    Step::Key(key) => {
+                        if !path.is_empty() {
+                            path.push('.');
+                        }
+                        path.push_str(key);
+                    }
+                    Step::Index(index) => path.push_str(&format!("[{index}]")),
+                }
+            }
+            path
+        }
+    }
+
+    enum Step<'a> {
+        Key(&'a str),
+        Index(usize),
+    }
+
+    /// A JSON value at `at`; records the first duplicate key's path in `duplicate`.
     struct Strict<'a> {
-        path: String,
+        at: At<'a>,
         duplicate: &'a RefCell<Option<String>>,
     }
 
@@ -294,7 +345,7 @@ mod strict {
         fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
             let mut items = Vec::new();
             while let Some(item) = seq.next_element_seed(Strict {
-                path: format!("{}[{}]", self.path, items.len()),
+                at: At::Index(&self.at, items.len()),
                 duplicate: self.duplicate,
             })? {
                 items.push(item);
@@ -305,17 +356,12 @@ mod strict {
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
             let mut object = Map::new();
             while let Some(key) = map.next_key::<String>()? {
-                let path = if self.path.is_empty() {
-                    key.clone()
-                } else {
-                    format!("{}.{key}", self.path)
-                };
                 if object.contains_key(&key) {
-                    *self.duplicate.borrow_mut() = Some(path);
+                    *self.duplicate.borrow_mut() = Some(At::Key(&self.at, &key).path());
                     return Err(de::Error::custom("duplicate key"));
                 }
                 let value = map.next_value_seed(Strict {
-                    path,
+                    at: At::Key(&self.at, &key),
                     duplicate: self.duplicate,
                 })?;
                 object.insert(key, value);

@@ -10,7 +10,7 @@
 use hookline_cistate::RenderSnapshot;
 
 /// The default `max_event_bytes`: librdkafka's default `message.max.bytes`.
-pub const DEFAULT_MAX_EVENT_BYTES: usize = 1_000_000;
+pub const DEFAULT_MAX_EVENT_BYTES: usize = hookline_schemas::codec::DEFAULT_MAX_EVENT_BYTES;
 
 /// GitLab's `Enums::Ci::CommitStatus.failure_reasons` (CE and EE), plus `unknown_failure`,
 /// which GitLab reports for a failed build without a reason.

@@ -9,6 +9,7 @@ use std::time::Duration;
 use hookline_cistate::{PgOptions, PgStore};
 use hookline_schemas::SchemaVersion;
 
+use hookline_shell::server::ListenerArgs;
 use hookline_shell::{parse_duration, parse_key_value};
 
 use crate::emit::EmitterConfig;
@@ -189,20 +190,9 @@ pub struct ServeConfig {
     /// takes the same bearer token as the API.
     #[arg(long, env = "HOOKLINE_METRICS_PUBLIC")]
     pub metrics_public: bool,
-    /// How long a client may take to send a request's headers, including the wait for the next
-    /// request on a kept-alive connection's first byte; then the connection is closed.
-    #[arg(long, env = "HOOKLINE_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-    pub header_timeout: Duration,
-    /// How long a client may take to send a whole request body; then 408 and the connection
-    /// is closed.
-    #[arg(long, env = "HOOKLINE_BODY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
-    pub body_timeout: Duration,
-    /// How long a kept-alive connection may stay idle between requests before it is closed.
-    #[arg(long, env = "HOOKLINE_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
-    pub idle_timeout: Duration,
-    /// Most client connections served at once; further ones wait in the listen backlog.
-    #[arg(long, env = "HOOKLINE_MAX_CONNECTIONS", default_value_t = 1024)]
-    pub max_connections: usize,
+    /// The listener's limits: connections, time to first byte, head, body and idle timeouts.
+    #[command(flatten)]
+    pub listener: ListenerArgs,
     /// How long event ids are remembered with a digest of their transition: within it, a
     /// retry gets its first answer and a reuse for another transition gets 409 (e.g. 7d).
     #[arg(long, env = "HOOKLINE_EVENT_ID_RETENTION", default_value = "7d", value_parser = parse_duration)]
@@ -246,15 +236,7 @@ impl ServeConfig {
                 self.listen
             )));
         }
-        if self.header_timeout.is_zero()
-            || self.body_timeout.is_zero()
-            || self.idle_timeout.is_zero()
-            || self.max_connections == 0
-        {
-            return Err(ProducerError::Invalid(
-                "--header-timeout, --body-timeout, --idle-timeout and --max-connections must be above 0".into(),
-            ));
-        }
+        self.listener.limits().map_err(ProducerError::Invalid)?;
         if self.body_limit == 0 || self.batch_limit == 0 {
             return Err(ProducerError::Invalid(
                 "--body-limit and --batch-limit must be above 0".into(),

@@ -25,6 +25,10 @@ pub enum ProducerError {
         #[source]
         source: std::io::Error,
     },
+    /// A task of the running service died (panicked, failed, or ended early): it stopped; start
+    /// it again, and look at the logs for the cause.
+    #[error(transparent)]
+    TaskFailed(#[from] hookline_shell::supervise::TaskFailure),
 }
 
 impl ProducerError {

@@ -49,6 +49,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::ConnectionLimits;
 use crate::api::{
     ApiError, Shape, TransitionBody, emitted_json, parse_json, retry_after_header, skipped_json,
 };
@@ -61,7 +62,7 @@ use crate::flags::Flags;
 use crate::metrics::ProducerMetrics;
 #[allow(unused_imports)] // named only inside #[utoipa::path] attributes
 use crate::openapi::{BatchAnswer, BatchRefusal, EmittedAnswer, ErrorAnswer, SkippedAnswer};
-use crate::server::{self, ConnectionLimits};
+use hookline_shell::supervise::Supervisor;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
@@ -79,12 +80,13 @@ pub struct AppState {
     pub tokens: Option<Arc<ApiTokens>>,
     /// Serve `/metrics` without a token.
     pub metrics_public: bool,
-    /// Longest a request body may take to arrive (408 after it).
-    pub body_timeout: Duration,
-    /// Connection limit, header and idle timeouts.
+    /// The listener's limits: connections, time to first byte, head, body (408 after it) and
+    /// idle timeouts.
     pub connections: ConnectionLimits,
     /// `/readyz`'s last answer, reused for a second: the probe is open.
     pub ready: Arc<hookline_shell::ready_cache::ReadyCache>,
+    /// The service's tasks: `/readyz` answers 503 once one of them died ([`run`] sets it).
+    pub tasks: Supervisor,
 }
 
 impl AppState {
@@ -97,9 +99,9 @@ impl AppState {
             batch_limit: 1000,
             tokens: None,
             metrics_public: false,
-            body_timeout: Duration::from_secs(30),
             connections: ConnectionLimits::default(),
             ready: Default::default(),
+            tasks: Supervisor::new(CancellationToken::new()),
         }
     }
 }
@@ -147,6 +149,9 @@ pub fn app(state: AppState) -> Router {
 pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> Result<(), ProducerError> {
     config.validate()?;
     hookline_shell::secret_file::allow_readable(config.allow_readable_secret_files);
+    // The producer decodes no events today; the cap is set all the same, so that no code path
+    // added later can be made to allocate what a record claims.
+    hookline_schemas::codec::cap_allocation(config.kafka.max_event_bytes);
     // Before connecting to anything: a bad token file is an operator's error to fix first.
     let tokens = match &config.api_token_file {
         Some(path) => {
@@ -162,7 +167,10 @@ pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> Result<(
     };
     let pg = config.store.pg_store_for_service().await?;
     let flag_store = config.store.flag_store(Some(&pg)).await?;
-    let flags = Flags::load(flag_store, config.flags_reload_interval).await?;
+    // Every task of the service: the first that dies stops it with an error (a non-zero exit).
+    let supervisor = Supervisor::new(shutdown.child_token());
+    let flags =
+        Flags::load_supervised(flag_store, config.flags_reload_interval, &supervisor).await?;
     let metrics = Arc::new(ProducerMetrics::new());
     let event_ids: Arc<dyn EventIds> = Arc::new(PgEventIds::new(pg.pool().clone()));
     let store: Arc<dyn CiStore> = Arc::new(pg);
@@ -171,12 +179,16 @@ pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> Result<(
         ..config.kafka.emitter_config()
     };
     let emitter = Emitter::new(emitter_config, store, flags, metrics).await?;
-    tokio::spawn(event_ids::prune_periodically(
+    let pruning = event_ids::prune_periodically(
         event_ids,
         config.event_id_retention,
         Duration::from_secs(3600),
-        shutdown.clone(),
-    ));
+        supervisor.stop().clone(),
+    );
+    supervisor.spawn_service("event-id pruner", async move {
+        pruning.await;
+        Ok::<(), std::convert::Infallible>(())
+    });
     emitter.check_topic_limit().await?;
     let listener = TcpListener::bind(config.listen)
         .await
@@ -195,15 +207,11 @@ pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> Result<(
         batch_limit: config.batch_limit,
         tokens,
         metrics_public: config.metrics_public,
-        body_timeout: config.body_timeout,
-        connections: ConnectionLimits {
-            header_timeout: config.header_timeout,
-            idle_timeout: config.idle_timeout,
-            max_connections: config.max_connections,
-        },
+        connections: config.listener.limits().map_err(ProducerError::Invalid)?,
         ready: Default::default(),
+        tasks: supervisor.clone(),
     };
-    run(listener, state, shutdown, config.shutdown_timeout).await
+    run_supervised(listener, state, supervisor, config.shutdown_timeout).await
 }
 
 /// Serves `state` on `listener` until `shutdown`; then stops accepting, lets in-flight requests
@@ -214,45 +222,65 @@ pub async fn run(
     shutdown: CancellationToken,
     drain: Duration,
 ) -> Result<(), ProducerError> {
+    run_supervised(
+        listener,
+        state,
+        Supervisor::new(shutdown.child_token()),
+        drain,
+    )
+    .await
+}
+
+/// [`run`] among the other tasks of `supervisor` (`serve`'s event-id pruner and flag reloader):
+/// serves until its stop (shutdown, or a task that died), drains, flushes, and returns the
+/// failure of a task that died as [`ProducerError::TaskFailed`].
+pub async fn run_supervised(
+    listener: TcpListener,
+    mut state: AppState,
+    supervisor: Supervisor,
+    drain: Duration,
+) -> Result<(), ProducerError> {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, topic = state.emitter.topic(), "producer listening");
     }
+    state.tasks = supervisor.clone();
     let emitter = state.emitter.clone();
-    let stop = shutdown.clone();
+    let stop = supervisor.stop().clone();
     let limits = state.connections;
-    let mut server =
-        tokio::spawn(async move { server::serve(listener, app(state), limits, stop).await });
-    let finished = |joined: Result<std::io::Result<()>, tokio::task::JoinError>| match joined {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(ProducerError::io("serving HTTP", e)),
-        Err(e) => Err(ProducerError::io("serving HTTP", std::io::Error::other(e))),
+    let router = app(state);
+    let until = stop.clone();
+    let mut server = supervisor.spawn_service("HTTP API", async move {
+        hookline_shell::server::serve(listener, router, limits, until)
+            .await
+            .map_err(|e| format!("serving HTTP: {e}"))
+    });
+    let served = tokio::select! {
+        _ = &mut server => true,
+        _ = stop.cancelled() => false,
     };
-    tokio::select! {
-        joined = &mut server => return finished(joined),
-        _ = shutdown.cancelled() => {}
-    }
     let started = tokio::time::Instant::now();
     tracing::info!(?drain, "shutting down: finishing in-flight transitions");
-    match tokio::time::timeout(drain, &mut server).await {
-        Ok(joined) => finished(joined)?,
-        Err(_) => {
-            tracing::warn!(
-                ?drain,
-                "drain bound reached; in-flight requests are abandoned unanswered"
-            );
-            server.abort();
-        }
+    if !served && tokio::time::timeout(drain, &mut server).await.is_err() {
+        tracing::warn!(
+            ?drain,
+            "drain bound reached; in-flight requests are abandoned unanswered"
+        );
+        server.abort();
     }
     let left = drain
         .saturating_sub(started.elapsed())
         .max(Duration::from_millis(100));
-    emitter.flush(left).await?;
+    let flushed = emitter.flush(left).await;
+    stop.cancel();
+    supervisor.wait().await?;
+    flushed?;
     tracing::info!("producer stopped");
     Ok(())
 }
 
 /// A JSON body whose errors name the field: `422 {"field": "status", ...}` instead of axum's
-/// plain-text rejection. The whole body must arrive within the state's `body_timeout` (408).
+/// plain-text rejection. (A body that does not arrive within `--body-timeout` is answered 408 by
+/// the server, [`hookline_shell::server`].)
 pub struct FieldJson<T>(pub T);
 
 impl<T> FromRequest<AppState> for FieldJson<T>
@@ -262,14 +290,7 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
-        let read = tokio::time::timeout(state.body_timeout, Bytes::from_request(req, state));
-        let read = read.await.map_err(|_| {
-            ApiError::BodyTimeout(format!(
-                "the request body did not arrive within {:?} (--body-timeout)",
-                state.body_timeout
-            ))
-        })?;
-        let bytes = read.map_err(|rejection| {
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::TooLarge(
                     "the request body is over the configured limit (--body-limit)".into(),
@@ -448,6 +469,13 @@ async fn openapi_json() -> Response {
     )
 )]
 pub(crate) async fn ready(State(state): State<AppState>) -> Response {
+    if let Err(reason) = state.tasks.check() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {reason}"),
+        )
+            .into_response();
+    }
     // The probe is open: one real check (a store round trip, the topic's metadata) a second at
     // most, however many probes come.
     match state.ready.get(|| state.emitter.check_ready()).await {
@@ -661,6 +689,62 @@ mod tests {
                 json["error"].as_str().unwrap().contains("duplicate"),
                 "{json}"
             );
+        }
+    }
+
+    /// Bodies of about 1 MiB built to make a duplicate-key check slow (one 500 KB key over a
+    /// long array, or over many keys, or repeated): refused with the field named, each read once
+    /// (the time is printed, not asserted: `--nocapture` shows it).
+    #[tokio::test]
+    async fn adversarial_megabyte_bodies_are_refused_naming_the_field() {
+        let key = "k".repeat(500_000);
+        let zeros = vec!["0"; 270_000].join(",");
+        let keys = (0..40_000)
+            .map(|i| format!(r#""{i}":0"#))
+            .collect::<Vec<_>>()
+            .join(",");
+        let cases = [
+            (
+                format!(r#"{{"facts":{{"{key}":[{zeros}]}}}}"#),
+                format!("facts.{key}"),
+                "unknown field",
+            ),
+            (
+                format!(r#"{{"facts":{{"{key}":{{{keys}}}}}}}"#),
+                format!("facts.{key}"),
+                "unknown field",
+            ),
+            (
+                format!(r#"{{"facts":{{"{key}":0,"{key}":0}}}}"#),
+                format!("facts.{key}"),
+                "duplicate key",
+            ),
+        ];
+        for (body, field, error) in cases {
+            assert!(body.len() < 1024 * 1024, "{}", body.len());
+            let started = std::time::Instant::now();
+            let (status, json) =
+                post(offline_app(1024 * 1024).await, "/v1/transitions", body).await;
+            eprintln!("{error}: answered in {:?}", started.elapsed());
+            assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+            let named = json["field"].as_str().unwrap();
+            assert!(
+                named.starts_with("facts"),
+                "{}",
+                &named[..named.len().min(80)]
+            );
+            if error == "duplicate key" {
+                assert_eq!(named, field, "the duplicate's whole path");
+            }
+            let message = json["error"].as_str().unwrap();
+            assert!(
+                message.contains(error),
+                "{}",
+                &message[..message.len().min(200)]
+            );
+            if error == "duplicate key" {
+                assert!(message.len() < 300, "the message names a long key shortly");
+            }
         }
     }
 

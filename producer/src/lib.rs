@@ -29,7 +29,6 @@
 //!   describes; the document itself (`GET /openapi.json`) is generated beside the router, in
 //!   `ingest`, from the handlers and types.
 //! - [`auth`]: bearer tokens (constant-time, never logged) and the JSON-only content type.
-//! - [`server`]: HTTP/1.1 connections: a limit, header and idle timeouts for slow clients.
 //! - [`config`]: every option, by flag and `HOOKLINE_*` variable.
 //! - [`metrics`]: the producer's Prometheus metrics, one registry per instance.
 //! - [`bench`](mod@bench): render cost and events/s with the flag off and on, in one run.
@@ -50,14 +49,15 @@ pub mod metrics;
 pub mod openapi;
 pub mod relay;
 pub mod render;
-pub mod server;
 
 pub use auth::ApiTokens;
 pub use config::{KafkaOptions, ServeConfig, StoreOptions};
 pub use emit::{Emission, Emitted, Emitter, EmitterConfig, TransitionRequest};
 pub use error::{EmitError, ProducerError};
 pub use flags::{Change, Flags, Gates, INLINE_FLAG, Percentage};
+/// The API listener's limits (connections, time to first byte, head, body, idle): the shared
+/// server's ([`hookline_shell::server`]).
+pub use hookline_shell::server::Limits as ConnectionLimits;
 pub use ingest::{AppState, app, run, serve};
 pub use metrics::ProducerMetrics;
 pub use relay::{RelayConfig, RelayMetrics, RelaySettings};
-pub use server::ConnectionLimits;

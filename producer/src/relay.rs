@@ -70,6 +70,9 @@ pub struct RelayConfig {
     /// Address /metrics, /healthz and /readyz listen on (no token: keep it on a private network).
     #[arg(long, env = "HOOKLINE_LISTEN", default_value = "127.0.0.1:8081")]
     pub listen: SocketAddr,
+    /// The listener's limits: connections, time to first byte, head, body and idle timeouts.
+    #[command(flatten)]
+    pub listener: hookline_shell::server::ListenerArgs,
     /// Most rows claimed, published and deleted in one transaction.
     #[arg(long, env = "HOOKLINE_RELAY_BATCH_SIZE", default_value_t = 500)]
     pub batch_size: i64,
@@ -95,6 +98,7 @@ pub struct RelayConfig {
 impl RelayConfig {
     pub fn validate(&self) -> Result<(), ProducerError> {
         self.kafka.validate()?;
+        self.listener.limits().map_err(ProducerError::Invalid)?;
         if self.batch_size < 1 || self.workers == 0 {
             return Err(ProducerError::Invalid(
                 "--batch-size and --workers must be above 0".into(),
@@ -632,6 +636,7 @@ async fn ready(State(state): State<HttpState>) -> Response {
 /// `shutdown`; then lets the batches in flight finish within `--shutdown-timeout`.
 pub async fn relay(config: RelayConfig, shutdown: CancellationToken) -> Result<(), ProducerError> {
     config.validate()?;
+    hookline_schemas::codec::cap_allocation(config.kafka.max_event_bytes);
     let pg = config.store.pg_store_for_service().await?;
     let pool = pg.pool().clone();
     let flag_store = config.store.flag_store(Some(&pg)).await?;
@@ -666,11 +671,13 @@ pub async fn relay(config: RelayConfig, shutdown: CancellationToken) -> Result<(
     );
     let server_stop = shutdown.clone();
     let router = app(emitter.clone(), metrics.clone());
-    let server = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move { server_stop.cancelled().await })
-            .await
-    });
+    let limits = config.listener.limits().map_err(ProducerError::Invalid)?;
+    let server = tokio::spawn(hookline_shell::server::serve(
+        listener,
+        router,
+        limits,
+        server_stop,
+    ));
     let settings = RelaySettings {
         batch_size: config.batch_size,
         workers: config.workers,

@@ -41,11 +41,12 @@ async fn start(max_connections: usize) -> Server {
     .await
     .unwrap();
     let state = AppState {
-        body_timeout: Duration::from_millis(800),
         connections: ConnectionLimits {
-            header_timeout: Duration::from_millis(800),
-            idle_timeout: Duration::from_millis(1500),
             max_connections,
+            first_byte_timeout: Duration::from_millis(800),
+            header_timeout: Duration::from_millis(800),
+            body_timeout: Duration::from_millis(800),
+            idle_timeout: Duration::from_millis(1500),
         },
         ..AppState::new(emitter)
     };

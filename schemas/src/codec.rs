@@ -33,6 +33,13 @@ pub enum CodecError {
     Registry(RegistryError),
     #[error("corrupt or truncated Avro datum: {0}")]
     Corrupt(String),
+    /// A string, bytes or array length in the datum is over the allocation cap
+    /// ([`cap_allocation`]): no event of this size was ever written, so the record is corrupt or
+    /// hostile, and it is refused before anything that size is allocated.
+    #[error(
+        "the datum claims a field of {claimed} bytes, over the {limit}-byte cap (the event size limit): corrupt or hostile, not read"
+    )]
+    FieldTooLarge { claimed: usize, limit: usize },
     #[error("datum does not match the BuildEvent shape: {0}")]
     Shape(String),
     #[error("encoding failed: {0}")]
@@ -48,6 +55,7 @@ impl CodecError {
             CodecError::UnknownSchemaId(_) => "unknown_schema_id",
             CodecError::Registry(_) => "registry_unavailable",
             CodecError::Corrupt(_) => "corrupt_datum",
+            CodecError::FieldTooLarge { .. } => "field_too_large",
             CodecError::Shape(_) => "bad_shape",
             CodecError::Encode(_) => "encode",
         }
@@ -189,6 +197,19 @@ impl Codec {
     }
 }
 
+/// The default largest event, in bytes (the producers' and the consumer's
+/// `--max-event-bytes`): librdkafka's default `message.max.bytes`.
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 1_000_000;
+
+/// Caps what the Avro decoder allocates for one string, bytes or array length a datum claims
+/// at `max_event_bytes`, the largest event a producer writes: without it, a record that claims a
+/// length of hundreds of megabytes gets them allocated (apache-avro's own cap is 512 MiB) before
+/// the read fails. apache-avro keeps one process-wide setting, fixed by its first use: call this
+/// at start, before anything is decoded. Returns the cap in force (the first one set).
+pub fn cap_allocation(max_event_bytes: usize) -> usize {
+    apache_avro::util::max_allocation_bytes(max_event_bytes)
+}
+
 /// The schema id in a Confluent frame, after checking the header.
 pub fn frame_schema_id(bytes: &[u8]) -> Result<u32, CodecError> {
     if bytes.len() < HEADER_LEN {
@@ -210,8 +231,16 @@ fn decode_datum(
         rest: datum,
         read_past_end: false,
     };
-    let value = apache_avro::from_avro_datum(writer, &mut input, None)
-        .map_err(|e| CodecError::Corrupt(e.to_string()))?;
+    let value =
+        apache_avro::from_avro_datum(writer, &mut input, None).map_err(|e| match e.details() {
+            apache_avro::error::Details::MemoryAllocation { desired, maximum } => {
+                CodecError::FieldTooLarge {
+                    claimed: *desired,
+                    limit: *maximum,
+                }
+            }
+            _ => CodecError::Corrupt(e.to_string()),
+        })?;
     if !input.rest.is_empty() {
         return Err(CodecError::Corrupt(format!(
             "{} bytes left over after the datum",

@@ -13,10 +13,16 @@
 //!   the command line. [`ready_cache`]: a readiness answer reused for a moment.
 //! - [`shutdown_signal`], [`cancel_on_signal`]: Ctrl-C or SIGTERM.
 //! - [`exit_code`]: an error as one line for a person, and the exit status.
+//! - [`server`]: the one bounded HTTP/1.1 server under every listener (connection cap, time to
+//!   the first byte, head, body and idle timeouts), and its options ([`server::ListenerArgs`]).
+//! - [`supervise`]: the tasks a service cannot run without; the first that dies stops the
+//!   service with an error (a non-zero exit), and `/readyz` says so meanwhile.
 
 pub mod kafka_log;
 pub mod ready_cache;
 pub mod secret_file;
+pub mod server;
+pub mod supervise;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;

@@ -28,6 +28,7 @@ pub use pg::PgFlagStore;
 pub use store::{FileFlagStore, FlagStore, HistoryEntry, MemoryFlagStore};
 
 use crate::error::ProducerError;
+use hookline_shell::supervise::Supervisor;
 
 /// The cached flag evaluator. Clones share one cache.
 #[derive(Debug, Clone)]
@@ -67,6 +68,27 @@ impl Flags {
         let flags = Self::with_gates(store, gates);
         let weak = Arc::downgrade(&flags.inner);
         tokio::spawn(reload_loop(weak, reload_every));
+        Ok(flags)
+    }
+
+    /// [`load`](Self::load), with the reloads a task of `supervisor`: a reloader that dies
+    /// (a panic) stops the service instead of freezing the rollout where it was.
+    pub async fn load_supervised(
+        store: Arc<dyn FlagStore>,
+        reload_every: Duration,
+        supervisor: &Supervisor,
+    ) -> Result<Flags, ProducerError> {
+        let gates = store.load().await?;
+        let flags = Self::with_gates(store, gates);
+        let weak = Arc::downgrade(&flags.inner);
+        let stop = supervisor.stop().clone();
+        supervisor.spawn("flag reloader", async move {
+            tokio::select! {
+                _ = reload_loop(weak, reload_every) => {}
+                _ = stop.cancelled() => {}
+            }
+            Ok::<(), std::convert::Infallible>(())
+        });
         Ok(flags)
     }
 

@@ -148,7 +148,9 @@ impl FlagStore for PgFlagStore {
                 Ok(HistoryEntry {
                     flag: flag.to_owned(),
                     who: r.try_get("changed_by")?,
-                    at: r.try_get("changed_at")?,
+                    at: r
+                        .try_get::<hookline_cistate::StoredTime, _>("changed_at")?
+                        .saturating(),
                     gate: r.try_get("gate")?,
                     old: r.try_get("old_value")?,
                     new: r.try_get("new_value")?,

@@ -342,6 +342,8 @@ async fn both_services_answer_503_while_postgresql_is_away_and_recover() {
             database_url: gate.url(),
             database_schema: Some(schema),
             listen: format!("127.0.0.1:{port}").parse().unwrap(),
+            listener: Default::default(),
+            max_event_bytes: hookline_schemas::codec::DEFAULT_MAX_EVENT_BYTES,
             schema_registry_url: None,
             admin_token: None,
             admin_token_file: None,
