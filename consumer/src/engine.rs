@@ -270,15 +270,23 @@ impl Engine {
     /// Hands a delivery on: to the retry topic, due when its hook can take it, without an
     /// attempt (under strict ordering it holds its build's later events, as a retry does).
     fn hand_on(self: &Arc<Self>, h: HandOn<Item>) {
-        let HandOn { key, item, due } = h;
-        let wait = due.saturating_duration_since(Instant::now());
-        let until = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
-        debug!(hook_id = key.hook, build_id = key.build, host = %key.host, ?wait, "hook busy; delivery handed on");
+        let HandOn {
+            key,
+            item,
+            due,
+            then,
+        } = h;
+        debug!(hook_id = key.hook, build_id = key.build, host = %key.host, later = then.len(), "hook busy; delivery handed on");
         let me = self.clone();
         self.run_task("hand-on", async move {
-            let Item { work, claim } = item;
-            let result = work.run(&me.cx, Mode::HandOn { until }, &me.abandon).await;
-            claim.part_done(result);
+            // One after another: the build's order is the order of the writes.
+            for (item, due) in std::iter::once((item, due)).chain(then) {
+                let wait = due.saturating_duration_since(Instant::now());
+                let until = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
+                let Item { work, claim } = item;
+                let result = work.run(&me.cx, Mode::HandOn { until }, &me.abandon).await;
+                claim.part_done(result);
+            }
             me.sched().handed_on(&key);
             me.pump();
         });

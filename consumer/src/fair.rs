@@ -33,8 +33,9 @@
 //! deliveries come back at about the rate the receiver can take them rather than all at once.
 //! A fast hook with much work is never handed on: its queue drains within the estimate.
 //!
-//! Order holds through a hand-on: only the first waiting delivery of a build may leave, never
-//! while an earlier one of its build is being handed on (their holds could land out of order),
+//! Order holds through a hand-on: only the first waiting delivery of a build may leave (the
+//! build's later waiting ones leave with it, written after it in order), never while an earlier
+//! one of its build is being handed on (their holds could land out of order),
 //! and, when an earlier one is in flight, due only after that attempt has surely ended. Under
 //! strict ordering the handed-on delivery holds its build's later events; if the one in flight
 //! fails meanwhile, it joins the queue ahead of it (the queue is ordered by transition time), so
@@ -85,12 +86,14 @@ impl Grant {
     }
 }
 
-/// A delivery handed on, with the time it is due back.
+/// A delivery handed on, with the time it is due back, and the later deliveries of its build
+/// that waited behind it, to be handed on after it in this order.
 #[derive(Debug)]
 pub struct HandOn<T> {
     pub key: Key,
     pub item: T,
     pub due: Instant,
+    pub then: Vec<(T, Instant)>,
 }
 
 /// What [`Scheduler::push`] did with a delivery.
@@ -275,7 +278,12 @@ impl<T> Scheduler<T> {
         {
             let due = Self::hand_on_due(hook, &limits, key.build, now);
             count_up(&mut hook.handing, key.build);
-            return Placed::HandOn(HandOn { key, item, due });
+            return Placed::HandOn(HandOn {
+                key,
+                item,
+                due,
+                then: Vec::new(),
+            });
         }
         hook.waiting.push_back(Waiting {
             build: key.build,
@@ -383,19 +391,29 @@ impl<T> Scheduler<T> {
     }
 
     /// Waiting deliveries that have waited, or would still wait, longer than `max_wait`, oldest
-    /// first per hook (only the first waiting delivery of a build: the others keep their place
-    /// behind it); until [`Scheduler::handed_on`], nothing later of their builds starts or is
-    /// handed on.
+    /// first per hook. Only the first waiting delivery of a build is judged; when it leaves, the
+    /// build's later waiting deliveries leave with it, in order (they could not start before it
+    /// anyway, and one by one they would hold the window a tick each). Until
+    /// [`Scheduler::handed_on`], nothing later of their builds starts or is handed on.
     pub fn overdue(&mut self, now: Instant) -> Vec<HandOn<T>> {
         let limits = self.limits;
-        let mut out = Vec::new();
+        let mut out: Vec<HandOn<T>> = Vec::new();
+        let mut taken = 0;
         for (&hook_id, hook) in self.hooks.iter_mut() {
             if hook.waiting.is_empty() {
                 continue;
             }
             let mut kept = VecDeque::with_capacity(hook.waiting.len());
             let mut seen = HashSet::new();
+            // Builds handed on in this pass, and where their hand-on is in `out`.
+            let mut leaving: HashMap<i64, usize> = HashMap::new();
             while let Some(w) = hook.waiting.pop_front() {
+                if let Some(&at) = leaving.get(&w.build) {
+                    let due = Self::reserve(hook, limits.hook, now).max(out[at].due);
+                    out[at].then.push((w.item, due));
+                    taken += 1;
+                    continue;
+                }
                 let first_of_build = seen.insert(w.build);
                 let waited = now.saturating_duration_since(w.since);
                 let would_wait = hook.estimated_wait(kept.len(), limits.hook, now);
@@ -405,6 +423,8 @@ impl<T> Scheduler<T> {
                 {
                     let due = Self::hand_on_due(hook, &limits, w.build, now);
                     count_up(&mut hook.handing, w.build);
+                    leaving.insert(w.build, out.len());
+                    taken += 1;
                     out.push(HandOn {
                         key: Key {
                             hook: hook_id,
@@ -413,6 +433,7 @@ impl<T> Scheduler<T> {
                         },
                         item: w.item,
                         due,
+                        then: Vec::new(),
                     });
                 } else {
                     kept.push_back(w);
@@ -420,7 +441,7 @@ impl<T> Scheduler<T> {
             }
             hook.waiting = kept;
         }
-        self.waiting -= out.len();
+        self.waiting -= taken;
         out
     }
 
@@ -666,7 +687,7 @@ mod tests {
     }
 
     #[test]
-    fn only_the_first_waiting_delivery_of_a_build_is_handed_on() {
+    fn a_builds_waiting_deliveries_are_handed_on_together_behind_its_first() {
         let t0 = Instant::now();
         let mut s = Scheduler::new(limits(100, 1, 100));
         push_all(&mut s, &[(1, 1, "h")], t0);
@@ -676,13 +697,25 @@ mod tests {
         let overdue = s.overdue(t0 + 2 * SEC);
         let builds: Vec<i64> = overdue.iter().map(|h| h.key.build).collect();
         assert_eq!(builds, vec![2, 3]);
-        assert_eq!(s.waiting(), 1, "build 2's second event keeps its place");
-        // Until build 2's hand-on is written, its second event stays where it is.
-        assert!(s.overdue(t0 + 3 * SEC).is_empty());
+        assert_eq!(s.waiting(), 0);
+        let build2 = &overdue[0];
+        assert_eq!(
+            build2.then.len(),
+            1,
+            "build 2's second event leaves behind its first"
+        );
+        assert!(build2.then[0].1 >= build2.due, "and is not due before it");
+        assert!(overdue[1].then.is_empty());
+        // Until build 2's hand-on is written, its next event waits in order.
+        assert!(matches!(
+            s.push(key(1, 2, "h"), 9, t0 + 3 * SEC),
+            Placed::Waiting
+        ));
+        assert!(s.overdue(t0 + 5 * SEC).is_empty());
         s.handed_on(&overdue[0].key);
-        let again = s.overdue(t0 + 4 * SEC);
+        let again = s.overdue(t0 + 6 * SEC);
         assert_eq!(again.len(), 1);
-        assert_eq!(again[0].item, 1);
+        assert_eq!(again[0].item, 9);
     }
 
     /// A slow hook whose backlog sits in a few builds: every build has one delivery in flight
@@ -712,13 +745,13 @@ mod tests {
             overdue.iter().all(|h| h.due >= t0 + 2 * SEC + 10 * SEC),
             "not due before the attempt in flight has surely ended"
         );
-        assert_eq!(s.waiting(), 1);
-        assert!(
-            s.overdue(t0 + 3 * SEC).is_empty(),
-            "build 1 is being handed on"
+        assert_eq!(
+            s.waiting(),
+            0,
+            "build 1's third event leaves behind its second"
         );
-        s.handed_on(&overdue[0].key);
-        assert_eq!(s.overdue(t0 + 4 * SEC).len(), 1);
+        assert_eq!(overdue[0].then.len(), 1);
+        assert!(overdue[1].then.is_empty());
     }
 
     #[test]
