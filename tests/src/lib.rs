@@ -332,6 +332,17 @@ impl PrivateBroker {
         self.ctl(&["kill"]);
     }
 
+    /// Freezes the broker (SIGSTOP): its connections stay open and nothing is answered, as a
+    /// hung broker or a long GC pause; [`PrivateBroker::resume`] lets it go on.
+    pub fn pause(&self) {
+        self.ctl(&["pause"]);
+    }
+
+    /// Lets a paused broker go on (SIGCONT).
+    pub fn resume(&self) {
+        self.ctl(&["resume"]);
+    }
+
     /// Starts the stopped or killed broker again with its data.
     pub fn restart(&self) {
         self.ctl(&["start", "--keep-data"]);
