@@ -11,7 +11,7 @@
 //!   log rows, compressed with lz4 and with pglz.
 //! - `memory`: the consumer's peak RSS while draining a small and a large backlog.
 //! - `producer`: CPU per event of `hookline-producer serve` through `POST /v1/transitions` with
-//!   the flag off and on.
+//!   the flag off and on, and PostgreSQL's CPU per event beside it.
 //!
 //! Nothing here asserts a timing: a benchmark reports, the reader judges.
 
@@ -244,11 +244,19 @@ pub async fn run(bench: &Bench) -> anyhow::Result<Value> {
         s.producer_events
     );
     let (deferred, inline) = producer::cost(bench, &receiver, s.producer_events).await?;
+    // PostgreSQL's CPU beside the producer's: inline rendering reads a snapshot per event there.
+    let pg = |r: &producer::ProducerRun| r.pg_cpu_us_per_event.map(|c| round(c, 1));
+    let with_pg = |r: &producer::ProducerRun| r.pg_cpu_us_per_event.map(|c| c + r.cpu_us_per_event);
     report["producer"] = json!({
         "events": s.producer_events,
         "inline_cpu_us_per_event": round(inline.cpu_us_per_event, 1),
         "deferred_cpu_us_per_event": round(deferred.cpu_us_per_event, 1),
         "cpu_ratio": round(inline.cpu_us_per_event / deferred.cpu_us_per_event, 3),
+        "inline_pg_cpu_us_per_event": pg(&inline),
+        "deferred_pg_cpu_us_per_event": pg(&deferred),
+        "cpu_ratio_with_pg": with_pg(&inline)
+            .zip(with_pg(&deferred))
+            .map(|(i, d)| round(i / d, 3)),
         "inline_per_s": round(inline.per_s, 0),
         "deferred_per_s": round(deferred.per_s, 0),
         "render_us_p50": round(inline.render_us_p50, 1),
@@ -340,6 +348,15 @@ pub fn table(report: &Value) -> String {
         format!(
             "{} us / {} us, ratio {}",
             p["inline_cpu_us_per_event"], p["deferred_cpu_us_per_event"], p["cpu_ratio"]
+        ),
+    );
+    row(
+        "PostgreSQL CPU per event (inline / deferred)",
+        format!(
+            "{} us / {} us; producer + PostgreSQL ratio {}",
+            p["inline_pg_cpu_us_per_event"],
+            p["deferred_pg_cpu_us_per_event"],
+            p["cpu_ratio_with_pg"]
         ),
     );
     row(
