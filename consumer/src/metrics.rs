@@ -233,8 +233,8 @@ impl ConsumerMetrics {
         let delivery_log_dropped = Counter::default();
         let ordering = Family::<ActionLabels, Counter>::default();
         // Every series with a known label value is present at 0 from the start too: an alert's
-        // `increase()` sees the first event, and the README's tables are checked against a live
-        // scrape (tests/tests/it/monitoring.rs). Dead-letter reasons are preset by the consumer
+        // `increase()` sees the first event, and the tables of docs/operating.md are checked
+        // against a live scrape (tests/tests/it/monitoring.rs). Dead-letter reasons are preset by the consumer
         // (`preset_dead_letters`); lag appears per assigned partition.
         for outcome in Outcome::ALL {
             let _ = deliveries.get_or_create(&OutcomeLabels {

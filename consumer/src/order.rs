@@ -39,7 +39,7 @@ use uuid::Uuid;
 pub enum Ordering {
     /// Later events queue behind a delivery waiting for a retry (per hook and build). The
     /// default: queued events wait parked in PostgreSQL, not in the retry path's in-flight slots,
-    /// so a mass failure drains as fast as under relaxed ordering (the README's ordering section).
+    /// so a mass failure drains as fast as under relaxed ordering (docs/guarantees.md, "Ordering").
     #[default]
     Strict,
     /// Retries leave the order: later events go ahead of a delivery waiting for a retry.

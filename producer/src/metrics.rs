@@ -111,9 +111,9 @@ impl ProducerMetrics {
             flag_evaluations.clone(),
         );
         // Every series with a known label value is present at 0 from the start: an alert's
-        // `increase()` sees the first event, and the README's tables are checked against a live
-        // scrape (tests/tests/it/monitoring.rs). Flag names come from the flag store: they
-        // appear with the first evaluation.
+        // `increase()` sees the first event, and the tables of docs/operating.md are checked
+        // against a live scrape (tests/tests/it/monitoring.rs). Flag names come from the flag
+        // store: they appear with the first evaluation.
         for timing in ["inline", "deferred"] {
             let labels = TimingLabels {
                 timing: timing.to_owned(),

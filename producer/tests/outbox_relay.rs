@@ -11,7 +11,7 @@
 //!   POSTs, and is SIGKILLed 5 times (once while Kafka is away): what it committed but had not
 //!   handed over is lost.
 //!
-//! Both print one `outbox-scenario` line with their counts (the README quotes them).
+//! Both print one `outbox-scenario` line with their counts (docs/measurements.md quotes them).
 //!
 //! `outbox_latency_and_throughput` (ignored; run it on purpose, ideally with a release relay in
 //! `HOOKLINE_RELAY_BIN`) measures commit-to-Kafka latency at 1,000 transitions/s on the shared
@@ -698,7 +698,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "a measurement, not a check: run it on purpose (see the README)"]
+#[ignore = "a measurement, not a check: run it on purpose (see docs/measurements.md)"]
 async fn outbox_latency_and_throughput() {
     let bin = std::env::var("HOOKLINE_RELAY_BIN").unwrap_or_else(|_| BIN.to_owned());
     let brokers = hookline_tests::kafka_brokers();

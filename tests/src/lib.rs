@@ -1,6 +1,6 @@
 //! Shared helpers for the integration tests, which run against a real Kafka broker and a real
-//! PostgreSQL started by `scripts/test` (see the README). Each test gets its own topics and its
-//! own database schema, so tests run in parallel.
+//! PostgreSQL started by `scripts/test` (see docs/DEVELOPING.md). Each test gets its own topics
+//! and its own database schema, so tests run in parallel.
 //!
 //! - [`kafka_brokers`], [`database_url`]: where the services are (`HOOKLINE_TEST_KAFKA`,
 //!   `HOOKLINE_TEST_DATABASE_URL`); a test fails with a clear message when they are unset.

@@ -5,10 +5,11 @@
 //! `deploy/prometheus/alerts.yml` loaded. Through its HTTP API the test checks that
 //!
 //! - every target is up;
-//! - every metric of the README's tables ("Metrics and what to alert on") is stored, with exactly
-//!   the label names the table gives, and every label value it lists (the services present known
-//!   label values at 0 from the start, so none of them is an "event-only" series; the lag appears
-//!   per assigned partition, flag results with the first evaluation, which the run makes);
+//! - every metric of the tables in `docs/operating.md` ("Metrics and what to alert on") is
+//!   stored, with exactly the label names the table gives, and every label value it lists (the
+//!   services present known label values at 0 from the start, so none of them is an "event-only"
+//!   series; the lag appears per assigned partition, flag results with the first evaluation,
+//!   which the run makes);
 //! - every rule of `alerts.yml` loads and evaluates with health `ok`;
 //! - every metric `deploy/grafana/hookline.json` queries is one Prometheus stored, and every panel
 //!   expression runs without error.
@@ -30,9 +31,11 @@ use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
 const PROMETHEUS: &str = "/usr/bin/prometheus";
+/// The page whose tables document every metric ("Metrics and what to alert on").
+const METRICS_PAGE: &str = "docs/operating.md";
 /// Transitions per build, POSTed in order.
 const STATUSES: [&str; 4] = ["created", "pending", "running", "success"];
-/// What the README's tables say about one metric.
+/// What the documented tables say about one metric.
 #[derive(Debug, Clone, PartialEq)]
 struct Documented {
     name: String,
@@ -49,15 +52,15 @@ fn root() -> PathBuf {
         .to_path_buf()
 }
 
-/// The metrics of the README's tables in "Metrics and what to alert on": rows whose first cell
-/// is a backticked `hookline_*` name; the second cell is the type, then label names in
+/// The metrics of [`METRICS_PAGE`]'s tables in "Metrics and what to alert on": rows whose first
+/// cell is a backticked `hookline_*` name; the second cell is the type, then label names in
 /// backticks, each optionally followed by `=` and its values separated by `\|`.
-fn documented_metrics(readme: &str) -> Vec<Documented> {
-    let readme = format!("\n{readme}");
-    let section = readme
+fn documented_metrics(page: &str) -> Vec<Documented> {
+    let page = format!("\n{page}");
+    let section = page
         .split("\n## ")
         .find(|s| s.starts_with("Metrics and what to alert on"))
-        .expect("the README's section \"Metrics and what to alert on\"");
+        .expect("docs/operating.md's section \"Metrics and what to alert on\"");
     let mut metrics = Vec::new();
     for line in section.lines() {
         let Some(rest) = line.strip_prefix("| `hookline_") else {
@@ -104,7 +107,7 @@ fn documented_metrics(readme: &str) -> Vec<Documented> {
 }
 
 #[test]
-fn the_readme_tables_parse_into_names_types_labels_and_values() {
+fn the_metric_tables_parse_into_names_types_labels_and_values() {
     let table = "## Metrics and what to alert on\n\n\
         | metric | type, labels | what |\n|---|---|---|\n\
         | `hookline_a_total` | counter `timing`=`inline`\\|`deferred` | x |\n\
@@ -235,7 +238,7 @@ fn mismatch(metric: &Documented, found: &[BTreeMap<String, String>]) -> Option<S
             .collect();
         if theirs != ours {
             return Some(format!(
-                "{}: labels {theirs:?}, the README says {ours:?}",
+                "{}: labels {theirs:?}, {METRICS_PAGE} says {ours:?}",
                 metric.name
             ));
         }
@@ -296,11 +299,11 @@ async fn prometheus_scrapes_every_documented_metric_and_loads_the_rules_and_dash
         return;
     }
     let root = root();
-    let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
-    let documented = documented_metrics(&readme);
+    let page = std::fs::read_to_string(root.join(METRICS_PAGE)).expect(METRICS_PAGE);
+    let documented = documented_metrics(&page);
     assert!(
         documented.len() > 20,
-        "the README's metric tables parsed to only {} metrics",
+        "{METRICS_PAGE}'s metric tables parsed to only {} metrics",
         documented.len()
     );
     let dashboard: Value = serde_json::from_str(

@@ -28,8 +28,8 @@ use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// README "Where hookline deliberately differs": `Retry-After` can lengthen a wait, never
-/// shorten it. The schedule here is 20 ms; the receiver asks for 2 s.
+/// docs/gitlab-compatibility.md, "Where hookline deliberately differs": `Retry-After` can
+/// lengthen a wait, never shorten it. The schedule here is 20 ms; the receiver asks for 2 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_running_consumer_waits_as_long_as_retry_after_asks() {
     let world = World::new(1).await;
