@@ -69,3 +69,19 @@ wait_gone() {
         sleep 0.1
     done
 }
+
+# service_env CMD... : runs CMD with a cleared environment: PATH, HOME, TMPDIR, the locale,
+# JAVA_HOME and every HOOKLINE_* variable (ports, cache and run directories), nothing else. A
+# variable of the caller's shell (JAVA_TOOL_OPTIONS, KAFKA_OPTS, KAFKA_HEAP_OPTS, PGOPTIONS,
+# PGDATA, LD_PRELOAD, http_proxy, ...) then cannot change the test services they start.
+service_env() {
+    local -a service_vars=("PATH=$PATH" "HOME=${HOME:-/root}")
+    local name
+    for name in TMPDIR LANG LC_ALL JAVA_HOME; do
+        if [[ -n ${!name:-} ]]; then service_vars+=("$name=${!name}"); fi
+    done
+    while IFS= read -r name; do
+        service_vars+=("$name=${!name}")
+    done < <(compgen -e | grep '^HOOKLINE_' || true)
+    env -i "${service_vars[@]}" "$@"
+}

@@ -562,11 +562,12 @@ pub fn table(r: &DemoReport) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{:<9} {:>7} {:>10} {:>15} {:>8} {:>10} {:>11} {:>10} {:>14} {:>12} {:>12}",
+        "{:<9} {:>7} {:>10} {:>15} {:>11} {:>8} {:>10} {:>11} {:>10} {:>14} {:>12} {:>12}",
         "timing",
         "events",
         "deliveries",
         "stale",
+        "wrong facts",
         "missing",
         "duplicates",
         "regressions",
@@ -584,11 +585,12 @@ pub fn table(r: &DemoReport) -> String {
     {
         let _ = writeln!(
             out,
-            "{:<9} {:>7} {:>10} {:>15} {:>8} {:>10} {:>11} {:>10} {:>14} {:>12} {:>12}",
+            "{:<9} {:>7} {:>10} {:>15} {:>11} {:>8} {:>10} {:>11} {:>10} {:>14} {:>12} {:>12}",
             name,
             t.events,
             t.deliveries,
             format!("{} ({:.1} %)", t.stale, t.stale_pct),
+            t.wrong_facts,
             t.missing,
             t.duplicates,
             t.regressions,
@@ -615,8 +617,14 @@ pub fn table(r: &DemoReport) -> String {
         "stale: the delivered body differs from the Job Hook rendered at the moment of the transition. \
          Deferred payloads are rendered by the consumer from the build's state when it gets to the event \
          ({} ms later here), so builds that moved on meanwhile show later data; inline payloads were \
-         rendered by the producer at the transition.",
+         rendered by the producer at the transition. (The Job Hook it is compared with comes from the \
+         same renderer, so this measures when a body was rendered.)",
         r.consumer_lag_ms
+    );
+    let _ = writeln!(
+        out,
+        "wrong facts: the delivered body contradicts its transition (status, times, durations, failure \
+         reason, runner or pipeline status at that moment), checked field by field without the renderer."
     );
     let _ = writeln!(
         out,
@@ -626,8 +634,9 @@ pub fn table(r: &DemoReport) -> String {
     out
 }
 
-/// Whether the run kept hookline's promises: everything owed arrived, inline is never stale,
-/// every signature verified.
+/// Whether the run kept hookline's promises: everything owed arrived, inline is never stale
+/// (rendered at its transition) and never contradicts its transition (checked without the
+/// renderer), every signature verified.
 pub fn check(r: &DemoReport) -> Result<(), CliError> {
     let mut broken = Vec::new();
     if r.ledger.missing > 0 {
@@ -640,6 +649,12 @@ pub fn check(r: &DemoReport) -> Result<(), CliError> {
         broken.push(format!(
             "{} stale inline deliveries",
             r.ledger.by_timing.inline.stale
+        ));
+    }
+    if r.ledger.by_timing.inline.wrong_facts > 0 {
+        broken.push(format!(
+            "{} inline deliveries contradict their transition",
+            r.ledger.by_timing.inline.wrong_facts
         ));
     }
     if r.ledger.bad_signatures > 0 {

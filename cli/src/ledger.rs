@@ -3,7 +3,12 @@
 //!
 //! The simulator records the truth of a transition ([`Ledger::expect`]) before it hands the
 //! transition to the producer, so a delivery can never arrive before its truth. A delivery is
-//! *stale* when its body differs from the truth by even one byte; a *duplicate* when its
+//! *stale* when its body differs from the truth by even one byte. The truth is rendered by the
+//! same function as an inline payload, so staleness measures *when* a body was rendered; what a
+//! body says is checked apart from the renderer: its *facts are wrong* when a field the
+//! transition decides (status, times, durations, failure reason, runner, pipeline status)
+//! differs from [`Facts`] written down from the transition and the state committed at its
+//! moment. A delivery is a *duplicate* when its
 //! `Idempotency-Key` was seen before (at-least-once allows them; they are counted, not hidden);
 //! an (event, hook) pair the producer accepted that never arrives is *missing*.
 //!
@@ -25,6 +30,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::error::CliError;
+use crate::facts::Facts;
 use crate::transition::{Accepted, TransitionSent, Witness};
 
 /// One request the receiver got, as the ledger needs it.
@@ -73,6 +79,8 @@ struct Expected {
     project_id: i64,
     build_id: i64,
     truth: Vec<u8>,
+    /// What the body must say, checked apart from the renderer (`None`: not checked).
+    facts: Option<Facts>,
     occurred_at: DateTime<Utc>,
     answer: Answer,
 }
@@ -82,6 +90,7 @@ struct Arrived {
     event_id: Uuid,
     hook_id: i64,
     stale: bool,
+    wrong_facts: bool,
     duplicate: bool,
     latency: Duration,
 }
@@ -134,14 +143,21 @@ impl Ledger {
             .push(hook_id);
     }
 
-    /// The truth of a transition, recorded before it is sent.
+    /// The truth of a transition, recorded before it is sent (its body's facts not checked).
     pub fn expect(&self, sent: &TransitionSent, truth: Vec<u8>) {
+        self.expect_with_facts(sent, truth, None);
+    }
+
+    /// The truth of a transition and the facts its bodies must carry, recorded before it is
+    /// sent.
+    pub fn expect_with_facts(&self, sent: &TransitionSent, truth: Vec<u8>, facts: Option<Facts>) {
         self.lock().events.insert(
             sent.event_id,
             Expected {
                 project_id: sent.project_id,
                 build_id: sent.build_id,
                 truth,
+                facts,
                 occurred_at: sent.occurred_at,
                 answer: Answer::Waiting,
             },
@@ -216,6 +232,10 @@ impl Ledger {
         };
         inner.pairs.insert((event_id, delivery.hook_id));
         let stale = delivery.body != expected.truth;
+        let wrong_facts = expected
+            .facts
+            .as_ref()
+            .is_some_and(|f| !f.wrong_in(&delivery.body).is_empty());
         let latency = (delivery.received_at - expected.occurred_at)
             .to_std()
             .unwrap_or_default();
@@ -224,6 +244,7 @@ impl Ledger {
             event_id,
             hook_id: delivery.hook_id,
             stale,
+            wrong_facts,
             duplicate,
             latency,
         });
@@ -304,6 +325,7 @@ impl Ledger {
                 .or_default();
             t.deliveries += 1;
             t.stale += usize::from(a.stale);
+            t.wrong_facts += usize::from(a.wrong_facts);
             t.duplicates += usize::from(a.duplicate);
             t.latencies.push(a.latency);
         }
@@ -444,6 +466,7 @@ struct TimingReport {
     events: usize,
     deliveries: usize,
     stale: usize,
+    wrong_facts: usize,
     missing: usize,
     duplicates: usize,
     regressions: usize,
@@ -466,6 +489,7 @@ impl TimingReport {
             deliveries: self.deliveries,
             stale: self.stale,
             stale_pct: percent(self.stale, self.deliveries),
+            wrong_facts: self.wrong_facts,
             missing: self.missing,
             duplicates: self.duplicates,
             regressions: self.regressions,
@@ -506,9 +530,13 @@ pub struct TimingSummary {
     pub events: usize,
     /// Requests received for them (duplicates included).
     pub deliveries: usize,
-    /// Deliveries whose body differs from the truth.
+    /// Deliveries whose body differs from the truth (rendered at the transition by the same
+    /// renderer: a timing check).
     pub stale: usize,
     pub stale_pct: f64,
+    /// Deliveries whose body contradicts the transition (status, times, durations, failure
+    /// reason, runner or pipeline status), checked without the renderer.
+    pub wrong_facts: usize,
     pub missing: usize,
     pub duplicates: usize,
     /// (hook, build) pairs whose accepted deliveries did not arrive in transition order.
@@ -560,8 +588,8 @@ pub struct LedgerReport {
 }
 
 impl Witness for Ledger {
-    fn expect(&self, sent: &TransitionSent, truth: Vec<u8>) {
-        Ledger::expect(self, sent, truth);
+    fn expect(&self, sent: &TransitionSent, truth: Vec<u8>, facts: Facts) {
+        Ledger::expect_with_facts(self, sent, truth, Some(facts));
     }
 
     fn answered(&self, event_id: Uuid, answer: &Result<Accepted, CliError>) {

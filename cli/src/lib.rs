@@ -12,7 +12,10 @@
 //!   commit-then-notify, the truth).
 //! - [`transition`]: what the simulated CI hands on (a transition, the answer, the `Sink`) and
 //!   the `Witness` told the truth of each transition (the ledger is one).
-//! - [`ledger`]: truth against deliveries: stale, duplicates, missing, signatures, latency.
+//! - [`ledger`]: truth against deliveries: stale, wrong facts, duplicates, missing, signatures,
+//!   latency.
+//! - [`facts`]: what a delivered body must say about its transition, written down without the
+//!   renderer (so the ledger's check can fail where the renderer is wrong).
 //! - [`receiver`]: the demo's receiver (feeds the ledger) and the sample receiver (logs).
 //! - [`demo`]: `hookline demo`, everything in one process on librdkafka's mock cluster.
 //! - [`experiment`]: `hookline experiment`, the demo over a grid of lags and inline percentages,
@@ -23,6 +26,7 @@
 pub mod demo;
 pub mod error;
 pub mod experiment;
+pub mod facts;
 pub mod ledger;
 pub mod receiver;
 pub mod sim;

@@ -39,8 +39,9 @@ pub trait Sink: Send + Sync {
     async fn send(&self, transition: &TransitionSent) -> Result<Accepted, CliError>;
 }
 
-/// Told of every transition: the truth rendered at its moment, and the sink's answer.
+/// Told of every transition: the truth rendered at its moment, the facts its bodies must carry
+/// (written down without the renderer), and the sink's answer.
 pub trait Witness: Send + Sync {
-    fn expect(&self, sent: &TransitionSent, truth: Vec<u8>);
+    fn expect(&self, sent: &TransitionSent, truth: Vec<u8>, facts: crate::facts::Facts);
     fn answered(&self, event_id: Uuid, answer: &Result<Accepted, CliError>);
 }

@@ -1,14 +1,16 @@
 //! SIGTERM the real `hookline-consumer serve` mid-run: it finishes its in-flight deliveries,
 //! commits, and exits 0 within the drain bound; started again it delivers the rest, and unlike
-//! after SIGKILL (`consumer_crash.rs`) nothing is delivered twice. While it runs, its
+//! after SIGKILL (`consumer_crash.rs`) nothing is delivered twice. Under a receiver that never
+//! answers it still exits within the drain bound, and the abandoned deliveries come again. While it runs, its
 //! `/metrics`, `/healthz` and `/readyz` answer as documented.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use hookline_schemas::{BuildStatus, SchemaVersion};
 use hookline_tests::process::{ConsumerProcess, Logs};
-use hookline_tests::world::{SlowReceiver, Tally, World, mixed_events};
-use hookline_tests::{free_port, poll_until, unique_name};
+use hookline_tests::world::{SlowReceiver, Tally, World, inline_event, mixed_events};
+use hookline_tests::{Answer, Receiver, free_port, poll_until, unique_name};
 use tokio::process::{Child, Command};
 
 const MAX_IN_FLIGHT: usize = 16;
@@ -24,10 +26,17 @@ struct Serving {
     child: Child,
     base: String,
     logs: Logs,
+    /// Its `--drain-timeout`.
+    drain: Duration,
 }
 
 fn start(world: &World, group: &str, schema: &str) -> Serving {
-    let (in_flight, drain) = (MAX_IN_FLIGHT.to_string(), format!("{}s", DRAIN.as_secs()));
+    start_with(world, group, schema, DRAIN, &[])
+}
+
+fn start_with(world: &World, group: &str, schema: &str, drain: Duration, more: &[&str]) -> Serving {
+    let in_flight = MAX_IN_FLIGHT.to_string();
+    let drain_arg = format!("{}ms", drain.as_millis());
     let process = ConsumerProcess::new(
         env!("CARGO_BIN_EXE_hookline-consumer"),
         world,
@@ -36,11 +45,17 @@ fn start(world: &World, group: &str, schema: &str) -> Serving {
     )
     .args(["--retry-schedule", "10ms,20ms", "--retry-hold", "200ms"])
     .args(["--max-in-flight", &in_flight, "--poll-batch", &in_flight])
-    .args(["--drain-timeout", &drain])
-    .args(["--kafka-option", "session.timeout.ms=6000"]);
+    .args(["--drain-timeout", &drain_arg])
+    .args(["--kafka-option", "session.timeout.ms=6000"])
+    .args(more.iter().copied());
     let base = process.base_url();
     let (child, logs) = process.spawn_logged();
-    Serving { child, base, logs }
+    Serving {
+        child,
+        base,
+        logs,
+        drain,
+    }
 }
 
 impl Serving {
@@ -60,12 +75,13 @@ impl Serving {
             .status()
             .expect("run kill");
         assert!(status.success(), "kill -TERM {pid} failed");
-        let exit = tokio::time::timeout(DRAIN + CLOSE_SLACK, self.child.wait())
+        let drain = self.drain;
+        let exit = tokio::time::timeout(drain + CLOSE_SLACK, self.child.wait())
             .await
             .unwrap_or_else(|_| {
                 panic!(
-                    "still running {:?} after SIGTERM (drain bound {DRAIN:?}); logs:\n{}",
-                    DRAIN + CLOSE_SLACK,
+                    "still running {:?} after SIGTERM (drain bound {drain:?}); logs:\n{}",
+                    drain + CLOSE_SLACK,
                     self.logs.lock().unwrap().join("\n")
                 )
             })
@@ -233,6 +249,65 @@ async fn sigterm_drains_in_flight_work_exits_zero_and_a_restart_delivers_the_res
     assert_eq!(
         tally.duplicates, 0,
         "duplicates after a clean stop that abandoned nothing"
+    );
+}
+
+/// A receiver that never answers: SIGTERM still ends the process within `--drain-timeout` (plus
+/// the time to commit and leave the group), long before its deliveries would time out (10
+/// minutes here); the hanging deliveries are abandoned without storing their offsets, so a
+/// restarted instance sends every one of them again and every pair arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_under_a_hanging_receiver_exits_within_the_drain_bound_and_loses_nothing() {
+    let world = World::new(2).await;
+    let schema = world.store_schema().await;
+    let builds = world.builds(15_000, 4).await;
+    let receiver = Receiver::start().await;
+    receiver.answer_always(Answer::Hang);
+    world.hook(builds[0].project.id, &receiver.url, None).await;
+    let events: Vec<_> = builds
+        .iter()
+        .map(|b| inline_event(b, BuildStatus::Running))
+        .collect();
+    for event in &events {
+        world.send(event, SchemaVersion::V2).await;
+    }
+    let group = unique_name("hanging");
+    let drain = Duration::from_secs(3);
+    let mut first = start_with(
+        &world,
+        &group,
+        &schema,
+        drain,
+        &["--delivery-timeout", "10m"],
+    );
+    poll_until("every delivery hanging at the receiver", WAIT, || async {
+        (receiver.count() == events.len()).then_some(())
+    })
+    .await;
+    // Panics unless it exits 0 within the drain bound plus the time to close.
+    let took = first.terminate().await;
+    assert_eq!(receiver.count(), events.len(), "nothing new while draining");
+
+    // The receiver recovers; the group's next instance finds the abandoned records uncommitted.
+    receiver.answer_always(Answer::Status(200));
+    let mut second = start(&world, &group, &schema);
+    let delivered = poll_until("every event answered 200", WAIT, || async {
+        let ok: std::collections::HashSet<String> = receiver
+            .received()
+            .iter()
+            .filter(|r| r.status == 200)
+            .map(|r| r.header("x-gitlab-event-uuid").unwrap().to_owned())
+            .collect();
+        (ok.len() == events.len()).then_some(ok)
+    })
+    .await;
+    second.terminate().await;
+    for event in &events {
+        assert!(delivered.contains(&event.event_id.to_string()));
+    }
+    eprintln!(
+        "hanging receiver: SIGTERM to exit {took:?} (drain bound {drain:?}, delivery timeout 10 min); {} requests in all",
+        receiver.count()
     );
 }
 

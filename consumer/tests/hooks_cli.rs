@@ -2,7 +2,8 @@
 //! Kafka: what `hooks add` refuses and `hooks list` never prints; `hooks remove` dead-lettering
 //! pending retries; `hooks enable` after a permanent disable, then `dlq replay`; `dlq replay` of
 //! undecodable records to their source topic and its `--since` filter; and the Kafka options
-//! every command refuses; `hooks test` and `hooks log` (the delivery log, redacted).
+//! every command refuses; `hooks test` and `hooks log` (the delivery log, redacted); a
+//! successful `hooks test` re-enabling a disabled hook.
 
 use std::process::Output;
 use std::time::Duration;
@@ -459,4 +460,84 @@ async fn test_sends_now_and_log_shows_it_without_the_token() {
         ],
     ));
     assert!(error.contains("no delivery log entry 987654321"), "{error}");
+}
+
+/// `hooks test` that succeeds re-enables a disabled hook, as GitLab's forced test delivery does,
+/// whether it was backing off or disabled for good; one that fails leaves it disabled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successful_test_re_enables_a_disabled_hook_and_a_failed_one_does_not() {
+    use hookline_cistate::HookState;
+    let schema = unique_name("hooks_cli");
+    let store = PgStore::connect(&PgOptions::new(database_url()).schema(schema.clone()))
+        .await
+        .unwrap();
+    let world = sample(0);
+    write_snapshot(&store, &world).await.unwrap();
+    let receiver = Receiver::start().await;
+    let add = |store_url: &str| {
+        stdout(&hooks(
+            &schema,
+            &[
+                "add",
+                "--project",
+                &world.project.id.to_string(),
+                "--url",
+                store_url,
+            ],
+        ))
+        .split('\t')
+        .next()
+        .unwrap()
+        .parse::<i64>()
+        .unwrap()
+    };
+    let test = |id: i64| {
+        hooks(
+            &schema,
+            &["test", &id.to_string(), "--allow-cidr", "127.0.0.0/8"],
+        )
+    };
+    let state = |hook: &hookline_cistate::Hook| hook.state(chrono::Utc::now());
+
+    // Disabled for good (a 410, or its 40th failure).
+    let permanent = add(&receiver.url);
+    assert!(store.disable_hook(permanent).await.unwrap());
+    receiver.script([Answer::Status(500)]);
+    let error = refused(&test(permanent));
+    assert!(error.contains("the test delivery failed"), "{error}");
+    let hook = store.hook(permanent).await.unwrap().unwrap();
+    assert_eq!(state(&hook), HookState::PermanentlyDisabled);
+    let tested = stdout(&test(permanent));
+    assert!(tested.starts_with("200\t"), "{tested}");
+    let hook = store.hook(permanent).await.unwrap().unwrap();
+    assert_eq!(state(&hook), HookState::Executable);
+    assert_eq!((hook.recent_failures, hook.disabled_until), (0, None));
+
+    // Backing off after its 4th failure in a row.
+    let backing_off = add(&format!("{}?second", receiver.url));
+    for _ in 0..4 {
+        store
+            .record_hook_failure(backing_off, chrono::Utc::now())
+            .await
+            .unwrap();
+    }
+    let hook = store.hook(backing_off).await.unwrap().unwrap();
+    assert!(
+        matches!(state(&hook), HookState::TemporarilyDisabled(_)),
+        "{hook:?}"
+    );
+    let tested = stdout(&test(backing_off));
+    assert!(tested.starts_with("200\t"), "{tested}");
+    let hook = store.hook(backing_off).await.unwrap().unwrap();
+    assert_eq!(state(&hook), HookState::Executable);
+    assert_eq!((hook.recent_failures, hook.disabled_until), (0, None));
+    // The failed test and the two that succeeded.
+    assert_eq!(
+        receiver
+            .received()
+            .iter()
+            .map(|r| r.status.as_u16())
+            .collect::<Vec<_>>(),
+        [500, 200, 200]
+    );
 }

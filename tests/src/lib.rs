@@ -110,14 +110,50 @@ pub async fn create_topic(name: &str, partitions: i32) {
 }
 
 /// A `PgStore` in a schema of its own, migrated.
+///
+/// Connected the way the services connect at start ([`PgStore::connect_patiently`]): a server
+/// that does not answer within one pool's acquire timeout (10 s) is asked again with a growing
+/// pause, a few times, before the test fails. A single 10 s chance failed a whole bench run
+/// (each part opens a store of its own) on a machine whose two shared cores were saturated,
+/// although a bench holds at most about 20 of the server's 300 connections: a connect that
+/// cannot finish in 10 s there is a stall, not a refusal. When it still fails, the message says
+/// how full the server was, if it answered at all.
 pub async fn pg_store() -> PgStore {
     let options = PgOptions {
         max_connections: 5,
         ..PgOptions::new(database_url()).schema(unique_name("t"))
     };
-    PgStore::connect(&options)
-        .await
-        .expect("connect to the test database")
+    match PgStore::connect_patiently(&options, 4).await {
+        Ok(store) => store,
+        Err(error) => panic!(
+            "connect to the test database: {error} (the server: {})",
+            pg_server_state().await
+        ),
+    }
+}
+
+/// How many client connections the test server holds, of how many it allows, for a failure's
+/// message: "not answering" when a single connection cannot be made either.
+pub async fn pg_server_state() -> String {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(&database_url())
+        .await;
+    let Ok(pool) = pool else {
+        return "not answering".into();
+    };
+    let state: Result<(i64, String), _> = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE backend_type = 'client backend'), \
+                current_setting('max_connections') FROM pg_stat_activity",
+    )
+    .fetch_one(&pool)
+    .await;
+    pool.close().await;
+    match state {
+        Ok((clients, max)) => format!("{clients} client connections of max_connections {max}"),
+        Err(error) => format!("answering, but not its state: {error}"),
+    }
 }
 
 /// Where the service binaries are: `HOOKLINE_TEST_BIN_DIR`, else the profile directory this
@@ -330,6 +366,17 @@ impl PrivateBroker {
     /// Kills the broker (SIGKILL), keeping its data.
     pub fn kill(&self) {
         self.ctl(&["kill"]);
+    }
+
+    /// Freezes the broker (SIGSTOP): its connections stay open and nothing is answered, as a
+    /// hung broker or a long GC pause; [`PrivateBroker::resume`] lets it go on.
+    pub fn pause(&self) {
+        self.ctl(&["pause"]);
+    }
+
+    /// Lets a paused broker go on (SIGCONT).
+    pub fn resume(&self) {
+        self.ctl(&["resume"]);
     }
 
     /// Starts the stopped or killed broker again with its data.

@@ -4,7 +4,7 @@
 //! stopping the shared server; tests of a schema registry outage put one in front of the shared
 //! registry the same way ([`PgGate::in_front_of`]).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::net::{TcpListener, TcpStream};
@@ -16,6 +16,8 @@ use crate::database_url;
 pub struct PgGate {
     port: u16,
     closed: Arc<AtomicBool>,
+    /// Connections that arrived, let through or dropped.
+    arrived: Arc<AtomicUsize>,
     connections: Arc<Mutex<Vec<AbortHandle>>>,
     shutdown: CancellationToken,
 }
@@ -33,10 +35,15 @@ impl PgGate {
             .expect("bind the gate");
         let port = listener.local_addr().unwrap().port();
         let closed = Arc::new(AtomicBool::new(false));
+        let arrived = Arc::new(AtomicUsize::new(0));
         let connections = Arc::new(Mutex::new(Vec::new()));
         let shutdown = CancellationToken::new();
-        let (gate_closed, gate_connections, stop) =
-            (closed.clone(), connections.clone(), shutdown.clone());
+        let (gate_closed, gate_arrived, gate_connections, stop) = (
+            closed.clone(),
+            arrived.clone(),
+            connections.clone(),
+            shutdown.clone(),
+        );
         tokio::spawn(async move {
             loop {
                 let (mut client, _) = tokio::select! {
@@ -46,6 +53,7 @@ impl PgGate {
                         Err(_) => continue,
                     },
                 };
+                gate_arrived.fetch_add(1, Ordering::SeqCst);
                 if gate_closed.load(Ordering::SeqCst) {
                     continue; // dropped: the client sees the connection close at once
                 }
@@ -61,9 +69,16 @@ impl PgGate {
         PgGate {
             port,
             closed,
+            arrived,
             connections,
             shutdown,
         }
+    }
+
+    /// How many connections arrived at the gate so far (let through or dropped): a client's
+    /// attempts, counted without timing them.
+    pub fn connections(&self) -> usize {
+        self.arrived.load(Ordering::SeqCst)
     }
 
     /// The gate's own port on 127.0.0.1.

@@ -11,9 +11,11 @@
 //!
 //! - [`config`]: the sizes and settings of a full and a quick soak.
 //! - [`ledger`]: owed (event, hook) pairs against what the receiver got: missing, duplicates
-//!   (attributed to the disruption in force), unexpected, key mismatches.
-//! - [`receiver`]: the HTTP receiver on loopback that books every request; the outage switch.
-//! - [`feed`]: the world and the paced transitions.
+//!   (attributed to the disruption in force), unexpected, key mismatches, bodies that are not
+//!   the planned transition's, bad signatures, builds seen going back.
+//! - [`receiver`]: the HTTP receiver on loopback that verifies, reads and books every request;
+//!   the outage switch.
+//! - [`feed`]: the world, the plan, and the paced transitions (a build's one after the other).
 //! - [`services`]: the producer and consumer processes, `scripts/kafka` / `scripts/pg`, metrics
 //!   and peak RSS.
 //!
@@ -156,6 +158,17 @@ pub struct Report {
     pub unexpected: u64,
     pub key_mismatches: u64,
     pub unreadable: u64,
+    /// Requests whose body is not the planned transition's (build or status) for their event id.
+    pub wrong_bodies: u64,
+    /// Requests whose signature did not verify with their hook's secret.
+    pub bad_signatures: u64,
+    /// First deliveries of a build's transition after a later one of the same build reached
+    /// the same hook (a failure under strict ordering).
+    pub regressions: u64,
+    /// Planned transitions never accepted by the producer.
+    pub unaccepted: u64,
+    /// The duplicate bound fixed before the run (`settings.max_duplicates`).
+    pub max_duplicates: u64,
     /// Dead letters by reason (`None` when listing failed; see failures).
     pub dead_letters: Option<BTreeMap<String, u64>>,
     pub resume_ms_p50: Option<u64>,
@@ -366,6 +379,10 @@ pub async fn run(config: SoakConfig) -> anyhow::Result<Report> {
     let books = Arc::new(Books::new(Ledger::new(slots_of), config.outage_slots()));
     let receiver = SoakReceiver::start(books.clone()).await?;
     let world = feed::write_world(&config, &receiver).await?;
+    let items = feed::plan(&config, &world);
+    books
+        .ledger()
+        .plan(items.iter().map(|i| (i.event, i.planned())));
     progress(
         started,
         format_args!(
@@ -411,13 +428,8 @@ pub async fn run(config: SoakConfig) -> anyhow::Result<Report> {
 
     let feed_started = Instant::now();
     let feed_task = {
-        let (config, world, base, books) = (
-            config.clone(),
-            world.clone(),
-            producer.base.clone(),
-            books.clone(),
-        );
-        tokio::spawn(async move { feed::post_all(&config, &world, &base, books).await })
+        let (config, base, books) = (config.clone(), producer.base.clone(), books.clone());
+        tokio::spawn(async move { feed::post_all(&config, items, &base, books).await })
     };
 
     // The chaos: one disruption after the other, each at its planned time (or as soon as the
@@ -511,7 +523,19 @@ pub async fn run(config: SoakConfig) -> anyhow::Result<Report> {
         let tick = Instant::now() + Duration::from_millis(250);
         fleet.wait_until(tick, &config, feed_started).await?;
     }
-    let totals = feed_task.await.unwrap_or_default();
+    let totals = match feed_task.await {
+        Ok(totals) => totals,
+        Err(error) => {
+            failures.push(format!("the feed failed: {error}"));
+            feed::FeedTotals::default()
+        }
+    };
+    if totals.panicked > 0 {
+        failures.push(format!(
+            "{} feed batches failed before they were answered",
+            totals.panicked
+        ));
+    }
     progress(
         started,
         format_args!(
@@ -617,6 +641,43 @@ pub async fn run(config: SoakConfig) -> anyhow::Result<Report> {
             counts.key_mismatches
         ));
     }
+    if counts.unaccepted > 0 {
+        failures.push(format!(
+            "{} planned transitions were never accepted",
+            counts.unaccepted
+        ));
+    }
+    for (n, what) in [
+        (counts.unexpected, "deliveries nobody owed"),
+        (
+            counts.unreadable,
+            "requests without an event id or a readable Job Hook",
+        ),
+        (
+            counts.wrong_bodies,
+            "requests whose body is not the planned transition of their event id",
+        ),
+        (
+            counts.bad_signatures,
+            "requests whose signature does not verify",
+        ),
+    ] {
+        if n > 0 {
+            failures.push(format!("{n} {what}"));
+        }
+    }
+    if config.strict() && counts.regressions > 0 {
+        failures.push(format!(
+            "{} first deliveries took a build back under strict ordering",
+            counts.regressions
+        ));
+    }
+    if counts.duplicates > config.max_duplicates {
+        failures.push(format!(
+            "{} duplicates, over the bound of {} fixed before the run",
+            counts.duplicates, config.max_duplicates
+        ));
+    }
     // Every receiver comes back after the outage, so nothing has a reason to be dead-lettered.
     if let Some(letters) = &dead_letters {
         let total: u64 = letters.values().sum();
@@ -654,6 +715,11 @@ pub async fn run(config: SoakConfig) -> anyhow::Result<Report> {
         unexpected: counts.unexpected,
         key_mismatches: counts.key_mismatches,
         unreadable: counts.unreadable,
+        wrong_bodies: counts.wrong_bodies,
+        bad_signatures: counts.bad_signatures,
+        regressions: counts.regressions,
+        unaccepted: counts.unaccepted,
+        max_duplicates: config.max_duplicates,
         dead_letters,
         resume_ms_p50: percentile(&resumes, 0.5),
         resume_ms_max: resumes.last().copied(),

@@ -19,7 +19,10 @@
 //!   email), the email `[REDACTED]` unless public (`webhook_events.md`).
 //! - `*_iso` fields right after the three times, `commit.started_at_iso`/`finished_at_iso` after
 //!   `finished_at`, `environment.deployment_tier`, `"ci_config_path": null`: the "Job events"
-//!   example in `doc/user/project/integrations/webhook_events.md`.
+//!   example in `doc/user/project/integrations/webhook_events.md` (its current version
+//!   interleaves each `*_iso` with its plain time; where the example and GitLab's source
+//!   disagree, `docs/gitlab-deviations.md` lists what hookline sends and why, and
+//!   `documented_example.rs` checks every other field of the example by value).
 //! - Date formats: the `*_iso` forms are Ruby's `Time#iso8601` (whole seconds, `Z`), as
 //!   `spec/workers/ci/execute_build_hooks_worker_spec.rb` expects (`started_at.iso8601`); the
 //!   plain forms reach receivers as Ruby's `Time#to_s` in UTC, `"2026-11-27 20:19:00 UTC"`,
@@ -389,5 +392,133 @@ fn a_first_run_counts_zero_retries() {
             r#""sha":"a91957a858320c0e17f3a0eca7cfacbff50ea29a","retries_count":0,"build_id":70000"#
         ),
         "{text}"
+    );
+}
+
+/// A tag pipeline that finished (`success`, its duration a whole number of seconds) although
+/// this build failed, because the build may fail (`allow_failure`); text with HTML's special
+/// characters, quotes and non-ASCII letters. hookline writes `<`, `>` and `&` as they are and
+/// non-ASCII as UTF-8; GitLab's JSON encoder writes the first three as `\u003c`, `\u003e`,
+/// `\u0026` (a deliberate deviation: the same strings once parsed, checked below).
+#[test]
+fn a_finished_tag_pipeline_an_allowed_failure_and_special_text() {
+    let mut snapshot = sample(0);
+    snapshot.pipeline.tag = true;
+    snapshot.pipeline.git_ref = "v1.2.0".into();
+    snapshot.pipeline.status = "success".into();
+    snapshot.pipeline.finished_at = Some(at(20, 25, 2, 0));
+    snapshot.pipeline.duration = Some(361);
+    snapshot.pipeline.commit_message =
+        "Escape <script> & \"quotes\" in the log — naïve café ✓\n".into();
+    snapshot.pipeline.commit_author_name = "Zoë Ünal".into();
+    snapshot.user.name = "Zoë Ünal".into();
+    snapshot.project.description = Some("Tools <for> \"CI\" & Zürich's ✓".into());
+    snapshot.build.allow_failure = true;
+    let t = transition(
+        BuildStatus::Failed,
+        finished(116.75, Some("script_failure")),
+    );
+    let want = compact(
+        r#"{
+  "object_kind": "build",
+  "ref": "v1.2.0",
+  "tag": true,
+  "before_sha": "2293ada6b400935a1378653304eaf6221e0fdb8f",
+  "sha": "a91957a858320c0e17f3a0eca7cfacbff50ea29a",
+  "retries_count": 1,
+  "build_id": 70000,
+  "build_name": "rspec 2/4",
+  "build_stage": "test",
+  "build_status": "failed",
+  "build_created_at": "2026-11-27 20:19:00 UTC",
+  "build_started_at": "2026-11-27 20:19:03 UTC",
+  "build_finished_at": "2026-11-27 20:21:00 UTC",
+  "build_created_at_iso": "2026-11-27T20:19:00Z",
+  "build_started_at_iso": "2026-11-27T20:19:03Z",
+  "build_finished_at_iso": "2026-11-27T20:21:00Z",
+  "build_duration": 116.75,
+  "build_queued_duration": 2.488,
+  "build_allow_failure": true,
+  "build_failure_reason": "script_failure",
+  "pipeline_id": 5000,
+  "runner": {
+    "id": 1000,
+    "description": "linux-amd64 shared runner #3",
+    "runner_type": "instance_type",
+    "active": true,
+    "is_shared": true,
+    "tags": ["linux", "docker", "amd64"]
+  },
+  "project_id": 10,
+  "project_name": "Platform / Build Tools",
+  "user": {
+    "id": 100,
+    "name": "Zoë Ünal",
+    "username": "ada",
+    "avatar_url": "https://ci.example.com/uploads/-/system/user/avatar/7/ada.png",
+    "email": "[REDACTED]"
+  },
+  "commit": {
+    "id": 5000,
+    "name": "Merge train",
+    "sha": "a91957a858320c0e17f3a0eca7cfacbff50ea29a",
+    "message": "Escape <script> & \"quotes\" in the log — naïve café ✓\n",
+    "author_name": "Zoë Ünal",
+    "author_email": "ada@example.com",
+    "author_url": "mailto:ada@example.com",
+    "status": "success",
+    "duration": 361,
+    "started_at": "2026-11-27 20:19:01 UTC",
+    "finished_at": "2026-11-27 20:25:02 UTC",
+    "started_at_iso": "2026-11-27T20:19:01Z",
+    "finished_at_iso": "2026-11-27T20:25:02Z"
+  },
+  "repository": {
+    "name": "Build Tools",
+    "url": "git@ci.example.com:platform/build-tools.git",
+    "description": "Tools <for> \"CI\" & Zürich's ✓",
+    "homepage": "https://ci.example.com/platform/build-tools",
+    "git_http_url": "https://ci.example.com/platform/build-tools.git",
+    "git_ssh_url": "git@ci.example.com:platform/build-tools.git",
+    "visibility_level": 10
+  },
+  "project": {
+    "id": 10,
+    "name": "Build Tools",
+    "description": "Tools <for> \"CI\" & Zürich's ✓",
+    "web_url": "https://ci.example.com/platform/build-tools",
+    "avatar_url": null,
+    "git_ssh_url": "git@ci.example.com:platform/build-tools.git",
+    "git_http_url": "https://ci.example.com/platform/build-tools.git",
+    "namespace": "Platform",
+    "visibility_level": 10,
+    "path_with_namespace": "platform/build-tools",
+    "default_branch": "main",
+    "ci_config_path": null
+  },
+  "environment": {"name": "staging", "action": "start", "deployment_tier": "staging"},
+  "source_pipeline": {
+    "project": {
+      "id": 11,
+      "web_url": "https://ci.example.com/platform/monorepo",
+      "path_with_namespace": "platform/monorepo"
+    },
+    "job_id": 49990,
+    "pipeline_id": 4999
+  }
+}"#,
+    );
+    let got = String::from_utf8(render(&snapshot, &t)).unwrap();
+    assert_eq!(got, want);
+    // GitLab's spelling of the same body: `<`, `>` and `&` escaped. Byte for byte different,
+    // value for value the same.
+    let gitlab = want
+        .replace('<', "\\u003c")
+        .replace('>', "\\u003e")
+        .replace('&', "\\u0026");
+    assert_ne!(gitlab, got);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&gitlab).unwrap(),
+        serde_json::from_str::<serde_json::Value>(&got).unwrap()
     );
 }

@@ -387,7 +387,11 @@ async fn transition(
         facts: current.facts.clone(),
     };
     if let Some(witness) = &rt.witness {
-        witness.expect(&sent, render(&snapshot, &current));
+        witness.expect(
+            &sent,
+            render(&snapshot, &current),
+            crate::facts::Facts::of(&snapshot, &sent),
+        );
     }
     let answer = rt.sink.send(&sent).await;
     if let Some(witness) = &rt.witness {

@@ -22,7 +22,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
-use super::receiver::{BenchReceiver, rate};
+use super::receiver::{BenchReceiver, first_arrivals, rate};
 use super::{Bench, progress, stop};
 use crate::process::ConsumerProcess;
 use crate::world::{World, inline_event};
@@ -157,15 +157,16 @@ pub async fn produce_all(
     Ok(())
 }
 
-/// Waits until the receiver holds `count` requests; fails after `limit` without progress.
+/// Waits until the receiver holds `count` distinct deliveries (repeats of an event do not
+/// count); fails after `limit` without progress.
 pub(super) async fn wait_for(
     receiver: &BenchReceiver,
     count: usize,
     limit: Duration,
 ) -> anyhow::Result<()> {
-    let mut last = (receiver.count(), Instant::now());
+    let mut last = (receiver.distinct(), Instant::now());
     loop {
-        let now = receiver.count();
+        let now = receiver.distinct();
         if now >= count {
             return Ok(());
         }
@@ -506,9 +507,10 @@ pub async fn latency(
 
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
     let mut delivered = 0;
-    // Every delivery's moment and latency, for a look at when the tail happened.
+    // Every delivery's moment and latency, for a look at when the tail happened; an event
+    // delivered twice counts once, at its first arrival.
     let mut csv = String::from("due_ms,latency_ms\n");
-    for a in &arrivals {
+    for a in &first_arrivals(&arrivals).0 {
         if let Some(due) = a.event.and_then(|e| due.get(&e)) {
             delivered += 1;
             let latency = a.at.saturating_duration_since(*due);
@@ -565,7 +567,7 @@ pub async fn backlog_rss(
     let mut last = (0, Instant::now());
     loop {
         peak_kb = peak_kb.max(crate::soak::services::vm_hwm_kb(pid).unwrap_or(0));
-        let n = receiver.count();
+        let n = receiver.distinct();
         bar.set_position(n as u64);
         if n >= events {
             break;

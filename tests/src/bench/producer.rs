@@ -1,7 +1,10 @@
 //! The producer's cost of inline rendering through the real path: `hookline-producer serve` with
 //! the PostgreSQL store, builds that exist there, `POST /v1/transitions` from a client in this
 //! process, the flag off (deferred) and then on (inline). CPU time is the producer process's own
-//! (user + system, from `/proc/<pid>/stat`), so the client's work is not counted.
+//! (user + system, from `/proc/<pid>/stat`), so the client's work is not counted; beside it,
+//! PostgreSQL's (its postmaster and every backend, from `/proc`), because inline rendering reads
+//! a snapshot per event there: a cost the producer's own figure does not show. The database
+//! must run on this machine (the test services do) and serve nothing else meanwhile.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -24,6 +27,9 @@ const WARM_UP: usize = 300;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ProducerRun {
     pub cpu_us_per_event: f64,
+    /// PostgreSQL's CPU per event over the same window (`None` when its processes could not
+    /// be read).
+    pub pg_cpu_us_per_event: Option<f64>,
     pub per_s: f64,
     /// Of the 202 answers: `render_time_us` median and `payload_bytes` mean (inline only).
     pub render_us_p50: f64,
@@ -60,6 +66,8 @@ async fn run(
     let url = format!("{base}/v1/transitions");
     post_all(&http, &url, ids, WARM_UP, inline, "warm-up").await?;
     let pid = child.id().context("producer pid")?;
+    let postmaster = postmaster_pid(fleet.world.store.pool()).await;
+    let pg_before = postmaster.and_then(|p| postgres_cpu_seconds(p).ok());
     let cpu_before = cpu_seconds(pid)?;
     let started = Instant::now();
     let answers = post_all(
@@ -77,6 +85,10 @@ async fn run(
     .await?;
     let wall = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds(pid)? - cpu_before;
+    let pg_cpu = match (postmaster, pg_before) {
+        (Some(p), Some(before)) => postgres_cpu_seconds(p).ok().map(|after| after - before),
+        _ => None,
+    };
     stop(child).await;
 
     let mut render: Vec<f64> = answers
@@ -90,6 +102,7 @@ async fn run(
         .collect();
     Ok(ProducerRun {
         cpu_us_per_event: cpu * 1e6 / events as f64,
+        pg_cpu_us_per_event: pg_cpu.map(|c| c * 1e6 / events as f64),
         per_s: events as f64 / wall,
         render_us_p50: render.get(render.len() / 2).copied().unwrap_or(0.0),
         payload_bytes_mean: if bytes.is_empty() {
@@ -212,20 +225,76 @@ pub(super) async fn post_all(
 
 /// User + system CPU seconds of a process so far.
 pub(super) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    Ok(stat(pid)?.own)
+}
+
+/// What `/proc/<pid>/stat` says about a process's CPU, in seconds, and its parent.
+struct Stat {
+    parent: u32,
+    /// User + system of the process itself.
+    own: f64,
+    /// User + system of its children that exited and were waited for.
+    reaped: f64,
+}
+
+fn stat(pid: u32) -> anyhow::Result<Stat> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may hold spaces) start at the state, field 3.
     let rest = stat.rsplit_once(')').context("malformed stat")?.1;
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-    Ok(ticks / clock_ticks())
+    let field = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields.get(i).context("short stat")?.parse::<f64>()?)
+    };
+    let ticks = clock_ticks();
+    Ok(Stat {
+        parent: fields.get(1).context("short stat")?.parse()?,
+        own: (field(11)? + field(12)?) / ticks,
+        reaped: (field(13)? + field(14)?) / ticks,
+    })
+}
+
+/// The postmaster of the cluster `pool` talks to: the parent of its backend, if that backend
+/// runs on this machine.
+async fn postmaster_pid(pool: &sqlx::PgPool) -> Option<u32> {
+    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(pool)
+        .await
+        .ok()?;
+    stat(u32::try_from(backend).ok()?).ok().map(|s| s.parent)
+}
+
+/// CPU seconds of a PostgreSQL cluster so far: its postmaster, every process it started that
+/// still runs (backends, background workers) and those that exited (reaped by the postmaster).
+fn postgres_cpu_seconds(postmaster: u32) -> anyhow::Result<f64> {
+    let root = stat(postmaster)?;
+    let mut total = root.own + root.reaped;
+    for entry in std::fs::read_dir("/proc")? {
+        let Some(pid) = entry?
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A process that exits meanwhile is counted by its parent's `reaped` next time.
+        if let Ok(child) = stat(pid)
+            && child.parent == postmaster
+        {
+            total += child.own;
+        }
+    }
+    Ok(total)
 }
 
 fn clock_ticks() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }

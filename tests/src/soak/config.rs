@@ -47,6 +47,14 @@ pub struct SoakConfig {
     pub max_in_flight: usize,
     pub poll_batch: usize,
     pub retry_schedule: String,
+    /// The consumers' `--ordering` (from `HOOKLINE_ORDERING`, which they inherit; strict when
+    /// unset): under strict a build seen going back by any hook fails the run.
+    pub ordering: String,
+    /// The most duplicates the run may deliver, fixed before it starts: every disruption (kill,
+    /// broker or PostgreSQL restart) making every instance repeat its whole in-flight window on
+    /// both paths, `(kills + restarts) x consumers x 2 x --max-in-flight x hooks per project`.
+    /// The README's bound, summed; the report shows how far below it a run stays.
+    pub max_duplicates: u64,
     pub consumers: Vec<String>,
     #[serde(skip)]
     pub brokers: String,
@@ -111,6 +119,11 @@ impl SoakConfig {
             // Short enough that deliveries refused during the outage come back within the run
             // (about 2.5 minutes of retries in all), long enough to span the outage.
             retry_schedule: "1s,2s,5s,10s,20s,30s,30s,30s".into(),
+            ordering: std::env::var("HOOKLINE_ORDERING")
+                .ok()
+                .filter(|o| !o.is_empty())
+                .unwrap_or_else(|| "strict".into()),
+            max_duplicates: 0,
             consumers: vec!["soak-a".into(), "soak-b".into()],
             brokers: env.brokers,
             database_url: env.database_url,
@@ -125,10 +138,24 @@ impl SoakConfig {
         config
     }
 
-    /// Ten batches a second at the configured pace.
+    /// Ten batches a second at the configured pace, never more items than builds (the items of
+    /// one batch are then different builds, and a build's transitions go one after the other);
+    /// and the duplicate bound for these sizes. Call again after changing the sizes.
     pub fn fit_batch(&mut self) {
         let per_second = self.transitions as f64 / self.post_for.as_secs_f64().max(1.0);
-        self.batch_size = ((per_second / 10.0).ceil() as usize).clamp(1, 1000);
+        self.batch_size =
+            ((per_second / 10.0).ceil() as usize).clamp(1, 1000.min(self.builds.max(1)));
+        let disruptions = (self.kills + self.broker_restarts + self.pg_restarts) as u64;
+        self.max_duplicates = disruptions
+            * self.consumers.len() as u64
+            * 2
+            * self.max_in_flight as u64
+            * self.hooks_per_project as u64;
+    }
+
+    /// Whether a build seen going back fails the run.
+    pub fn strict(&self) -> bool {
+        self.ordering == "strict"
     }
 
     /// Hooks the outage refuses: every third slot (slot % 3 == 2), a third of all hooks.

@@ -4,10 +4,16 @@
 //! Every transition carries an event id drawn from the seed, so a batch item the producer did
 //! not acknowledge is posted again with the same id (the event keeps its identity, as
 //! `hookline simulate` does). Only a `202` makes an event owed.
+//!
+//! The whole plan is drawn before the feed starts ([`plan`]) and handed to the ledger, which
+//! checks every delivered body against it. A build's transitions are posted one after the
+//! other, as a CI reaches them: the next only once the previous was answered, so their order on
+//! Kafka is the plan's and the receiver can judge the order it sees.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use hookline_cistate::fixtures::sample;
 use hookline_cistate::{CiStore, NewHook, PgOptions, PgStore};
 use rand::rngs::StdRng;
@@ -17,11 +23,12 @@ use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use super::config::SoakConfig;
+use super::ledger::Planned;
 use super::ledger::Slot;
-use super::receiver::{Books, SoakReceiver};
+use super::receiver::{Books, SoakReceiver, secret_of};
 
-/// Statuses cycled through per build; the consumer does not care about the order, and every one
-/// of them sends a hook.
+/// Statuses cycled through per build, in posting order (the consumer does not judge whether a
+/// transition is possible, and every one of them sends a hook).
 const STATUSES: [&str; 6] = [
     "created", "pending", "running", "success", "failed", "canceled",
 ];
@@ -66,7 +73,7 @@ pub async fn write_world(config: &SoakConfig, receiver: &SoakReceiver) -> anyhow
                     project_id: snapshot.project.id,
                     url: receiver.hook_url(slot),
                     token: None,
-                    signing_secret: None,
+                    signing_secret: Some(secret_of(slot).to_owned()),
                     job_events: true,
                     collapse: false,
                 })
@@ -95,37 +102,90 @@ pub struct FeedTotals {
     pub reposted: u64,
     /// Seconds from the first post to the last answer.
     pub seconds: f64,
+    /// Batch tasks that panicked (their items' outcomes are unknown): the run fails.
+    pub panicked: u64,
 }
 
+/// One planned transition.
 #[derive(Debug, Clone)]
-struct Item {
-    event: Uuid,
-    build: i64,
-    project: u32,
-    status: &'static str,
+pub struct Item {
+    pub event: Uuid,
+    pub build: i64,
+    pub project: u32,
+    pub status: &'static str,
+    /// Its place among its build's transitions.
+    pub seq: u32,
 }
 
-/// Posts `config.transitions` transitions in batches, evenly spread over `config.post_for`,
-/// and books every accepted event in the ledger.
-pub async fn post_all(
-    config: &SoakConfig,
-    world: &World,
-    producer: &str,
-    books: Arc<Books>,
-) -> FeedTotals {
-    let started = Instant::now();
+impl Item {
+    pub fn planned(&self) -> Planned {
+        Planned {
+            build: self.build,
+            status: self.status,
+            seq: self.seq,
+        }
+    }
+}
+
+/// Every transition the feed will post, in posting order: round robin over the builds, each
+/// build through [`STATUSES`] again and again; event ids drawn from the seed.
+pub fn plan(config: &SoakConfig, world: &World) -> Vec<Item> {
     let mut rng = StdRng::seed_from_u64(config.seed ^ 0x5eed_f00d);
-    let items: Vec<Item> = (0..config.transitions)
+    (0..config.transitions)
         .map(|i| {
             let (build, project) = world.builds[i % world.builds.len()];
+            let seq = i / world.builds.len();
             Item {
                 event: uuid::Builder::from_random_bytes(rng.random()).into_uuid(),
                 build,
                 project,
-                status: STATUSES[(i / world.builds.len()) % STATUSES.len()],
+                status: STATUSES[seq % STATUSES.len()],
+                seq: seq as u32,
             }
         })
-        .collect();
+        .collect()
+}
+
+/// How far each build's transitions were answered (accepted or given up): a batch posts a
+/// build's transition only once every earlier one of that build was.
+#[derive(Debug, Default)]
+struct Answered(std::sync::Mutex<std::collections::HashMap<i64, u32>>);
+
+impl Answered {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<i64, u32>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until every item's earlier transitions were answered.
+    async fn wait_for_turn(&self, items: &[Item]) {
+        while !items
+            .iter()
+            .all(|i| self.lock().get(&i.build).copied().unwrap_or(0) >= i.seq)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn answered(&self, items: &[Item]) {
+        let mut answered = self.lock();
+        for i in items {
+            let upto = answered.entry(i.build).or_default();
+            *upto = (*upto).max(i.seq + 1);
+        }
+    }
+}
+
+/// Posts the planned `items` in batches, evenly spread over `config.post_for`, and books every
+/// accepted event in the ledger.
+pub async fn post_all(
+    config: &SoakConfig,
+    items: Vec<Item>,
+    producer: &str,
+    books: Arc<Books>,
+) -> FeedTotals {
+    let started = Instant::now();
+    // Consecutive items are different builds as long as a batch is no longer than the build
+    // count (`SoakConfig::fit_batch`), so a batch never waits for one of its own items.
     let batch = config.batch_size.max(1);
     let batches: Vec<Vec<Item>> = items.chunks(batch).map(<[Item]>::to_vec).collect();
     let count = batches.len().max(1) as u32;
@@ -137,26 +197,46 @@ pub async fn post_all(
     // A few batches may wait on the producer at once (a broker restart holds them for up to its
     // delivery timeout), so the feed keeps its pace instead of stopping behind one of them.
     let lanes = Arc::new(Semaphore::new(16));
+    let answered = Arc::new(Answered::default());
     let mut tasks = tokio::task::JoinSet::new();
     for (k, batch) in batches.into_iter().enumerate() {
         let at = started + config.post_for * k as u32 / count;
         tokio::time::sleep_until(at.into()).await;
         let lane = lanes.clone().acquire_owned().await.expect("semaphore open");
-        let (client, url, books) = (client.clone(), url.clone(), books.clone());
+        let (client, url, books, answered) =
+            (client.clone(), url.clone(), books.clone(), answered.clone());
         let give_up = config.give_up;
         tasks.spawn(async move {
-            let totals = post_batch(&client, &url, batch, &books, give_up).await;
+            answered.wait_for_turn(&batch).await;
+            let posted = std::panic::AssertUnwindSafe(post_batch(
+                &client,
+                &url,
+                batch.clone(),
+                &books,
+                give_up,
+            ))
+            .catch_unwind()
+            .await;
+            // Answered even when the batch panicked, so the builds' later transitions do not
+            // wait for it forever; the panic itself is counted below.
+            answered.answered(&batch);
             drop(lane);
-            totals
+            posted.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         });
     }
     let mut totals = FeedTotals::default();
     while let Some(joined) = tasks.join_next().await {
-        if let Ok(t) = joined {
-            totals.posted += t.posted;
-            totals.accepted += t.accepted;
-            totals.refused += t.refused;
-            totals.reposted += t.reposted;
+        match joined {
+            Ok(t) => {
+                totals.posted += t.posted;
+                totals.accepted += t.accepted;
+                totals.refused += t.refused;
+                totals.reposted += t.reposted;
+            }
+            Err(error) => {
+                eprintln!("soak: a feed task failed: {error}");
+                totals.panicked += 1;
+            }
         }
     }
     totals.seconds = started.elapsed().as_secs_f64();

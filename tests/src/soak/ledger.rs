@@ -4,6 +4,14 @@
 //! project owes one delivery. The receiver may see a delivery before the driver has read the
 //! `202` (the consumer can be faster than the HTTP answer), so both sides are recorded as they
 //! come and joined incrementally: `missing` is exact at any moment, in O(1).
+//!
+//! What each request carried is checked against the plan, not merely counted: the body's
+//! `build_id` and `build_status` must be the planned transition's for the event id in its
+//! header (a wrong body under the right event id is counted), and the first deliveries of one
+//! build to one hook must follow the build's transitions in the order they were posted (the
+//! feed posts a build's next transition only once its previous one was accepted, so that is
+//! also their order on Kafka): a first delivery of an earlier transition after a later one is
+//! a regression.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
@@ -12,6 +20,19 @@ use uuid::Uuid;
 
 /// A hook of the soak's world, by its position: the receiver serves hook `slot` at `/h/<slot>`.
 pub type Slot = u32;
+
+/// One planned transition: its build, the status posted, and its place among the build's
+/// transitions (0 for the first posted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Planned {
+    pub build: i64,
+    pub status: &'static str,
+    pub seq: u32,
+}
+
+/// What the receiver read from a request's body: the build and status it describes, or
+/// nothing when it is not a Job Hook it can read.
+pub type BodyFacts<'a> = Option<(i64, &'a str)>;
 
 /// What the receiver saw for one (event, hook) pair.
 #[derive(Debug, Default, Clone)]
@@ -40,8 +61,19 @@ pub struct Counts {
     pub unexpected: u64,
     /// Requests whose `Idempotency-Key` differs from the pair's first one.
     pub key_mismatches: u64,
-    /// Requests without a readable `X-Gitlab-Event-UUID`.
+    /// Requests without a readable `X-Gitlab-Event-UUID`, or whose body is not a Job Hook
+    /// with a `build_id` and a `build_status`.
     pub unreadable: u64,
+    /// Requests whose body's `build_id` or `build_status` is not the planned transition's for
+    /// the event id in their header.
+    pub wrong_bodies: u64,
+    /// Requests whose Standard Webhooks signature does not verify with their hook's secret.
+    pub bad_signatures: u64,
+    /// First deliveries of a build's transition to a hook after a later transition of the
+    /// same build reached that hook (duplicates of an earlier transition are not counted here).
+    pub regressions: u64,
+    /// Planned transitions the producer never accepted.
+    pub unaccepted: u64,
 }
 
 /// Owed pairs and deliveries, joined as they arrive.
@@ -66,6 +98,13 @@ pub struct Ledger {
     duplicate_log: Vec<(Instant, Uuid)>,
     /// Duplicates by hook.
     duplicates_by_slot: HashMap<Slot, u64>,
+    /// The feed's plan by event id.
+    planned: HashMap<Uuid, Planned>,
+    wrong_bodies: u64,
+    bad_signatures: u64,
+    /// For each (hook, build), the `seq` of each transition at its first 2xx delivery, in
+    /// arrival order.
+    first_deliveries: HashMap<(Slot, i64), Vec<u32>>,
 }
 
 impl Ledger {
@@ -81,6 +120,11 @@ impl Ledger {
             project_of_slot,
             ..Ledger::default()
         }
+    }
+
+    /// The feed's plan: every transition it will post, by event id.
+    pub fn plan(&mut self, planned: impl IntoIterator<Item = (Uuid, Planned)>) {
+        self.planned.extend(planned);
     }
 
     /// The producer accepted `event` (202) for `project`, on Kafka `partition`: each of the
@@ -115,9 +159,33 @@ impl Ledger {
     }
 
     /// One request at the receiver: `ok` when it was answered 2xx, else it was refused (503).
-    /// `epoch` names the disruption in force (see [`Ledger::duplicates_by_epoch`]).
-    pub fn request(&mut self, event: Uuid, slot: Slot, key: Option<Uuid>, ok: bool, epoch: usize) {
+    /// `epoch` names the disruption in force (see [`Ledger::duplicates_by_epoch`]); `body` is
+    /// what its body describes, `signed` whether its signature verified.
+    #[allow(clippy::too_many_arguments)]
+    pub fn request(
+        &mut self,
+        event: Uuid,
+        slot: Slot,
+        key: Option<Uuid>,
+        ok: bool,
+        epoch: usize,
+        body: BodyFacts<'_>,
+        signed: bool,
+    ) {
         let owed = self.owes(event, slot);
+        if !signed {
+            self.bad_signatures += 1;
+        }
+        let planned = self.planned.get(&event);
+        match (body, planned) {
+            (None, _) => self.unreadable += 1,
+            (Some((build, status)), Some(p)) if build != p.build || status != p.status => {
+                self.wrong_bodies += 1;
+            }
+            // Right, or an event nobody planned (counted as unexpected once delivered).
+            _ => {}
+        }
+        let first_of_build = planned.map(|p| (p.build, p.seq));
         let tally = self.pairs.entry((event, slot)).or_default();
         match (tally.key, key) {
             (None, key) => tally.key = key,
@@ -134,6 +202,12 @@ impl Ledger {
         if tally.delivered == 1 {
             if owed {
                 self.delivered += 1;
+            }
+            if let Some((build, seq)) = first_of_build {
+                self.first_deliveries
+                    .entry((slot, build))
+                    .or_default()
+                    .push(seq);
             }
         } else {
             self.duplicates += 1;
@@ -161,6 +235,21 @@ impl Ledger {
             .iter()
             .filter(|((event, slot), t)| t.delivered > 0 && !self.owes(*event, *slot))
             .count() as u64;
+        let regressions = self
+            .first_deliveries
+            .values()
+            .map(|seqs| {
+                let mut latest = None;
+                let mut behind = 0;
+                for &seq in seqs {
+                    if latest.is_some_and(|l| seq < l) {
+                        behind += 1;
+                    }
+                    latest = latest.max(Some(seq));
+                }
+                behind
+            })
+            .sum();
         Counts {
             owed: self.owed,
             delivered: self.delivered,
@@ -170,6 +259,10 @@ impl Ledger {
             unexpected,
             key_mismatches: self.key_mismatches,
             unreadable: self.unreadable,
+            wrong_bodies: self.wrong_bodies,
+            bad_signatures: self.bad_signatures,
+            regressions,
+            unaccepted: (self.planned.len() as u64).saturating_sub(self.accepted.len() as u64),
         }
     }
 
@@ -239,6 +332,9 @@ mod tests {
         Uuid::from_u128(n)
     }
 
+    /// A body that passes for an event the tests did not plan.
+    const BODY: BodyFacts<'static> = Some((1, "created"));
+
     /// Two projects: project 0 has hooks 0 and 1, project 1 has hook 2.
     fn ledger() -> Ledger {
         Ledger::new(vec![vec![0, 1], vec![2]])
@@ -251,8 +347,8 @@ mod tests {
         l.accept(id(2), 1, 1);
         assert_eq!(l.counts().owed, 3);
         assert_eq!(l.missing(), 3);
-        l.request(id(1), 0, Some(id(10)), true, 0);
-        l.request(id(2), 2, Some(id(20)), true, 0);
+        l.request(id(1), 0, Some(id(10)), true, 0, BODY, true);
+        l.request(id(2), 2, Some(id(20)), true, 0, BODY, true);
         assert_eq!(l.missing(), 1);
         assert_eq!(l.missing_pairs(10), vec![format!("{}/1", id(1))]);
     }
@@ -260,7 +356,7 @@ mod tests {
     #[test]
     fn a_delivery_that_arrives_before_the_202_is_counted_once_the_event_is_accepted() {
         let mut l = ledger();
-        l.request(id(1), 0, Some(id(10)), true, 0);
+        l.request(id(1), 0, Some(id(10)), true, 0, BODY, true);
         assert_eq!(l.counts().unexpected, 1, "not owed yet");
         l.accept(id(1), 0, 0);
         let c = l.counts();
@@ -281,11 +377,11 @@ mod tests {
         let start = Instant::now();
         let mut l = ledger();
         l.accept(id(1), 1, 1);
-        l.request(id(1), 2, Some(id(10)), false, 0);
+        l.request(id(1), 2, Some(id(10)), false, 0, BODY, true);
         assert_eq!(l.missing(), 1);
-        l.request(id(1), 2, Some(id(10)), true, 1);
-        l.request(id(1), 2, Some(id(10)), true, 3);
-        l.request(id(1), 2, Some(id(10)), true, 3);
+        l.request(id(1), 2, Some(id(10)), true, 1, BODY, true);
+        l.request(id(1), 2, Some(id(10)), true, 3, BODY, true);
+        l.request(id(1), 2, Some(id(10)), true, 3, BODY, true);
         let c = l.counts();
         assert_eq!(
             (c.delivered, c.duplicates, c.refused_by_receiver),
@@ -304,10 +400,125 @@ mod tests {
     fn a_pair_whose_key_changes_is_counted_and_a_hook_of_another_project_is_unexpected() {
         let mut l = ledger();
         l.accept(id(1), 0, 0);
-        l.request(id(1), 0, Some(id(10)), true, 0);
-        l.request(id(1), 0, Some(id(11)), true, 0);
-        l.request(id(1), 2, Some(id(12)), true, 0);
+        l.request(id(1), 0, Some(id(10)), true, 0, BODY, true);
+        l.request(id(1), 0, Some(id(11)), true, 0, BODY, true);
+        l.request(id(1), 2, Some(id(12)), true, 0, BODY, true);
         let c = l.counts();
         assert_eq!((c.key_mismatches, c.unexpected, c.delivered), (1, 1, 1));
+    }
+
+    fn planned(build: i64, status: &'static str, seq: u32) -> Planned {
+        Planned { build, status, seq }
+    }
+
+    #[test]
+    fn a_wrong_body_under_the_right_event_id_a_bad_signature_and_an_unreadable_body_are_counted() {
+        let mut l = ledger();
+        l.plan([(id(1), planned(7, "running", 2))]);
+        l.accept(id(1), 1, 0);
+        l.request(id(1), 2, Some(id(10)), true, 0, Some((7, "running")), true);
+        // The same event id, another transition's body: delivered, and wrong.
+        l.request(id(1), 2, Some(id(10)), true, 0, Some((7, "success")), true);
+        l.request(id(1), 2, Some(id(10)), true, 0, Some((8, "running")), true);
+        l.request(id(1), 2, Some(id(10)), true, 0, None, false);
+        let c = l.counts();
+        assert_eq!((c.wrong_bodies, c.unreadable, c.bad_signatures), (2, 1, 1));
+        assert_eq!((c.delivered, c.missing, c.duplicates), (1, 0, 3));
+    }
+
+    #[test]
+    fn a_build_seen_going_back_by_a_first_delivery_is_a_regression_a_repeat_is_not() {
+        let mut l = ledger();
+        let statuses = ["created", "pending", "running", "success"];
+        l.plan((0..4).map(|n| (id(n), planned(7, statuses[n as usize], n as u32))));
+        l.plan((10..12).map(|n| {
+            (
+                id(n),
+                planned(8, statuses[(n - 10) as usize], (n - 10) as u32),
+            )
+        }));
+        for n in (0..4).chain(10..12) {
+            l.accept(id(n), if n < 10 { 0 } else { 1 }, 0);
+        }
+        // Hook 0: created, running, pending (back), success; then running again (a repeat).
+        for (n, status) in [
+            (0, "created"),
+            (2, "running"),
+            (1, "pending"),
+            (3, "success"),
+            (2, "running"),
+        ] {
+            l.request(
+                id(n),
+                0,
+                Some(id(100 + n)),
+                true,
+                0,
+                Some((7, status)),
+                true,
+            );
+        }
+        // Hook 1: in order.
+        for (n, status) in [
+            (0, "created"),
+            (1, "pending"),
+            (2, "running"),
+            (3, "success"),
+        ] {
+            l.request(
+                id(n),
+                1,
+                Some(id(200 + n)),
+                true,
+                0,
+                Some((7, status)),
+                true,
+            );
+        }
+        // Hook 2 (the other project): created refused, pending delivered, then created's retry:
+        // the build went back, as a retry outside the order does.
+        l.request(
+            id(10),
+            2,
+            Some(id(300)),
+            false,
+            0,
+            Some((8, "created")),
+            true,
+        );
+        l.request(
+            id(11),
+            2,
+            Some(id(301)),
+            true,
+            0,
+            Some((8, "pending")),
+            true,
+        );
+        l.request(
+            id(10),
+            2,
+            Some(id(300)),
+            true,
+            0,
+            Some((8, "created")),
+            true,
+        );
+        let c = l.counts();
+        assert_eq!(c.regressions, 2, "pending on hook 0, created on hook 2");
+        assert_eq!((c.duplicates, c.wrong_bodies, c.unaccepted), (1, 0, 0));
+    }
+
+    #[test]
+    fn planned_transitions_never_accepted_are_counted() {
+        let mut l = ledger();
+        l.plan([
+            (id(1), planned(7, "created", 0)),
+            (id(2), planned(7, "pending", 1)),
+        ]);
+        l.accept(id(1), 0, 0);
+        assert_eq!(l.counts().unaccepted, 1);
+        l.accept(id(2), 0, 0);
+        assert_eq!(l.counts().unaccepted, 0);
     }
 }

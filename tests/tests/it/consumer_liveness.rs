@@ -189,6 +189,8 @@ type Delivered = (String, chrono::DateTime<Utc>);
 struct FirstAttemptFails {
     seen: Arc<Mutex<HashMap<String, usize>>>,
     delivered: Arc<Mutex<Vec<Delivered>>>,
+    /// When each first attempt was answered 500.
+    failed_at: Arc<Mutex<Vec<chrono::DateTime<Utc>>>>,
 }
 
 impl FirstAttemptFails {
@@ -214,6 +216,7 @@ impl FirstAttemptFails {
                 };
                 if n == 1 {
                     tokio::time::sleep(Duration::from_secs(1)).await;
+                    this.failed_at.lock().unwrap().push(Utc::now());
                     StatusCode::INTERNAL_SERVER_ERROR
                 } else {
                     this.delivered.lock().unwrap().push((key, Utc::now()));
@@ -279,11 +282,19 @@ async fn a_burst_of_failures_disables_a_hook_for_a_minute_not_for_good() {
         "failures {} after a burst of {BUILDS}",
         health.recent_failures
     );
+    // A minute's back-off from the failure that disabled it (two from a 5th): it ends more
+    // than a minute after the first failure was answered (the disabling one was recorded after
+    // that), and at most two minutes after now (every failure was recorded before now). Order
+    // between moments, not the speed of this machine.
     let until = health.disabled_until.expect("backing off");
-    let backoff = until - Utc::now();
+    let first_failure = *receiver.failed_at.lock().unwrap().iter().min().unwrap();
     assert!(
-        backoff > chrono::Duration::seconds(30) && backoff <= chrono::Duration::minutes(2),
-        "backing off for {backoff}"
+        until > first_failure + chrono::Duration::minutes(1),
+        "backing off until {until}, first failure answered at {first_failure}"
+    );
+    assert!(
+        until <= Utc::now() + chrono::Duration::minutes(2),
+        "backing off until {until}: more than the 5th failure's two minutes"
     );
     assert_eq!(running.metrics.dead_letters(None), 0);
 

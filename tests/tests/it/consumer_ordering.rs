@@ -383,6 +383,96 @@ async fn a_queued_delivery_parks_until_the_entry_ahead_of_it_is_settled() {
     }
 }
 
+/// How often every consumer sweeps for stranded parked records (`consumer/src/strict.rs`,
+/// `SWEEP_EVERY`), and how long a queue must have been quiet first (`STRANDED_AFTER`).
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+const STRANDED_AFTER: Duration = Duration::from_secs(30);
+
+/// The sweep, end to end: A's running fails and holds its queue, A's success parks behind it
+/// (its main-topic offset done), and the consumer stops. Then the head is settled directly in
+/// the store, as by an instance that settled it and died before writing the parked record back,
+/// longer ago than the quiet period. Nothing but the sweep can bring the success back now (its
+/// offset is committed, and the running is settled), so a consumer started afterwards must
+/// deliver it within a few sweep periods, without re-sending the settled running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_parked_behind_a_head_whose_settler_died_is_swept_back_and_delivered() {
+    let world = World::new(1).await;
+    let a = world.build(95_000).await;
+    let receiver = StatusReceiver::start().await;
+    let hook = world.hook(a.project.id, &receiver.url, None).await;
+    receiver.fail(a.build.id, "running", u32::MAX);
+    let mut config = world.config();
+    config.ordering = Ordering::Strict;
+    // The held running is not retried while this test runs: only the sweep moves the queue.
+    config.retry_schedule = RetrySchedule {
+        jitter: 0.0,
+        ..RetrySchedule::with_delays(vec![Duration::from_secs(3600)])
+    };
+    let first = world.start(config.clone()).await;
+    let events: Vec<_> = TRANSITIONS.iter().map(|s| inline_event(&a, *s)).collect();
+    for e in &events {
+        world.send(e, SchemaVersion::V2).await;
+    }
+    let (running, success) = (events[2].event_id, events[3].event_id);
+    poll_until(
+        "A's success parked behind its failed running",
+        Duration::from_secs(60),
+        || {
+            let parked = first.metrics.ordering("parked");
+            async move { (parked >= 1).then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(
+        receiver.accepted(a.build.id),
+        ["created", "pending"].map(String::from)
+    );
+    // A clean stop: every offset done so far is committed, so nothing is read again.
+    first.stop().await;
+
+    // The settler: it marks the head settled and gets the parked success back to write to the
+    // retry topic, then dies before writing it.
+    let parked = world
+        .store
+        .order_settle(hook.id, a.build.id, running)
+        .await
+        .expect("settle the head")
+        .expect("the record parked behind the head");
+    assert_eq!(parked.event_id, success);
+    let quiet = chrono::Duration::from_std(STRANDED_AFTER * 2).unwrap();
+    sqlx::query(
+        "UPDATE delivery_order SET settled_at = settled_at - $3
+         WHERE hook_id = $1 AND build_id = $2 AND settled_at IS NOT NULL",
+    )
+    .bind(hook.id)
+    .bind(a.build.id)
+    .bind(quiet)
+    .execute(world.store.pool())
+    .await
+    .expect("age the settlement past the quiet period");
+
+    let second = world.start(config).await;
+    poll_until(
+        "A's success, written back by the sweep",
+        SWEEP_EVERY * 6,
+        || async { receiver.accepted_at(a.build.id, "success").map(drop) },
+    )
+    .await;
+    assert_eq!(second.metrics.ordering("swept"), 1);
+    // The settled running was not sent again: it failed once, before the stop, and only then.
+    let runnings: Vec<_> = receiver
+        .seen()
+        .into_iter()
+        .filter(|s| s.build_id == a.build.id && s.status == "running")
+        .collect();
+    assert_eq!(runnings.len(), 1, "{:?}", receiver.seen());
+    assert_eq!(
+        receiver.accepted(a.build.id),
+        ["created", "pending", "success"].map(String::from)
+    );
+    second.stop().await;
+}
+
 /// A held delivery that ends in a dead letter lets its queue move on, and its dead letter names
 /// the events that were queued behind it and went out after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

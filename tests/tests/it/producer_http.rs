@@ -24,6 +24,8 @@ use serde_json::{Value, json};
 struct Started {
     producer: Producer,
     snapshot: RenderSnapshot,
+    /// The store's pool (its schema holds `producer_event_ids`).
+    pool: sqlx::PgPool,
 }
 
 impl std::ops::Deref for Started {
@@ -62,6 +64,7 @@ async fn start_with(
 ) -> Started {
     let store = pg_store().await;
     write_snapshot(&store, &snapshot).await.unwrap();
+    let pool = store.pool().clone();
     let event_ids = Arc::new(PgEventIds::new(store.pool().clone()));
     let store: Arc<dyn CiStore> = Arc::new(store);
     let flags = Flags::in_memory();
@@ -82,7 +85,11 @@ async fn start_with(
         ..state
     })
     .await;
-    Started { producer, snapshot }
+    Started {
+        producer,
+        snapshot,
+        pool,
+    }
 }
 
 async fn post(url: &str, body: impl Into<reqwest::Body>) -> (u16, Option<String>, Value) {
@@ -311,6 +318,163 @@ async fn a_stopped_broker_gets_503_with_retry_after_and_never_202() {
         "{}",
         producer.metrics.encode()
     );
+}
+
+/// Every record of a one-partition `topic` on `brokers`, decoded, in offset order.
+fn all_records(brokers: &str, topic: &str) -> Vec<(i64, hookline_schemas::BuildEvent)> {
+    let reader = || -> BaseConsumer {
+        ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", unique_name("reader"))
+            .create()
+            .unwrap()
+    };
+    // A broker that was just paused is fenced for a moment when it goes on (its session timed
+    // out meanwhile): ask again, with a fresh client and so fresh metadata.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let (consumer, high) = loop {
+        let consumer = reader();
+        match consumer.fetch_watermarks(topic, 0, Duration::from_secs(10)) {
+            Ok((_, high)) => break (consumer, high),
+            Err(error) if std::time::Instant::now() < deadline => {
+                eprintln!("watermarks of {topic}: {error}; asking again");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(error) => panic!("watermarks of {topic}: {error}"),
+        }
+    };
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .unwrap();
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    while out.last().is_none_or(|(offset, _)| offset + 1 < high) {
+        let message = consumer
+            .poll(Duration::from_secs(20))
+            .expect("a record below the high watermark")
+            .expect("consume");
+        let event =
+            futures::executor::block_on(Codec::embedded().decode(message.payload().unwrap()))
+                .unwrap()
+                .event;
+        out.push((message.offset(), event));
+    }
+    out
+}
+
+/// A late ack, end to end: the broker hangs (SIGSTOP) while an event is in flight, so the
+/// request is answered 503 once `--delivery-timeout` passes; the broker goes on (SIGCONT) and
+/// acknowledges the record after all. The client retries with the same `event_id`, as the 503
+/// tells it to: the retry is answered `202` from the first write (`"repeated": true`, its
+/// partition and offset), and the topic holds the event once.
+#[tokio::test]
+async fn a_retry_after_a_late_ack_is_answered_from_the_first_write() {
+    let broker = tokio::task::spawn_blocking(PrivateBroker::start)
+        .await
+        .unwrap();
+    let topic = unique_name("http_late_ack");
+    // The late ack must come within the extra half of the delivery timeout that librdkafka
+    // waits beyond it (`kafka_message_timeout`): 4 s here, whatever the machine's load.
+    let producer = start(
+        broker.bootstrap.clone(),
+        &topic,
+        Some(1),
+        Duration::from_secs(8),
+    )
+    .await;
+    let url = format!("{}/v1/transitions", producer.url);
+    let build_id = producer.snapshot.build.id;
+    // Connected and the topic known before the broker hangs.
+    poll_until(
+        "the private broker accepts",
+        Duration::from_secs(60),
+        || {
+            let body = json!({"build_id": build_id, "status": "pending"}).to_string();
+            let url = url.clone();
+            async move { (post(&url, body).await.0 == 202).then_some(()) }
+        },
+    )
+    .await;
+
+    let event_id = uuid::Uuid::new_v4();
+    let body = json!({"build_id": build_id, "status": "running", "event_id": event_id}).to_string();
+    let broker = std::sync::Arc::new(broker);
+    tokio::task::spawn_blocking({
+        let broker = broker.clone();
+        move || broker.pause()
+    })
+    .await
+    .unwrap();
+    let (status, retry_after, refused) = post(&url, body.clone()).await;
+    tokio::task::spawn_blocking({
+        let broker = broker.clone();
+        move || broker.resume()
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 503, "{refused}");
+    assert!(retry_after.is_some());
+    assert!(
+        refused["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("may still be written")),
+        "{refused}"
+    );
+
+    // The late ack: counted, and the event id recorded with its offset.
+    poll_until("the late ack", Duration::from_secs(30), || async {
+        (producer.metrics.late_acks() == 1).then_some(())
+    })
+    .await;
+    // Recording the late ack's event id follows the ack by a moment: wait for it (at most
+    // 30 s), so the retry below comes after it, as the README's promise is worded. If it never
+    // comes, the retry goes anyway and what the client gets shows the fault.
+    let recorded = async {
+        for _ in 0..150 {
+            let row: Option<(i32, i64)> = sqlx::query_as(
+                "SELECT partition, \"offset\" FROM producer_event_ids WHERE event_id = $1",
+            )
+            .bind(event_id)
+            .fetch_optional(&producer.pool)
+            .await
+            .unwrap();
+            if row.is_some() {
+                return row;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        None
+    }
+    .await;
+
+    let (status, _, again) = post(&url, body).await;
+    assert_eq!(status, 202, "{again}");
+    assert_eq!(
+        again["repeated"], true,
+        "the retry after the late ack was not answered from the first write: {again}"
+    );
+    let records = tokio::task::spawn_blocking({
+        let (brokers, topic) = (broker.bootstrap.clone(), topic.clone());
+        move || all_records(&brokers, &topic)
+    })
+    .await
+    .unwrap();
+    let written: Vec<(i32, i64)> = records
+        .iter()
+        .filter(|(_, e)| e.event_id == event_id)
+        .map(|(offset, _)| (0, *offset))
+        .collect();
+    assert_eq!(
+        written.len(),
+        1,
+        "the event's records on the topic: {written:?}"
+    );
+    assert_eq!(
+        (again["partition"].as_i64(), again["offset"].as_i64()),
+        (Some(0), Some(written[0].1)),
+        "{again}"
+    );
+    assert_eq!(recorded, Some(written[0]), "the recorded first write");
 }
 
 /// Before the event id store, the second post of the same id was emitted again (a new offset),
