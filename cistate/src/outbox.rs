@@ -16,6 +16,7 @@
 
 use chrono::{DateTime, Utc};
 use hookline_schemas::{BuildStatus, TransitionFacts};
+use sqlx::postgres::PgRow;
 use sqlx::{PgExecutor, Row};
 use uuid::Uuid;
 
@@ -47,7 +48,9 @@ impl OutboxTransition {
     }
 }
 
-/// One row as the relay claims it.
+/// One row as the relay claims it. Nothing in it is decoded in a way that can fail or panic:
+/// a value the relay cannot use (a time of `infinity`, facts no `f64` can hold) stays in the
+/// row as the database prints it, and the relay sets that row aside on its own.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutboxRow {
     pub id: i64,
@@ -55,10 +58,31 @@ pub struct OutboxRow {
     pub build_id: i64,
     /// As written; the relay parses it (a CHECK constraint keeps it to the six known names).
     pub status: String,
-    pub occurred_at: DateTime<Utc>,
-    pub facts: Option<serde_json::Value>,
+    pub occurred_at: Moment,
+    /// The facts as JSON text, as stored (`NULL`: read from the build row when the relay
+    /// publishes); the relay parses them row by row.
+    pub facts: Option<String>,
     /// When the row was inserted (`clock_timestamp()`, close to the CI's commit).
-    pub created_at: DateTime<Utc>,
+    pub created_at: Moment,
+}
+
+/// A `timestamptz` as the relay reads it: a time, or the value as PostgreSQL prints it when it
+/// is none an event can carry (`infinity`, `-infinity`, or beyond the year 250,000, where
+/// chrono and Avro's microseconds end). Migration 0201 refuses such values in new rows; rows
+/// written before it may still hold them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Moment {
+    At(DateTime<Utc>),
+    NotATime(String),
+}
+
+impl Moment {
+    pub fn at(&self) -> Option<DateTime<Utc>> {
+        match self {
+            Moment::At(at) => Some(*at),
+            Moment::NotATime(_) => None,
+        }
+    }
 }
 
 /// What is waiting in the outbox.
@@ -75,6 +99,9 @@ pub struct Depth {
 #[derive(Debug, Clone, Copy)]
 pub struct Outbox;
 
+/// Times outside +-8e12 s from 1970 (about the year 250,000) come back as NULL with their
+/// text beside them: sqlx's chrono decode panics on `infinity` and past chrono's range, and
+/// Avro's timestamp-micros ends near there too.
 const CLAIM_SQL: &str = r#"
 WITH claimed AS (
     SELECT id, event_id, build_id, status, occurred_at, facts, created_at
@@ -83,7 +110,14 @@ WITH claimed AS (
     LIMIT $1
     FOR UPDATE SKIP LOCKED
 )
-SELECT c.id, c.event_id, c.build_id, c.status, c.occurred_at, c.facts, c.created_at
+SELECT c.id, c.event_id, c.build_id, c.status,
+       CASE WHEN extract(epoch FROM c.occurred_at) BETWEEN -8e12 AND 8e12
+            THEN c.occurred_at END AS occurred_at,
+       c.occurred_at::text AS occurred_at_text,
+       c.facts::text AS facts,
+       CASE WHEN extract(epoch FROM c.created_at) BETWEEN -8e12 AND 8e12
+            THEN c.created_at END AS created_at,
+       c.created_at::text AS created_at_text
 FROM claimed c
 WHERE NOT EXISTS (
     SELECT 1 FROM hookline_outbox o
@@ -92,6 +126,13 @@ WHERE NOT EXISTS (
 )
 ORDER BY c.id
 "#;
+
+fn moment(row: &PgRow, column: &str) -> Result<Moment, sqlx::Error> {
+    Ok(match row.try_get::<Option<DateTime<Utc>>, _>(column)? {
+        Some(at) => Moment::At(at),
+        None => Moment::NotATime(row.try_get(format!("{column}_text").as_str())?),
+    })
+}
 
 impl Outbox {
     /// Records `transition` in the caller's transaction (`Outbox::record(&mut *tx, &t)`) and
@@ -138,9 +179,9 @@ impl Outbox {
                     event_id: r.try_get("event_id")?,
                     build_id: r.try_get("build_id")?,
                     status: r.try_get("status")?,
-                    occurred_at: r.try_get("occurred_at")?,
+                    occurred_at: moment(r, "occurred_at")?,
                     facts: r.try_get("facts")?,
-                    created_at: r.try_get("created_at")?,
+                    created_at: moment(r, "created_at")?,
                 })
             })
             .collect::<Result<_, sqlx::Error>>()
@@ -183,7 +224,7 @@ impl Outbox {
         let row = sqlx::query(
             "SELECT (SELECT count(*) FROM hookline_outbox) AS rows,
                     COALESCE((SELECT EXTRACT(EPOCH FROM clock_timestamp() - min(created_at))::float8
-                              FROM hookline_outbox), 0) AS oldest,
+                              FROM hookline_outbox WHERE isfinite(created_at)), 0) AS oldest,
                     (SELECT count(*) FROM hookline_outbox_dead) AS dead",
         )
         .fetch_one(executor)
