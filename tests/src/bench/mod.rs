@@ -12,12 +12,15 @@
 //! - `memory`: the consumer's peak RSS while draining a small and a large backlog.
 //! - `producer`: CPU per event of `hookline-producer serve` through `POST /v1/transitions` with
 //!   the flag off and on.
+//! - `relay`: `hookline-producer relay` from COMMIT to the event read from Kafka under an open
+//!   load, and its rate draining a backlog ([`relay`]).
 //!
 //! Nothing here asserts a timing: a benchmark reports, the reader judges.
 
 pub mod consumer;
 pub mod producer;
 pub mod receiver;
+pub mod relay;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -34,7 +37,8 @@ pub struct Bench {
     pub bin_dir: PathBuf,
     pub work_dir: PathBuf,
     pub sizes: Sizes,
-    /// Measure only these parts (`consumer`, `delivery_log`, `latency`, `memory`, `producer`);
+    /// Measure only these parts (`consumer`, `delivery_log`, `latency`, `memory`, `producer`,
+    /// `relay`);
     /// all when empty.
     pub only: Vec<String>,
     /// More `hookline-consumer serve` options for every consumer the bench starts (to measure
@@ -61,6 +65,8 @@ pub struct Sizes {
     pub backlogs: [usize; 2],
     /// Transitions posted per producer run.
     pub producer_events: usize,
+    /// The outbox relay's load, backlog and runs.
+    pub relay: relay::RelaySizes,
 }
 
 impl Sizes {
@@ -72,6 +78,7 @@ impl Sizes {
             rates: vec![500, 2_000, 8_000],
             backlogs: [10_000, 1_000_000],
             producer_events: 20_000,
+            relay: relay::RelaySizes::full(),
         }
     }
 
@@ -84,6 +91,7 @@ impl Sizes {
             rates: vec![500, 2_000, 8_000],
             backlogs: [10_000, 100_000],
             producer_events: 3_000,
+            relay: relay::RelaySizes::quick(),
         }
     }
 }
@@ -223,6 +231,9 @@ pub async fn run(bench: &Bench) -> anyhow::Result<Value> {
     if let [small, large] = rss[..] {
         report["memory"]["ratio"] = json!(round(large / small, 3));
     }
+    if bench.runs("relay") {
+        report["relay"] = relay::measure(bench, &s.relay).await?;
+    }
     if !bench.runs("producer") {
         return Ok(report);
     }
@@ -302,6 +313,7 @@ pub fn table(report: &Value) -> String {
             );
         }
     }
+    relay::table(report, &mut row);
     if let Some(memory) = report["memory"].as_object() {
         for (k, v) in memory {
             row(&format!("memory {k}"), v.to_string());

@@ -23,9 +23,9 @@ struct Options {
     /// Where hookline-producer and hookline-consumer are.
     #[arg(long, default_value = "target/release")]
     bin_dir: PathBuf,
-    /// Measure only these parts: consumer, delivery_log, latency, memory, producer
+    /// Measure only these parts: consumer, delivery_log, latency, memory, producer, relay
     /// (comma-separated).
-    #[arg(long, value_delimiter = ',', value_parser = ["consumer", "delivery_log", "latency", "memory", "producer"])]
+    #[arg(long, value_delimiter = ',', value_parser = ["consumer", "delivery_log", "latency", "memory", "producer", "relay"])]
     only: Vec<String>,
     /// One more option for every `hookline-consumer serve` the bench starts (repeatable), e.g.
     /// `--consumer-arg=--commit-interval=1s`: a setting measured against the defaults.
