@@ -168,7 +168,12 @@ impl Outbox {
         executor: impl PgExecutor<'c>,
         limit: i64,
     ) -> Result<Vec<OutboxRow>, StoreError> {
+        // Planned at every claim, never from a cached generic plan: a plan made while the
+        // outbox held a few rows (nested loops over it and the claimed set) is cubic in its
+        // depth, and a 5,000-row backlog then kept one claim running for minutes while nothing
+        // was published. Planning costs well under a millisecond.
         let rows = sqlx::query(CLAIM_SQL)
+            .persistent(false)
             .bind(limit)
             .fetch_all(executor)
             .await?;
