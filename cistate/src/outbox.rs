@@ -14,9 +14,13 @@
 //! same build it does not hold: that older row is in another relay's hands, and this build
 //! waits until that relay has committed.
 
+use std::collections::{HashMap, HashSet};
+use std::ops::DerefMut;
+
 use chrono::{DateTime, Utc};
 use hookline_schemas::{BuildStatus, TransitionFacts};
-use sqlx::{PgExecutor, Row};
+use sqlx::postgres::PgRow;
+use sqlx::{PgConnection, PgExecutor, Row};
 use uuid::Uuid;
 
 use crate::store::StoreError;
@@ -47,7 +51,9 @@ impl OutboxTransition {
     }
 }
 
-/// One row as the relay claims it.
+/// One row as the relay claims it. Nothing in it is decoded in a way that can fail or panic:
+/// a value the relay cannot use (a time of `infinity`, facts no `f64` can hold) stays in the
+/// row as the database prints it, and the relay sets that row aside on its own.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutboxRow {
     pub id: i64,
@@ -55,10 +61,31 @@ pub struct OutboxRow {
     pub build_id: i64,
     /// As written; the relay parses it (a CHECK constraint keeps it to the six known names).
     pub status: String,
-    pub occurred_at: DateTime<Utc>,
-    pub facts: Option<serde_json::Value>,
+    pub occurred_at: Moment,
+    /// The facts as JSON text, as stored (`NULL`: read from the build row when the relay
+    /// publishes); the relay parses them row by row.
+    pub facts: Option<String>,
     /// When the row was inserted (`clock_timestamp()`, close to the CI's commit).
-    pub created_at: DateTime<Utc>,
+    pub created_at: Moment,
+}
+
+/// A `timestamptz` as the relay reads it: a time, or the value as PostgreSQL prints it when it
+/// is none an event can carry (`infinity`, `-infinity`, or beyond the year 250,000, where
+/// chrono and Avro's microseconds end). Migration 0201 refuses such values in new rows; rows
+/// written before it may still hold them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Moment {
+    At(DateTime<Utc>),
+    NotATime(String),
+}
+
+impl Moment {
+    pub fn at(&self) -> Option<DateTime<Utc>> {
+        match self {
+            Moment::At(at) => Some(*at),
+            Moment::NotATime(_) => None,
+        }
+    }
 }
 
 /// What is waiting in the outbox.
@@ -75,23 +102,42 @@ pub struct Depth {
 #[derive(Debug, Clone, Copy)]
 pub struct Outbox;
 
+/// Times outside +-8e12 s from 1970 (about the year 250,000) come back as NULL with their
+/// text beside them: sqlx's chrono decode panics on `infinity` and past chrono's range, and
+/// Avro's timestamp-micros ends near there too.
+///
+/// Only the lock is in SQL; which claimed rows may go (none with an older row of its build
+/// outside the claim) is decided by [`Outbox::claim`] from [`OLDER_SQL`]'s answer. The one
+/// query that did both (an anti join of the table against the claimed set) was planned, with
+/// the statistics of a near-empty outbox, as nested loops cubic in the outbox's depth: a
+/// 5,000- or 20,000-row backlog kept every claim running for minutes with nothing published.
 const CLAIM_SQL: &str = r#"
-WITH claimed AS (
-    SELECT id, event_id, build_id, status, occurred_at, facts, created_at
-    FROM hookline_outbox
-    ORDER BY id
-    LIMIT $1
-    FOR UPDATE SKIP LOCKED
-)
-SELECT c.id, c.event_id, c.build_id, c.status, c.occurred_at, c.facts, c.created_at
-FROM claimed c
-WHERE NOT EXISTS (
-    SELECT 1 FROM hookline_outbox o
-    WHERE o.build_id = c.build_id AND o.id < c.id
-      AND NOT EXISTS (SELECT 1 FROM claimed k WHERE k.id = o.id)
-)
-ORDER BY c.id
+SELECT id, event_id, build_id, status,
+       CASE WHEN extract(epoch FROM occurred_at) BETWEEN -8e12 AND 8e12
+            THEN occurred_at END AS occurred_at,
+       occurred_at::text AS occurred_at_text,
+       facts::text AS facts,
+       CASE WHEN extract(epoch FROM created_at) BETWEEN -8e12 AND 8e12
+            THEN created_at END AS created_at,
+       created_at::text AS created_at_text
+FROM hookline_outbox
+ORDER BY id
+LIMIT $1
+FOR UPDATE SKIP LOCKED
 "#;
+
+/// The rows of the claimed builds older than the newest claimed row: one index range per
+/// build, linear whatever the plan.
+const OLDER_SQL: &str = r#"
+SELECT build_id, id FROM hookline_outbox WHERE build_id = ANY($1) AND id < $2
+"#;
+
+fn moment(row: &PgRow, column: &str) -> Result<Moment, sqlx::Error> {
+    Ok(match row.try_get::<Option<DateTime<Utc>>, _>(column)? {
+        Some(at) => Moment::At(at),
+        None => Moment::NotATime(row.try_get(format!("{column}_text").as_str())?),
+    })
+}
 
 impl Outbox {
     /// Records `transition` in the caller's transaction (`Outbox::record(&mut *tx, &t)`) and
@@ -123,28 +169,53 @@ impl Outbox {
     /// Locks and returns up to `limit` rows in id order that no other relay holds, without the
     /// rows of builds whose older rows another relay holds (see the module's ordering note).
     /// The locks last until the caller's transaction ends.
-    pub async fn claim<'c>(
-        executor: impl PgExecutor<'c>,
+    pub async fn claim(
+        mut conn: impl DerefMut<Target = PgConnection>,
         limit: i64,
     ) -> Result<Vec<OutboxRow>, StoreError> {
         let rows = sqlx::query(CLAIM_SQL)
             .bind(limit)
-            .fetch_all(executor)
+            .fetch_all(&mut *conn)
             .await?;
-        rows.iter()
+        let rows: Vec<OutboxRow> = rows
+            .iter()
             .map(|r| {
                 Ok(OutboxRow {
                     id: r.try_get("id")?,
                     event_id: r.try_get("event_id")?,
                     build_id: r.try_get("build_id")?,
                     status: r.try_get("status")?,
-                    occurred_at: r.try_get("occurred_at")?,
+                    occurred_at: moment(r, "occurred_at")?,
                     facts: r.try_get("facts")?,
-                    created_at: r.try_get("created_at")?,
+                    created_at: moment(r, "created_at")?,
                 })
             })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(StoreError::from)
+            .collect::<Result<_, sqlx::Error>>()?;
+        let Some(newest) = rows.iter().map(|r| r.id).max() else {
+            return Ok(rows);
+        };
+        let mut builds: Vec<i64> = rows.iter().map(|r| r.build_id).collect();
+        builds.sort_unstable();
+        builds.dedup();
+        let older: Vec<(i64, i64)> = sqlx::query_as(OLDER_SQL)
+            .bind(&builds)
+            .bind(newest)
+            .fetch_all(&mut *conn)
+            .await?;
+        // A row another relay holds (or one this claim's snapshot cannot see yet): the build's
+        // claimed rows after it wait for a later claim.
+        let claimed: HashSet<i64> = rows.iter().map(|r| r.id).collect();
+        let mut first_held: HashMap<i64, i64> = HashMap::new();
+        for (build, id) in older {
+            if !claimed.contains(&id) {
+                let held = first_held.entry(build).or_insert(id);
+                *held = (*held).min(id);
+            }
+        }
+        Ok(rows
+            .into_iter()
+            .filter(|r| first_held.get(&r.build_id).is_none_or(|held| *held > r.id))
+            .collect())
     }
 
     /// Deletes published rows.
@@ -183,7 +254,7 @@ impl Outbox {
         let row = sqlx::query(
             "SELECT (SELECT count(*) FROM hookline_outbox) AS rows,
                     COALESCE((SELECT EXTRACT(EPOCH FROM clock_timestamp() - min(created_at))::float8
-                              FROM hookline_outbox), 0) AS oldest,
+                              FROM hookline_outbox WHERE isfinite(created_at)), 0) AS oldest,
                     (SELECT count(*) FROM hookline_outbox_dead) AS dead",
         )
         .fetch_one(executor)

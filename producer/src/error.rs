@@ -18,6 +18,10 @@ pub enum ProducerError {
     /// The schema registry could not register the writer schema at startup.
     #[error("schema registry: {0}")]
     SchemaRegistry(String),
+    /// A task the service needs ended before shutdown (a bug): the process exits non-zero so
+    /// its supervisor restarts it.
+    #[error("{0}")]
+    Stopped(String),
     /// Local I/O (flags file, listening socket) failed.
     #[error("{context}: {source}")]
     Io {

@@ -37,6 +37,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use chrono::Utc;
+use hookline_cistate::outbox::Moment;
 use hookline_cistate::outbox::{CHANNEL, Depth};
 use hookline_cistate::{CiStore, Outbox, OutboxRow};
 use hookline_shell::parse_duration;
@@ -51,7 +52,6 @@ use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::api::{ApiError, TransitionBody, parse_json};
 use crate::config::{KafkaOptions, StoreOptions};
@@ -153,6 +153,13 @@ pub struct RelayMetrics {
     oldest_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     dead_rows: Gauge,
     commit_to_ack: Histogram,
+    workers_running: Gauge,
+    claimed: Family<WokenByLabels, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WokenByLabels {
+    woken_by: &'static str,
 }
 
 impl Default for RelayMetrics {
@@ -207,6 +214,23 @@ impl RelayMetrics {
             "From the row's insert (clock_timestamp(), database clock) to Kafka's acknowledgement",
             commit_to_ack.clone(),
         );
+        let workers_running = Gauge::default();
+        registry.register(
+            "workers_running",
+            "Relay workers running (/readyz answers 503 while fewer than --workers run)",
+            workers_running.clone(),
+        );
+        let claimed = Family::<WokenByLabels, Counter>::default();
+        registry.register(
+            "rows_claimed",
+            "Outbox rows claimed, by what started the claim (rows found by `poll` had their notification missed)",
+            claimed.clone(),
+        );
+        for woken_by in WokenBy::ALL {
+            let _ = claimed.get_or_create(&WokenByLabels {
+                woken_by: woken_by.as_str(),
+            });
+        }
         // Present at 0 from the start, so `increase()` in an alert sees the first one. The dead
         // kinds: a row that does not parse, and every emit error that is not transient.
         for kind in [
@@ -235,7 +259,28 @@ impl RelayMetrics {
             oldest_age,
             dead_rows,
             commit_to_ack,
+            workers_running,
+            claimed,
         }
+    }
+
+    fn claimed(&self, woken_by: WokenBy, rows: usize) {
+        self.claimed
+            .get_or_create(&WokenByLabels {
+                woken_by: woken_by.as_str(),
+            })
+            .inc_by(rows as u64);
+    }
+
+    /// Counts a worker as running until the guard is dropped, also when its task unwinds.
+    fn worker_running(&self) -> WorkerRunning {
+        self.workers_running.inc();
+        WorkerRunning(self.workers_running.clone())
+    }
+
+    /// Relay workers running now.
+    pub fn workers_running(&self) -> i64 {
+        self.workers_running.get()
     }
 
     fn depth(&self, depth: Depth) {
@@ -266,6 +311,15 @@ impl RelayMetrics {
     }
 }
 
+/// A running worker, counted in `hookline_relay_workers_running` until dropped.
+struct WorkerRunning(Gauge);
+
+impl Drop for WorkerRunning {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// What one batch did.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct BatchOutcome {
@@ -279,6 +333,15 @@ pub struct BatchOutcome {
     pub left: usize,
     /// Why rows were left, when they were.
     pub unavailable: Option<String>,
+    /// Where the batch's time went: BEGIN and the claim; publishing (waves of produce and
+    /// ack); deleting, burying and COMMIT.
+    pub claim_time: Duration,
+    pub publish_time: Duration,
+    pub commit_time: Duration,
+    /// Waves produced (a build's rows go one per wave, each after the previous one's ack).
+    pub waves: usize,
+    /// Age of the oldest claimed row when the claim returned (database clock to this one).
+    pub oldest_age: Duration,
 }
 
 /// Why a batch could not run at all.
@@ -299,18 +362,32 @@ impl From<sqlx::Error> for StoreFailed {
 }
 
 /// The request a row stands for, checked as the HTTP API checks a body; the reason otherwise.
+/// Only this row's values go into it, so a row that cannot be published spoils nothing else.
 fn request_of(row: &OutboxRow) -> Result<TransitionRequest, String> {
-    let body = json!({
-        "build_id": row.build_id,
-        "status": row.status,
-        "occurred_at": row.occurred_at,
-        "event_id": row.event_id,
-        "facts": row.facts,
-    });
-    let checked = parse_json::<TransitionBody>(body.to_string().as_bytes())
-        .and_then(|body| body.into_request(""));
+    let occurred_at = match &row.occurred_at {
+        Moment::At(at) => *at,
+        Moment::NotATime(text) => {
+            return Err(format!(
+                "occurred_at: {text} is not a moment an event can carry"
+            ));
+        }
+    };
+    // The facts go in as stored, so the API's own parser reads them: a value it refuses (a
+    // number no f64 holds, a duplicate key) is this row's reason, not a failed batch.
+    let body = format!(
+        r#"{{"build_id":{},"status":{},"occurred_at":{},"event_id":"{}","facts":{}}}"#,
+        row.build_id,
+        json!(row.status),
+        json!(occurred_at),
+        row.event_id,
+        row.facts.as_deref().unwrap_or("null"),
+    );
+    let checked =
+        parse_json::<TransitionBody>(body.as_bytes()).and_then(|body| body.into_request(""));
     checked.map_err(|error| match error {
         ApiError::Invalid { field, message } => format!("{field}: {message}"),
+        // Every part but the facts is written here as valid JSON.
+        ApiError::Malformed(message) => format!("facts: {message}"),
         other => format!("{other:?}"),
     })
 }
@@ -328,14 +405,25 @@ pub async fn relay_batch(
     batch_size: i64,
     metrics: &RelayMetrics,
 ) -> Result<BatchOutcome, StoreFailed> {
+    let started = std::time::Instant::now();
     let mut tx = pool.begin().await?;
     let rows = Outbox::claim(&mut *tx, batch_size).await?;
+    let claimed = std::time::Instant::now();
+    let claimed_at = Utc::now();
     let mut outcome = BatchOutcome {
         claimed: rows.len(),
+        claim_time: claimed - started,
+        oldest_age: rows
+            .iter()
+            .filter_map(|r| r.created_at.at())
+            .min()
+            .and_then(|oldest| (claimed_at - oldest).to_std().ok())
+            .unwrap_or_default(),
         ..BatchOutcome::default()
     };
     if rows.is_empty() {
         tx.commit().await?;
+        outcome.commit_time = claimed.elapsed();
         return Ok(outcome);
     }
     // Each build's rows, oldest first; the builds in order of their oldest row.
@@ -383,13 +471,16 @@ pub async fn relay_batch(
         if requests.is_empty() {
             continue;
         }
+        outcome.waves += 1;
         let results = emitter.emit_batch(requests).await;
         let now = Utc::now();
         for (row, result) in sent.into_iter().zip(results) {
             match result {
                 Ok(Emission::Emitted(_)) | Ok(Emission::Skipped { .. }) => {
                     done.push(row.id);
-                    acked_at.push((row.created_at, now));
+                    if let Some(created) = row.created_at.at() {
+                        acked_at.push((created, now));
+                    }
                 }
                 Err(error) if is_transient(&error) => {
                     stopped.push(row.build_id);
@@ -399,11 +490,14 @@ pub async fn relay_batch(
             }
         }
     }
+    let published = std::time::Instant::now();
+    outcome.publish_time = published - claimed;
     Outbox::delete(&mut *tx, &done).await?;
     for (id, _, reason) in &dead {
         Outbox::bury(&mut *tx, *id, reason).await?;
     }
     tx.commit().await?;
+    outcome.commit_time = published.elapsed();
     for (created, acked) in acked_at {
         let age = (acked - created).to_std().unwrap_or_default();
         metrics.commit_to_ack.observe(age.as_secs_f64());
@@ -431,36 +525,147 @@ pub async fn relay_batch(
 
 /// Runs `settings.workers` workers over the outbox in `pool` until `shutdown`: each wakes on a
 /// notification or every `poll_interval`, and claims batches until the outbox has no rows it may
-/// take. Also keeps the depth gauges current. Returns when every worker has stopped.
+/// take. Also keeps the depth gauges current. Returns when every task has stopped: `Ok` after
+/// `shutdown`, the error naming the task when one ended before it (a panic is a bug: the rest
+/// are stopped, within `drain`, so the process can exit non-zero and be restarted).
 pub async fn run(
     pool: PgPool,
     emitter: Emitter,
     settings: RelaySettings,
     metrics: Arc<RelayMetrics>,
     shutdown: CancellationToken,
-) {
+    drain: Duration,
+) -> Result<(), TaskDied> {
     let (wake, woken) = watch::channel(0u64);
-    let tasks = TaskTracker::new();
-    tasks.spawn(listen(pool.clone(), wake, shutdown.clone()));
-    tasks.spawn(sample_depth(
-        pool.clone(),
-        metrics.clone(),
-        settings.depth_interval,
-        shutdown.clone(),
-    ));
-    for worker in 0..settings.workers {
-        tasks.spawn(work(
-            worker,
+    let mut tasks = Tasks::new(shutdown.clone());
+    tasks.spawn(
+        "outbox listener".into(),
+        listen(pool.clone(), wake, shutdown.clone()),
+    );
+    tasks.spawn(
+        "outbox depth sampler".into(),
+        sample_depth(
             pool.clone(),
-            emitter.clone(),
-            settings,
             metrics.clone(),
-            woken.clone(),
+            settings.depth_interval,
             shutdown.clone(),
-        ));
+        ),
+    );
+    for worker in 0..settings.workers {
+        tasks.spawn(
+            format!("relay worker {worker}"),
+            work(
+                worker,
+                pool.clone(),
+                emitter.clone(),
+                settings,
+                metrics.clone(),
+                woken.clone(),
+                shutdown.clone(),
+            ),
+        );
     }
-    tasks.close();
-    tasks.wait().await;
+    tasks.wait(drain).await
+}
+
+/// A task of the relay ended before shutdown.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{task} {how}; the relay stops (the rows it held are published again by the next relay)")]
+pub struct TaskDied {
+    pub task: String,
+    /// `panicked: <message>` or `stopped by itself`.
+    pub how: String,
+}
+
+/// The relay's tasks, each meant to run until shutdown. One that ends before it (a panic, a
+/// return) fails the relay: the others are told to stop through the token and get `drain` to
+/// finish their batch, and [`Tasks::wait`] names it.
+///
+/// Only `spawn(name, task)` and `wait(drain)` are used, the shape of a service supervisor, so
+/// the relay can move to a shared one without touching its tasks.
+struct Tasks {
+    set: tokio::task::JoinSet<()>,
+    names: HashMap<tokio::task::Id, String>,
+    stop: CancellationToken,
+}
+
+impl Tasks {
+    fn new(stop: CancellationToken) -> Tasks {
+        Tasks {
+            set: tokio::task::JoinSet::new(),
+            names: HashMap::new(),
+            stop,
+        }
+    }
+
+    fn spawn(&mut self, name: String, task: impl Future<Output = ()> + Send + 'static) {
+        let handle = self.set.spawn(task);
+        self.names.insert(handle.id(), name);
+    }
+
+    async fn wait(mut self, drain: Duration) -> Result<(), TaskDied> {
+        let mut died: Option<TaskDied> = None;
+        let mut deadline: Option<tokio::time::Instant> = None;
+        loop {
+            if deadline.is_none() && self.stop.is_cancelled() {
+                tracing::info!(
+                    ?drain,
+                    "stopping: the batches in flight get the drain bound to finish"
+                );
+                deadline = Some(tokio::time::Instant::now() + drain);
+            }
+            let ended = tokio::select! {
+                ended = self.set.join_next_with_id() => ended,
+                _ = self.stop.cancelled(), if deadline.is_none() => continue,
+                _ = sleep_until_some(deadline) => {
+                    tracing::warn!(
+                        tasks = self.set.len(),
+                        "drain bound reached; batches in flight are rolled back and published again by the next relay"
+                    );
+                    // Aborted at their next await; a batch's transaction is rolled back.
+                    self.set.shutdown().await;
+                    break;
+                }
+            };
+            let Some(ended) = ended else { break };
+            let (id, how) = match ended {
+                Ok(_) if self.stop.is_cancelled() => continue,
+                Ok((id, ())) => (id, "stopped by itself".to_owned()),
+                Err(error) if error.is_cancelled() => continue,
+                Err(error) => {
+                    let id = error.id();
+                    let message = panic_message(error.into_panic());
+                    (id, format!("panicked: {message}"))
+                }
+            };
+            let task = self
+                .names
+                .get(&id)
+                .cloned()
+                .unwrap_or_else(|| format!("task {id}"));
+            tracing::error!(task, how, "a relay task ended; the relay stops");
+            died.get_or_insert(TaskDied { task, how });
+            self.stop.cancel();
+        }
+        died.map_or(Ok(()), Err)
+    }
+}
+
+/// Sleeps until `deadline`, or for ever without one.
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(message) => *message,
+        Err(payload) => payload
+            .downcast_ref::<&str>()
+            .map_or_else(|| "(no message)".to_owned(), |m| (*m).to_owned()),
+    }
 }
 
 async fn work(
@@ -473,37 +678,56 @@ async fn work(
     shutdown: CancellationToken,
 ) {
     const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+    let _running = metrics.worker_running();
     let mut backoff = FIRST_BACKOFF;
+    let mut woken_by = WokenBy::Start;
     while !shutdown.is_cancelled() {
         // Marked before the claim: a notification for a row committed after the claim's
         // snapshot wakes the wait below at once.
         woken.borrow_and_update();
         let wait = match relay_batch(&pool, &emitter, settings.batch_size, &metrics).await {
-            Ok(outcome) if outcome.unavailable.is_some() => {
-                metrics.error("kafka");
-                tracing::warn!(
-                    worker,
-                    left = outcome.left,
-                    relayed = outcome.relayed,
-                    reason = outcome.unavailable.as_deref().unwrap_or_default(),
-                    retry_in_ms = backoff.as_millis() as u64,
-                    "outbox rows not acknowledged; they stay and are tried again"
-                );
-                Some(backoff)
-            }
-            Ok(outcome) if outcome.claimed > 0 => {
-                backoff = FIRST_BACKOFF;
-                tracing::debug!(worker, ?outcome, "outbox batch relayed");
-                None
-            }
-            Ok(_) => {
-                backoff = FIRST_BACKOFF;
-                tokio::select! {
-                    _ = shutdown.cancelled() => {}
-                    _ = woken.changed() => {}
-                    _ = tokio::time::sleep(settings.poll_interval) => {}
+            Ok(outcome) => {
+                metrics.claimed(woken_by, outcome.claimed);
+                if outcome.claimed > 0 {
+                    tracing::debug!(
+                        worker,
+                        woken_by = woken_by.as_str(),
+                        rows = outcome.claimed,
+                        relayed = outcome.relayed,
+                        dead = outcome.dead,
+                        left = outcome.left,
+                        waves = outcome.waves,
+                        oldest_age_ms = outcome.oldest_age.as_secs_f64() * 1e3,
+                        claim_ms = outcome.claim_time.as_secs_f64() * 1e3,
+                        publish_ms = outcome.publish_time.as_secs_f64() * 1e3,
+                        commit_ms = outcome.commit_time.as_secs_f64() * 1e3,
+                        "outbox batch"
+                    );
                 }
-                None
+                if let Some(reason) = &outcome.unavailable {
+                    metrics.error("kafka");
+                    tracing::warn!(
+                        worker,
+                        left = outcome.left,
+                        relayed = outcome.relayed,
+                        reason,
+                        retry_in_ms = backoff.as_millis() as u64,
+                        "outbox rows not acknowledged; they stay and are tried again"
+                    );
+                    Some(backoff)
+                } else if outcome.claimed > 0 {
+                    backoff = FIRST_BACKOFF;
+                    woken_by = WokenBy::PreviousBatch;
+                    None
+                } else {
+                    backoff = FIRST_BACKOFF;
+                    woken_by = tokio::select! {
+                        _ = shutdown.cancelled() => WokenBy::Start,
+                        _ = woken.changed() => WokenBy::Notification,
+                        _ = tokio::time::sleep(settings.poll_interval) => WokenBy::Poll,
+                    };
+                    None
+                }
             }
             Err(error) => {
                 metrics.error("store");
@@ -513,10 +737,46 @@ async fn work(
         };
         if let Some(wait) = wait {
             backoff = (backoff * 2).min(Duration::from_secs(5));
+            woken_by = WokenBy::Retry;
             tokio::select! {
                 _ = shutdown.cancelled() => {}
                 _ = tokio::time::sleep(wait) => {}
             }
+        }
+    }
+}
+
+/// What started a worker's claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WokenBy {
+    /// The worker's first claim.
+    Start,
+    /// A NOTIFY from a commit.
+    Notification,
+    /// The polling fallback: rows found this way had their notification missed.
+    Poll,
+    /// The previous batch found rows, so the worker looked again at once.
+    PreviousBatch,
+    /// A back-off after a failed batch.
+    Retry,
+}
+
+impl WokenBy {
+    const ALL: [WokenBy; 5] = [
+        WokenBy::Start,
+        WokenBy::Notification,
+        WokenBy::Poll,
+        WokenBy::PreviousBatch,
+        WokenBy::Retry,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            WokenBy::Start => "start",
+            WokenBy::Notification => "notification",
+            WokenBy::Poll => "poll",
+            WokenBy::PreviousBatch => "previous_batch",
+            WokenBy::Retry => "retry",
         }
     }
 }
@@ -591,15 +851,21 @@ async fn pause(shutdown: &CancellationToken, wait: Duration) {
 struct HttpState {
     emitter: Emitter,
     metrics: Arc<RelayMetrics>,
+    workers: usize,
 }
 
-/// `/metrics` (the relay's and the emitter's), `/healthz`, `/readyz` (Kafka and the store).
-fn app(emitter: Emitter, metrics: Arc<RelayMetrics>) -> Router {
+/// `/metrics` (the relay's and the emitter's), `/healthz`, `/readyz` (every worker running,
+/// Kafka and the store).
+pub fn app(emitter: Emitter, metrics: Arc<RelayMetrics>, workers: usize) -> Router {
     Router::new()
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
-        .with_state(HttpState { emitter, metrics })
+        .with_state(HttpState {
+            emitter,
+            metrics,
+            workers,
+        })
 }
 
 async fn metrics_text(State(state): State<HttpState>) -> Response {
@@ -622,6 +888,18 @@ async fn metrics_text(State(state): State<HttpState>) -> Response {
 }
 
 async fn ready(State(state): State<HttpState>) -> Response {
+    // A relay whose workers are gone publishes nothing, however well Kafka and the store answer.
+    let running = state.metrics.workers_running();
+    if running < state.workers as i64 {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not ready: {running} of {} relay workers running",
+                state.workers
+            ),
+        )
+            .into_response();
+    }
     match state.emitter.check_ready().await {
         Ok(()) => (StatusCode::OK, "ready").into_response(),
         Err(reason) => (
@@ -669,14 +947,15 @@ pub async fn relay(config: RelayConfig, shutdown: CancellationToken) -> Result<(
         batch_size = config.batch_size,
         "outbox relay running"
     );
-    let server_stop = shutdown.clone();
-    let router = app(emitter.clone(), metrics.clone());
+    // The tasks stop on the caller's shutdown, and also when one of them fails.
+    let stop = shutdown.child_token();
+    let router = app(emitter.clone(), metrics.clone(), config.workers);
     let limits = config.listener.limits().map_err(ProducerError::Invalid)?;
     let server = tokio::spawn(hookline_shell::server::serve(
         listener,
         router,
         limits,
-        server_stop,
+        stop.clone(),
     ));
     let settings = RelaySettings {
         batch_size: config.batch_size,
@@ -684,25 +963,20 @@ pub async fn relay(config: RelayConfig, shutdown: CancellationToken) -> Result<(
         poll_interval: config.poll_interval,
         depth_interval: config.depth_interval,
     };
-    let workers = tokio::spawn(run(
+    let ended = run(
         pool,
         emitter.clone(),
         settings,
         metrics,
-        shutdown.clone(),
-    ));
-    shutdown.cancelled().await;
-    tracing::info!(drain = ?config.shutdown_timeout, "shutting down: finishing the batches in flight");
-    if tokio::time::timeout(config.shutdown_timeout, workers)
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            "drain bound reached; batches in flight are rolled back and published again by the next relay"
-        );
-    }
+        stop.clone(),
+        config.shutdown_timeout,
+    )
+    .await;
+    stop.cancel();
     server.abort();
-    emitter.flush(Duration::from_secs(1)).await?;
+    let flushed = emitter.flush(Duration::from_secs(1)).await;
+    ended.map_err(|died| ProducerError::Stopped(died.to_string()))?;
+    flushed?;
     tracing::info!("relay stopped");
     Ok(())
 }
@@ -718,9 +992,9 @@ mod tests {
             event_id: Uuid::new_v4(),
             build_id: 7,
             status: status.to_owned(),
-            occurred_at: Utc::now(),
-            facts: Some(facts),
-            created_at: Utc::now(),
+            occurred_at: Moment::At(Utc::now()),
+            facts: Some(facts.to_string()),
+            created_at: Moment::At(Utc::now()),
         }
     }
 
@@ -747,5 +1021,155 @@ mod tests {
             let reason = request_of(&row("failed", facts.clone())).unwrap_err();
             assert!(reason.starts_with(field), "{facts}: {reason}");
         }
+    }
+
+    fn row_with(occurred_at: Moment, facts: Option<&str>) -> OutboxRow {
+        OutboxRow {
+            occurred_at,
+            facts: facts.map(str::to_owned),
+            ..row("running", json!({}))
+        }
+    }
+
+    #[test]
+    fn a_row_the_relay_cannot_read_has_a_reason_of_its_own() {
+        let reason = request_of(&row_with(Moment::NotATime("infinity".into()), None)).unwrap_err();
+        assert_eq!(
+            reason,
+            "occurred_at: infinity is not a moment an event can carry"
+        );
+        // 1e400 as PostgreSQL prints it back: a 401-digit integer.
+        let huge = format!(r#"{{"duration": 1{}}}"#, "0".repeat(400));
+        let reason = request_of(&row_with(Moment::At(Utc::now()), Some(&huge))).unwrap_err();
+        assert!(reason.starts_with("facts: "), "{reason}");
+        assert!(reason.contains("out of range"), "{reason}");
+        for facts in ["[1, 2]", r#""text""#, r#"{"duration": "3"}"#] {
+            let reason = request_of(&row_with(Moment::At(Utc::now()), Some(facts))).unwrap_err();
+            assert!(reason.starts_with("facts"), "{facts}: {reason}");
+        }
+        // No facts: read from the build row when the event is made.
+        let request = request_of(&row_with(Moment::At(Utc::now()), None)).unwrap();
+        assert_eq!(request.facts, None);
+    }
+
+    /// A task that runs until `stop`, counted as a running worker meanwhile.
+    fn worker(
+        metrics: &Arc<RelayMetrics>,
+        stop: &CancellationToken,
+    ) -> impl Future<Output = ()> + use<> {
+        let (metrics, stop) = (metrics.clone(), stop.clone());
+        async move {
+            let _running = metrics.worker_running();
+            stop.cancelled().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_task_that_panics_stops_the_relay_and_is_named() {
+        let stop = CancellationToken::new();
+        let metrics = Arc::new(RelayMetrics::new());
+        let mut tasks = Tasks::new(stop.clone());
+        tasks.spawn("relay worker 0".into(), worker(&metrics, &stop));
+        let counted = metrics.clone();
+        tasks.spawn("relay worker 1".into(), async move {
+            let _running = counted.worker_running();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            panic!("a bug");
+        });
+        let died = tasks.wait(Duration::from_secs(10)).await.unwrap_err();
+        assert_eq!(died.task, "relay worker 1");
+        assert_eq!(died.how, "panicked: a bug");
+        assert!(stop.is_cancelled(), "the other tasks were told to stop");
+        assert_eq!(metrics.workers_running(), 0, "every worker has ended");
+        assert!(died.to_string().contains("relay worker 1 panicked: a bug"));
+    }
+
+    #[tokio::test]
+    async fn a_task_that_returns_before_shutdown_stops_the_relay() {
+        let stop = CancellationToken::new();
+        let metrics = Arc::new(RelayMetrics::new());
+        let mut tasks = Tasks::new(stop.clone());
+        tasks.spawn("relay worker 0".into(), worker(&metrics, &stop));
+        tasks.spawn("outbox listener".into(), async {});
+        let died = tasks.wait(Duration::from_secs(10)).await.unwrap_err();
+        assert_eq!(
+            (died.task.as_str(), died.how.as_str()),
+            ("outbox listener", "stopped by itself")
+        );
+    }
+
+    #[tokio::test]
+    async fn tasks_that_end_on_shutdown_are_no_failure() {
+        let stop = CancellationToken::new();
+        let metrics = Arc::new(RelayMetrics::new());
+        let mut tasks = Tasks::new(stop.clone());
+        for n in 0..3 {
+            tasks.spawn(format!("relay worker {n}"), worker(&metrics, &stop));
+        }
+        tokio::task::yield_now().await;
+        assert_eq!(metrics.workers_running(), 3);
+        stop.cancel();
+        tasks.wait(Duration::from_secs(10)).await.unwrap();
+        assert_eq!(metrics.workers_running(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_still_busy_after_the_drain_bound_is_abandoned() {
+        let stop = CancellationToken::new();
+        let mut tasks = Tasks::new(stop.clone());
+        tasks.spawn("relay worker 0".into(), std::future::pending());
+        stop.cancel();
+        let started = tokio::time::Instant::now();
+        tasks.wait(Duration::from_secs(30)).await.unwrap();
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
+    }
+
+    #[tokio::test]
+    async fn readyz_is_503_while_a_worker_is_not_running() {
+        use tower::ServiceExt;
+        let emitter = Emitter::new(
+            crate::EmitterConfig::new("127.0.0.1:9"),
+            Arc::new(hookline_cistate::MemoryStore::new()),
+            Flags::in_memory(),
+            Arc::new(ProducerMetrics::new()),
+        )
+        .await
+        .unwrap();
+        let metrics = Arc::new(RelayMetrics::new());
+        let running = metrics.worker_running();
+        let ask = || async {
+            let response = app(emitter.clone(), metrics.clone(), 2)
+                .oneshot(
+                    axum::http::Request::get("/readyz")
+                        .body(axum::body::Body::empty())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            let status = response.status();
+            let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+                .await
+                .unwrap();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        };
+        assert_eq!(
+            ask().await,
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: 1 of 2 relay workers running".to_owned()
+            )
+        );
+        drop(running);
+        assert_eq!(
+            ask().await,
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: 0 of 2 relay workers running".to_owned()
+            )
+        );
+        // Both running: the answer is Kafka's and the store's (no broker here).
+        let _both = (metrics.worker_running(), metrics.worker_running());
+        let (status, body) = ask().await;
+        assert!(!body.contains("relay workers"), "{status} {body}");
     }
 }

@@ -17,6 +17,8 @@
 //! - `memory`: the consumer's peak RSS while draining a small and a large backlog.
 //! - `producer`: CPU per event of `hookline-producer serve` through `POST /v1/transitions` with
 //!   the flag off and on, and PostgreSQL's CPU per event beside it.
+//! - `relay`: `hookline-producer relay` from COMMIT to the event read from Kafka under an open
+//!   load, and its rate draining a backlog ([`relay`]).
 //!
 //! Nothing here asserts a timing: a benchmark reports, the reader judges.
 
@@ -24,6 +26,7 @@ pub mod backlog;
 pub mod consumer;
 pub mod producer;
 pub mod receiver;
+pub mod relay;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -40,7 +43,8 @@ pub struct Bench {
     pub bin_dir: PathBuf,
     pub work_dir: PathBuf,
     pub sizes: Sizes,
-    /// Measure only these parts (`consumer`, `delivery_log`, `latency`, `memory`, `producer`);
+    /// Measure only these parts (`consumer`, `delivery_log`, `latency`, `memory`, `producer`,
+    /// `relay`);
     /// all when empty.
     pub only: Vec<String>,
     /// More `hookline-consumer serve` options for every consumer the bench starts (to measure
@@ -71,6 +75,8 @@ pub struct Sizes {
     pub real_backlog_events: usize,
     /// Seconds of the others' open load in the isolation run.
     pub isolation_secs: u64,
+    /// The outbox relay's load, backlog and runs.
+    pub relay: relay::RelaySizes,
 }
 
 impl Sizes {
@@ -84,6 +90,7 @@ impl Sizes {
             producer_events: 20_000,
             real_backlog_events: 20_000,
             isolation_secs: 30,
+            relay: relay::RelaySizes::full(),
         }
     }
 
@@ -98,6 +105,7 @@ impl Sizes {
             producer_events: 3_000,
             real_backlog_events: 6_000,
             isolation_secs: 10,
+            relay: relay::RelaySizes::quick(),
         }
     }
 }
@@ -303,6 +311,9 @@ pub async fn run(bench: &Bench) -> anyhow::Result<Value> {
     if let [small, large] = rss[..] {
         report["memory"]["ratio"] = json!(round(large / small, 3));
     }
+    if bench.runs("relay") {
+        report["relay"] = relay::measure(bench, &s.relay).await?;
+    }
     if !bench.runs("producer") {
         return Ok(report);
     }
@@ -429,6 +440,7 @@ pub fn table(report: &Value) -> String {
             );
         }
     }
+    relay::table(report, &mut row);
     if let Some(memory) = report["memory"].as_object() {
         for (k, v) in memory {
             row(&format!("memory {k}"), v.to_string());

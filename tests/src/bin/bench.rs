@@ -24,8 +24,8 @@ struct Options {
     #[arg(long, default_value = "target/release")]
     bin_dir: PathBuf,
     /// Measure only these parts (comma-separated): consumer, real_backlog, isolation,
-    /// delivery_log, latency, memory, producer.
-    #[arg(long, value_delimiter = ',', value_parser = ["consumer", "real_backlog", "isolation", "delivery_log", "latency", "memory", "producer"])]
+    /// delivery_log, latency, memory, producer, relay.
+    #[arg(long, value_delimiter = ',', value_parser = ["consumer", "real_backlog", "isolation", "delivery_log", "latency", "memory", "producer", "relay"])]
     only: Vec<String>,
     /// One more option for every `hookline-consumer serve` the bench starts (repeatable), e.g.
     /// `--consumer-arg=--commit-interval=1s`: a setting measured against the defaults.
