@@ -14,7 +14,17 @@ use hookline_cistate::RenderSnapshot;
 use hookline_schemas::BuildStatus;
 use serde_json::{Value, json};
 
-use crate::transition::TransitionSent;
+use uuid::Uuid;
+
+use crate::error::CliError;
+use crate::transition::{Accepted, TransitionSent};
+
+/// Told of every transition: the truth rendered at its moment, the facts its bodies must carry
+/// (written down without the renderer), and the sink's answer.
+pub trait Witness: Send + Sync {
+    fn expect(&self, sent: &TransitionSent, truth: Vec<u8>, facts: Facts);
+    fn answered(&self, event_id: Uuid, answer: &Result<Accepted, CliError>);
+}
 
 /// Field (a JSON pointer) and the value it must have.
 #[derive(Debug, Clone, PartialEq)]

@@ -30,8 +30,8 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::error::CliError;
-use crate::facts::Facts;
-use crate::transition::{Accepted, TransitionSent, Witness};
+use crate::facts::{Facts, Witness};
+use crate::transition::{Accepted, TransitionSent};
 
 /// One request the receiver got, as the ledger needs it.
 #[derive(Debug, Clone)]

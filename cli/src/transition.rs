@@ -1,6 +1,6 @@
 //! The vocabulary between the simulated CI and what it feeds: a transition as sent, the
-//! receiving side's answer, the [`Sink`] that takes transitions, and the [`Witness`] that is told
-//! the truth of each one (the demo's ledger).
+//! receiving side's answer and the [`Sink`] that takes transitions (the `Witness` told the truth
+//! of each one is in [`crate::facts`], beside the facts it is given).
 
 use std::time::Duration;
 
@@ -37,11 +37,4 @@ pub struct Accepted {
 #[async_trait]
 pub trait Sink: Send + Sync {
     async fn send(&self, transition: &TransitionSent) -> Result<Accepted, CliError>;
-}
-
-/// Told of every transition: the truth rendered at its moment, the facts its bodies must carry
-/// (written down without the renderer), and the sink's answer.
-pub trait Witness: Send + Sync {
-    fn expect(&self, sent: &TransitionSent, truth: Vec<u8>, facts: crate::facts::Facts);
-    fn answered(&self, event_id: Uuid, answer: &Result<Accepted, CliError>);
 }

@@ -19,7 +19,8 @@
 mod plan;
 mod play;
 
-pub use crate::transition::{Accepted, Sink, TransitionSent, Witness};
+pub use crate::facts::Witness;
+pub use crate::transition::{Accepted, Sink, TransitionSent};
 pub use plan::{BuildPlan, Outcome, PipelinePlan, Plan, SimSpec, plan, write_world};
 pub use play::{Pace, RunSummary, Runtime, run};
 

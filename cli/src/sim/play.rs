@@ -15,7 +15,8 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use crate::error::CliError;
-use crate::transition::{Accepted, Sink, TransitionSent, Witness};
+use crate::facts::Witness;
+use crate::transition::{Accepted, Sink, TransitionSent};
 
 use super::plan::{BuildPlan, Outcome, PipelinePlan, Plan};
 
