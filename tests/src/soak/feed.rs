@@ -128,7 +128,7 @@ impl Item {
 }
 
 /// Every transition the feed will post, in posting order: round robin over the builds, each
-/// build through [`STATUSES`] again and again; event ids drawn from the seed.
+/// build through `STATUSES` again and again; event ids drawn from the seed.
 pub fn plan(config: &SoakConfig, world: &World) -> Vec<Item> {
     let mut rng = StdRng::seed_from_u64(config.seed ^ 0x5eed_f00d);
     (0..config.transitions)
