@@ -57,6 +57,8 @@ impl Serving {
             admin_token: Some(hookline_consumer::api::AdminToken::read(&token_file).unwrap()),
             admin_token_file: Some(token_file.clone()),
             secrets: keys.map(|k| std::sync::Arc::new(SecretKeys::parse(k).unwrap())),
+            listener: Default::default(),
+            max_event_bytes: hookline_schemas::codec::DEFAULT_MAX_EVENT_BYTES,
         };
         change(&mut config);
         let shutdown = CancellationToken::new();
@@ -395,6 +397,8 @@ async fn secrets_are_sealed_at_rest_old_plaintext_still_works_and_is_sealed_on_w
             admin_token: None,
             admin_token_file: None,
             secrets: None,
+            listener: Default::default(),
+            max_event_bytes: hookline_schemas::codec::DEFAULT_MAX_EVENT_BYTES,
         },
         CancellationToken::new(),
     )
@@ -682,7 +686,9 @@ async fn the_delivery_log_buffer_is_bounded_by_bytes_and_counts_what_it_drops() 
         buffer_bytes: 10 * row + row / 2,
         ..DeliveryLogConfig::default()
     };
-    let (log, tasks) = DeliveryLog::start(store.pool().clone(), &config, metrics.clone());
+    let supervisor = hookline_shell::supervise::Supervisor::new(CancellationToken::new());
+    let (log, tasks) =
+        DeliveryLog::start(store.pool().clone(), &config, metrics.clone(), &supervisor);
     let hook_id = 424_242;
     // No await in between: on this single-threaded runtime the writer takes nothing meanwhile.
     for _ in 0..40 {

@@ -365,6 +365,16 @@ impl CiStore for PanicsIn {
     async fn take_rate_token(&self, ns: i64, bucket: Bucket) -> Result<Duration, StoreError> {
         self.inner.take_rate_token(ns, bucket).await
     }
+    async fn try_take_rate_token(&self, ns: i64, bucket: Bucket) -> Result<Duration, StoreError> {
+        self.inner.try_take_rate_token(ns, bucket).await
+    }
+    async fn take_hook_test_token(
+        &self,
+        hook_id: i64,
+        bucket: Bucket,
+    ) -> Result<Duration, StoreError> {
+        self.inner.take_hook_test_token(hook_id, bucket).await
+    }
 }
 
 /// A task of the consumer that panics stops the consumer: both paths drain, `run` returns the
@@ -400,6 +410,7 @@ async fn a_task_that_panics_stops_the_consumer_with_its_name() {
             consumer.metrics(),
             store,
             consumer.kafka_client(),
+            vec![world.topic.clone()],
             tasks.clone(),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
