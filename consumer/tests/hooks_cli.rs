@@ -483,6 +483,9 @@ async fn a_successful_test_re_enables_a_disabled_hook_and_a_failed_one_does_not(
                 &world.project.id.to_string(),
                 "--url",
                 store_url,
+                // The SSRF guard checks the URL on save too: the receiver is on loopback.
+                "--allow-cidr",
+                "127.0.0.0/8",
             ],
         ))
         .split('\t')

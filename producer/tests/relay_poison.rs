@@ -337,7 +337,15 @@ async fn the_outbox_refuses_values_no_event_can_carry() {
         let error = refused(sql).await;
         assert!(error.contains(says), "{sql}: {error}");
     }
-    // A build row whose duration is Infinity gives facts no event can carry: refused too.
+    // The builds table refuses an infinite duration itself (migration 0191)...
+    let error = refused("UPDATE builds SET duration = 'Infinity' WHERE id = $1").await;
+    assert!(error.contains("builds_duration_finite"), "{error}");
+    // ...but a row written before 0191 may hold one (its constraints skip rows they cannot
+    // validate): such a build row gives facts no event can carry, and the outbox refuses them.
+    sqlx::query("ALTER TABLE builds DROP CONSTRAINT builds_duration_finite")
+        .execute(&pool)
+        .await
+        .unwrap();
     sqlx::query("UPDATE builds SET duration = 'Infinity' WHERE id = $1")
         .bind(build)
         .execute(&pool)

@@ -338,6 +338,20 @@ async fn prometheus_scrapes_every_documented_metric_and_loads_the_rules_and_dash
             .unwrap();
         builds.push((snapshot.project.id, snapshot.build.id));
     }
+    // A receiver that answers, but takes its time, for the second project: what
+    // `slow_answers_total` counts (it has a series only once a hook answered slowly).
+    let slow = hookline_tests::world::SlowReceiver::start(Duration::from_millis(1_500)).await;
+    store
+        .add_hook(&NewHook {
+            project_id: builds[1].0,
+            url: slow.url.clone(),
+            token: None,
+            signing_secret: None,
+            job_events: true,
+            collapse: false,
+        })
+        .await
+        .unwrap();
     let status = std::process::Command::new(service_bin("hookline-producer"))
         .args(["feature", "set", "execute_build_hooks_inline", "true"])
         .args(["--project", &builds[0].0.to_string()])
