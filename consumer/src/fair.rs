@@ -154,6 +154,14 @@ impl<T> HookState<T> {
         self.answer.unwrap_or(Duration::ZERO).max(oldest)
     }
 
+    /// The hook answers (or has kept an attempt) for longer than `max_wait`: only such a hook's
+    /// deliveries are handed on. A fast hook with a deep queue is not slow: under a busy machine
+    /// its estimate can pass `max_wait`, and handing its deliveries on would only send them
+    /// round the retry topic, each reserving the hook's clock again, while its slots sit idle.
+    fn is_slow(&self, now: Instant, max_wait: Duration) -> bool {
+        self.answer_time(now) > max_wait
+    }
+
     /// How long a delivery with `ahead` deliveries before it would wait, with `slots` slots.
     fn estimated_wait(&self, ahead: usize, slots: usize, now: Instant) -> Duration {
         if self.in_flight < slots {
@@ -273,6 +281,7 @@ impl<T> Scheduler<T> {
         // Only a delivery with nothing of its build ahead of it may leave: one behind an earlier
         // event of its build keeps its place (handed on first, it would pass that event).
         if wait > limits.max_wait
+            && hook.is_slow(now, limits.max_wait)
             && hook.may_hand_on(key.build)
             && !hook.waiting.iter().any(|w| w.build == key.build)
         {
@@ -419,6 +428,7 @@ impl<T> Scheduler<T> {
                 let would_wait = hook.estimated_wait(kept.len(), limits.hook, now);
                 if first_of_build
                     && hook.may_hand_on(w.build)
+                    && hook.is_slow(now, limits.max_wait)
                     && (waited > limits.max_wait || would_wait > limits.max_wait)
                 {
                     let due = Self::hand_on_due(hook, &limits, w.build, now);
